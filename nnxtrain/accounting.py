@@ -1,0 +1,102 @@
+"""Parameter counts and FLOPs per step, following MaxText's accounting (made exact).
+
+- Parameters: every leaf, embeddings and norms included.
+- Learnable-weight FLOPs: 2 FLOPs per multiply-add for every matmul with a weight (q, k,
+  v, o, the three SwiGLU matrices and the output projection, tied or not); the embedding
+  lookup is a gather and counts nothing.
+- Attention FLOPs: the score (QK^T) and value (PV) matmuls, 2 * 2 * B * L^2 * H * D per
+  layer, halved because the causal mask makes half of the scores unused.
+- Training is forward plus backward, counted as 3x forward (backward = 2x forward). The
+  remat recomputation is not counted: it is overhead, not model FLOPs (as in MFU).
+
+    report = step_flops(cfg.model, batch_size=16, seq_len=128, num_devices=1)
+    report.tflops_per_step_per_device, report.learnable_fraction
+"""
+
+from dataclasses import dataclass
+
+from nnxtrain.config import ModelConfig
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of the decoder with this config, every leaf included."""
+    e, h, kv, d, m, v = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.mlp_dim, cfg.vocab_size)
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m + 2 * e  # + two norms
+    head = 0 if cfg.tie_embeddings else e * v
+    return v * e + cfg.num_layers * per_layer + e + head
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token (embedding lookup and norms excluded)."""
+    e, h, kv, d, m = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m
+    return cfg.num_layers * per_layer + e * cfg.vocab_size
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs of one training step (forward + backward), in total and per device."""
+
+    num_params: int  # parameters of the model, every leaf
+    learnable_flops: float  # weight matmul FLOPs of one step, whole batch
+    attention_flops: float  # attention score/value FLOPs of one step, whole batch
+    num_devices: int  # devices the step is spread over
+    tokens_per_step: int  # batch_size * seq_len
+
+    @property
+    def flops_per_step_per_device(self) -> float:
+        return (self.learnable_flops + self.attention_flops) / self.num_devices
+
+    @property
+    def tflops_per_step_per_device(self) -> float:
+        return self.flops_per_step_per_device / 1e12
+
+    @property
+    def learnable_tflops(self) -> float:
+        """Learnable-weight TFLOPs per step per device."""
+        return self.learnable_flops / self.num_devices / 1e12
+
+    @property
+    def attention_tflops(self) -> float:
+        """Attention TFLOPs per step per device."""
+        return self.attention_flops / self.num_devices / 1e12
+
+    @property
+    def learnable_fraction(self) -> float:
+        return self.learnable_flops / (self.learnable_flops + self.attention_flops)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "num_params": self.num_params,
+            "tflops_per_step_per_device": self.tflops_per_step_per_device,
+            "learnable_tflops": self.learnable_tflops,
+            "attention_tflops": self.attention_tflops,
+            "learnable_fraction": self.learnable_fraction,
+            "tokens_per_step": self.tokens_per_step,
+            "num_devices": self.num_devices,
+        }
+
+    def summary(self) -> str:
+        """The two lines every run prints."""
+        return (
+            f"number of parameters: {self.num_params / 1e9:.3f} billion ({self.num_params:,})\n"
+            f"per train step: total TFLOPs {self.tflops_per_step_per_device:.6g} per device, "
+            f"split as {100 * self.learnable_fraction:.2f}% learnable weight flops and "
+            f"{100 * (1 - self.learnable_fraction):.2f}% attention flops"
+        )
+
+
+def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_devices: int = 1) -> FlopsReport:
+    """FLOPs of one training step of `batch_size` sequences of `seq_len` tokens."""
+    tokens = batch_size * seq_len
+    learnable_fwd = 2 * tokens * matmul_params(cfg)
+    # QK^T and PV: 2 matmuls x 2 FLOPs x B x L x L x H x D, halved by the causal mask.
+    attention_fwd = 2 * batch_size * seq_len**2 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return FlopsReport(
+        num_params=count_params(cfg),
+        learnable_flops=3.0 * learnable_fwd,
+        attention_flops=3.0 * attention_fwd,
+        num_devices=num_devices,
+        tokens_per_step=tokens,
+    )

@@ -1,0 +1,99 @@
+"""The `nnxtrain` command: Hydra composes conf/, this turns the result into a Trainer run.
+
+    nnxtrain                                   # small default run on synthetic data
+    nnxtrain +experiment=llama1b run.dry_run=true
+    nnxtrain model=tiny run.steps=50 optim.lr=1e-3
+    nnxtrain -m optim.lr=1e-3,3e-4             # Hydra multirun
+    nnxtrain --cfg job                         # print the composed config
+
+Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
+a run stopped by a non-finite loss exits 3. Overrides are checked against the schemas
+before Hydra composes, so a typo is reported in one line too. JAX is imported only after
+composition, so that settings which must precede JAX's start can be applied first.
+"""
+
+import dataclasses
+import sys
+from importlib import resources
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
+from nnxtrain.errors import ConfigError, UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FINITE = 3
+SELECTABLE = (*GROUPS, "callbacks", "experiment")
+
+
+def _options(group: str) -> list[str]:
+    folder = resources.files("nnxtrain.conf").joinpath(group)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Fails in one line on an unknown group option or an unknown key of a group schema."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra reports the grammar error itself, in full
+        del e
+        return
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete():
+            continue
+        if key in SELECTABLE and "." not in key:
+            options = _options(key)
+            values = o.value() if o.is_sweep_override() else [o.value()]
+            for value in values if isinstance(values, list) else list(values):
+                if isinstance(value, str) and value not in options:
+                    raise ConfigError(key, f"unknown {key} {value!r} (available: "
+                                      f"{', '.join(options)})", f"use {key}=<one of those>")
+            continue
+        group, _, rest = key.partition(".")
+        if group in GROUPS and rest and not o.is_add():
+            field = rest.split(".")[0]
+            names = [f.name for f in dataclasses.fields(GROUPS[group])]
+            if field not in names:
+                raise ConfigError(key, f"no such key in {group}/", f"use one of {group}."
+                                  f"{{{', '.join(names)}}}")
+        elif group not in (*SELECTABLE, "") and not o.is_add():
+            raise ConfigError(key, "no such config group", f"top-level keys are "
+                              f"{', '.join(SELECTABLE)}; prefix new keys with +")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")
+def _run(cfg: DictConfig) -> None:
+    try:
+        config = from_omegaconf(cfg)
+        if not config.run.dir:
+            run = dataclasses.replace(config.run, dir=HydraConfig.get().runtime.output_dir)
+            config = dataclasses.replace(config, run=run)
+        from nnxtrain.trainer import Trainer  # imports JAX
+
+        result = Trainer(config).fit()
+    except UserError as e:
+        print(f"nnxtrain: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if result.reason.startswith("not finite"):
+        print(f"nnxtrain: {result.reason}", file=sys.stderr)
+        sys.exit(EXIT_NOT_FINITE)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    register_schemas()
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"nnxtrain: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Typed run configuration: one frozen dataclass per Hydra config group, and their checks.
+
+The dataclasses below are the single source of truth for every key a run accepts. Hydra
+needs mutable schemas to compose (it merges YAML files and overrides into them), so
+`register_schemas()` derives a mutable twin of each class and stores it in Hydra's
+ConfigStore; a typo anywhere then fails at compose time naming the key. After composition
+`from_omegaconf()` turns the composed tree back into the frozen classes the code uses.
+
+Use from Python (a notebook, a test)::
+
+    from nnxtrain.config import compose
+    cfg = compose(["model=small", "run.steps=50"])
+
+`validate()` holds the checks that span several keys (sequence length against the model's
+limit, heads against kv heads, ...); device-dependent checks live in `nnxtrain.mesh`.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from nnxtrain.errors import ConfigError
+
+T = TypeVar("T")
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama-style decoder's shape and numerics."""
+
+    name: str = "small"  # label printed in logs and run_info.json
+    vocab_size: int = 256  # tokens in the vocabulary
+    emb_dim: int = 128  # model width (residual stream), in features
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
+    head_dim: int = 32  # features per attention head
+    mlp_dim: int = 384  # hidden features of the SwiGLU MLP
+    max_len: int = 512  # longest sequence the rotary tables are built for, in tokens
+    rope_theta: float = 10000.0  # rotary embedding base wavelength
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # reuse the token embedding as the output projection
+    scan_layers: bool = True  # one compiled layer body scanned over stacked weights
+    remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch | minimal
+    param_dtype: str = "float32"  # dtype parameters are stored and updated in
+    dtype: str = "auto"  # activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn
+    init_std: float = 0.02  # stddev of the normal initialiser for weight matrices
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: the size of each axis; -1 takes all remaining devices."""
+
+    data: int = 1  # data-parallel replicas (batch split, weights replicated)
+    fsdp: int = -1  # fully sharded data parallel (batch and weights split)
+    tensor: int = 1  # tensor parallel (heads and MLP features split)
+    rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axes overrides
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run itself: length, batch, seed and where results go."""
+
+    steps: int = 300  # optimizer steps to train
+    batch_size: int = 16  # global batch, in sequences; -1 = one sequence per device
+    seq_len: int = 128  # tokens per sequence
+    seed: int = 0  # seed for parameters and data
+    dir: str = ""  # run directory; the CLI uses Hydra's output dir, Python ./runs/<time>
+    log_every: int = 10  # steps between metric lines
+    dry_run: bool = False  # build abstractly, compile the step, print accounting, exit
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
+    eval_every: int = 0  # steps between evaluations on held-out batches; 0 = never
+    eval_batches: int = 4  # held-out batches per evaluation
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from."""
+
+    name: str = "synthetic"  # dataset kind: synthetic
+    branching: int = 4  # synthetic: likely successors of each token in the Markov source
+    source_seed: int = 1234  # synthetic: seed of the Markov source (fixed across runs)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping; the loss weights."""
+
+    name: str = "adamw"  # optimizer: adamw
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 20  # linear warmup from 0 to lr, in steps
+    decay_steps: int = 0  # cosine decay length after warmup, in steps; 0 = until run.steps
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.95  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (matrices only)
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    z_loss: float = 0.0  # weight of the z-loss term (mean squared log-partition)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one field per config group, plus the callbacks keyed by name."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # name -> {"_target_": "pkg.Class" or a registered short name, **kwargs}; fired in order
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "mesh": MeshConfig,
+    "run": RunConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+}
+
+
+def _mutable_twin(cls: type, cache: dict[type, type]) -> type:
+    """A non-frozen copy of a frozen config dataclass, for Hydra's ConfigStore."""
+    if cls in cache:
+        return cache[cls]
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        ftype = hints[f.name]
+        if dataclasses.is_dataclass(ftype):
+            twin = _mutable_twin(typing.cast(type, ftype), cache)
+            fields.append((f.name, twin, field(default_factory=twin)))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, ftype, field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, ftype, field(default=f.default)))
+    twin = dataclasses.make_dataclass(cls.__name__ + "Schema", fields)
+    cache[cls] = twin
+    return twin
+
+
+def register_schemas() -> None:
+    """Stores the schemas in Hydra's ConfigStore (`nnxtrain_schema`, `<group>/schema`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cache: dict[type, type] = {}
+    store = ConfigStore.instance()
+    store.store(name="nnxtrain_schema", node=_mutable_twin(Config, cache))
+    for group, cls in GROUPS.items():
+        store.store(group=group, name="schema", node=_mutable_twin(cls, cache))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Builds a frozen config dataclass from plain data, naming any unknown key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
+    for key in data:
+        if key not in names:
+            raise ConfigError(key, f"unknown key for {cls.__name__}", f"use one of {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype) and isinstance(value, dict):
+            kwargs[key] = from_dict(typing.cast(type, ftype), value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_omegaconf(cfg: DictConfig) -> Config:
+    """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped)."""
+    data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(data, dict)
+    data = {k: v for k, v in data.items() if k in GROUPS or k == "callbacks"}
+    return validate(from_dict(Config, typing.cast(dict[str, Any], data)))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    """Composes the shipped configs with overrides, as the CLI would, without running."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="nnxtrain.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return from_omegaconf(cfg)
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be positive, got {value}", f"set {key} to a value >= 1")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span keys or need more than a type; returns cfg unchanged when valid."""
+    m, r, o = cfg.model, cfg.run, cfg.optim
+    for key, value in [
+        ("run.steps", r.steps),
+        ("run.seq_len", r.seq_len),
+        ("run.log_every", r.log_every),
+        ("run.grad_accum", r.grad_accum),
+        ("run.eval_batches", r.eval_batches),
+        ("model.vocab_size", m.vocab_size),
+        ("model.emb_dim", m.emb_dim),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.head_dim", m.head_dim),
+        ("model.mlp_dim", m.mlp_dim),
+        ("model.max_len", m.max_len),
+    ]:
+        _positive(key, value)
+    if r.batch_size == 0 or r.batch_size < -1:
+        raise ConfigError("run.batch_size", f"must be positive (or -1 for one sequence per "
+                          f"device), got {r.batch_size}", "set run.batch_size to a value >= 1")
+    if r.seq_len > m.max_len:
+        raise ConfigError(
+            "run.seq_len",
+            f"{r.seq_len} exceeds model.max_len={m.max_len} of model '{m.name}'",
+            f"set run.seq_len<={m.max_len} or raise model.max_len",
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"model.num_heads={m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}",
+            "choose num_kv_heads that divides num_heads",
+        )
+    if m.head_dim % 2:
+        raise ConfigError("model.head_dim", f"must be even for rotary embeddings, got {m.head_dim}",
+                          "use an even head_dim")
+    if r.batch_size > 0 and r.batch_size % r.grad_accum:
+        raise ConfigError(
+            "run.grad_accum",
+            f"run.batch_size={r.batch_size} is not divisible by run.grad_accum={r.grad_accum}",
+            "pick a grad_accum that divides the batch size",
+        )
+    for key, value, allowed in [
+        ("model.param_dtype", m.param_dtype, DTYPES),
+        ("model.dtype", m.dtype, ("auto", *DTYPES)),
+        ("model.remat", m.remat, REMAT_POLICIES),
+        ("model.attention", m.attention, ATTENTION_IMPLS),
+        ("optim.name", o.name, ("adamw",)),
+        ("data.name", cfg.data.name, ("synthetic",)),
+    ]:
+        if value not in allowed:
+            raise ConfigError(key, f"unknown value {value!r}", f"use one of {', '.join(allowed)}")
+    if r.eval_every < 0:
+        raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "set optim.lr > 0")
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        raise ConfigError("optim.warmup_steps", "warmup/decay steps must be >= 0", "use 0 or more")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}",
+                          "use a fraction such as 0.1")
+    if o.z_loss < 0:
+        raise ConfigError("optim.z_loss", f"must be >= 0, got {o.z_loss}", "use 0 to disable")
+    if cfg.data.branching < 1 or cfg.data.branching > m.vocab_size:
+        raise ConfigError("data.branching", f"must be in [1, model.vocab_size], got "
+                          f"{cfg.data.branching}", "use a small number such as 4")
+    return cfg

@@ -1,0 +1,61 @@
+"""The device mesh from config: axes `data`, `fsdp`, `tensor`; -1 takes the rest.
+
+    mesh = build_mesh(cfg.mesh)                 # uses jax.devices()
+    batch_sharding(mesh)                        # batch split over data and fsdp
+
+Checks run before anything is allocated and fail with the key and the fix.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from nnxtrain.config import MeshConfig
+from nnxtrain.errors import ConfigError
+from nnxtrain.sharding import MESH_AXES
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+    """Axis sizes (data, fsdp, tensor) with at most one -1 filled from `num_devices`."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    keys = [f"mesh.{a}" for a in MESH_AXES]
+    for key, size in zip(keys, sizes, strict=True):
+        if size == 0 or size < -1:
+            raise ConfigError(key, f"must be positive or -1, got {size}",
+                              "use -1 to take all remaining devices")
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ConfigError(", ".join(keys[i] for i in fill), "only one axis may be -1",
+                          "give explicit sizes to all but one axis")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ConfigError(keys[fill[0]], f"cannot fill: {num_devices} devices are not "
+                              f"divisible by the other axes' product {known}",
+                              "choose axis sizes that divide the device count")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ConfigError("mesh", f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
+                          f"{math.prod(sizes)} but {num_devices} devices are visible",
+                          "make the product equal the device count (or set one axis to -1)")
+    return sizes[0], sizes[1], sizes[2]
+
+
+def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (or the given) devices with the configured axis sizes."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split (data x fsdp)."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches [batch, length] are split over data and fsdp along the batch axis."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))

@@ -1,0 +1,121 @@
+"""The building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, grouped-query
+attention, the SwiGLU MLP and one decoder layer.
+
+Parameters are stored in `param_dtype` and cast to the activation `dtype` where they are
+used. Every parameter carries logical axis names (`out_sharding` metadata, see
+`nnxtrain.sharding`); important activations are annotated with `constrain`.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxtrain.config import ModelConfig
+from nnxtrain.sharding import constrain
+
+BATCH, LENGTH = "activation_batch", "activation_length"
+
+
+def activation_dtype(name: str) -> jnp.dtype:
+    """The activation dtype; `auto` is float32 on CPU (bfloat16 is slower there), else bf16."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    names: tuple[str, ...],
+    dtype: jnp.dtype,
+    init: Callable[..., jax.Array],
+) -> nnx.Param:
+    """A parameter with logical axis names; sharding is applied later by the trainer."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square normalisation with a learned scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), param_dtype, nnx.initializers.ones)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotates feature pairs (i, i + d/2) of x [batch, length, heads, d] by position angles."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with rotary position embeddings."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt, init = jnp.dtype(cfg.param_dtype), nnx.initializers.normal(cfg.init_std)
+        e, h, kv, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = param(rngs, (e, h, d), ("embed", "q_heads", "kv"), pdt, init)
+        self.wk = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
+        self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
+        self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
+        self.theta = cfg.rope_theta
+        self.impl = None if cfg.attention == "auto" else cfg.attention
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        dt = x.dtype
+        q = jnp.einsum("ble,ehd->blhd", x, self.wq[...].astype(dt))
+        k = jnp.einsum("ble,ehd->blhd", x, self.wk[...].astype(dt))
+        v = jnp.einsum("ble,ehd->blhd", x, self.wv[...].astype(dt))
+        q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
+        k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
+        v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
+        q = apply_rotary(q, positions, self.theta)
+        k = apply_rotary(k, positions, self.theta)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+        out = constrain(out, "attention/out", (BATCH, LENGTH, "activation_heads", "activation_kv"))
+        return jnp.einsum("blhd,hde->ble", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: silu(x W_gate) * (x W_up), projected back by W_down."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt, init = jnp.dtype(cfg.param_dtype), nnx.initializers.normal(cfg.init_std)
+        self.w_gate = param(rngs, (cfg.emb_dim, cfg.mlp_dim), ("embed", "mlp"), pdt, init)
+        self.w_up = param(rngs, (cfg.emb_dim, cfg.mlp_dim), ("embed", "mlp"), pdt, init)
+        self.w_down = param(rngs, (cfg.mlp_dim, cfg.emb_dim), ("mlp", "embed"), pdt, init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+        hidden = constrain(gate * (x @ self.w_up[...].astype(dt)), "mlp/hidden",
+                           (BATCH, LENGTH, "activation_mlp"))
+        return hidden @ self.w_down[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and pre-norm MLP, each with a residual connection."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed"))

@@ -1,0 +1,70 @@
+"""The decoder-only Transformer: embedding, stacked decoder layers, final norm, output head.
+
+The layers' weights are stacked on a leading `layers` axis (created with `nnx.vmap`), so
+the forward pass can scan one compiled layer body over them (`scan_layers=True`) or unroll
+them; `remat` picks the rematerialisation policy of the layer body.
+
+    model = Transformer(ModelConfig(), rngs=nnx.Rngs(0))
+    logits = model(tokens)            # tokens [batch, length] -> [batch, length, vocab]
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnxtrain.config import ModelConfig
+from nnxtrain.model.layers import BATCH, LENGTH, DecoderLayer, RMSNorm, activation_dtype, param
+from nnxtrain.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nnx.Module):
+    """A Llama-style decoder language model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.emb_dim), ("vocab", "embed"), pdt,
+                           nnx.initializers.normal(cfg.init_std))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), pdt,
+                                 nnx.initializers.normal(cfg.init_std))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits [batch, length, vocab] in the activation dtype for tokens [batch, length]."""
+        cfg, dt = self.cfg, activation_dtype(self.cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = jnp.take(self.embed[...].astype(dt), tokens, axis=0)
+        x = constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, layer_state)(h, positions), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = x @ head.astype(dt)
+        return constrain(logits, "logits", (BATCH, LENGTH, "activation_vocab"))

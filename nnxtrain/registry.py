@@ -1,0 +1,66 @@
+"""Finding and building callback plugins from config.
+
+`callbacks.<name>` entries name a class by dotted path (`_target_: my_pkg.mod.Class`) or by
+a short name that a package registered in the `nnxtrain.callbacks` entry-point group
+(`_target_: metrics_logger`); the other keys are passed to the constructor. Entries are
+built in config order, and each instance's `name` is its config key.
+"""
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from nnxtrain.errors import PluginError
+from nnxtrain.events import Callback
+
+ENTRY_POINT_GROUP = "nnxtrain.callbacks"
+
+
+def registered() -> dict[str, str]:
+    """Short name -> 'module:attr' for every plugin registered through entry points."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def resolve(target: str, key: str) -> type:
+    """The class a `_target_` names, or a one-line PluginError naming the key."""
+    if "." not in target and ":" not in target:
+        found = registered()
+        if target not in found:
+            raise PluginError(f"{key}: no plugin registered as {target!r} (known: "
+                              f"{', '.join(sorted(found)) or 'none'}). Fix: use a dotted path "
+                              f"pkg.module.Class or install the package that provides it.")
+        target = found[target]
+    module_name, _, attr = target.replace(":", ".").rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise PluginError(f"{key}: cannot import {target!r} ({type(e).__name__}: {e}). "
+                          "Fix: check the dotted path and that its package is installed.") from e
+    if not (inspect.isclass(obj) and issubclass(obj, Callback)):
+        raise PluginError(f"{key}: {target!r} is not a subclass of nnxtrain.Callback. "
+                          "Fix: point _target_ at a Callback class.")
+    return obj
+
+
+def build_callbacks(entries: Mapping[str, Any]) -> list[Callback]:
+    """Instantiates `callbacks.<name>` entries in order; a null entry is skipped."""
+    callbacks = []
+    for name, spec in entries.items():
+        if spec is None:
+            continue
+        key = f"callbacks.{name}"
+        if not isinstance(spec, Mapping) or "_target_" not in spec:
+            raise PluginError(f"{key}: needs a _target_ (a dotted class path or registered "
+                              f"name). Fix: +{key}._target_=pkg.module.Class")
+        cls = resolve(str(spec["_target_"]), f"{key}._target_")
+        kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+        try:
+            callback = cls(**kwargs)
+        except TypeError as e:
+            raise PluginError(f"{key}: bad arguments for {cls.__name__}: {e}. "
+                              f"Fix: check the keys under {key}.") from e
+        callback.name = name
+        callbacks.append(callback)
+    return callbacks

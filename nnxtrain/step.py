@@ -1,0 +1,143 @@
+"""Pure functions of the training math: the train state, the loss, the optimizer, the steps.
+
+Nothing here touches the host: the trainer jits and compiles these functions once, with
+the state donated. Batches are dicts of `inputs`, `targets` and `weights` ([batch, length];
+weight 0 marks a padding target that the loss ignores).
+
+Loss (per step, over all unmasked targets of the global batch)::
+
+    lm_loss = sum(w * ce) / sum(w)                     # next-token cross-entropy
+    loss    = lm_loss + z_loss * sum(w * lse**2) / sum(w)   # lse: log-partition of logits
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nnxtrain.config import OptimConfig
+
+Metrics = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TrainState:
+    """Everything a step updates: the step counter, the parameters and the optimizer state."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken so far
+    params: nnx.State  # the model's parameters (nnx.Param variables with logical names)
+    opt_state: Any  # optax state, mirroring params
+
+
+def loss_sums(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
+) -> dict[str, jax.Array]:
+    """Weighted sums of cross-entropy and z-loss terms; divide by `weight` for means."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = lse - target_logit
+    weights = weights.astype(jnp.float32)
+    return {
+        "ce": jnp.sum(ce * weights),
+        "z": jnp.sum(z_loss * lse**2 * weights),
+        "weight": jnp.sum(weights),
+    }
+
+
+def summarize(sums: dict[str, jax.Array]) -> Metrics:
+    """Means and perplexity from the weighted sums."""
+    denom = jnp.maximum(sums["weight"], 1.0)
+    lm_loss = sums["ce"] / denom
+    return {
+        "loss": lm_loss + sums["z"] / denom,
+        "lm_loss": lm_loss,
+        "z_loss": sums["z"] / denom,
+        "perplexity": jnp.exp(lm_loss),
+        "total_weights": sums["weight"],
+    }
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine decay to min_lr_ratio * lr."""
+    decay = cfg.decay_steps or max(total_steps - cfg.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.warmup_steps + decay,
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                   optax.Schedule]:
+    """AdamW with the schedule and global-norm clipping; weight decay on matrices only."""
+    schedule = make_schedule(cfg, total_steps)
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
+    )
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    return optax.chain(*chain, adamw), schedule
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    z_loss: float,
+    grad_accum: int,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
+    """The train step: forward, backward (over `grad_accum` micro-batches), update."""
+
+    def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+            logits = nnx.merge(graphdef, p)(batch["inputs"])
+            sums = loss_sums(logits, batch["targets"], batch["weights"], z_loss)
+            return sums["ce"] + sums["z"], sums
+
+        (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return sums, grads
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+        if grad_accum == 1:
+            sums, grads = sums_and_grads(state.params, batch)
+        else:
+            # [B, L] -> [A, B/A, L]: row i goes to micro-batch i % A, which keeps each
+            # micro-batch spread over the data-parallel devices like the full batch.
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
+
+            def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+                sums, grads = sums_and_grads(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                sums_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)))
+            (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
+        # Gradients of sums over tokens -> gradient of the mean over unmasked tokens.
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = summarize(sums)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, z_loss: float) -> Callable[..., dict[str, jax.Array]]:
+    """Weighted loss sums of one batch under the current parameters (no update)."""
+
+    def eval_step(params: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = nnx.merge(graphdef, params)(batch["inputs"])
+        return loss_sums(logits, batch["targets"], batch["weights"], z_loss)
+
+    return eval_step

@@ -1,0 +1,101 @@
+"""True step timing: a background thread that watches dispatched steps complete.
+
+JAX dispatches asynchronously, so the time a Python call takes says nothing about the
+device. `StepWatcher` gets each step's (small, scalar) metrics right after dispatch; a
+daemon thread waits for them to be ready, stamps the completion time and copies them to
+the host. Step seconds are then the time between consecutive completions, which is what
+the device really spent, and the loop itself never waits on the device except to keep at
+most `max_in_flight` steps queued.
+"""
+
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any
+
+import jax
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """When step `step` was dispatched and completed, and its metrics on the host."""
+
+    step: int
+    dispatched_at: float  # perf_counter() when the loop dispatched the step
+    completed_at: float  # perf_counter() when its outputs were ready
+    seconds: float  # completed_at minus the previous step's completion (or dispatch)
+    host_gap: float  # time the device waited for the host before this step (>= 0)
+    metrics: Mapping[str, float]
+
+
+class StepWatcher:
+    """Records completions in order; `wait(step)` blocks until that step is recorded."""
+
+    def __init__(self, max_in_flight: int = 2, keep: int = 4096):
+        self.max_in_flight, self.keep = max_in_flight, keep
+        self._queue: SimpleQueue[tuple[int, float, Any] | None] = SimpleQueue()
+        self._records: dict[int, StepRecord] = {}
+        self._done = threading.Condition()
+        self._last_completed: float | None = None
+        self._last_step = -1
+        self._error: BaseException | None = None
+        self.nonfinite: StepRecord | None = None  # first step whose loss or grad norm is not finite
+        self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, dispatched_at: float, metrics: Mapping[str, jax.Array]) -> None:
+        self._queue.put((step, dispatched_at, metrics))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            step, dispatched_at, arrays = item
+            try:
+                host = jax.device_get(arrays)  # waits for the step to finish
+            except BaseException as e:  # surfaced to the loop by wait()
+                with self._done:
+                    self._error = e
+                    self._done.notify_all()
+                return
+            now = time.perf_counter()
+            start = dispatched_at if self._last_completed is None else self._last_completed
+            gap = 0.0 if self._last_completed is None else max(0.0, dispatched_at - start)
+            record = StepRecord(step, dispatched_at, now, now - start, gap,
+                                {k: float(np.asarray(v)) for k, v in host.items()})
+            self._last_completed = now
+            if self.nonfinite is None and not all(
+                    math.isfinite(record.metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
+                self.nonfinite = record
+            with self._done:
+                self._records[step] = record
+                self._last_step = step
+                self._records.pop(step - self.keep, None)
+                self._done.notify_all()
+
+    def wait(self, step: int) -> StepRecord:
+        """The record of `step`, waiting for it to complete if needed."""
+        with self._done:
+            self._done.wait_for(lambda: step in self._records or self._error is not None
+                                or self._last_step >= step)
+            if step in self._records:
+                return self._records[step]
+            if self._error is not None:
+                raise self._error
+            raise KeyError(f"step {step} is older than the last {self.keep} records")
+
+    def throttle(self, next_step: int) -> None:
+        """Before dispatching `next_step`, waits until few enough steps are still queued."""
+        oldest_allowed = next_step - self.max_in_flight
+        with self._done:
+            self._done.wait_for(lambda: self._last_step >= oldest_allowed
+                                or self._error is not None)
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)

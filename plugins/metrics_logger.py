@@ -1,0 +1,161 @@
+"""Metrics logger: a console line per logged step, metrics.jsonl, TensorBoard, a progress bar.
+
+Every `log_every` steps (and on the last) it prints, for the steps since the previous
+line: step, seconds per step, TFLOP/s and tokens/s per device, total weights (unmasked
+target tokens), loss, lm_loss, perplexity, learning rate and gradient norm. The same
+record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
+installed. On a terminal a rich progress bar runs below the lines.
+
+Seconds are true device time: measured between step completions (see `nnxtrain.timing`),
+averaged over the window since the previous line. A window slower than twice (or faster
+than half) the run's median so far carries a `note` saying why. It waits on the device
+only at the steps it logs. Uses only the public plugin API.
+"""
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from nnxtrain import (
+    Callback,
+    EvalEndEvent,
+    SetupEvent,
+    StepEndEvent,
+    StepRecord,
+    TrainEndEvent,
+    TrainStartEvent,
+    Trainer,
+)
+
+
+class MetricsLogger(Callback):
+    """Logs step metrics to the console, metrics.jsonl and (optionally) TensorBoard."""
+
+    def __init__(self, log_every: int = 10, jsonl: bool = True, tensorboard: bool = True,
+                 progress: bool = True):
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}")
+        self.log_every, self.use_jsonl, self.use_tb = log_every, jsonl, tensorboard
+        self.use_progress = progress
+        self._file: IO[str] | None = None
+        self._tb: Any = None
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._window: list[Callable[[], StepRecord]] = []
+        self._last_completed: float | None = None
+        self._window_seconds: list[float] = []
+
+    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+        self.flops = event.flops
+        if not trainer.console.quiet and self.use_jsonl:
+            self._file = open(os.path.join(event.run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+        if not trainer.console.quiet and self.use_tb:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                trainer.console.print("tensorboardX is not installed: TensorBoard logging off "
+                                      "(pip install 'nnxtrain[tensorboard]')")
+            else:
+                self._tb = SummaryWriter(os.path.join(event.run_dir, "tensorboard"))
+
+    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+        if self.use_progress and trainer.console.is_terminal and not trainer.console.quiet:
+            self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), console=trainer.console,
+                                      transient=True)
+            self._task = self._progress.add_task("train", total=event.num_steps,
+                                                 completed=event.step)
+            self._progress.start()
+
+    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+        self._window.append(event.record)  # a callable: nothing waits here
+        if self._progress is not None:
+            self._progress.update(self._task, completed=event.step)
+        if event.step % self.log_every and event.step != event.num_steps:
+            return
+        records = [get() for get in self._window]  # the last one waits for this step
+        self._window = []
+        last = records[-1]
+        start = self._last_completed if self._last_completed is not None else (
+            records[0].dispatched_at)
+        seconds = (last.completed_at - start) / len(records)
+        note = self._note(seconds, records, first=self._last_completed is None)
+        self._last_completed = last.completed_at
+        self._window_seconds.append(seconds)
+        m = last.metrics
+        devices = self.flops.num_devices
+        record = {
+            "step": event.step,
+            "seconds": seconds,
+            "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
+            "tokens_per_sec_per_device": event.tokens / devices / seconds,
+            **{k: m[k] for k in ("total_weights", "loss", "lm_loss", "z_loss", "perplexity",
+                                 "lr", "grad_norm")},
+            "time": time.time(),
+        }
+        if note:
+            record["note"] = note
+        trainer.console.print(
+            f"step {event.step}/{event.num_steps} | {seconds:.4f} s | "
+            f"{record['tflops_per_sec_per_device']:.4g} TFLOP/s/dev | "
+            f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
+            f"{m['total_weights']:,.0f} | loss {m['loss']:.4f} | lm_loss {m['lm_loss']:.4f} | "
+            f"ppl {m['perplexity']:.3f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
+            + (f" | note: {note}" if note else ""), markup=False, highlight=False)
+        self._write(record)
+
+    def _note(self, seconds: float, records: list[StepRecord], first: bool) -> str:
+        """Why this window's step time is far from the run's median so far ('' if it isn't)."""
+        reasons = []
+        if first:
+            reasons.append("includes the first step (warm-up)")
+        gap = sum(r.host_gap for r in records)
+        if gap > 0.25 * seconds * len(records):
+            reasons.append(f"device waited {gap:.3f} s for the host (eval, saves, callbacks)")
+        history = self._window_seconds[1:]  # the first window includes warm-up
+        if len(history) >= 2:
+            median = statistics.median(history)
+            if (seconds > 2 * median or seconds < 0.5 * median) and not reasons:
+                reasons.append(f"{seconds / median:.2f}x the median step time "
+                               "(machine load or noise)")
+        return "; ".join(reasons)
+
+    def on_eval_end(self, trainer: Trainer, event: EvalEndEvent) -> None:
+        m = event.metrics
+        trainer.console.print(
+            f"eval at step {event.step} | {event.num_batches} batches in {event.seconds:.2f} s"
+            f" | loss {m['eval/loss']:.4f} | ppl {m['eval/perplexity']:.3f}",
+            markup=False, highlight=False)
+        self._write({"step": event.step, **m, "time": time.time()})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time", "note"):
+                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value,
+                                        record["step"])
+
+    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+        self._close()
+
+    def teardown(self, trainer: Trainer) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
