@@ -20,8 +20,14 @@ from nnxtrain.config import ModelConfig
 
 def count_params(cfg: ModelConfig) -> int:
     """Number of parameters of the decoder with this config, every leaf included."""
-    e, h, kv, d, m, v = (cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.mlp_dim, cfg.vocab_size)
+    e, h, kv, d, m, v = (
+        cfg.emb_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+    )
     per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m + 2 * e  # + two norms
     head = 0 if cfg.tie_embeddings else e * v
     return v * e + cfg.num_layers * per_layer + e + head
@@ -87,7 +93,9 @@ class FlopsReport:
         )
 
 
-def step_flops(cfg: ModelConfig, batch_size: int, seq_len: int, num_devices: int = 1) -> FlopsReport:
+def step_flops(
+    cfg: ModelConfig, batch_size: int, seq_len: int, num_devices: int = 1
+) -> FlopsReport:
     """FLOPs of one training step of `batch_size` sequences of `seq_len` tokens."""
     tokens = batch_size * seq_len
     learnable_fwd = 2 * tokens * matmul_params(cfg)

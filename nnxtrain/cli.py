@@ -26,6 +26,7 @@ from nnxtrain.errors import ConfigError, UserError
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
+EXIT_PREEMPTED = {"SIGTERM": 143, "SIGINT": 130}  # as a shell reports death by that signal
 SELECTABLE = (*GROUPS, "callbacks", "experiment")
 
 
@@ -48,22 +49,33 @@ def check_overrides(args: list[str]) -> None:
             continue
         if key in SELECTABLE and "." not in key:
             options = _options(key)
-            values = o.value() if o.is_sweep_override() else [o.value()]
-            for value in values if isinstance(values, list) else list(values):
-                if isinstance(value, str) and value not in options:
-                    raise ConfigError(key, f"unknown {key} {value!r} (available: "
-                                      f"{', '.join(options)})", f"use {key}=<one of those>")
+            values = (
+                list(o.sweep_string_iterator())
+                if o.is_sweep_override()
+                else [o.get_value_element_as_str()]
+            )
+            for value in values:
+                if value not in options:
+                    raise ConfigError(
+                        key,
+                        f"unknown {key} {value!r} (available: {', '.join(options)})",
+                        f"use {key}=<one of those>",
+                    )
             continue
         group, _, rest = key.partition(".")
         if group in GROUPS and rest and not o.is_add():
             field = rest.split(".")[0]
             names = [f.name for f in dataclasses.fields(GROUPS[group])]
             if field not in names:
-                raise ConfigError(key, f"no such key in {group}/", f"use one of {group}."
-                                  f"{{{', '.join(names)}}}")
+                raise ConfigError(
+                    key, f"no such key in {group}/", f"use one of {group}.{{{', '.join(names)}}}"
+                )
         elif group not in (*SELECTABLE, "") and not o.is_add():
-            raise ConfigError(key, "no such config group", f"top-level keys are "
-                              f"{', '.join(SELECTABLE)}; prefix new keys with +")
+            raise ConfigError(
+                key,
+                "no such config group",
+                f"top-level keys are {', '.join(SELECTABLE)}; prefix new keys with +",
+            )
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")
@@ -75,13 +87,17 @@ def _run(cfg: DictConfig) -> None:
             config = dataclasses.replace(config, run=run)
         from nnxtrain.trainer import Trainer  # imports JAX
 
-        result = Trainer(config).fit()
+        trainer = Trainer(config)
+        result = trainer.fit()
     except UserError as e:
         print(f"nnxtrain: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     if result.reason.startswith("not finite"):
         print(f"nnxtrain: {result.reason}", file=sys.stderr)
         sys.exit(EXIT_NOT_FINITE)
+    if result.reason.startswith("preempted"):
+        print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
 
 
 def main() -> None:

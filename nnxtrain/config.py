@@ -27,7 +27,7 @@ from nnxtrain.errors import ConfigError
 T = TypeVar("T")
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
@@ -48,7 +48,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the token embedding as the output projection
     scan_layers: bool = True  # one compiled layer body scanned over stacked weights
-    remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch | minimal
+    remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch
     param_dtype: str = "float32"  # dtype parameters are stored and updated in
     dtype: str = "auto"  # activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
     attention: str = "auto"  # attention kernel: auto | xla | cudnn
@@ -223,8 +223,11 @@ def validate(cfg: Config) -> Config:
     ]:
         _positive(key, value)
     if r.batch_size == 0 or r.batch_size < -1:
-        raise ConfigError("run.batch_size", f"must be positive (or -1 for one sequence per "
-                          f"device), got {r.batch_size}", "set run.batch_size to a value >= 1")
+        raise ConfigError(
+            "run.batch_size",
+            f"must be positive (or -1 for one sequence per device), got {r.batch_size}",
+            "set run.batch_size to a value >= 1",
+        )
     if r.seq_len > m.max_len:
         raise ConfigError(
             "run.seq_len",
@@ -238,24 +241,28 @@ def validate(cfg: Config) -> Config:
             "choose num_kv_heads that divides num_heads",
         )
     if m.head_dim % 2:
-        raise ConfigError("model.head_dim", f"must be even for rotary embeddings, got {m.head_dim}",
-                          "use an even head_dim")
+        raise ConfigError(
+            "model.head_dim",
+            f"must be even for rotary embeddings, got {m.head_dim}",
+            "use an even head_dim",
+        )
     if r.batch_size > 0 and r.batch_size % r.grad_accum:
         raise ConfigError(
             "run.grad_accum",
             f"run.batch_size={r.batch_size} is not divisible by run.grad_accum={r.grad_accum}",
             "pick a grad_accum that divides the batch size",
         )
-    for key, value, allowed in [
+    choices: list[tuple[str, str, tuple[str, ...]]] = [
         ("model.param_dtype", m.param_dtype, DTYPES),
         ("model.dtype", m.dtype, ("auto", *DTYPES)),
         ("model.remat", m.remat, REMAT_POLICIES),
         ("model.attention", m.attention, ATTENTION_IMPLS),
         ("optim.name", o.name, ("adamw",)),
         ("data.name", cfg.data.name, ("synthetic",)),
-    ]:
-        if value not in allowed:
-            raise ConfigError(key, f"unknown value {value!r}", f"use one of {', '.join(allowed)}")
+    ]
+    for key, choice, allowed in choices:
+        if choice not in allowed:
+            raise ConfigError(key, f"unknown value {choice!r}", f"use one of {', '.join(allowed)}")
     if r.eval_every < 0:
         raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
     if o.lr <= 0:
@@ -263,11 +270,17 @@ def validate(cfg: Config) -> Config:
     if o.warmup_steps < 0 or o.decay_steps < 0:
         raise ConfigError("optim.warmup_steps", "warmup/decay steps must be >= 0", "use 0 or more")
     if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}",
-                          "use a fraction such as 0.1")
+        raise ConfigError(
+            "optim.min_lr_ratio",
+            f"must be in [0, 1], got {o.min_lr_ratio}",
+            "use a fraction such as 0.1",
+        )
     if o.z_loss < 0:
         raise ConfigError("optim.z_loss", f"must be >= 0, got {o.z_loss}", "use 0 to disable")
     if cfg.data.branching < 1 or cfg.data.branching > m.vocab_size:
-        raise ConfigError("data.branching", f"must be in [1, model.vocab_size], got "
-                          f"{cfg.data.branching}", "use a small number such as 4")
+        raise ConfigError(
+            "data.branching",
+            f"must be in [1, model.vocab_size], got {cfg.data.branching}",
+            "use a small number such as 4",
+        )
     return cfg

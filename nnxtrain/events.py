@@ -121,17 +121,17 @@ class LazyMetrics(Mapping[str, float]):
     Keys: loss, lm_loss, z_loss, perplexity, total_weights, grad_norm, lr.
     """
 
-    def __init__(self, fetch: Callable[[], Mapping[str, float]]):
-        self._fetch = fetch
+    def __init__(self, record: Callable[[], "StepRecord"]):
+        self._record = record
 
     def __getitem__(self, key: str) -> float:
-        return self._fetch()[key]
+        return self._record().metrics[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._fetch())
+        return iter(self._record().metrics)
 
     def __len__(self) -> int:
-        return len(self._fetch())
+        return len(self._record().metrics)
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class TrainEndEvent:
     """Fired when the loop ends normally; `reason` says why."""
 
     step: int  # steps done
-    reason: str  # "completed", "stopped: <why>", or "not finite: <what>"
+    reason: str  # "completed", "stopped: <why>", "preempted: SIGTERM", "not finite: <what>"
     seconds: float  # wall time of the loop
 
 
@@ -175,4 +175,3 @@ class ExceptionEvent:
     step: int  # steps done when it happened
     exception: BaseException  # what was raised
     where: str  # "setup", "loop", or "<callback>.<hook>"
-

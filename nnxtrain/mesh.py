@@ -23,23 +23,33 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     keys = [f"mesh.{a}" for a in MESH_AXES]
     for key, size in zip(keys, sizes, strict=True):
         if size == 0 or size < -1:
-            raise ConfigError(key, f"must be positive or -1, got {size}",
-                              "use -1 to take all remaining devices")
+            raise ConfigError(
+                key, f"must be positive or -1, got {size}", "use -1 to take all remaining devices"
+            )
     fill = [i for i, s in enumerate(sizes) if s == -1]
     if len(fill) > 1:
-        raise ConfigError(", ".join(keys[i] for i in fill), "only one axis may be -1",
-                          "give explicit sizes to all but one axis")
+        raise ConfigError(
+            ", ".join(keys[i] for i in fill),
+            "only one axis may be -1",
+            "give explicit sizes to all but one axis",
+        )
     known = math.prod(s for s in sizes if s != -1)
     if fill:
         if num_devices % known:
-            raise ConfigError(keys[fill[0]], f"cannot fill: {num_devices} devices are not "
-                              f"divisible by the other axes' product {known}",
-                              "choose axis sizes that divide the device count")
+            raise ConfigError(
+                keys[fill[0]],
+                f"cannot fill: {num_devices} devices are not "
+                f"divisible by the other axes' product {known}",
+                "choose axis sizes that divide the device count",
+            )
         sizes[fill[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ConfigError("mesh", f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
-                          f"{math.prod(sizes)} but {num_devices} devices are visible",
-                          "make the product equal the device count (or set one axis to -1)")
+        raise ConfigError(
+            "mesh",
+            f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
+            f"{math.prod(sizes)} but {num_devices} devices are visible",
+            "make the product equal the device count (or set one axis to -1)",
+        )
     return sizes[0], sizes[1], sizes[2]
 
 
@@ -47,8 +57,9 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     """A mesh over all (or the given) devices with the configured axis sizes."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -28,19 +28,25 @@ def resolve(target: str, key: str) -> type:
     if "." not in target and ":" not in target:
         found = registered()
         if target not in found:
-            raise PluginError(f"{key}: no plugin registered as {target!r} (known: "
-                              f"{', '.join(sorted(found)) or 'none'}). Fix: use a dotted path "
-                              f"pkg.module.Class or install the package that provides it.")
+            raise PluginError(
+                f"{key}: no plugin registered as {target!r} (known: "
+                f"{', '.join(sorted(found)) or 'none'}). Fix: use a dotted path "
+                f"pkg.module.Class or install the package that provides it."
+            )
         target = found[target]
     module_name, _, attr = target.replace(":", ".").rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise PluginError(f"{key}: cannot import {target!r} ({type(e).__name__}: {e}). "
-                          "Fix: check the dotted path and that its package is installed.") from e
+        raise PluginError(
+            f"{key}: cannot import {target!r} ({type(e).__name__}: {e}). "
+            "Fix: check the dotted path and that its package is installed."
+        ) from e
     if not (inspect.isclass(obj) and issubclass(obj, Callback)):
-        raise PluginError(f"{key}: {target!r} is not a subclass of nnxtrain.Callback. "
-                          "Fix: point _target_ at a Callback class.")
+        raise PluginError(
+            f"{key}: {target!r} is not a subclass of nnxtrain.Callback. "
+            "Fix: point _target_ at a Callback class."
+        )
     return obj
 
 
@@ -52,15 +58,18 @@ def build_callbacks(entries: Mapping[str, Any]) -> list[Callback]:
             continue
         key = f"callbacks.{name}"
         if not isinstance(spec, Mapping) or "_target_" not in spec:
-            raise PluginError(f"{key}: needs a _target_ (a dotted class path or registered "
-                              f"name). Fix: +{key}._target_=pkg.module.Class")
+            raise PluginError(
+                f"{key}: needs a _target_ (a dotted class path or registered "
+                f"name). Fix: +{key}._target_=pkg.module.Class"
+            )
         cls = resolve(str(spec["_target_"]), f"{key}._target_")
         kwargs = {k: v for k, v in spec.items() if k != "_target_"}
         try:
             callback = cls(**kwargs)
         except TypeError as e:
-            raise PluginError(f"{key}: bad arguments for {cls.__name__}: {e}. "
-                              f"Fix: check the keys under {key}.") from e
+            raise PluginError(
+                f"{key}: bad arguments for {cls.__name__}: {e}. Fix: check the keys under {key}."
+            ) from e
         callback.name = name
         callbacks.append(callback)
     return callbacks

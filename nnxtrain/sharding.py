@@ -58,8 +58,11 @@ def merge_rules(overrides: Mapping[str, Any]) -> dict[str, tuple[str, ...] | Non
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
         for axis in axes_t:
             if axis not in MESH_AXES:
-                raise ConfigError(f"mesh.rules.{name}", f"unknown mesh axis {axis!r}",
-                                  f"use axes from {MESH_AXES} or null")
+                raise ConfigError(
+                    f"mesh.rules.{name}",
+                    f"unknown mesh axis {axis!r}",
+                    f"use axes from {MESH_AXES} or null",
+                )
         rules[name] = axes_t
     return rules
 
@@ -75,8 +78,11 @@ def logical_to_spec(
             parts.append(None)
             continue
         if name not in rules:
-            raise ConfigError(f"mesh.rules.{name}", f"logical axis {name!r} has no rule",
-                              f"add mesh.rules.{name}=[fsdp] (or null to replicate)")
+            raise ConfigError(
+                f"mesh.rules.{name}",
+                f"logical axis {name!r} has no rule",
+                f"add mesh.rules.{name}=[fsdp] (or null to replicate)",
+            )
         axes = tuple(a for a in (rules[name] or ()) if a not in used)
         used.update(axes)
         parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)

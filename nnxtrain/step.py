@@ -75,12 +75,17 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                   optax.Schedule]:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with the schedule and global-norm clipping; weight decay on matrices only."""
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
-        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
     )
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
@@ -112,14 +117,17 @@ def make_train_step(
             # [B, L] -> [A, B/A, L]: row i goes to micro-batch i % A, which keeps each
             # micro-batch spread over the data-parallel devices like the full batch.
             micro = jax.tree.map(
-                lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch)
+                lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch
+            )
 
             def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
                 sums, grads = sums_and_grads(state.params, mb)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-            zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                sums_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)))
+            zero = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(sums_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)),
+            )
             (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
         # Gradients of sums over tokens -> gradient of the mean over unmasked tokens.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)

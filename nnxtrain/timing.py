@@ -44,8 +44,7 @@ class StepWatcher:
         self._last_step = -1
         self._error: BaseException | None = None
         self.nonfinite: StepRecord | None = None  # first step whose loss or grad norm is not finite
-        self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher", daemon=True)
         self._thread.start()
 
     def submit(self, step: int, dispatched_at: float, metrics: Mapping[str, jax.Array]) -> None:
@@ -64,11 +63,18 @@ class StepWatcher:
             now = time.perf_counter()
             start = dispatched_at if self._last_completed is None else self._last_completed
             gap = 0.0 if self._last_completed is None else max(0.0, dispatched_at - start)
-            record = StepRecord(step, dispatched_at, now, now - start, gap,
-                                {k: float(np.asarray(v)) for k, v in host.items()})
+            record = StepRecord(
+                step,
+                dispatched_at,
+                now,
+                now - start,
+                gap,
+                {k: float(np.asarray(v)) for k, v in host.items()},
+            )
             self._last_completed = now
             if self.nonfinite is None and not all(
-                    math.isfinite(record.metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
+                math.isfinite(record.metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
+            ):
                 self.nonfinite = record
             with self._done:
                 self._records[step] = record
@@ -79,8 +85,9 @@ class StepWatcher:
     def wait(self, step: int) -> StepRecord:
         """The record of `step`, waiting for it to complete if needed."""
         with self._done:
-            self._done.wait_for(lambda: step in self._records or self._error is not None
-                                or self._last_step >= step)
+            self._done.wait_for(
+                lambda: step in self._records or self._error is not None or self._last_step >= step
+            )
             if step in self._records:
                 return self._records[step]
             if self._error is not None:
@@ -91,8 +98,9 @@ class StepWatcher:
         """Before dispatching `next_step`, waits until few enough steps are still queued."""
         oldest_allowed = next_step - self.max_in_flight
         with self._done:
-            self._done.wait_for(lambda: self._last_step >= oldest_allowed
-                                or self._error is not None)
+            self._done.wait_for(
+                lambda: self._last_step >= oldest_allowed or self._error is not None
+            )
             if self._error is not None:
                 raise self._error
 

@@ -19,9 +19,12 @@ callback's `teardown`, also after an exception (which fires `on_exception` first
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,9 +87,11 @@ class CompiledMemory:
 
     def summary(self) -> str:
         gib = 1024**3
-        return (f"compiled step memory per device: argument {self.argument / gib:.3f} GiB, "
-                f"output {self.output / gib:.3f} GiB, alias {self.alias / gib:.3f} GiB, "
-                f"temp {self.temp / gib:.3f} GiB, total {self.total / gib:.3f} GiB")
+        return (
+            f"compiled step memory per device: argument {self.argument / gib:.3f} GiB, "
+            f"output {self.output / gib:.3f} GiB, alias {self.alias / gib:.3f} GiB, "
+            f"temp {self.temp / gib:.3f} GiB, total {self.total / gib:.3f} GiB"
+        )
 
 
 @dataclass(frozen=True)
@@ -125,17 +130,21 @@ class Trainer:
         console: Console | None = None,
     ):
         self.config = config
-        self.callbacks = list(callbacks) if callbacks is not None else build_callbacks(
-            config.callbacks)
+        self.callbacks = (
+            list(callbacks) if callbacks is not None else build_callbacks(config.callbacks)
+        )
         for cb in self.callbacks:
             cb.name = cb.name or type(cb).__name__
         names = [cb.name for cb in self.callbacks]
         if len(set(names)) != len(names):
-            raise PluginError(f"callbacks: two plugins share a name in {names}. "
-                              "Fix: give each callback its own name.")
+            raise PluginError(
+                f"callbacks: two plugins share a name in {names}. "
+                "Fix: give each callback its own name."
+            )
         self._hooks = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
         self.model_factory: ModelFactory = model_factory or (
-            lambda rngs: Transformer(config.model, rngs=rngs))
+            lambda rngs: Transformer(config.model, rngs=rngs)
+        )
         self.dataset = dataset if dataset is not None else build_dataset(config)
         self._optimizer = optimizer
         self._devices = devices
@@ -153,6 +162,8 @@ class Trainer:
         self.step = 0
         self.stop_reason: str | None = None
         self.save_requested = False
+        self.preempted: str | None = None  # name of the signal that asked the run to stop
+        self._saved_handlers: dict[int, Any] = {}
         self.run_info: dict[str, Any] = {}
         self.num_params = 0
         self._tx: optax.GradientTransformation | None = None
@@ -170,11 +181,35 @@ class Trainer:
         """Asks the checkpointing plugin to save after the current step."""
         self.save_requested = True
 
+    def consume_save_request(self) -> bool:
+        """For the checkpointing plugin: whether a save was requested; clears the request."""
+        requested, self.save_requested = self.save_requested, False
+        return requested
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.preempted is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C quits at once
+        self.preempted = name
+        self.request_stop(f"preempted by {name}")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled on the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._saved_handlers.items():
+            signal.signal(sig, handler)
+        self._saved_handlers.clear()
+
     # -- the run -------------------------------------------------------------------------
 
     def fit(self) -> FitResult:
         """Runs setup, compilation and the loop; returns the final state and metrics."""
         where = "setup"
+        self._install_signal_handlers()
         try:
             self._setup()
             if self.config.run.dry_run:
@@ -204,20 +239,29 @@ class Trainer:
         self.state_shardings = state_shardings(abstract, self.mesh, rules)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, self.state_shardings)
+            abstract,
+            self.state_shardings,
+        )
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
         floor = getattr(self.dataset, "loss_floor", None)
         self._print_header(floor)
-        self._fire("on_setup", SetupEvent(cfg, self.mesh, self.abstract_state, self.flops,
-                                          self.run_dir, floor))
+        self._fire(
+            "on_setup",
+            SetupEvent(cfg, self.mesh, self.abstract_state, self.flops, self.run_dir, floor),
+        )
 
         self._batch_sharding = batch_sharding(self.mesh)
-        train_step = make_train_step(self.graphdef, tx, schedule, cfg.optim.z_loss,
-                                     cfg.run.grad_accum)
+        train_step = make_train_step(
+            self.graphdef, tx, schedule, cfg.optim.z_loss, cfg.run.grad_accum
+        )
         t0 = time.perf_counter()
         with use_rules(self.mesh, rules) as records:
-            jitted = jax.jit(train_step, in_shardings=(self.state_shardings, self._batch_sharding),
-                             out_shardings=(self.state_shardings, None), donate_argnums=0)
+            jitted = jax.jit(
+                train_step,
+                in_shardings=(self.state_shardings, self._batch_sharding),
+                out_shardings=(self.state_shardings, None),
+                donate_argnums=0,
+            )
             lowered = jitted.lower(self.abstract_state, self._batch_spec(cfg.run.batch_size))
             t1 = time.perf_counter()
             self.compiled = lowered.compile()
@@ -258,7 +302,11 @@ class Trainer:
         next_batch = self._device_batch(self.step) if self.step < cfg.run.steps else None
         while self.step < cfg.run.steps:
             if self.stop_reason is not None:
-                reason = f"stopped: {self.stop_reason}"
+                reason = (
+                    f"preempted: {self.preempted}"
+                    if self.preempted
+                    else f"stopped: {self.stop_reason}"
+                )
                 break
             if watcher.nonfinite is not None:
                 reason = self._nonfinite_reason(watcher.nonfinite)
@@ -270,20 +318,34 @@ class Trainer:
             watcher.submit(step, t, metrics)
             if step < cfg.run.steps:
                 next_batch = self._device_batch(step)  # overlaps with the device's work
-            self._fire("on_step_end", StepEndEvent(
-                step, cfg.run.steps, self.flops.tokens_per_step if self.flops else 0,
-                LazyMetrics(lambda s=step: watcher.wait(s).metrics),
-                lambda s=step: watcher.wait(s)))
+            record = functools.partial(watcher.wait, step)
+            self._fire(
+                "on_step_end",
+                StepEndEvent(
+                    step,
+                    cfg.run.steps,
+                    self.flops.tokens_per_step if self.flops else 0,
+                    LazyMetrics(record),
+                    record,
+                ),
+            )
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 eval_metrics = self.evaluate()
         final = watcher.wait(self.step).metrics if self.step > 0 else {}
         if reason == "completed" and watcher.nonfinite is not None:
             reason = self._nonfinite_reason(watcher.nonfinite)
         seconds = time.perf_counter() - t_start
-        self.console.print(f"done: step {self.step}/{cfg.run.steps} in {seconds:.1f} s ({reason})"
-                           + (f"; final loss {final['loss']:.4f}" if final else ""))
-        self.run_info["final"] = {"step": self.step, "reason": reason, "seconds": seconds,
-                                  "metrics": dict(final), "eval_metrics": eval_metrics}
+        self.console.print(
+            f"done: step {self.step}/{cfg.run.steps} in {seconds:.1f} s ({reason})"
+            + (f"; final loss {final['loss']:.4f}" if final else "")
+        )
+        self.run_info["final"] = {
+            "step": self.step,
+            "reason": reason,
+            "seconds": seconds,
+            "metrics": dict(final),
+            "eval_metrics": eval_metrics,
+        }
         self._write_run_info()
         self._fire("on_train_end", TrainEndEvent(self.step, reason, seconds))
         return FitResult(self.state, self.step, reason, dict(final), eval_metrics, self.run_dir)
@@ -301,10 +363,16 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v)
         denom = max(totals["weight"], 1.0)
         lm = totals["ce"] / denom
-        metrics = {"eval/loss": lm + totals["z"] / denom, "eval/lm_loss": lm,
-                   "eval/perplexity": math.exp(min(lm, 80.0)), "eval/total_weights": denom}
-        self._fire("on_eval_end", EvalEndEvent(self.step, metrics, run.eval_batches,
-                                               time.perf_counter() - t0))
+        metrics = {
+            "eval/loss": lm + totals["z"] / denom,
+            "eval/lm_loss": lm,
+            "eval/perplexity": math.exp(min(lm, 80.0)),
+            "eval/total_weights": denom,
+        }
+        self._fire(
+            "on_eval_end",
+            EvalEndEvent(self.step, metrics, run.eval_batches, time.perf_counter() - t0),
+        )
         return metrics
 
     # -- helpers -------------------------------------------------------------------------
@@ -317,9 +385,11 @@ class Trainer:
 
     def _batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape, sh = (batch_size, self.config.run.seq_len), self._batch_sharding
-        return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-                "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)}
+        return {
+            "inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+            "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
+        }
 
     def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.device_put(v, self._batch_sharding) for k, v in host.items()}
@@ -331,20 +401,28 @@ class Trainer:
     @staticmethod
     def _nonfinite_reason(record: Any) -> str:
         m = record.metrics
-        return (f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
-                f"{record.step}; lower optim.lr or keep optim.clip_norm > 0")
+        return (
+            f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
+            f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
+        )
 
     @staticmethod
     def _resolve_batch(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
         run, dp = cfg.run, data_parallel_size(mesh)
         batch = mesh.size if run.batch_size == -1 else run.batch_size
         if batch % run.grad_accum:
-            raise ConfigError("run.grad_accum", f"batch size {batch} is not divisible by "
-                              f"run.grad_accum={run.grad_accum}", "pick a divisor of the batch")
+            raise ConfigError(
+                "run.grad_accum",
+                f"batch size {batch} is not divisible by run.grad_accum={run.grad_accum}",
+                "pick a divisor of the batch",
+            )
         if (batch // run.grad_accum) % dp:
-            raise ConfigError("run.batch_size", f"micro-batch of {batch // run.grad_accum} "
-                              f"sequences cannot be split over data*fsdp={dp} devices",
-                              f"use a batch size that is a multiple of {dp * run.grad_accum}")
+            raise ConfigError(
+                "run.batch_size",
+                f"micro-batch of {batch // run.grad_accum} "
+                f"sequences cannot be split over data*fsdp={dp} devices",
+                f"use a batch size that is a multiple of {dp * run.grad_accum}",
+            )
         return dataclasses.replace(cfg, run=dataclasses.replace(run, batch_size=batch))
 
     @staticmethod
@@ -356,8 +434,10 @@ class Trainer:
             with open(os.path.join(path, "config.yaml"), "w") as f:
                 f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         except OSError as e:
-            raise UserError(f"run.dir: cannot write to {path!r} ({e.strerror}). "
-                            "Fix: set run.dir to a writable directory.") from e
+            raise UserError(
+                f"run.dir: cannot write to {path!r} ({e.strerror}). "
+                "Fix: set run.dir to a writable directory."
+            ) from e
         return path
 
     def _write_run_info(self) -> None:
@@ -391,8 +471,10 @@ class Trainer:
             except UserError:
                 raise
             except Exception as e:
-                raise PluginError(f"callback '{cb.name}' ({type(cb).__name__}) raised in "
-                                  f"{hook}: {type(e).__name__}: {e}") from e
+                raise PluginError(
+                    f"callback '{cb.name}' ({type(cb).__name__}) raised in "
+                    f"{hook}: {type(e).__name__}: {e}"
+                ) from e
 
     def _fire_exception(self, exc: BaseException, where: str) -> None:
         event = ExceptionEvent(self.step, exc, where)
@@ -403,6 +485,7 @@ class Trainer:
                 self.console.print(f"[red]callback '{cb.name}' raised in on_exception: {e}[/]")
 
     def _teardown(self) -> None:
+        self._restore_signal_handlers()
         if self._watcher is not None:
             self._watcher.close()
         for cb in self.callbacks:

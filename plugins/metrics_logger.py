@@ -28,16 +28,21 @@ from nnxtrain import (
     StepEndEvent,
     StepRecord,
     TrainEndEvent,
-    TrainStartEvent,
     Trainer,
+    TrainStartEvent,
 )
 
 
 class MetricsLogger(Callback):
     """Logs step metrics to the console, metrics.jsonl and (optionally) TensorBoard."""
 
-    def __init__(self, log_every: int = 10, jsonl: bool = True, tensorboard: bool = True,
-                 progress: bool = True):
+    def __init__(
+        self,
+        log_every: int = 10,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.log_every, self.use_jsonl, self.use_tb = log_every, jsonl, tensorboard
@@ -58,18 +63,26 @@ class MetricsLogger(Callback):
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                trainer.console.print("tensorboardX is not installed: TensorBoard logging off "
-                                      "(pip install 'nnxtrain[tensorboard]')")
+                trainer.console.print(
+                    "tensorboardX is not installed: TensorBoard logging off "
+                    "(pip install 'nnxtrain[tensorboard]')"
+                )
             else:
                 self._tb = SummaryWriter(os.path.join(event.run_dir, "tensorboard"))
 
     def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
         if self.use_progress and trainer.console.is_terminal and not trainer.console.quiet:
-            self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), console=trainer.console,
-                                      transient=True)
-            self._task = self._progress.add_task("train", total=event.num_steps,
-                                                 completed=event.step)
+            self._progress = Progress(
+                TextColumn("training"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=trainer.console,
+                transient=True,
+            )
+            self._task = self._progress.add_task(
+                "train", total=event.num_steps, completed=event.step
+            )
             self._progress.start()
 
     def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
@@ -81,21 +94,32 @@ class MetricsLogger(Callback):
         records = [get() for get in self._window]  # the last one waits for this step
         self._window = []
         last = records[-1]
-        start = self._last_completed if self._last_completed is not None else (
-            records[0].dispatched_at)
+        start = (
+            self._last_completed if self._last_completed is not None else (records[0].dispatched_at)
+        )
         seconds = (last.completed_at - start) / len(records)
         note = self._note(seconds, records, first=self._last_completed is None)
         self._last_completed = last.completed_at
         self._window_seconds.append(seconds)
         m = last.metrics
         devices = self.flops.num_devices
-        record = {
+        record: dict[str, Any] = {
             "step": event.step,
             "seconds": seconds,
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             "tokens_per_sec_per_device": event.tokens / devices / seconds,
-            **{k: m[k] for k in ("total_weights", "loss", "lm_loss", "z_loss", "perplexity",
-                                 "lr", "grad_norm")},
+            **{
+                k: m[k]
+                for k in (
+                    "total_weights",
+                    "loss",
+                    "lm_loss",
+                    "z_loss",
+                    "perplexity",
+                    "lr",
+                    "grad_norm",
+                )
+            },
             "time": time.time(),
         }
         if note:
@@ -106,7 +130,10 @@ class MetricsLogger(Callback):
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
             f"{m['total_weights']:,.0f} | loss {m['loss']:.4f} | lm_loss {m['lm_loss']:.4f} | "
             f"ppl {m['perplexity']:.3f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
-            + (f" | note: {note}" if note else ""), markup=False, highlight=False)
+            + (f" | note: {note}" if note else ""),
+            markup=False,
+            highlight=False,
+        )
         self._write(record)
 
     def _note(self, seconds: float, records: list[StepRecord], first: bool) -> str:
@@ -121,8 +148,9 @@ class MetricsLogger(Callback):
         if len(history) >= 2:
             median = statistics.median(history)
             if (seconds > 2 * median or seconds < 0.5 * median) and not reasons:
-                reasons.append(f"{seconds / median:.2f}x the median step time "
-                               "(machine load or noise)")
+                reasons.append(
+                    f"{seconds / median:.2f}x the median step time (machine load or noise)"
+                )
         return "; ".join(reasons)
 
     def on_eval_end(self, trainer: Trainer, event: EvalEndEvent) -> None:
@@ -130,7 +158,9 @@ class MetricsLogger(Callback):
         trainer.console.print(
             f"eval at step {event.step} | {event.num_batches} batches in {event.seconds:.2f} s"
             f" | loss {m['eval/loss']:.4f} | ppl {m['eval/perplexity']:.3f}",
-            markup=False, highlight=False)
+            markup=False,
+            highlight=False,
+        )
         self._write({"step": event.step, **m, "time": time.time()})
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -140,8 +170,9 @@ class MetricsLogger(Callback):
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time", "note"):
-                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value,
-                                        record["step"])
+                    self._tb.add_scalar(
+                        key if "/" in key else f"train/{key}", value, record["step"]
+                    )
 
     def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
         self._close()

@@ -26,7 +26,9 @@ class MarkovSource:
     floor: float  # probability of a uniformly random next token
 
     @classmethod
-    def create(cls, vocab_size: int, branching: int, seed: int, floor: float = 0.02) -> "MarkovSource":
+    def create(
+        cls, vocab_size: int, branching: int, seed: int, floor: float = 0.02
+    ) -> "MarkovSource":
         rng = np.random.default_rng(seed)
         successors = np.stack(
             [rng.choice(vocab_size, size=branching, replace=False) for _ in range(vocab_size)]

@@ -7,6 +7,7 @@ used. Every parameter carries logical axis names (`out_sharding` metadata, see
 """
 
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,9 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
         self.theta = cfg.rope_theta
-        self.impl = None if cfg.attention == "auto" else cfg.attention
+        self.impl: Literal["xla", "cudnn"] | None = (
+            None if cfg.attention == "auto" else "cudnn" if cfg.attention == "cudnn" else "xla"
+        )
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         dt = x.dtype
@@ -100,8 +103,9 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
         gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-        hidden = constrain(gate * (x @ self.w_up[...].astype(dt)), "mlp/hidden",
-                           (BATCH, LENGTH, "activation_mlp"))
+        hidden = constrain(
+            gate * (x @ self.w_up[...].astype(dt)), "mlp/hidden", (BATCH, LENGTH, "activation_mlp")
+        )
         return hidden @ self.w_down[...].astype(dt)
 
 

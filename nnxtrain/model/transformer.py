@@ -29,8 +29,13 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.emb_dim), ("vocab", "embed"), pdt,
-                           nnx.initializers.normal(cfg.init_std))
+        self.embed = param(
+            rngs,
+            (cfg.vocab_size, cfg.emb_dim),
+            ("vocab", "embed"),
+            pdt,
+            nnx.initializers.normal(cfg.init_std),
+        )
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -40,8 +45,13 @@ class Transformer(nnx.Module):
         self.layers = make_layers(rngs)
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = param(rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), pdt,
-                                 nnx.initializers.normal(cfg.init_std))
+            self.lm_head = param(
+                rngs,
+                (cfg.emb_dim, cfg.vocab_size),
+                ("embed", "vocab"),
+                pdt,
+                nnx.initializers.normal(cfg.init_std),
+            )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Logits [batch, length, vocab] in the activation dtype for tokens [batch, length]."""
