@@ -43,15 +43,15 @@ class ModelConfig:
     num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
     head_dim: int = 32  # features per attention head
     mlp_dim: int = 384  # hidden features of the SwiGLU MLP
-    max_len: int = 512  # longest sequence the rotary tables are built for, in tokens
+    max_len: int = 512  # longest sequence the model accepts, in tokens
     rope_theta: float = 10000.0  # rotary embedding base wavelength
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the token embedding as the output projection
     scan_layers: bool = True  # one compiled layer body scanned over stacked weights
-    remat: str = "none"  # rematerialisation: none | full | dots | dots_no_batch
+    remat: str = "none"  # rematerialisation: none, full, dots or dots_no_batch
     param_dtype: str = "float32"  # dtype parameters are stored and updated in
     dtype: str = "auto"  # activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
-    attention: str = "auto"  # attention kernel: auto | xla | cudnn
+    attention: str = "auto"  # attention kernel: auto, xla or cudnn
     init_std: float = 0.02  # stddev of the normal initialiser for weight matrices
 
 
@@ -77,7 +77,7 @@ class RunConfig:
     log_every: int = 10  # steps between metric lines
     dry_run: bool = False  # build abstractly, compile the step, print accounting, exit
     grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
-    eval_every: int = 0  # steps between evaluations on held-out batches; 0 = never
+    eval_every: int = 100  # steps between evaluations on held-out batches; 0 = never
     eval_batches: int = 4  # held-out batches per evaluation
 
 
