@@ -63,6 +63,10 @@ class MeshConfig:
     fsdp: int = -1  # fully sharded data parallel (batch and weights split)
     tensor: int = 1  # tensor parallel (heads and MLP features split)
     rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axes overrides
+    coordinator: str = ""  # multi-process: HOST:PORT of process 0; empty = single process
+    num_processes: int = 1  # processes in the run; -1 = detect from the environment (SLURM, ...)
+    process_id: int = 0  # this process's index, 0 .. num_processes - 1
+    init_timeout: int = 300  # seconds to wait for all processes to join
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class RunConfig:
     grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
     eval_every: int = 100  # steps between evaluations on held-out batches; 0 = never
     eval_batches: int = 4  # held-out batches per evaluation
+    host_devices: int = 0  # simulated CPU devices (set before JAX starts); 0 = leave as is
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,31 @@ def validate(cfg: Config) -> Config:
     for key, choice, allowed in choices:
         if choice not in allowed:
             raise ConfigError(key, f"unknown value {choice!r}", f"use one of {', '.join(allowed)}")
+    if r.host_devices < 0:
+        raise ConfigError(
+            "run.host_devices", f"must be >= 0, got {r.host_devices}", "use 0 to keep JAX's default"
+        )
+    mc = cfg.mesh
+    if mc.coordinator and mc.num_processes < 1:
+        raise ConfigError(
+            "mesh.num_processes",
+            "must be >= 1 with mesh.coordinator set",
+            "give the number of processes",
+        )
+    if mc.num_processes > 1 and not mc.coordinator:
+        raise ConfigError(
+            "mesh.coordinator",
+            f"mesh.num_processes={mc.num_processes} needs a coordinator",
+            "set mesh.coordinator=HOST:PORT of process 0",
+        )
+    if not 0 <= mc.process_id < max(mc.num_processes, 1) and mc.num_processes != -1:
+        raise ConfigError(
+            "mesh.process_id",
+            f"{mc.process_id} is outside 0..{mc.num_processes - 1}",
+            "give each process a distinct id below mesh.num_processes",
+        )
+    if mc.init_timeout < 1:
+        raise ConfigError("mesh.init_timeout", "must be >= 1 second", "use e.g. 300")
     if r.eval_every < 0:
         raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
     if o.lr <= 0:

@@ -11,6 +11,7 @@ print them; outside it, `constrain` is the identity, so the model also runs bare
 """
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -94,18 +95,32 @@ def _is_variable(x: Any) -> bool:
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None]) -> Any:
-    """A NamedSharding for every leaf of an nnx/optax state tree, from its logical names.
+    """A NamedSharding for every leaf of an abstract nnx/optax state tree, from its logical
+    names; checks that every dimension divides evenly over its mesh axes.
 
     Leaves without logical names (optimizer step counters, RNG keys) are replicated.
     """
 
-    def one(leaf: Any) -> Any:
+    def one(path: Any, leaf: Any) -> Any:
         names = leaf.get_metadata().get("out_sharding") if _is_variable(leaf) else None
         spec = logical_to_spec(names, rules) if names else PartitionSpec()
+        shape = leaf.get_value().shape if _is_variable(leaf) else leaf.shape
+        for dim, name, axes in zip(shape, names or (), spec, strict=False):
+            axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh.shape[a] for a in axes_t)
+            if dim % ways:
+                raise ConfigError(
+                    f"mesh.rules.{name}",
+                    f"parameter {jax.tree_util.keystr(path)} "
+                    f"{tuple(shape)}: dimension {dim} ({name}) does not split "
+                    f"{ways} ways over mesh axes {axes_t}",
+                    f"change the mesh sizes or map {name} elsewhere "
+                    f"(mesh.rules.{name}=null replicates it)",
+                )
         sharding = NamedSharding(mesh, spec)
         return leaf.replace(sharding) if _is_variable(leaf) else sharding
 
-    return jax.tree.map(one, state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
 @dataclass(frozen=True)

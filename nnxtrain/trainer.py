@@ -41,6 +41,7 @@ from rich.console import Console
 from nnxtrain.accounting import FlopsReport, step_flops
 from nnxtrain.config import Config
 from nnxtrain.data import build_dataset
+from nnxtrain.distributed import start_jax
 from nnxtrain.errors import ConfigError, PluginError, UserError
 from nnxtrain.events import (
     HOOKS,
@@ -129,6 +130,7 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
     ):
+        start_jax(config)  # before anything asks JAX for its devices
         self.config = config
         self.callbacks = (
             list(callbacks) if callbacks is not None else build_callbacks(config.callbacks)
@@ -392,7 +394,11 @@ class Trainer:
         }
 
     def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.device_put(v, self._batch_sharding) for k, v in host.items()}
+        # Each process places only the rows its own devices hold (multi-host safe).
+        return {
+            k: jax.make_array_from_callback(v.shape, self._batch_sharding, v.__getitem__)
+            for k, v in host.items()
+        }
 
     def _device_batch(self, step: int) -> dict[str, jax.Array]:
         run = self.config.run
@@ -431,6 +437,8 @@ class Trainer:
         path = os.path.abspath(path)
         try:
             os.makedirs(path, exist_ok=True)
+            if jax.process_index() != 0:
+                return path
             with open(os.path.join(path, "config.yaml"), "w") as f:
                 f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         except OSError as e:

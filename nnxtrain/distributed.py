@@ -1,0 +1,84 @@
+"""Starting JAX for a run: simulated CPU devices and multi-process initialisation.
+
+`start_jax(cfg)` must run before JAX creates its backends (the Trainer calls it first thing):
+
+- `run.host_devices=N` gives the CPU backend N devices (`jax_num_cpu_devices`), so a
+  laptop can compile and run the sharded step of an 8-device mesh without XLA_FLAGS.
+- `mesh.coordinator=HOST:PORT mesh.num_processes=P mesh.process_id=I` joins a multi-process
+  run through `jax.distributed.initialize`; `mesh.num_processes=-1` lets JAX detect the
+  cluster from the environment (SLURM, Open MPI, Kubernetes, ...). A coordinator that
+  cannot be reached within `mesh.init_timeout` seconds is a one-line error.
+"""
+
+import socket
+import time
+
+import jax
+
+from nnxtrain.config import Config
+from nnxtrain.errors import ConfigError, UserError
+
+
+def start_jax(cfg: Config) -> None:
+    """Applies host_devices and joins the distributed run, once per process."""
+    n = cfg.run.host_devices
+    cpu_devices = getattr(jax.config, "jax_num_cpu_devices", -1)
+    if n and cpu_devices != n:
+        if cpu_devices != -1:
+            raise ConfigError(
+                "run.host_devices",
+                f"this process already runs with {cpu_devices} CPU devices",
+                "use the same value in every run of one process",
+            )
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError as e:
+            raise ConfigError(
+                "run.host_devices",
+                "JAX already started in this process",
+                "set it before the first JAX computation (the CLI does)",
+            ) from e
+    m = cfg.mesh
+    if (m.coordinator or m.num_processes != 1) and not jax.distributed.is_initialized():
+        auto = m.num_processes == -1
+        if not auto and m.process_id != 0:
+            _wait_for_coordinator(m.coordinator, m.init_timeout)
+        try:
+            jax.distributed.initialize(
+                coordinator_address=None if auto else m.coordinator,
+                num_processes=None if auto else m.num_processes,
+                process_id=None if auto else m.process_id,
+                initialization_timeout=m.init_timeout,
+            )
+        except Exception as e:
+            raise UserError(
+                f"mesh.coordinator: could not join the distributed run at "
+                f"{m.coordinator or '<auto-detected>'} within {m.init_timeout} s "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: start "
+                "every process with the same mesh.coordinator, reachable from all, "
+                "and distinct mesh.process_id."
+            ) from e
+
+
+def _wait_for_coordinator(address: str, timeout: int) -> None:
+    """Waits until process 0 listens at `address`; JAX would abort the process instead."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            "mesh.coordinator",
+            f"{address!r} is not HOST:PORT",
+            "use e.g. mesh.coordinator=127.0.0.1:29500",
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"mesh.coordinator: nothing answers at {address} after {timeout} s "
+                    f"({e.strerror or e}). Fix: start process 0 first, or check the address "
+                    "and mesh.init_timeout."
+                ) from e
+            time.sleep(0.5)

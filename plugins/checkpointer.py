@@ -1,0 +1,247 @@
+"""Async checkpointer: saves with Orbax in the background, resumes a rerun where it stopped.
+
+    nnxtrain run.dir=runs/a                          # saves every 100 steps, keeps 3
+    nnxtrain run.dir=runs/a                          # rerun after a kill: resumes
+    nnxtrain run.dir=runs/b +callbacks.checkpoint.load_from=runs/a  # new run, a's state
+
+Saves every `every` steps, when a plugin calls `trainer.request_save()`, and at the end
+(also on SIGTERM/SIGINT; not after a non-finite loss), waiting for that last write before
+the process may exit. A save blocks the loop only for the device-to-host copy; the write
+runs in a background thread. If a save is due while the previous one is still being
+written, `if_busy` decides: `skip` it with a warning (requested saves are deferred
+instead), or `wait`. Each save prints one line, once its write is done: the step, the
+time the loop was blocked, and the time the background write took.
+
+At setup, the latest complete checkpoint in `directory` is restored onto the current mesh
+(parameters, optimizer state, step, every callback's state, the dataset's state) after a
+check that names any mismatching parameter and config key; unfinished saves are ignored
+with a warning, and `fallback` steps back past unreadable checkpoints. The on-disk layout
+is described in `checkpoint_io` and docs/checkpointing.md. Uses only the public API.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from nnxtrain import (
+    Callback,
+    ConfigError,
+    SetupEvent,
+    StepEndEvent,
+    TrainEndEvent,
+    Trainer,
+    TrainStartEvent,
+)
+
+from . import checkpoint_io as cio
+
+
+class Checkpointer(Callback):
+    """Saves the train state asynchronously with Orbax and restores it on a rerun."""
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        every: int = 100,
+        keep: int = 3,
+        keep_every: int = 0,
+        if_busy: str = "skip",
+        load_from: str | None = None,
+        load_params_only: bool = False,
+        fallback: bool = False,
+    ):
+        self.directory, self.every, self.keep, self.keep_every = directory, every, keep, keep_every
+        self.if_busy, self.load_from, self.load_params_only = if_busy, load_from, load_params_only
+        self.fallback = fallback
+        self._mngr: Any = None
+        self._source: Any = None  # manager of load_from when only its parameters are taken
+        self._pending: tuple[int, float, float, float] | None = None  # step, t0, blocked, waited
+        self._written_at: float | None = None  # set by Orbax's thread when a write completes
+        self._deferred = False  # a requested save waits for the writer to be free
+        self._last_step = -1
+
+    # -- restore -------------------------------------------------------------------------
+
+    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+        opts = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
+        cio.check_options(f"callbacks.{self.name}", opts)
+        self._config = cio.jsonable(dataclasses.asdict(event.config))
+        self.path = os.path.join(event.run_dir, self.directory or "checkpoints")
+        partial = cio.partial_saves(self.path)
+        if partial:
+            self._say(
+                trainer,
+                f"warning: ignoring {len(partial)} unfinished save(s) in "
+                f"{self.path} (the process was killed while writing): {', '.join(partial)}",
+            )
+        self._mngr = cio.open_manager(
+            self.path, keep=self.keep, keep_every=self.keep_every, on_written=self._on_written
+        )
+        if self._mngr.all_steps():
+            if self.load_from:
+                self._say(
+                    trainer,
+                    f"{self.path} has checkpoints: resuming from them, not "
+                    f"from load_from={self.load_from}",
+                )
+            self._restore(trainer, self._mngr, "resumed from")
+        elif self.load_from:
+            where, step = _source(self.load_from)
+            source = cio.open_manager(where, read_only=True)
+            self._from_steps = [step] if step is not None else source.all_steps()
+            if not self._from_steps or not set(self._from_steps) <= set(source.all_steps()):
+                raise ConfigError(
+                    f"callbacks.{self.name}.load_from",
+                    f"no complete checkpoint at {self.load_from}",
+                    "give a run dir, its checkpoints/ dir or one checkpoints/<step> dir",
+                )
+            if self.load_params_only:
+                self._source = source  # loaded into the initialised state at on_train_start
+            else:
+                self._restore(trainer, source, "started from", self._from_steps)
+                source.close()
+
+    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+        if self._source is not None and trainer.state is not None:
+            params = self._restore(
+                trainer, self._source, "took the parameters of", self._from_steps
+            )
+            trainer.state = dataclasses.replace(trainer.state, params=params)
+
+    def _restore(self, trainer: Trainer, mngr: Any, verb: str, steps: Any = None) -> Any:
+        t0, params_only = time.perf_counter(), mngr is self._source
+        steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, meta, diff = cio.restore(
+                    mngr, step, trainer.abstract_state, self._config, params_only=params_only
+                )
+                break
+            except cio.Unreadable as e:
+                if not self.fallback or i + 1 == len(steps):
+                    fix = (
+                        ""
+                        if self.fallback
+                        else (
+                            f"; set callbacks.{self.name}.fallback=true "
+                            "to restore the previous checkpoint instead"
+                        )
+                    )
+                    raise cio.Unreadable(f"{e}{fix}") from e
+                self._say(trainer, f"warning: {e}; falling back to step {steps[i + 1]}")
+        where = os.path.join(str(mngr.directory), str(step))
+        self._say(trainer, f"{verb} step {step} ({where}) in {time.perf_counter() - t0:.2f} s")
+        if diff:
+            self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
+        if params_only:
+            return state
+        trainer.state = state
+        self._last_step = step
+        saved = meta.get("callbacks", {})
+        for cb in trainer.callbacks:
+            if cb.name in saved:
+                cb.load_state_dict(saved[cb.name])
+        if meta.get("dataset") is not None and hasattr(trainer.dataset, "load_state_dict"):
+            trainer.dataset.load_state_dict(meta["dataset"])
+        return state
+
+    # -- save ----------------------------------------------------------------------------
+
+    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+        self._report(trainer)
+        requested = trainer.consume_save_request() or self._deferred
+        if not requested and not (self.every and event.step % self.every == 0):
+            return
+        if self.if_busy == "skip" and self._busy():
+            if requested:
+                self._deferred = True
+            elif self._pending is not None:
+                self._say(
+                    trainer,
+                    f"warning: skipped the save at step {event.step}: the write "
+                    f"of step {self._pending[0]} is still running (if_busy=skip; set "
+                    f"callbacks.{self.name}.if_busy=wait to wait, or save less often)",
+                )
+            return
+        self._deferred = False
+        self._save(trainer, event.step)
+
+    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+        if event.reason.startswith("not finite"):
+            self._say(trainer, f"no final save: the state is not finite ({event.reason})")
+        elif trainer.state is not None and event.step > self._last_step and event.step > 0:
+            self._save(trainer, event.step)
+        self._finish(trainer)
+
+    def teardown(self, trainer: Trainer) -> None:
+        self._finish(trainer)
+        for mngr in (self._mngr, self._source):
+            if mngr is not None:
+                mngr.close()
+        self._mngr = self._source = None
+
+    def _busy(self) -> bool:
+        busy = bool(self._mngr.is_saving_in_progress())
+        if jax.process_count() > 1:  # every process must take the same decision
+            busy = bool(multihost_utils.broadcast_one_to_all(busy))
+        return busy
+
+    def _save(self, trainer: Trainer, step: int) -> None:
+        t0 = time.perf_counter()
+        self._mngr.wait_until_finished()  # no-op unless if_busy=wait (or the final save)
+        waited = time.perf_counter() - t0
+        self._report(trainer)
+        meta = {
+            "format": cio.FORMAT,
+            "step": step,
+            "rng": {"seed": trainer.config.run.seed},
+            "config": self._config,
+            "callbacks": {cb.name: cb.state_dict() for cb in trainer.callbacks},
+            "dataset": (
+                trainer.dataset.state_dict() if hasattr(trainer.dataset, "state_dict") else None
+            ),
+        }
+        self._written_at = None
+        self._mngr.save(step, args=cio.save_args(trainer.state, cio.jsonable(meta)), force=True)
+        self._pending = (step, t0, time.perf_counter() - t0, waited)
+        self._last_step = step
+
+    def _on_written(self) -> None:  # runs on Orbax's background thread
+        self._written_at = time.perf_counter()
+
+    def _report(self, trainer: Trainer) -> None:
+        """Prints the line of the pending save once its background write has finished."""
+        if self._pending is None or self._written_at is None:
+            return
+        step, t0, blocked, waited = self._pending
+        self._pending = None
+        wait = f" (of which {waited:.3f} s waiting for the previous write)" if waited > 1e-3 else ""
+        self._say(
+            trainer,
+            f"saved step {step} | loop blocked {blocked:.3f} s{wait} | background "
+            f"write {self._written_at - t0 - blocked:.3f} s | {self.path}/{step}",
+        )
+
+    def _finish(self, trainer: Trainer) -> None:
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+            self._report(trainer)
+
+    def _say(self, trainer: Trainer, text: str) -> None:
+        trainer.console.print(f"checkpoint: {text}", markup=False, highlight=False)
+
+
+def _source(path: str) -> tuple[str, int | None]:
+    """load_from -> (checkpoints dir, step or None for the latest): a run dir, its
+    checkpoints/ dir, or one step's dir (checkpoints/<step>)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+        return os.path.dirname(path), int(name)
+    return path, None

@@ -1,0 +1,89 @@
+"""Callback plugins the tests load by dotted path (`callbacks_for_tests.Recorder`).
+
+They are written as a user would write a plugin, with only the public API. Every call
+they see is appended to `LOG` as `(callback name, hook, event)`; tests clear it first.
+"""
+
+import time
+from typing import Any
+
+from nnxtrain import Callback
+from nnxtrain.events import HOOKS
+
+LOG: list[tuple[str, str, Any]] = []
+
+
+class Recorder(Callback):
+    """Overrides every hook (and teardown) and records each call."""
+
+    def on_setup(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_setup", event))
+
+    def on_compile(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_compile", event))
+
+    def on_train_start(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_train_start", event))
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_step_end", event))
+
+    def on_eval_end(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_eval_end", event))
+
+    def on_train_end(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_train_end", event))
+
+    def on_exception(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_exception", event))
+
+    def teardown(self, trainer: Any) -> None:
+        LOG.append((self.name, "teardown", None))
+
+
+class StepOnly(Callback):
+    """Overrides only on_step_end; records any lookup of another hook on the instance."""
+
+    def __getattribute__(self, attr: str) -> Any:
+        if attr in HOOKS and attr != "on_step_end":
+            LOG.append((object.__getattribute__(self, "name"), f"looked up {attr}", None))
+        return super().__getattribute__(attr)
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        LOG.append((self.name, "on_step_end", event))
+
+
+class StopAt(Callback):
+    """Asks the trainer to stop after step `at`."""
+
+    def __init__(self, at: int = 3):
+        self.at = at
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == self.at:
+            trainer.request_stop(f"asked by {self.name} at step {event.step}")
+
+
+class RaiseAt(Callback):
+    """Raises RuntimeError in on_step_end at step `at`; records its teardown."""
+
+    def __init__(self, at: int = 2):
+        self.at = at
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == self.at:
+            raise RuntimeError(f"boom at step {event.step}")
+
+    def teardown(self, trainer: Any) -> None:
+        LOG.append((self.name, "teardown", None))
+
+
+class SleepAt(Callback):
+    """Keeps the host busy for `seconds` in on_step_end at step `at` (the device idles)."""
+
+    def __init__(self, at: int = 2, seconds: float = 0.3):
+        self.at, self.seconds = at, seconds
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == self.at:
+            time.sleep(self.seconds)

@@ -1,0 +1,76 @@
+"""Shared test set-up: tiny configs, a JAX compilation cache, and a CLI runner.
+
+- `tests/` is put on `sys.path` so that `callbacks_for_tests` (plugins the tests load by
+  dotted path, in-process and in CLI subprocesses) imports as a top-level module.
+- A session-wide persistent compilation cache in a fresh temporary directory: the many
+  small `Trainer` runs of the unit tests compile the same step, and XLA on CPU takes a
+  few seconds per compile. The cache lives and dies with the session.
+- `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
+  that is not the repository, so nothing depends on the working directory.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from nnxtrain.config import ModelConfig
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+# A model small enough that every forward/backward in the unit tests is instant, with
+# grouped-query attention (4 query heads share 2 kv heads) and two stacked layers.
+TINY = ModelConfig(
+    name="unit",
+    vocab_size=32,
+    emb_dim=16,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=24,
+    max_len=32,
+    dtype="float32",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches compiled programs for this session only (identical steps compile once)."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    return TINY
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for CLI subprocesses: test plugins importable, quiet JAX."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
+    )
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Runs the real `nnxtrain` CLI (`python -m nnxtrain.cli ARGS`) in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "nnxtrain.cli", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
