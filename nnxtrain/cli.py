@@ -12,17 +12,23 @@ before Hydra composes, so a typo is reported in one line too. JAX is imported on
 composition, so that settings which must precede JAX's start can be applied first.
 """
 
+import contextlib
 import dataclasses
+import math
 import sys
+import time
 from importlib import resources
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
 from nnxtrain.errors import ConfigError, UserError
+from nnxtrain.sweep import write_status
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
@@ -79,25 +85,73 @@ def check_overrides(args: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float:
+    """One job: returns the objective a sweeper minimises (final eval loss, else train loss)."""
+    hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
+    fail_fast = bool(OmegaConf.select(cfg, "run.fail_fast", default=False))
+    job_dir = hc.runtime.output_dir
+    status: dict[str, Any] = {
+        "job": hc.job.num if sweeping else 0,
+        "overrides": list(hc.overrides.task),
+        "run_dir": job_dir,
+    }
+    t0 = time.perf_counter()
     try:
         config = from_omegaconf(cfg)
         if not config.run.dir:
-            run = dataclasses.replace(config.run, dir=HydraConfig.get().runtime.output_dir)
-            config = dataclasses.replace(config, run=run)
+            config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=job_dir))
+        status["run_dir"] = config.run.dir
         from nnxtrain.trainer import Trainer  # imports JAX
 
         trainer = Trainer(config)
         result = trainer.fit()
     except UserError as e:
-        print(f"nnxtrain: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    if result.reason.startswith("not finite"):
-        print(f"nnxtrain: {result.reason}", file=sys.stderr)
-        sys.exit(EXIT_NOT_FINITE)
-    if result.reason.startswith("preempted"):
+        return _failed(status, job_dir, f"nnxtrain: error: {e}", t0, sweeping and not fail_fast)
+    except Exception as e:
+        if not sweeping or fail_fast:
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        return _failed(
+            status, job_dir, f"nnxtrain: job failed: {type(e).__name__}: {first}", t0, True
+        )
+    final_eval = result.eval_metrics.get("eval/loss")
+    status.update(
+        status=result.reason,
+        final_loss=result.metrics.get("loss"),
+        final_eval_loss=final_eval,
+        best_eval_loss=result.best_eval_loss,
+        tokens_per_sec=(
+            result.step * config.run.batch_size * config.run.seq_len / result.seconds
+            if result.seconds
+            else None
+        ),
+        wall_seconds=time.perf_counter() - t0,
+    )
+    write_status(job_dir, status)
+    if result.reason.startswith("preempted"):  # stops a whole sweep too
         print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
+    if result.reason.startswith("not finite"):
+        print(f"nnxtrain: {result.reason}", file=sys.stderr)
+        if not sweeping or fail_fast:
+            sys.exit(EXIT_NOT_FINITE)
+        return math.inf
+    objective = final_eval if final_eval is not None else result.metrics.get("loss", math.inf)
+    return float(objective) if objective is not None else math.inf
+
+
+def _failed(status: dict[str, Any], job_dir: str, line: str, t0: float, keep_going: bool) -> float:
+    """Records a failed job; in a sweep the next job runs, otherwise the process exits 2."""
+    print(line, file=sys.stderr)
+    status.update(
+        status="failed", error=line.split(": ", 1)[-1], wall_seconds=time.perf_counter() - t0
+    )
+    with contextlib.suppress(OSError):
+        write_status(job_dir, status)
+    if not keep_going:
+        sys.exit(EXIT_BAD_INPUT)
+    return math.inf
 
 
 def main() -> None:

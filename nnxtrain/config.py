@@ -84,6 +84,7 @@ class RunConfig:
     eval_every: int = 100  # steps between evaluations on held-out batches; 0 = never
     eval_batches: int = 4  # held-out batches per evaluation
     host_devices: int = 0  # simulated CPU devices (set before JAX starts); 0 = leave as is
+    fail_fast: bool = False  # in a multirun, stop the sweep at the first failed job
 
 
 @dataclass(frozen=True)

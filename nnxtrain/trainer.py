@@ -105,6 +105,8 @@ class FitResult:
     metrics: dict[str, float]  # the last step's metrics
     eval_metrics: dict[str, float]  # the last evaluation's metrics (empty if none)
     run_dir: str
+    seconds: float = 0.0  # wall time of the loop
+    best_eval_loss: float | None = None  # lowest eval/loss of the run (None without eval)
 
 
 ModelFactory = Callable[[nnx.Rngs], nnx.Module]
@@ -168,6 +170,7 @@ class Trainer:
         self._saved_handlers: dict[int, Any] = {}
         self.run_info: dict[str, Any] = {}
         self.num_params = 0
+        self.best_eval_loss: float | None = None
         self._tx: optax.GradientTransformation | None = None
         self._eval_step: Any = None
         self._watcher: StepWatcher | None = None
@@ -347,10 +350,20 @@ class Trainer:
             "seconds": seconds,
             "metrics": dict(final),
             "eval_metrics": eval_metrics,
+            "best_eval_loss": self.best_eval_loss,
         }
         self._write_run_info()
         self._fire("on_train_end", TrainEndEvent(self.step, reason, seconds))
-        return FitResult(self.state, self.step, reason, dict(final), eval_metrics, self.run_dir)
+        return FitResult(
+            self.state,
+            self.step,
+            reason,
+            dict(final),
+            eval_metrics,
+            self.run_dir,
+            seconds,
+            self.best_eval_loss,
+        )
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
@@ -371,6 +384,8 @@ class Trainer:
             "eval/perplexity": math.exp(min(lm, 80.0)),
             "eval/total_weights": denom,
         }
+        if self.best_eval_loss is None or metrics["eval/loss"] < self.best_eval_loss:
+            self.best_eval_loss = metrics["eval/loss"]
         self._fire(
             "on_eval_end",
             EvalEndEvent(self.step, metrics, run.eval_batches, time.perf_counter() - t0),
