@@ -15,6 +15,7 @@ composition, so that settings which must precede JAX's start can be applied firs
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import time
 from importlib import resources
@@ -33,7 +34,7 @@ from nnxtrain.sweep import write_status
 EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
 EXIT_PREEMPTED = {"SIGTERM": 143, "SIGINT": 130}  # as a shell reports death by that signal
-SELECTABLE = (*GROUPS, "callbacks", "experiment")
+SELECTABLE = (*GROUPS, "callbacks", "experiment", "hparams_search")
 
 
 def _options(group: str) -> list[str]:
@@ -94,6 +95,7 @@ def _run(cfg: DictConfig) -> float:
     status: dict[str, Any] = {
         "job": hc.job.num if sweeping else 0,
         "overrides": list(hc.overrides.task),
+        "pid": os.getpid(),
         "run_dir": job_dir,
     }
     t0 = time.perf_counter()
@@ -107,14 +109,12 @@ def _run(cfg: DictConfig) -> float:
         trainer = Trainer(config)
         result = trainer.fit()
     except UserError as e:
-        return _failed(status, job_dir, f"nnxtrain: error: {e}", t0, sweeping and not fail_fast)
+        return _failed(status, job_dir, f"error: {e}", t0, sweeping and not fail_fast)
     except Exception as e:
         if not sweeping or fail_fast:
             raise
         first = (str(e).splitlines() or [""])[0][:300]
-        return _failed(
-            status, job_dir, f"nnxtrain: job failed: {type(e).__name__}: {first}", t0, True
-        )
+        return _failed(status, job_dir, f"job failed: {type(e).__name__}: {first}", t0, True)
     final_eval = result.eval_metrics.get("eval/loss")
     status.update(
         status=result.reason,

@@ -29,6 +29,7 @@ T = TypeVar("T")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DATA_KINDS = ("synthetic", "text", "tokens")
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,19 @@ class RunConfig:
 class DataConfig:
     """Where batches come from."""
 
-    name: str = "synthetic"  # dataset kind: synthetic
+    name: str = "synthetic"  # dataset kind: synthetic, text or tokens
     branching: int = 4  # synthetic: likely successors of each token in the Markov source
     source_seed: int = 1234  # synthetic: seed of the Markov source (fixed across runs)
+    path: Any = ""  # text/tokens: a file, a glob, or a list of them (.txt / .npy, .bin)
+    val_path: Any = ""  # held-out files like path; empty = the last val_fraction of path
+    val_fraction: float = 0.1  # share of path's tokens held out from its end (no val_path)
+    tokenizer: str = ""  # byte, char, a tokenizer.json or a SentencePiece .model; text: ""=byte
+    vocab_size_from_tokenizer: bool = True  # model.vocab_size := the tokenizer's; false: keep
+    eos_token: str = ""  # end-of-document token of a tokenizer file; "" = its own (or a new id)
+    doc_separator: str = ""  # text: string between documents in a file; "" = a file is one
+    token_dtype: str = "auto"  # tokens .bin: uint16 or uint32; auto = meta.json's, else uint16
+    shuffle: bool = True  # shuffle training sequences each epoch, seeded by run.seed
+    prefetch: int = 2  # training batches prepared ahead on a background thread; 0 = none
 
 
 @dataclass(frozen=True)
@@ -166,18 +177,21 @@ def register_schemas() -> None:
         store.store(group=group, name="schema", node=_mutable_twin(cls, cache))
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Builds a frozen config dataclass from plain data, naming any unknown key."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Builds a frozen config dataclass from plain data, naming any unknown key in full
+    (`run.stepz`, not `stepz`); `prefix` is the dotted path of `data` in the whole config."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(typing.cast(Any, cls))}
     for key in data:
         if key not in names:
-            raise ConfigError(key, f"unknown key for {cls.__name__}", f"use one of {sorted(names)}")
+            raise ConfigError(
+                prefix + key, f"unknown key for {cls.__name__}", f"use one of {sorted(names)}"
+            )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         ftype = hints[key]
         if dataclasses.is_dataclass(ftype) and isinstance(value, dict):
-            kwargs[key] = from_dict(typing.cast(type, ftype), value)
+            kwargs[key] = from_dict(typing.cast(type, ftype), value, f"{prefix}{key}.")
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -264,7 +278,7 @@ def validate(cfg: Config) -> Config:
         ("model.remat", m.remat, REMAT_POLICIES),
         ("model.attention", m.attention, ATTENTION_IMPLS),
         ("optim.name", o.name, ("adamw",)),
-        ("data.name", cfg.data.name, ("synthetic",)),
+        ("data.name", cfg.data.name, DATA_KINDS),
     ]
     for key, choice, allowed in choices:
         if choice not in allowed:
@@ -308,10 +322,42 @@ def validate(cfg: Config) -> Config:
         )
     if o.z_loss < 0:
         raise ConfigError("optim.z_loss", f"must be >= 0, got {o.z_loss}", "use 0 to disable")
-    if cfg.data.branching < 1 or cfg.data.branching > m.vocab_size:
+    d = cfg.data
+    if d.name == "synthetic" and (d.branching < 1 or d.branching > m.vocab_size):
         raise ConfigError(
             "data.branching",
-            f"must be in [1, model.vocab_size], got {cfg.data.branching}",
+            f"must be in [1, model.vocab_size], got {d.branching}",
             "use a small number such as 4",
         )
+    _validate_data(d, r)
     return cfg
+
+
+def _validate_data(d: DataConfig, r: RunConfig) -> None:
+    """Checks of the data group that need no file (files are checked when read)."""
+    for key, value in [("data.path", d.path), ("data.val_path", d.val_path)]:
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list | tuple) or not all(isinstance(v, str) for v in entries):
+            raise ConfigError(key, f"must be a path or a list of paths, got {value!r}", "fix it")
+    if d.name == "synthetic":
+        return
+    if not d.path:
+        raise ConfigError(
+            "data.path", f"data={d.name} needs files", "set data.path=FILE (a glob or a list)"
+        )
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(
+            "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}", "use e.g. 0.1"
+        )
+    if r.eval_every and not d.val_path and d.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction",
+            f"0 with no data.val_path leaves nothing to evaluate every {r.eval_every} steps",
+            "set data.val_fraction>0, give data.val_path, or set run.eval_every=0",
+        )
+    if d.token_dtype not in ("auto", "uint16", "uint32"):
+        raise ConfigError(
+            "data.token_dtype", f"unknown dtype {d.token_dtype!r}", "use auto, uint16 or uint32"
+        )
+    if d.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}", "use 0 to disable")

@@ -40,7 +40,7 @@ from rich.console import Console
 
 from nnxtrain.accounting import FlopsReport, step_flops
 from nnxtrain.config import Config
-from nnxtrain.data import build_dataset
+from nnxtrain.data import build_dataset, process_rows, resolve_vocab
 from nnxtrain.distributed import start_jax
 from nnxtrain.errors import ConfigError, PluginError, UserError
 from nnxtrain.events import (
@@ -117,7 +117,7 @@ class Trainer:
 
     Parts can be swapped from Python: `callbacks` (default: built from `config.callbacks`),
     `model_factory` (rngs -> nnx.Module returning logits), `dataset` (an object with
-    `batch(step, batch_size, seq_len, split)` and `loss_floor`), `optimizer` (an optax
+    `batch(step, batch_size, seq_len, split, rows)` and `loss_floor`), `optimizer` (an optax
     transformation and its learning-rate schedule), `devices`.
     """
 
@@ -150,6 +150,8 @@ class Trainer:
             lambda rngs: Transformer(config.model, rngs=rngs)
         )
         self.dataset = dataset if dataset is not None else build_dataset(config)
+        # model.vocab_size from the tokenizer; rebinding `config` also updates model_factory
+        config = self.config = resolve_vocab(config, self.dataset)
         self._optimizer = optimizer
         self._devices = devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
@@ -256,6 +258,7 @@ class Trainer:
         )
 
         self._batch_sharding = batch_sharding(self.mesh)
+        self._rows = process_rows(self._batch_sharding, cfg.run.batch_size)
         train_step = make_train_step(
             self.graphdef, tx, schedule, cfg.optim.z_loss, cfg.run.grad_accum
         )
@@ -372,7 +375,7 @@ class Trainer:
         t0 = time.perf_counter()
         totals: dict[str, float] = {}
         for i in range(run.eval_batches):
-            host = self.dataset.batch(i, run.batch_size, run.seq_len, split="eval")
+            host = self.dataset.batch(i, run.batch_size, run.seq_len, "eval", rows=self._rows)
             sums = jax.device_get(self._eval_step(self.state.params, self._put(host)))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -409,15 +412,16 @@ class Trainer:
         }
 
     def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # Each process places only the rows its own devices hold (multi-host safe).
+        # `host` holds only this process's rows (`self._rows`, or all); multi-host safe.
+        shape = (self.config.run.batch_size, self.config.run.seq_len)
         return {
-            k: jax.make_array_from_callback(v.shape, self._batch_sharding, v.__getitem__)
+            k: jax.make_array_from_process_local_data(self._batch_sharding, v, shape)
             for k, v in host.items()
         }
 
     def _device_batch(self, step: int) -> dict[str, jax.Array]:
         run = self.config.run
-        return self._put(self.dataset.batch(step, run.batch_size, run.seq_len))
+        return self._put(self.dataset.batch(step, run.batch_size, run.seq_len, rows=self._rows))
 
     @staticmethod
     def _nonfinite_reason(record: Any) -> str:

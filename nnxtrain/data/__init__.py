@@ -1,14 +1,180 @@
-"""Datasets that feed the trainer global batches of inputs, targets and weights."""
+"""Datasets that feed the trainer batches of inputs, targets and weights.
 
+    data = build_dataset(cfg)                       # what `data.name` selects
+    cfg = resolve_vocab(cfg, data)                  # model.vocab_size from the tokenizer
+    rows = process_rows(batch_sharding, batch_size) # this process's rows (None: all)
+    data.batch(step, batch_size, seq_len, split="train", rows=rows)
+
+Kinds: `synthetic` (a Markov source with a known loss floor, `synthetic.py`), `text` (UTF-8
+files tokenized at start-up, `text.py` + `tokenizer.py`) and `tokens` (pre-tokenized
+`.npy`/`.bin` files, memory-mapped, `tokens.py`). Text and tokens are packed into
+fixed-length sequences with a held-out split by `packing.PackedData`. Every dataset's
+`batch(step, ...)` is a pure function of (run.seed, step), so a resumed run reads exactly
+the batches the uninterrupted run would have; see docs/data.md.
+"""
+
+import dataclasses
+import os
 from typing import Any
 
-from nnxtrain.config import Config
-from nnxtrain.data.synthetic import Batch, MarkovSource, SyntheticData
+import jax
+import numpy as np
 
-__all__ = ["Batch", "MarkovSource", "SyntheticData", "build_dataset"]
+from nnxtrain.config import Config
+from nnxtrain.data.packing import PackedData, TokenStream
+from nnxtrain.data.synthetic import Batch, MarkovSource, SyntheticData
+from nnxtrain.data.text import DataWarning, as_list, encode_files, expand_paths, iter_texts
+from nnxtrain.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from nnxtrain.data.tokens import open_token_files, read_meta
+from nnxtrain.errors import ConfigError
+
+__all__ = [
+    "CHAR_VOCAB",
+    "Batch",
+    "DataWarning",
+    "MarkovSource",
+    "PackedData",
+    "SyntheticData",
+    "TokenStream",
+    "build_dataset",
+    "process_rows",
+    "resolve_vocab",
+]
+
+CHAR_VOCAB = "char_vocab.json"  # the char tokenizer's vocabulary, in the run directory
 
 
 def build_dataset(cfg: Config) -> Any:
     """The dataset `data.name` selects (validated in `nnxtrain.config`)."""
     d = cfg.data
-    return SyntheticData(cfg.model.vocab_size, d.branching, d.source_seed, cfg.run.seed)
+    if d.name == "synthetic":
+        return SyntheticData(cfg.model.vocab_size, d.branching, d.source_seed, cfg.run.seed)
+    data = _build_text(cfg) if d.name == "text" else _build_tokens(cfg)
+    batch = cfg.run.batch_size if cfg.run.batch_size > 0 else jax.device_count()
+    data.check(batch, cfg.run.seq_len, evaluate=cfg.run.eval_every > 0)
+    if jax.process_index() == 0:
+        print(data.describe(), flush=True)
+    return data
+
+
+def resolve_vocab(cfg: Config, dataset: Any) -> Config:
+    """`cfg` with model.vocab_size set to the dataset's tokenizer's (when it has one and
+    data.vocab_size_from_tokenizer is true); a model vocabulary too small is an error."""
+    vocab = getattr(dataset, "vocab_size", None)
+    if vocab is None or cfg.model.vocab_size == vocab:
+        return cfg
+    if cfg.data.vocab_size_from_tokenizer:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens",
+            f"set model.vocab_size>={vocab}, or data.vocab_size_from_tokenizer=true",
+        )
+    return cfg
+
+
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray | None:
+    """The global batch rows this process's devices hold, sorted; None when it holds all."""
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size, 1)).values():
+        rows = index[0] if index is not None else slice(None)
+        held.update(range(*rows.indices(batch_size)))
+    return None if len(held) == batch_size else np.array(sorted(held), np.int64)
+
+
+# -- builders ----------------------------------------------------------------------------
+
+
+def _text_tokenizer(cfg: Config, files: list[str]) -> Tokenizer:
+    d = cfg.data
+    if d.tokenizer in ("", "byte"):
+        return ByteTokenizer()
+    if d.tokenizer != "char":
+        return load_tokenizer(d.tokenizer, d.eos_token)
+    saved = os.path.join(cfg.run.dir, CHAR_VOCAB) if cfg.run.dir else ""
+    if saved and os.path.isfile(saved):  # a resumed run: tokenize exactly as before
+        return CharTokenizer.load(saved)
+    tok = CharTokenizer.build(iter_texts(files, d.doc_separator))
+    if saved and jax.process_index() == 0:
+        tok.save(saved)
+    return tok
+
+
+def _packed(
+    cfg: Config,
+    train: TokenStream,
+    val: TokenStream | None,
+    eos_id: int,
+    vocab_size: int | None,
+    tokenizer: str,
+    digest: str,
+) -> PackedData:
+    d = cfg.data
+    if val is None and d.val_fraction > 0:
+        held = round(len(train) * d.val_fraction)
+        train, val = train.split(len(train) - held)
+    return PackedData(
+        train,
+        val,
+        kind=d.name,
+        seed=cfg.run.seed,
+        shuffle=d.shuffle,
+        eos_id=eos_id,
+        vocab_size=vocab_size,
+        id_limit=vocab_size or cfg.model.vocab_size,
+        tokenizer=tokenizer,
+        tokenizer_digest=digest,
+        prefetch=d.prefetch,
+        val_key="data.val_path" if as_list(d.val_path, "data.val_path") else "data.val_fraction",
+    )
+
+
+def _build_text(cfg: Config) -> PackedData:
+    d = cfg.data
+    files = expand_paths(d.path, "data.path")
+    val_files = (
+        expand_paths(d.val_path, "data.val_path") if as_list(d.val_path, "data.val_path") else []
+    )
+    tok = _text_tokenizer(cfg, files)
+    train = TokenStream([encode_files(files, tok, d.doc_separator, "data.path")], files)
+    val = None
+    if val_files:
+        tokens = encode_files(val_files, tok, d.doc_separator, "data.val_path")
+        val = TokenStream([tokens], val_files)
+    return _packed(cfg, train, val, tok.eos_id, tok.vocab_size, tok.describe(), tok.digest())
+
+
+def _build_tokens(cfg: Config) -> PackedData:
+    d = cfg.data
+    files = expand_paths(d.path, "data.path")
+    meta = read_meta(files, "data.path")
+    train = TokenStream(open_token_files(files, d.token_dtype, "data.path", meta), files)
+    val = None
+    if as_list(d.val_path, "data.val_path"):
+        val_files = expand_paths(d.val_path, "data.val_path")
+        val_meta = read_meta(val_files, "data.val_path") or meta
+        arrays = open_token_files(val_files, d.token_dtype, "data.val_path", val_meta)
+        val = TokenStream(arrays, val_files)
+    if d.tokenizer:
+        if d.tokenizer == "char":
+            raise ConfigError(
+                "data.tokenizer",
+                "char builds its vocabulary from text, and data=tokens has none",
+                f"give the {CHAR_VOCAB} the corpus was made with, or leave it empty",
+            )
+        tok = load_tokenizer(d.tokenizer, d.eos_token)
+        if meta and meta.get("vocab_size") not in (None, tok.vocab_size):
+            raise ConfigError(
+                "data.tokenizer",
+                f"has {tok.vocab_size} tokens but the corpus was made with "
+                f"{meta['vocab_size']} ({meta.get('tokenizer', '?')})",
+                "give the tokenizer the corpus was made with, or leave it empty",
+            )
+        vocab, eos, name, digest = tok.vocab_size, tok.eos_id, tok.describe(), tok.digest()
+    elif meta:
+        vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+        name, digest = str(meta.get("tokenizer", "")), str(meta.get("tokenizer_digest", ""))
+    else:  # no tokenizer known: keep model.vocab_size and check ids against it
+        vocab, eos, name, digest = None, 0, "", ""
+    return _packed(cfg, train, val, eos, vocab, name, digest)

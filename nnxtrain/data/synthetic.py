@@ -84,11 +84,22 @@ class SyntheticData:
         self.seed = seed
         self.loss_floor = self.source.entropy_rate()
 
-    def batch(self, step: int, batch_size: int, seq_len: int, split: str = "train") -> Batch:
-        """The global batch of `step`; `split="eval"` draws from a separate stream."""
+    def batch(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        split: str = "train",
+        rows: np.ndarray | None = None,
+    ) -> Batch:
+        """Rows `rows` (default: all) of the global batch of `step`; `split="eval"` draws
+        from a separate stream."""
         stream = 0 if split == "train" else 1
         rng = np.random.default_rng([self.seed, stream, step])
         tokens = self.source.sample(rng, batch_size, seq_len + 1)
+        if rows is not None:  # the chain is sampled for all rows at once: take ours
+            tokens = tokens[rows]
+        batch_size = len(tokens)
         return {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],

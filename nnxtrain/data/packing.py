@@ -1,0 +1,287 @@
+"""Packed token streams cut into fixed-length sequences: the dataset behind text and tokens.
+
+    train = TokenStream([np.load("train.npy", mmap_mode="r")])
+    data = PackedData(train, val, seed=0, ...)
+    data.batch(step, batch_size=16, seq_len=128)              # the global batch of `step`
+    data.batch(step, 16, 128, rows=np.array([8, 9, ..., 15]))  # only this process's rows
+    data.batch(i, 16, 128, split="eval")                      # i-th held-out batch
+
+Documents, each followed by EOS, are concatenated into one stream (across files too) and
+cut into windows of `seq_len + 1` tokens that overlap by one: window w holds the stream's
+tokens w*L .. w*L+L, its inputs are the first L and its targets the last L, so every
+token of the stream is a target exactly once per epoch. The last window is padded with EOS
+and its padding targets have weight 0.
+
+Training sequence j of step s is global index g = s*B + j; epoch e = g // n and position
+g % n go through a seeded permutation of the n windows (`IndexShuffle`), so the batch of
+any step is a pure function of (seed, step): a resumed run, any process, and any prefetch
+thread read exactly what the uninterrupted run reads. Evaluation batch i holds held-out
+windows i*B .. i*B+B-1 in order (rows past the end are all padding, weight 0), so every
+evaluation scores the same tokens, each once.
+
+A background thread prepares the next `prefetch` training batches while the device runs
+the step. `state_dict()` records the position and a fingerprint of the data;
+`load_state_dict()` restores the position and warns if the data changed since.
+"""
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from nnxtrain.data.shuffle import IndexShuffle
+from nnxtrain.data.synthetic import Batch
+from nnxtrain.data.text import DataWarning
+from nnxtrain.errors import ConfigError, UserError
+
+STATE_FORMAT = 1
+
+
+class TokenStream:
+    """Several 1-D token arrays (in memory or memory-mapped) read as one, over [lo, hi)."""
+
+    def __init__(
+        self, arrays: Sequence[np.ndarray], names: Sequence[str] = (), lo: int = 0, hi: int = -1
+    ):
+        self.arrays = list(arrays)
+        self.names = list(names) or [f"array {i}" for i in range(len(self.arrays))]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        total = int(self.starts[-1])
+        self.lo, self.hi = lo, total if hi < 0 else hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def split(self, at: int) -> tuple["TokenStream", "TokenStream"]:
+        """The first `at` tokens and the rest (views: nothing is copied)."""
+        cut = self.lo + at
+        return (
+            TokenStream(self.arrays, self.names, self.lo, cut),
+            TokenStream(self.arrays, self.names, cut, self.hi),
+        )
+
+    def read(self, starts: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of `length` tokens from each start (relative to lo), and each row's valid
+        length; tokens past the end are `pad`."""
+        out = np.full((len(starts), length), pad, np.int32)
+        valid = np.zeros(len(starts), np.int64)
+        for r, start in enumerate(starts):
+            a, b = self.lo + int(start), min(self.lo + int(start) + length, self.hi)
+            valid[r] = max(b - a, 0)
+            pos = a
+            while pos < b:
+                f = int(np.searchsorted(self.starts, pos, side="right")) - 1
+                end = min(b, int(self.starts[f + 1]))
+                off = int(self.starts[f])
+                out[r, pos - a : end - a] = self.arrays[f][pos - off : end - off]
+                pos = end
+        return out, valid
+
+    def head_and_tail_digest(self, k: int = 1 << 14) -> str:
+        """A hash of the first and last k tokens and the length: cheap, catches edits."""
+        n = len(self)
+        rows, _ = self.read(np.array([0, max(n - k, 0)]), min(k, n), 0)
+        h = hashlib.sha1(rows.tobytes())
+        h.update(str(n).encode())
+        return h.hexdigest()[:16]
+
+
+class PackedData:
+    """Fixed-length training and held-out batches over packed token streams."""
+
+    def __init__(
+        self,
+        train: TokenStream,
+        val: TokenStream | None,
+        *,
+        kind: str,
+        seed: int,
+        shuffle: bool = True,
+        eos_id: int,
+        vocab_size: int | None,
+        id_limit: int,
+        tokenizer: str = "",
+        tokenizer_digest: str = "",
+        prefetch: int = 2,
+        train_key: str = "data.path",
+        val_key: str = "data.val_fraction",
+    ):
+        self.train, self.val = train, val
+        self.kind, self.seed, self.shuffle = kind, int(seed), shuffle
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size  # the tokenizer's; None: ids are only checked
+        self.id_limit = id_limit  # every token id must be below this
+        self.tokenizer = tokenizer
+        self.tokenizer_digest = tokenizer_digest
+        self.train_key, self.val_key = train_key, val_key
+        self.loss_floor: float | None = None  # unknown for real data
+        self.next_step = 0  # the training batch after the last one served
+        self._prefetch = prefetch
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple[Any, ...], Future[Batch]] = {}
+        self._fingerprint: dict[str, Any] | None = None
+
+    # -- sizes and checks ----------------------------------------------------------------
+
+    @staticmethod
+    def num_windows(tokens: int, seq_len: int) -> int:
+        """Sequences of seq_len targets a stream of `tokens` tokens gives (last one padded)."""
+        return -(-(tokens - 1) // seq_len) if tokens > 1 else 0
+
+    def check(self, batch_size: int, seq_len: int, evaluate: bool) -> None:
+        """Fails in one line if the splits are too small for this batch shape."""
+        if len(self.train) < seq_len + 1:
+            raise ConfigError(
+                self.train_key,
+                f"the training split has {len(self.train)} tokens, fewer than one sequence "
+                f"(run.seq_len + 1 = {seq_len + 1})",
+                "give a longer corpus or lower run.seq_len",
+            )
+        if evaluate:
+            n_val = self.num_windows(len(self.val), seq_len) if self.val is not None else 0
+            if n_val < batch_size:
+                raise ConfigError(
+                    self.val_key,
+                    f"the held-out split has {len(self.val) if self.val else 0} tokens = "
+                    f"{n_val} sequence(s) of run.seq_len={seq_len}, fewer than one batch "
+                    f"of run.batch_size={batch_size}",
+                    "raise data.val_fraction, give a longer data.val_path, lower "
+                    "run.batch_size or run.seq_len, or set run.eval_every=0",
+                )
+
+    # -- batches -------------------------------------------------------------------------
+
+    def batch(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        split: str = "train",
+        rows: np.ndarray | None = None,
+    ) -> Batch:
+        """Rows `rows` (default: all) of the global batch `step` of `split`."""
+        if split != "train":
+            return self._make(step, batch_size, seq_len, split, rows)
+        key = (step, batch_size, seq_len, None if rows is None else tuple(rows.tolist()))
+        fut = self._ahead.pop(key, None)
+        out = fut.result() if fut is not None else self._make(*key[:3], split, rows)
+        self.next_step = step + 1
+        if self._prefetch > 0:
+            self._schedule(key, rows)
+        return out
+
+    def next_batch(self, batch_size: int, seq_len: int, rows: np.ndarray | None = None) -> Batch:
+        """The training batch after the last one served (iterator-style use)."""
+        return self.batch(self.next_step, batch_size, seq_len, rows=rows)
+
+    def _schedule(self, key: tuple[Any, ...], rows: np.ndarray | None) -> None:
+        step = key[0]
+        for stale in [k for k in self._ahead if k[0] <= step or k[1:] != key[1:]]:
+            self._ahead.pop(stale).cancel()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nnxtrain-data")
+        for s in range(step + 1, step + 1 + self._prefetch):
+            k = (s, *key[1:])
+            if k not in self._ahead:
+                self._ahead[k] = self._pool.submit(self._make, s, key[1], key[2], "train", rows)
+
+    def _make(
+        self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
+    ) -> Batch:
+        r = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        g = step * batch_size + r
+        if split == "train":
+            stream = self.train
+            n = self.num_windows(len(stream), seq_len)
+            epoch, pos = np.divmod(g, n)
+            windows = IndexShuffle(n, self.seed)(pos, epoch) if self.shuffle else pos
+            real = np.ones(len(r), bool)
+        elif split == "eval":
+            if self.val is None:
+                raise UserError(f"{self.val_key}: no held-out split. Fix: set data.val_fraction")
+            stream = self.val
+            n = self.num_windows(len(stream), seq_len)
+            if n < batch_size:
+                self.check(batch_size, seq_len, evaluate=True)
+            real = g < n
+            windows = np.where(real, g, 0)
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        tokens, valid = stream.read(windows * seq_len, seq_len + 1, self.eos_id)
+        top = int(tokens.max(initial=0))
+        if top >= self.id_limit:
+            raise UserError(
+                f"{self.train_key}: token id {top} is not below the vocabulary size "
+                f"{self.id_limit} (files {', '.join(stream.names[:3])}). Fix: give the "
+                "tokenizer the corpus was made with (data.tokenizer) or a larger "
+                "model.vocab_size with data.vocab_size_from_tokenizer=false."
+            )
+        weights = (np.arange(seq_len)[None, :] < (valid[:, None] - 1)) & real[:, None]
+        return {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "weights": weights.astype(np.float32),
+        }
+
+    # -- state ---------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must be unchanged for a resumed run to read the same batches."""
+        if self._fingerprint is None:
+            self._fingerprint = {
+                "kind": self.kind,
+                "tokenizer": self.tokenizer_digest,
+                "train_tokens": len(self.train),
+                "train_digest": self.train.head_and_tail_digest(),
+                "val_tokens": len(self.val) if self.val is not None else 0,
+                "val_digest": self.val.head_and_tail_digest() if self.val is not None else "",
+            }
+        return self._fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (next training step), seed, shuffle and the data's fingerprint."""
+        return {
+            "format": STATE_FORMAT,
+            "next_step": self.next_step,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from `state`; warns when the data or order differ from the saved run."""
+        changed = [
+            k for k, v in state.get("fingerprint", {}).items() if self.fingerprint().get(k) != v
+        ]
+        if state.get("seed", self.seed) != self.seed:
+            changed.append(f"seed {state['seed']} -> {self.seed}")
+        if state.get("shuffle", self.shuffle) != self.shuffle:
+            changed.append("data.shuffle")
+        if changed:
+            warnings.warn(
+                f"data: the dataset differs from the checkpoint's ({', '.join(changed)}); "
+                "the resumed run will not see the batches the original run would have",
+                DataWarning,
+                stacklevel=2,
+            )
+        self.next_step = int(state.get("next_step", 0))
+        self.close()
+
+    def close(self) -> None:
+        """Drops prefetched batches and stops the background thread."""
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def describe(self) -> str:
+        val = f"{len(self.val):,}" if self.val is not None else "none"
+        return (
+            f"data: {self.kind}, {len(self.train):,} training tokens, held-out {val}; "
+            f"tokenizer {self.tokenizer or 'none'}"
+        )

@@ -1,0 +1,176 @@
+"""Reading a text corpus: file lists from paths and globs, documents, and their tokens.
+
+    files = expand_paths(["books/*.txt", "extra.txt"], "data.path")
+    tokens = encode_files(files, tokenizer, separator="", key="data.path")  # 1-D, EOS-packed
+
+Files are read as UTF-8 in chunks (`iter_pieces`), so a file larger than memory can be
+streamed (`nnxtrain.data.pretokenize` does). Each file is one document, or several when
+`separator` is given (for example a blank line, "\\n\\n"); every document is followed by the
+tokenizer's end-of-sequence id. Long documents are handed to the tokenizer in pieces cut
+after a newline, so a subword tokenizer may split a word differently only at such a cut.
+
+Invalid UTF-8 bytes are replaced with U+FFFD, and one `DataWarning` per corpus says which
+files had them. A missing file, a glob matching nothing, a directory or an empty file
+raise `ConfigError` naming the key.
+"""
+
+import codecs
+import glob
+import os
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from nnxtrain.data.tokenizer import Tokenizer
+from nnxtrain.errors import ConfigError
+
+CHUNK_BYTES = 1 << 20  # bytes read, decoded and tokenized at a time
+
+
+class DataWarning(UserWarning):
+    """Something about the data worth knowing that does not stop the run."""
+
+
+def as_list(value: Any, key: str) -> list[str]:
+    """A path setting (a string or a list of strings) as a list; empty entries dropped."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return [v for v in value if v]
+    raise ConfigError(key, f"must be a path, a glob or a list of them, got {value!r}", "fix it")
+
+
+def expand_paths(value: Any, key: str) -> list[str]:
+    """Absolute file paths from paths and glob patterns, in order, each file once."""
+    out: list[str] = []
+    for entry in as_list(value, key):
+        entry = os.path.expanduser(entry)
+        if glob.has_magic(entry):
+            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ConfigError(key, f"no files match {entry!r}", "check the pattern")
+        elif os.path.isdir(entry):
+            raise ConfigError(
+                key, f"{entry!r} is a directory", f"give files or a glob such as {entry}/*.txt"
+            )
+        elif not os.path.isfile(entry):
+            raise ConfigError(key, f"no such file {entry!r}", "check the path")
+        else:
+            matches = [entry]
+        for m in map(os.path.abspath, matches):
+            if m not in out:
+                out.append(m)
+    if not out:
+        raise ConfigError(key, "no files given", f"set {key}=FILE (or a glob, or a list)")
+    for path in out:
+        if os.path.getsize(path) == 0:
+            raise ConfigError(key, f"{path} is empty", "remove it or give a non-empty file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"{path} is not readable", "check its permissions")
+    return out
+
+
+class _BadBytes:
+    """Counts invalid UTF-8 bytes replaced while decoding one file."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_current = threading.local()  # the _BadBytes of the file being decoded on this thread
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    assert isinstance(err, UnicodeDecodeError)
+    bad = getattr(_current, "bad", None)
+    if bad is not None:
+        bad.count += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("nnxtrain-replace", _replace_and_count)
+
+
+def iter_pieces(
+    path: str, separator: str = "", chunk_bytes: int = CHUNK_BYTES, bad: _BadBytes | None = None
+) -> Iterator[tuple[str, bool]]:
+    """Yields (text, ends_document) pieces of `path`; a piece never splits a character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="nnxtrain-replace")
+    carry, in_doc = "", False
+    keep = max(len(separator), 1)  # a separator may straddle two reads: keep its length
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(chunk_bytes)
+            _current.bad = bad
+            try:
+                carry += decoder.decode(raw, final=not raw)
+            finally:
+                _current.bad = None
+            if separator:
+                *docs, carry = carry.split(separator)
+                for doc in docs:
+                    if doc or in_doc:
+                        yield doc, True
+                    in_doc = False
+            if not raw:
+                break
+            if len(carry) > chunk_bytes:  # a long document: hand over what ends at a newline
+                cut = carry.rfind("\n", 0, len(carry) - keep) + 1 or len(carry) - keep + 1
+                yield carry[:cut], False
+                carry, in_doc = carry[cut:], True
+    if carry or in_doc:
+        yield carry, True
+
+
+def encode_files(
+    files: Sequence[str], tokenizer: Tokenizer, separator: str = "", key: str = "data.path"
+) -> np.ndarray:
+    """All documents of `files` tokenized, each followed by EOS, as one 1-D array."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    parts: list[np.ndarray] = []
+    eos = np.array([tokenizer.eos_id], dtype)
+    bad_files: list[tuple[str, int]] = []
+    for path in files:
+        bad = _BadBytes()
+        pending: list[str] = []
+        try:
+            for text, ends in iter_pieces(path, separator, bad=bad):
+                pending.append(text)
+                if ends or sum(map(len, pending)) >= CHUNK_BYTES:
+                    parts.append(tokenizer.encode(pending).astype(dtype))
+                    pending = []
+                if ends:
+                    parts.append(eos)
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {path} ({e.strerror})", "check the file") from e
+        if bad.count:
+            bad_files.append((path, bad.count))
+    warn_bad_utf8(bad_files, key)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def iter_texts(files: Sequence[str], separator: str = "") -> Iterator[str]:
+    """The text of every file in pieces (for building a char vocabulary)."""
+    for path in files:
+        for text, _ in iter_pieces(path, separator):
+            yield text
+
+
+def warn_bad_utf8(bad_files: Sequence[tuple[str, int]], key: str) -> None:
+    """One warning for all the files of a corpus that had invalid UTF-8."""
+    if not bad_files:
+        return
+    total = sum(n for _, n in bad_files)
+    first = bad_files[0][0]
+    more = f" and {len(bad_files) - 1} more file(s)" if len(bad_files) > 1 else ""
+    warnings.warn(
+        f"{key}: {total} byte(s) that are not valid UTF-8 in {first}{more} were replaced "
+        "with U+FFFD",
+        DataWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,88 @@
+"""`nnxtrain-plugins`: lists the callback plugins that can be switched on by short name.
+
+    nnxtrain-plugins                  # every plugin registered in `nnxtrain.callbacks`
+    nnxtrain-plugins early_stopping   # only these
+
+For each short name registered through the `nnxtrain.callbacks` entry-point group (the
+built-ins and those of installed packages) it prints the class path, the first line of
+the class docstring, and the constructor's options with their types and defaults, which
+are the keys accepted under `callbacks.<name>`. A plugin that cannot be imported is
+listed with the one-line reason, and the command then exits with code 1.
+"""
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+
+from nnxtrain.errors import PluginError
+from nnxtrain.registry import ENTRY_POINT_GROUP, registered, resolve
+
+
+def options(cls: type) -> list[str]:
+    """`name: type = default` for each constructor parameter of `cls`."""
+    lines = []
+    for p in inspect.signature(cls).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            lines.append(f"**{p.name} (any other key)")
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            continue
+        text = p.name
+        if p.annotation is not p.empty:
+            text += f": {inspect.formatannotation(p.annotation)}"
+        text += " (required)" if p.default is p.empty else f" = {p.default!r}"
+        lines.append(text)
+    return lines
+
+
+def summary(cls: type) -> str:
+    """The first line of the class's own docstring ('' when it has none)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def describe(name: str, value: str) -> tuple[list[str], bool]:
+    """Lines about one registered plugin, and whether it could be loaded."""
+    lines = [f"{name}  ({value})"]
+    try:
+        cls = resolve(name, f"entry point {name!r}")
+    except PluginError as e:
+        lines.append(f"    cannot load: {e}")
+        return lines, False
+    lines.append(f"    {summary(cls) or '(no docstring)'}")
+    opts = options(cls)
+    lines += [f"    {o}" for o in opts] if opts else ["    (no options)"]
+    lines.append(f"    use: +callbacks.{name}._target_={name}")
+    return lines, True
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    parser = argparse.ArgumentParser(
+        prog="nnxtrain-plugins",
+        description=f"List the callback plugins registered in the {ENTRY_POINT_GROUP!r} "
+        "entry-point group, with their options.",
+    )
+    parser.add_argument("names", nargs="*", help="only these short names")
+    args = parser.parse_args(argv)
+    found = registered()
+    unknown = [n for n in args.names if n not in found]
+    if unknown:
+        print(
+            f"nnxtrain-plugins: error: not registered: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(found)) or 'none'})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    ok = True
+    for i, name in enumerate(sorted(args.names or found)):
+        lines, loaded = describe(name, found[name])
+        ok = ok and loaded
+        print(("\n" if i else "") + "\n".join(lines))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
