@@ -20,12 +20,14 @@ from nnxtrain.events import (
     TrainEndEvent,
     TrainStartEvent,
 )
+from nnxtrain.sharding import ActivationRecord
 from nnxtrain.timing import StepRecord
 from nnxtrain.trainer import CompiledMemory, FitResult, Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationRecord",
     "Callback",
     "CompileEvent",
     "CompiledMemory",

@@ -87,12 +87,19 @@ class CompiledMemory:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        gib = 1024**3
-        return (
-            f"compiled step memory per device: argument {self.argument / gib:.3f} GiB, "
-            f"output {self.output / gib:.3f} GiB, alias {self.alias / gib:.3f} GiB, "
-            f"temp {self.temp / gib:.3f} GiB, total {self.total / gib:.3f} GiB"
-        )
+        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in self.as_dict().items())
+        return f"compiled step memory per device: {parts}"
+
+
+def _bytes(n: float) -> str:
+    """Bytes in the largest binary unit (up to GiB) that keeps the number >= 1."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if abs(n) < 1024:
+            return f"{n:.3f} {unit}"
+    return f"{n / 1024:.3f} GiB"
 
 
 @dataclass(frozen=True)
