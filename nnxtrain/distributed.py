@@ -1,15 +1,18 @@
-"""Starting JAX for a run: simulated CPU devices and multi-process initialisation.
+"""Starting JAX for a run: simulated CPU devices, the compilation cache, multiple processes.
 
 `start_jax(cfg)` must run before JAX creates its backends (the Trainer calls it first thing):
 
 - `run.host_devices=N` gives the CPU backend N devices (`jax_num_cpu_devices`), so a
   laptop can compile and run the sharded step of an 8-device mesh without XLA_FLAGS.
+- `run.compile_cache=DIR` keeps compiled steps on disk (JAX's persistent compilation
+  cache, on by default in ~/.cache/nnxtrain/jax), so a second start skips XLA's compile.
 - `mesh.coordinator=HOST:PORT mesh.num_processes=P mesh.process_id=I` joins a multi-process
   run through `jax.distributed.initialize`; `mesh.num_processes=-1` lets JAX detect the
   cluster from the environment (SLURM, Open MPI, Kubernetes, ...). A coordinator that
   cannot be reached within `mesh.init_timeout` seconds is a one-line error.
 """
 
+import os
 import socket
 import time
 
@@ -38,6 +41,7 @@ def start_jax(cfg: Config) -> None:
                 "JAX already started in this process",
                 "set it before the first JAX computation (the CLI does)",
             ) from e
+    _use_compile_cache(cfg.run.compile_cache)
     m = cfg.mesh
     if (m.coordinator or m.num_processes != 1) and not jax.distributed.is_initialized():
         auto = m.num_processes == -1
@@ -58,6 +62,23 @@ def start_jax(cfg: Config) -> None:
                 "every process with the same mesh.coordinator, reachable from all, "
                 "and distinct mesh.process_id."
             ) from e
+
+
+def _use_compile_cache(directory: str) -> None:
+    """Points JAX's persistent compilation cache at `directory` ('' turns it off)."""
+    path = os.path.expanduser(directory) if directory else None
+    if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                "run.compile_cache",
+                f"cannot create {path!r} ({e.strerror})",
+                'choose a writable directory or "" to turn the cache off',
+            ) from e
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every compiled step, not only those that took over a second to build.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _wait_for_coordinator(address: str, timeout: int) -> None:
