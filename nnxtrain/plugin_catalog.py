@@ -46,9 +46,12 @@ def describe(name: str, value: str) -> tuple[list[str], bool]:
     """Lines about one registered plugin, and whether it could be loaded."""
     lines = [f"{name}  ({value})"]
     try:
-        cls = resolve(name, f"entry point {name!r}")
+        cls = resolve(value, f"entry point {name!r}")
     except PluginError as e:
         lines.append(f"    cannot load: {e}")
+        return lines, False
+    except Exception as e:  # the module raised while being imported
+        lines.append(f"    cannot load: importing {value!r} raised {type(e).__name__}: {e}")
         return lines, False
     lines.append(f"    {summary(cls) or '(no docstring)'}")
     opts = options(cls)

@@ -12,15 +12,27 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from nnxtrain.errors import PluginError
+from nnxtrain.errors import PluginError, UserError
 from nnxtrain.events import Callback
 
 ENTRY_POINT_GROUP = "nnxtrain.callbacks"
 
 
 def registered() -> dict[str, str]:
-    """Short name -> 'module:attr' for every plugin registered through entry points."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Short name -> 'module:attr' for every plugin registered through entry points.
+
+    Two installed packages registering one name for different classes is an error: the
+    winner would otherwise depend on installation order.
+    """
+    found: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if found.get(ep.name, ep.value) != ep.value:
+            raise PluginError(
+                f"plugin short name {ep.name!r} is registered twice ({found[ep.name]} and "
+                f"{ep.value}). Fix: uninstall one package or use a dotted _target_ path."
+            )
+        found[ep.name] = ep.value
+    return found
 
 
 def resolve(target: str, key: str) -> type:
@@ -37,7 +49,7 @@ def resolve(target: str, key: str) -> type:
     module_name, _, attr = target.replace(":", ".").rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # whatever the module raised while importing
         raise PluginError(
             f"{key}: cannot import {target!r} ({type(e).__name__}: {e}). "
             "Fix: check the dotted path and that its package is installed."
@@ -66,9 +78,12 @@ def build_callbacks(entries: Mapping[str, Any]) -> list[Callback]:
         kwargs = {k: v for k, v in spec.items() if k != "_target_"}
         try:
             callback = cls(**kwargs)
-        except TypeError as e:
+        except UserError:
+            raise
+        except Exception as e:  # TypeError for unknown keys, ValueError from its own checks
             raise PluginError(
-                f"{key}: bad arguments for {cls.__name__}: {e}. Fix: check the keys under {key}."
+                f"{key}: {cls.__name__} refused its options ({type(e).__name__}: {e}). "
+                f"Fix: check the keys under {key}."
             ) from e
         callback.name = name
         callbacks.append(callback)

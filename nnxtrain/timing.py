@@ -42,12 +42,15 @@ class StepWatcher:
         self._done = threading.Condition()
         self._last_completed: float | None = None
         self._last_step = -1
+        self._submitted = self._completed = 0  # throttle counts steps: a resumed run starts at N
         self._error: BaseException | None = None
+        self.first: StepRecord | None = None  # the first step's record, kept for good
         self.nonfinite: StepRecord | None = None  # first step whose loss or grad norm is not finite
         self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher", daemon=True)
         self._thread.start()
 
     def submit(self, step: int, dispatched_at: float, metrics: Mapping[str, jax.Array]) -> None:
+        self._submitted += 1
         self._queue.put((step, dispatched_at, metrics))
 
     def _run(self) -> None:
@@ -77,8 +80,10 @@ class StepWatcher:
             ):
                 self.nonfinite = record
             with self._done:
+                self.first = self.first or record
                 self._records[step] = record
                 self._last_step = step
+                self._completed += 1
                 self._records.pop(step - self.keep, None)
                 self._done.notify_all()
 
@@ -96,10 +101,12 @@ class StepWatcher:
 
     def throttle(self, next_step: int) -> None:
         """Before dispatching `next_step`, waits until few enough steps are still queued."""
-        oldest_allowed = next_step - self.max_in_flight
         with self._done:
             self._done.wait_for(
-                lambda: self._last_step >= oldest_allowed or self._error is not None
+                lambda: (
+                    self._submitted - self._completed < self.max_in_flight
+                    or self._error is not None
+                )
             )
             if self._error is not None:
                 raise self._error

@@ -180,6 +180,7 @@ class Trainer:
         self.run_info: dict[str, Any] = {}
         self.num_params = 0
         self.best_eval_loss: float | None = None
+        self._fit_started = 0.0
         self._tx: optax.GradientTransformation | None = None
         self._eval_step: Any = None
         self._watcher: StepWatcher | None = None
@@ -223,6 +224,7 @@ class Trainer:
     def fit(self) -> FitResult:
         """Runs setup, compilation and the loop; returns the final state and metrics."""
         where = "setup"
+        self._fit_started = time.perf_counter()
         self._install_signal_handlers()
         try:
             self._setup()
@@ -362,6 +364,8 @@ class Trainer:
             "eval_metrics": eval_metrics,
             "best_eval_loss": self.best_eval_loss,
         }
+        if watcher.first is not None:  # start-up cost: setup, compile (or cache), first step
+            self.run_info["seconds_to_first_step"] = watcher.first.completed_at - self._fit_started
         self._write_run_info()
         self._fire("on_train_end", TrainEndEvent(self.step, reason, seconds))
         return FitResult(

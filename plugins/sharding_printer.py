@@ -12,8 +12,8 @@ shape, logical and physical axes. Everything printed also goes, as plain text, t
 
 Options: `only_sharded` keeps only tensors split over at least one mesh axis of size > 1;
 `filter` keeps paths/names matching a regex (or containing it, if it is not a valid
-regex); `optimizer` adds the optimizer-state summary; `console` prints to the console
-(the file is always written). Uses only the public plugin API.
+regex); `optimizer` adds the optimizer-state summary; `console` prints to the console;
+`file` names the file under the run directory. Uses only the public plugin API.
 """
 
 import io
@@ -43,21 +43,15 @@ def _axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def spec_entries(spec: PartitionSpec, rank: int) -> list[Any]:
-    """The spec padded with None to one entry per dimension."""
-    return [*spec, *[None] * (rank - len(spec))]
-
-
 def format_physical(spec: PartitionSpec, rank: int) -> str:
-    """`(None, fsdp, data+fsdp)`: one entry per dimension, joined axes with `+`."""
-    parts = ["+".join(_axes(e)) or "None" for e in spec_entries(spec, rank)]
-    return "(" + ", ".join(parts) + ")"
+    """`(None, fsdp, data+fsdp)`: one entry per dimension (missing ones are None)."""
+    entries = [*spec, *[None] * (rank - len(spec))]
+    return "(" + ", ".join("+".join(_axes(e)) or "None" for e in entries) + ")"
 
 
 def format_logical(names: Sequence[str | None] | None, rank: int) -> str:
-    if not names:
-        return "(" + ", ".join(["-"] * rank) + ")"
-    return "(" + ", ".join(str(n) if n is not None else "-" for n in names) + ")"
+    """`(layers, embed, mlp)`; `-` for a dimension without a name."""
+    return "(" + ", ".join(str(n) if n else "-" for n in (names or [None] * rank)) + ")"
 
 
 def is_split(spec: PartitionSpec, mesh: Mesh) -> bool:
@@ -79,11 +73,12 @@ class ShardingPrinter(Callback):
         filter: str | None = None,
         optimizer: bool = True,
         console: bool = True,
+        file: str = "shardings.txt",
     ):
         self.only_sharded, self.use_optimizer, self.use_console = only_sharded, optimizer, console
-        self.filter = filter or None
+        self.file, self.filter = file, str(filter) if filter else None
         try:
-            self._regex: re.Pattern[str] | None = re.compile(filter) if filter else None
+            self._regex: re.Pattern[str] | None = re.compile(self.filter) if self.filter else None
         except re.error:
             self._regex = None  # not a regex: match as a plain substring
         self._path = ""
@@ -123,7 +118,7 @@ class ShardingPrinter(Callback):
             leaves = jax.tree.leaves(event.abstract_state.opt_state)
             opt_bytes = sum(shard_bytes(x.shape, x.dtype, x.sharding) for x in leaves)
             lines.append(f"optimizer state: {len(leaves)} leaves, {_gib(opt_bytes)} per device")
-        self._path = os.path.join(event.run_dir, "shardings.txt")
+        self._path = os.path.join(event.run_dir, self.file)
         self._emit(trainer, title, headers, rows, lines, mode="w")
 
     def on_compile(self, trainer: Trainer, event: CompileEvent) -> None:
@@ -160,24 +155,22 @@ class ShardingPrinter(Callback):
             table.add_column(header, overflow="fold")
         for row in rows:
             table.add_row(*row)
-        if self.use_console:
+        # Plain text wide enough that no cell wraps: one line per row, in the file and in logs.
+        widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
+        buf = io.StringIO()
+        width = max(sum(w + 3 for w in widths) + 4, 80)
+        Console(file=buf, width=width, color_system=None, soft_wrap=False).print(table)
+        text = "\n".join([title, *(ln.rstrip() for ln in buf.getvalue().splitlines()), *lines])
+        if self.use_console and trainer.console.is_terminal:  # fit the terminal
             trainer.console.print(title, markup=False, highlight=False)
             trainer.console.print(table)
             for line in lines:
                 trainer.console.print(line, markup=False, highlight=False)
-        if trainer.console.quiet or not self._path:
-            return
-        with open(self._path, mode) as f:
-            # Wide enough that no cell wraps: the file keeps each row on one line.
-            widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
-            width = max(sum(w + 3 for w in widths) + 4, 80)
-            f.write(title + "\n")
-            buf = io.StringIO()
-            Console(file=buf, width=width, color_system=None, soft_wrap=False).print(table)
-            f.writelines(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
-            for line in lines:
-                f.write(line + "\n")
-            f.write("\n")
+        elif self.use_console:
+            trainer.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        if not trainer.console.quiet and self._path:
+            with open(self._path, mode) as f:
+                f.write(text + "\n\n")
 
 
 def _gib(n: int) -> str:
