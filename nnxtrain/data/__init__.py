@@ -23,7 +23,13 @@ import numpy as np
 from nnxtrain.config import Config
 from nnxtrain.data.packing import PackedData, TokenStream
 from nnxtrain.data.synthetic import Batch, MarkovSource, SyntheticData
-from nnxtrain.data.text import DataWarning, as_list, encode_files, expand_paths, iter_texts
+from nnxtrain.data.text import (
+    as_list,
+    encode_files,
+    expand_paths,
+    iter_texts,
+    unescape,
+)
 from nnxtrain.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from nnxtrain.data.tokens import open_token_files, read_meta
 from nnxtrain.errors import ConfigError
@@ -31,7 +37,6 @@ from nnxtrain.errors import ConfigError
 __all__ = [
     "CHAR_VOCAB",
     "Batch",
-    "DataWarning",
     "MarkovSource",
     "PackedData",
     "SyntheticData",
@@ -95,7 +100,7 @@ def _text_tokenizer(cfg: Config, files: list[str]) -> Tokenizer:
     saved = os.path.join(cfg.run.dir, CHAR_VOCAB) if cfg.run.dir else ""
     if saved and os.path.isfile(saved):  # a resumed run: tokenize exactly as before
         return CharTokenizer.load(saved)
-    tok = CharTokenizer.build(iter_texts(files, d.doc_separator))
+    tok = CharTokenizer.build(iter_texts(files, unescape(d.doc_separator)))
     if saved and jax.process_index() == 0:
         tok.save(saved)
     return tok
@@ -136,11 +141,11 @@ def _build_text(cfg: Config) -> PackedData:
     val_files = (
         expand_paths(d.val_path, "data.val_path") if as_list(d.val_path, "data.val_path") else []
     )
-    tok = _text_tokenizer(cfg, files)
-    train = TokenStream([encode_files(files, tok, d.doc_separator, "data.path")], files)
+    tok, sep = _text_tokenizer(cfg, files), unescape(d.doc_separator)
+    train = TokenStream([encode_files(files, tok, sep, "data.path")], files)
     val = None
     if val_files:
-        tokens = encode_files(val_files, tok, d.doc_separator, "data.val_path")
+        tokens = encode_files(val_files, tok, sep, "data.val_path")
         val = TokenStream([tokens], val_files)
     return _packed(cfg, train, val, tok.eos_id, tok.vocab_size, tok.describe(), tok.digest())
 

@@ -25,7 +25,6 @@ the step. `state_dict()` records the position and a fingerprint of the data;
 """
 
 import hashlib
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 
 from nnxtrain.data.shuffle import IndexShuffle
 from nnxtrain.data.synthetic import Batch
-from nnxtrain.data.text import DataWarning
+from nnxtrain.data.text import log
 from nnxtrain.errors import ConfigError, UserError
 
 STATE_FORMAT = 1
@@ -138,7 +137,7 @@ class PackedData:
                 self.train_key,
                 f"the training split has {len(self.train)} tokens, fewer than one sequence "
                 f"(run.seq_len + 1 = {seq_len + 1})",
-                "give a longer corpus or lower run.seq_len",
+                "give a longer corpus, lower run.seq_len or hold out less (data.val_fraction)",
             )
         if evaluate:
             n_val = self.num_windows(len(self.val), seq_len) if self.val is not None else 0
@@ -261,11 +260,10 @@ class PackedData:
         if state.get("shuffle", self.shuffle) != self.shuffle:
             changed.append("data.shuffle")
         if changed:
-            warnings.warn(
-                f"data: the dataset differs from the checkpoint's ({', '.join(changed)}); "
-                "the resumed run will not see the batches the original run would have",
-                DataWarning,
-                stacklevel=2,
+            log.warning(
+                "data: the dataset differs from the checkpoint's (%s); the resumed run will "
+                "not see the batches the original run would have",
+                ", ".join(changed),
             )
         self.next_step = int(state.get("next_step", 0))
         self.close()

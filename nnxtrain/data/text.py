@@ -9,16 +9,16 @@ streamed (`nnxtrain.data.pretokenize` does). Each file is one document, or sever
 tokenizer's end-of-sequence id. Long documents are handed to the tokenizer in pieces cut
 after a newline, so a subword tokenizer may split a word differently only at such a cut.
 
-Invalid UTF-8 bytes are replaced with U+FFFD, and one `DataWarning` per corpus says which
-files had them. A missing file, a glob matching nothing, a directory or an empty file
-raise `ConfigError` naming the key.
+Invalid UTF-8 bytes are replaced with U+FFFD, and one warning per corpus (logger
+`nnxtrain.data`) says which files had them. A missing file, a glob matching nothing, a
+directory or an empty file raise `ConfigError` naming the key.
 """
 
 import codecs
 import glob
+import logging
 import os
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -30,8 +30,12 @@ from nnxtrain.errors import ConfigError
 CHUNK_BYTES = 1 << 20  # bytes read, decoded and tokenized at a time
 
 
-class DataWarning(UserWarning):
-    """Something about the data worth knowing that does not stop the run."""
+log = logging.getLogger("nnxtrain.data")  # data problems that do not stop the run
+
+
+def unescape(separator: str) -> str:
+    """`\\n`, `\\t` and `\\r` typed on a command line as the characters they name."""
+    return separator.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
 
 
 def as_list(value: Any, key: str) -> list[str]:
@@ -131,8 +135,20 @@ def encode_files(
     files: Sequence[str], tokenizer: Tokenizer, separator: str = "", key: str = "data.path"
 ) -> np.ndarray:
     """All documents of `files` tokenized, each followed by EOS, as one 1-D array."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    parts: list[np.ndarray] = []
+    parts = list(iter_token_chunks(files, tokenizer, separator, key))
+    return np.concatenate(parts) if parts else np.zeros(0, token_dtype(tokenizer.vocab_size))
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger[Any]]:
+    """The smallest unsigned dtype that holds every id."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def iter_token_chunks(
+    files: Sequence[str], tokenizer: Tokenizer, separator: str = "", key: str = "data.path"
+) -> Iterator[np.ndarray]:
+    """The EOS-packed tokens of `files`, in chunks of about CHUNK_BYTES of text."""
+    dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype)
     bad_files: list[tuple[str, int]] = []
     for path in files:
@@ -142,16 +158,15 @@ def encode_files(
             for text, ends in iter_pieces(path, separator, bad=bad):
                 pending.append(text)
                 if ends or sum(map(len, pending)) >= CHUNK_BYTES:
-                    parts.append(tokenizer.encode(pending).astype(dtype))
+                    yield tokenizer.encode(pending).astype(dtype)
                     pending = []
                 if ends:
-                    parts.append(eos)
+                    yield eos
         except OSError as e:
             raise ConfigError(key, f"cannot read {path} ({e.strerror})", "check the file") from e
         if bad.count:
             bad_files.append((path, bad.count))
     warn_bad_utf8(bad_files, key)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def iter_texts(files: Sequence[str], separator: str = "") -> Iterator[str]:
@@ -168,9 +183,10 @@ def warn_bad_utf8(bad_files: Sequence[tuple[str, int]], key: str) -> None:
     total = sum(n for _, n in bad_files)
     first = bad_files[0][0]
     more = f" and {len(bad_files) - 1} more file(s)" if len(bad_files) > 1 else ""
-    warnings.warn(
-        f"{key}: {total} byte(s) that are not valid UTF-8 in {first}{more} were replaced "
-        "with U+FFFD",
-        DataWarning,
-        stacklevel=3,
+    log.warning(
+        "%s: %d byte(s) that are not valid UTF-8 in %s%s were replaced with U+FFFD",
+        key,
+        total,
+        first,
+        more,
     )

@@ -28,6 +28,7 @@ from nnxtrain.errors import ConfigError
 KEY = "data.tokenizer"
 CHAR_TYPE = "nnxtrain-char"
 # End-of-text tokens of common tokenizer files, tried in order when data.eos_token is empty.
+HF_PIECE_CHARS = 1 << 16  # text handed to the Rust tokenizer per parallel piece
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
 
@@ -149,9 +150,10 @@ class HFTokenizer:
         self._base = base
 
     def encode(self, pieces: Sequence[str]) -> np.ndarray:
-        pieces = [p for p in pieces if p]
+        pieces = [q for p in pieces for q in _split_after_newlines(p, HF_PIECE_CHARS) if q]
         if not pieces:
             return np.zeros(0, np.uint32)
+        # encode_batch runs the pieces on all cores; cuts fall only after newlines
         encs = self._tok.encode_batch(pieces, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids, np.uint32) for e in encs])
 
@@ -236,6 +238,19 @@ def load_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
     if CHAR_TYPE in head:
         return CharTokenizer.load(path)
     return HFTokenizer(path, eos_token)
+
+
+def _split_after_newlines(text: str, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, each cut just after a newline."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind("\n", start, start + size) + 1
+        if cut <= start:  # no newline in reach: take the whole line
+            cut = text.find("\n", start + size) + 1 or len(text)
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
 
 
 def _find_eos(eos_token: str, lookup: Any, path: str) -> int | None:
