@@ -362,3 +362,28 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
         )
     if d.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}", "use 0 to disable")
+
+
+def reference_tables() -> str:
+    """The markdown tables of docs/config.md: every key, its default and its comment."""
+    import inspect
+    import re
+
+    source = inspect.getsource(inspect.getmodule(reference_tables))
+    out = []
+    for group, cls in GROUPS.items():
+        body = source[source.index(f"class {cls.__name__}:") :]
+        out += [
+            f"## `{group}`",
+            "",
+            (cls.__doc__ or "").strip(),
+            "",
+            "| key | default | meaning |",
+            "| --- | --- | --- |",
+        ]
+        for f in dataclasses.fields(cls):
+            found = re.search(rf"^    {f.name}: .*?  # (.*)$", body, re.M)
+            default = "{}" if f.default is dataclasses.MISSING else repr(f.default)
+            out.append(f"| `{group}.{f.name}` | `{default}` | {found.group(1) if found else ''} |")
+        out.append("")
+    return "\n".join(out)
