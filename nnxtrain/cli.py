@@ -143,9 +143,10 @@ def _run(cfg: DictConfig) -> float:
 
 def _failed(status: dict[str, Any], job_dir: str, line: str, t0: float, keep_going: bool) -> float:
     """Records a failed job; in a sweep the next job runs, otherwise the process exits 2."""
-    print(line, file=sys.stderr)
+    print(f"nnxtrain: {line}", file=sys.stderr)
+    # The status keeps the bare message: "error: run.steps: ..." -> "run.steps: ..."
     status.update(
-        status="failed", error=line.split(": ", 1)[-1], wall_seconds=time.perf_counter() - t0
+        status="failed", error=line.split(": ", 1)[1], wall_seconds=time.perf_counter() - t0
     )
     with contextlib.suppress(OSError):
         write_status(job_dir, status)

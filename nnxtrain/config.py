@@ -16,6 +16,7 @@ limit, heads against kv heads, ...); device-dependent checks live in `nnxtrain.m
 """
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -369,7 +370,7 @@ def reference_tables() -> str:
     import inspect
     import re
 
-    source = inspect.getsource(inspect.getmodule(reference_tables))
+    source = inspect.getsource(sys.modules[__name__])
     out = []
     for group, cls in GROUPS.items():
         body = source[source.index(f"class {cls.__name__}:") :]

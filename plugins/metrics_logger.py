@@ -145,7 +145,7 @@ class MetricsLogger(Callback):
         if gap > 0.25 * seconds * len(records):
             reasons.append(f"device waited {gap:.3f} s for the host (eval, saves, callbacks)")
         history = self._window_seconds[1:]  # the first window includes warm-up
-        if len(history) >= 2:
+        if history:
             median = statistics.median(history)
             if (seconds > 2 * median or seconds < 0.5 * median) and not reasons:
                 reasons.append(

@@ -3,8 +3,9 @@
 - `tests/` is put on `sys.path` so that `callbacks_for_tests` (plugins the tests load by
   dotted path, in-process and in CLI subprocesses) imports as a top-level module.
 - A session-wide persistent compilation cache in a fresh temporary directory: the many
-  small `Trainer` runs of the unit tests compile the same step, and XLA on CPU takes a
-  few seconds per compile. The cache lives and dies with the session.
+  small `Trainer` runs compile the same step, and XLA on CPU takes seconds per compile.
+  The trainer points JAX at `run.compile_cache` (default: under the home directory), so
+  tests pass `compile_cache_override()` to keep the cache inside the session's tmp dir.
 - `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
 """
@@ -39,24 +40,27 @@ TINY = ModelConfig(
 )
 
 
+_CACHE: list[Path] = []  # the session's compilation cache directory, once created
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Caches compiled programs for this session only (identical steps compile once)."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    _CACHE.append(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(_CACHE[0]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-@pytest.fixture
-def tiny_cfg() -> ModelConfig:
-    return TINY
+def compile_cache_override() -> str:
+    """`run.compile_cache=<the session's cache>`: no test writes outside its tmp dirs."""
+    assert _CACHE, "the session fixture has not run yet"
+    return f"run.compile_cache={_CACHE[0]}"
 
 
 def cli_env() -> dict[str, str]:
     """The environment for CLI subprocesses: test plugins importable, quiet JAX."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
     env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
     return env
@@ -66,6 +70,8 @@ def run_cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Runs the real `nnxtrain` CLI (`python -m nnxtrain.cli ARGS`) in `cwd`."""
+    if not any(a.startswith("run.compile_cache=") for a in args):
+        args = [*args, compile_cache_override()]
     return subprocess.run(
         [sys.executable, "-m", "nnxtrain.cli", *args],
         cwd=cwd,

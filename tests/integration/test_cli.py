@@ -1,0 +1,135 @@
+"""The real `nnxtrain` command in a subprocess: a short training run, its metrics and timing,
+`--cfg job`, and the llama1b dry run."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+
+from nnxtrain.accounting import count_params
+from nnxtrain.config import compose
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {
+    "step",
+    "seconds",
+    "loss",
+    "lm_loss",
+    "perplexity",
+    "total_weights",
+    "tokens_per_sec_per_device",
+    "tflops_per_sec_per_device",
+    "lr",
+    "grad_norm",
+}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """20 steps of the tiny model, a line every 5 steps; run from an unrelated directory."""
+    root = tmp_path_factory.mktemp("short")
+    run_dir = root / "run"
+    proc = run_cli(
+        [
+            "model=tiny",
+            "run.steps=20",
+            "run.log_every=5",
+            "run.batch_size=4",
+            "run.seq_len=16",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=root,
+    )
+    return proc, run_dir
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "loss" in x]  # training lines (eval lines have eval/ keys)
+
+
+def test_short_run_exits_0(short_run):
+    proc, _ = short_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_short_run_logs_every_metric(short_run):
+    proc, run_dir = short_run
+    assert proc.returncode == 0, proc.stderr
+    lines = metrics_lines(run_dir)
+    assert [x["step"] for x in lines] == [5, 10, 15, 20]
+    for line in lines:
+        assert set(line) >= METRIC_KEYS, METRIC_KEYS - set(line)
+        assert line["total_weights"] == 4 * 16
+        assert line["seconds"] > 0
+        assert line["tokens_per_sec_per_device"] > 0 and line["tflops_per_sec_per_device"] > 0
+
+
+def test_short_run_learns(short_run):
+    _, run_dir = short_run
+    lines = metrics_lines(run_dir)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_short_run_writes_run_info(short_run):
+    _, run_dir = short_run
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["num_params"] == count_params(compose(["model=tiny"]).model)
+    assert info["final"]["step"] == 20 and info["final"]["reason"] == "completed"
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_timing_honesty(short_run):
+    """A logged step time far from the median (< 0.5x or > 2x) always says why."""
+    _, run_dir = short_run
+    lines = metrics_lines(run_dir)
+    median = statistics.median(x["seconds"] for x in lines)
+    for line in lines:
+        if not 0.5 * median <= line["seconds"] <= 2 * median:
+            assert line.get("note"), f"step {line['step']}: {line['seconds']} s vs median {median}"
+    assert lines[0].get("note")  # the first window includes compilation warm-up
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    script = Path(sys.executable).with_name("nnxtrain")
+    assert script.exists(), "the nnxtrain console script is not installed next to python"
+    proc = subprocess.run(
+        [str(script), "--cfg", "job", "model=tiny", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    from omegaconf import OmegaConf
+
+    printed = OmegaConf.create(proc.stdout)
+    assert {"model", "mesh", "run", "data", "optim", "callbacks"} <= set(printed)
+    assert printed.model.name == "tiny" and printed.model.vocab_size == 64
+    assert not (tmp_path / "run" / "run_info.json").exists()  # nothing ran
+
+
+def test_llama1b_dry_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        ["+experiment=llama1b", "run.dry_run=true", f"hydra.run.dir={run_dir}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((run_dir / "run_info.json").read_text())
+    expected = count_params(compose(["+experiment=llama1b"]).model)
+    assert expected == 1_104_218_112
+    assert info["num_params"] == expected
+    for key in ("tflops_per_step_per_device", "learnable_tflops", "attention_tflops"):
+        assert info[key] > 0
+    assert info["tflops_per_step_per_device"] == pytest.approx(
+        info["learnable_tflops"] + info["attention_tflops"]
+    )
+    assert info["compiled_memory"]["total"] > 0
+    assert "final" not in info  # compiled, never trained

@@ -1,0 +1,248 @@
+"""The checkpointer plugin in-process: exact resume, restore checks, policies, options.
+
+Every run is the tiny model for a few steps on one CPU device; runs share the session's
+compilation cache, so each costs well under a second after the first compile.
+"""
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from nnxtrain.plugins import checkpoint_io
+from nnxtrain.plugins.checkpoint_checks import config_diff
+from nnxtrain.plugins.checkpointer import Checkpointer
+from rich.console import Console
+
+from nnxtrain import Callback, ConfigError, Trainer, UserError, compose
+
+BASE = [
+    "model=tiny",
+    "run.steps=20",
+    "run.batch_size=4",
+    "run.seq_len=16",
+    "run.eval_every=0",
+    "callbacks=none",
+]
+
+
+class Losses(Callback):
+    """Records each step's loss; stops after `stop_at`; its counter rides in checkpoints."""
+
+    def __init__(self, stop_at: int | None = None, save_at: tuple[int, ...] = ()):
+        self.losses: dict[int, float] = {}
+        self.stop_at, self.save_at, self.seen = stop_at, save_at, 0
+        self.start_state: Any = None
+        self.end_state: Any = None
+
+    def on_train_start(self, trainer: Any, event: Any) -> None:
+        self.start_state = jax.device_get(trainer.state)
+
+    def on_train_end(self, trainer: Any, event: Any) -> None:
+        self.end_state = jax.device_get(trainer.state)
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        self.losses[event.step] = event.metrics["loss"]
+        self.seen += 1
+        if event.step in self.save_at:
+            trainer.request_save()
+        if event.step == self.stop_at:
+            trainer.request_stop("test stop")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = state["seen"]
+
+
+def fit(run_dir: Path, *callbacks: Callback, overrides: tuple[str, ...] = ()) -> tuple[Any, str]:
+    """Trains with BASE + overrides in run_dir; returns (FitResult, console text)."""
+    out = io.StringIO()
+    cfg = compose([*BASE, *overrides, f"run.dir={run_dir}"])
+    result = Trainer(cfg, list(callbacks), console=Console(file=out, width=400)).fit()
+    return result, out.getvalue()
+
+
+def steps_on_disk(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Losses]:
+    """20 uninterrupted steps saving every 4 (waiting for writes), keeping all five."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    losses = Losses()
+    fit(run_dir, Checkpointer(every=4, keep=5, if_busy="wait"), losses)
+    assert steps_on_disk(run_dir) == [4, 8, 12, 16, 20]
+    return run_dir, losses
+
+
+def test_stop_at_12_and_rerun_gives_bitwise_identical_losses(reference, tmp_path):
+    _, ref = reference
+    first = Losses(stop_at=12)
+    result, text = fit(tmp_path, Checkpointer(every=5), first)
+    assert result.step == 12 and "saved step 12 |" in text
+    resumed = Losses()
+    result, text = fit(tmp_path, Checkpointer(every=5), resumed)
+    assert f"resumed from step 12 ({tmp_path}/checkpoints/12)" in text
+    assert result.step == 20 and sorted(resumed.losses) == list(range(13, 21))
+    assert [resumed.losses[s] for s in range(13, 21)] == [ref.losses[s] for s in range(13, 21)]
+    assert resumed.seen == 20  # 12 restored from the checkpoint + 8 new
+
+
+def test_load_from_a_mid_run_step_continues_exactly(reference, tmp_path):
+    """Step 12 was saved while the loop went on (the state is donated to the next step)."""
+    ref_dir, ref = reference
+    losses = Losses()
+    _, text = fit(tmp_path, Checkpointer(load_from=str(ref_dir / "checkpoints" / "12")), losses)
+    assert "started from step 12" in text
+    assert [losses.losses[s] for s in range(13, 21)] == [ref.losses[s] for s in range(13, 21)]
+
+
+def test_load_params_only_starts_at_step_0_with_those_parameters(reference, tmp_path):
+    ref_dir, ref = reference
+    final = ref.end_state
+    probe = Losses()
+    ck = Checkpointer(load_from=str(ref_dir), load_params_only=True)
+    _, text = fit(tmp_path, ck, probe, overrides=("run.steps=2",))
+    assert "took the parameters of step 20" in text
+    start = probe.start_state
+    assert int(start.step) == 0
+    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(final.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert all(not np.any(x) for x in jax.tree.leaves(start.opt_state[1][0].mu))
+
+
+def test_a_different_model_shape_is_refused_naming_parameter_and_key(reference, tmp_path):
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")
+    with pytest.raises(UserError) as err:
+        fit(tmp_path, Checkpointer(), overrides=("model.emb_dim=48",))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "params/embed is (64, 32) float32 in the checkpoint but (64, 48) float32" in message
+    assert "model.emb_dim: 32 -> 48" in message
+
+
+def _corrupt(step_dir: Path) -> None:
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            path = Path(root) / name
+            if path.parent.name == "d":  # array data files: flip one byte in each
+                data = bytearray(path.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_an_error_or_falls_back(reference, tmp_path):
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    _corrupt(tmp_path / "checkpoints" / "20")
+    with pytest.raises(UserError, match=r"checkpoints/20 is unreadable .*fallback=true"):
+        fit(tmp_path, Checkpointer(), overrides=("run.steps=24",))
+    losses = Losses()
+    ck = Checkpointer(every=4, fallback=True)  # saves step 20 again
+    _, text = fit(tmp_path, ck, losses, overrides=("run.steps=24",))
+    assert "checkpoints/20 is unreadable" in text and "falling back to step 16" in text
+    assert "resumed from step 16" in text and sorted(losses.losses) == list(range(17, 25))
+    assert "moved the unreadable checkpoint(s) aside: 20.unreadable-" in text
+    assert steps_on_disk(tmp_path) == [16, 20, 24]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("20.unreadable-*")]
+
+
+def test_an_unfinished_save_is_ignored_with_a_warning(reference, tmp_path):
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")
+    shutil.copytree(
+        tmp_path / "checkpoints" / "20", tmp_path / "checkpoints" / "21.orbax-checkpoint-tmp"
+    )
+    shutil.rmtree(tmp_path / "checkpoints" / "21.orbax-checkpoint-tmp" / "meta")
+    _, text = fit(tmp_path, Checkpointer(), overrides=("run.steps=22",))
+    assert "ignoring 1 unfinished save(s)" in text and "21.orbax-checkpoint-tmp" in text
+    assert "resumed from step 20" in text and "note:" not in text  # run.steps is bookkeeping
+    assert not (tmp_path / "checkpoints" / "21.orbax-checkpoint-tmp").exists()
+    assert steps_on_disk(tmp_path)[-1] == 22
+
+
+def test_keep_last_and_every_mth_and_requested_saves(tmp_path):
+    ck = Checkpointer(every=5, keep=2, keep_every=10, if_busy="wait")
+    _, text = fit(tmp_path, Losses(save_at=(3,)), ck)  # the request comes before ck's hook
+    assert "saved step 3 |" in text  # asked for by another plugin, then rotated out
+    assert steps_on_disk(tmp_path) == [10, 15, 20]
+
+
+def test_skip_policy_skips_while_a_write_runs_and_defers_requests(tmp_path, monkeypatch):
+    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "2")  # every write lasts >= 2 s
+    _, text = fit(tmp_path, Checkpointer(every=5), Losses(save_at=(7,)))
+    assert "skipped the save at step 10: the write of step 5 is still running" in text
+    assert "skipped the save at step 15" in text
+    assert steps_on_disk(tmp_path) == [5, 20]
+
+
+def test_wait_policy_waits_for_the_previous_write(tmp_path, monkeypatch):
+    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "0.5")
+    _, text = fit(tmp_path, Checkpointer(every=5, if_busy="wait"), overrides=("run.steps=10",))
+    assert "skipped" not in text
+    assert "saved step 10 | loop blocked" in text and "waiting for the previous write" in text
+    assert steps_on_disk(tmp_path) == [5, 10]
+
+
+def test_no_final_save_after_a_non_finite_loss(tmp_path):
+    result, text = fit(tmp_path, Checkpointer(every=100), overrides=("optim.lr=1e30",))
+    assert result.reason.startswith("not finite")
+    assert "no final save" in text and not steps_on_disk(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("every", "-1"),
+        ("keep", "0"),
+        ("keep_every", "often"),
+        ("if_busy", "block"),
+        ("fallback", "maybe"),
+        ("load_params_only", "true"),  # without load_from
+    ],
+)
+def test_bad_options_fail_in_one_line_naming_the_key(tmp_path, option, value):
+    cfg = compose([*BASE[:-1], f"callbacks.checkpoint.{option}={value}", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg).fit()
+    assert str(err.value).startswith(f"callbacks.checkpoint.{option}: ")
+    assert "\n" not in str(err.value)
+
+
+def test_config_diff_lists_what_changed_model_and_optim_first():
+    saved = {
+        "run": {"steps": 10, "seed": 0, "dir": "a", "log_every": 5},
+        "optim": {"lr": 0.003, "b1": 0.9},
+        "model": {"emb_dim": 32, "num_layers": 2},
+        "callbacks": {"metrics": {"log_every": 5}},
+    }
+    current = {
+        "run": {"steps": 20, "seed": 1, "dir": "b", "log_every": 1},
+        "optim": {"lr": 0.001, "b1": 0.9},
+        "model": {"emb_dim": 48, "num_layers": 2},
+        "callbacks": {},
+    }
+    assert config_diff(saved, current) == [
+        "model.emb_dim: 32 -> 48",
+        "optim.lr: 0.003 -> 0.001",
+        "run.seed: 0 -> 1",
+    ]
+
+
+def test_two_checkpointers_on_one_directory_are_refused(tmp_path):
+    cfg = compose([*BASE[:-1], "+callbacks.ckpt2._target_=checkpointer", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^callbacks.checkpoint: callbacks.ckpt2 also saves to"):
+        Trainer(cfg).fit()
+
+
+def test_load_from_without_a_checkpoint_names_the_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    ck = Checkpointer(load_from=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"^callbacks.Checkpointer.load_from: no complete"):
+        fit(tmp_path / "run", ck)

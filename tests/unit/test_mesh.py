@@ -1,0 +1,64 @@
+"""The device mesh: -1 fills the remaining devices; sizes that do not multiply to the device
+count fail with a ConfigError naming the key."""
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec
+
+from nnxtrain.config import MeshConfig
+from nnxtrain.errors import ConfigError
+from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size, mesh_shape
+
+
+@pytest.mark.parametrize(
+    ("sizes", "devices", "expected"),
+    [
+        ((1, -1, 1), 8, (1, 8, 1)),
+        ((2, -1, 1), 8, (2, 4, 1)),
+        ((-1, 1, 1), 4, (4, 1, 1)),
+        ((1, 2, -1), 8, (1, 2, 4)),
+        ((1, -1, 1), 1, (1, 1, 1)),
+        ((2, 2, 2), 8, (2, 2, 2)),  # no -1: taken as given when the product fits
+    ],
+)
+def test_mesh_shape_fills_minus_one(sizes, devices, expected):
+    assert mesh_shape(MeshConfig(*sizes), devices) == expected
+
+
+@pytest.mark.parametrize(
+    ("sizes", "devices", "key"),
+    [
+        ((2, 2, 1), 8, "mesh"),  # 4 != 8
+        ((2, 2, 4), 8, "mesh"),  # 16 != 8
+        ((1, 1, 1), 2, "mesh"),
+        ((3, -1, 1), 8, "mesh.fsdp"),  # 8 devices do not split 3 ways
+        ((-1, -1, 1), 8, "mesh.data, mesh.fsdp"),  # only one axis may be -1
+        ((0, -1, 1), 8, "mesh.data"),
+        ((1, -2, 1), 8, "mesh.fsdp"),
+    ],
+)
+def test_mesh_shape_rejects_sizes_that_do_not_fit(sizes, devices, key):
+    with pytest.raises(ConfigError) as err:
+        mesh_shape(MeshConfig(*sizes), devices)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}: ")
+
+
+def test_product_mismatch_message_names_the_sizes_and_the_device_count():
+    with pytest.raises(ConfigError, match=r"2\*2\*1 = 4 but 8 devices"):
+        mesh_shape(MeshConfig(2, 2, 1), 8)
+
+
+def test_build_mesh_over_the_visible_devices():
+    devices = jax.devices()
+    mesh = build_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": len(devices), "tensor": 1}
+    assert data_parallel_size(mesh) == len(devices)
+    assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
+
+
+def test_build_mesh_rejects_more_devices_than_visible():
+    n = len(jax.devices())
+    with pytest.raises(ConfigError) as err:
+        build_mesh(MeshConfig(data=n + 1, fsdp=1, tensor=1))
+    assert err.value.key == "mesh"

@@ -1,0 +1,238 @@
+"""The NNX Transformer: shapes, dtypes, GQA, scan/unroll, remat, tied embeddings, causality
+and the logical axis names on every parameter."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY
+from flax import nnx
+
+from nnxtrain.config import ModelConfig
+from nnxtrain.model import Transformer
+from nnxtrain.sharding import DEFAULT_RULES
+from nnxtrain.step import loss_sums
+
+B, L = 2, 6
+
+
+def tokens(seed: int = 0, vocab: int = TINY.vocab_size) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (B, L), 0, vocab, dtype=jnp.int32)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def graphdef_of(cfg: ModelConfig) -> nnx.GraphDef:
+    """The graph of a model with this config, without allocating its parameters."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(cfg)))
+    return graphdef
+
+
+def mean_loss(graphdef: nnx.GraphDef, params: nnx.State, toks: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, params)(toks[:, :-1])
+    sums = loss_sums(logits, toks[:, 1:], jnp.ones(toks[:, 1:].shape), z_loss=0.0)
+    return sums["ce"] / sums["weight"]
+
+
+# One compiled program per model config (the graphdef is static) instead of many eager ops.
+loss_and_grads = jax.jit(jax.value_and_grad(mean_loss, argnums=1), static_argnums=0)
+grads_of = jax.jit(jax.grad(mean_loss, argnums=1), static_argnums=0)
+
+
+def params_of(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+# -- shapes and dtypes ----------------------------------------------------------------
+
+
+def test_logits_shape_and_float32_dtype():
+    logits = build(TINY)(tokens())
+    assert logits.shape == (B, L, TINY.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_auto_dtype_is_float32_on_cpu():
+    model = build(dataclasses.replace(TINY, dtype="auto"))
+    expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    assert model(tokens()).dtype == expected
+
+
+def abstract_params_and_logits(cfg: ModelConfig) -> tuple[dict, jax.ShapeDtypeStruct]:
+    """Parameter and logits shapes/dtypes by abstract evaluation (traced, not compiled)."""
+    model = nnx.eval_shape(lambda: build(cfg))
+    logits = nnx.eval_shape(lambda m, t: m(t), model, tokens())
+    return params_of(model), logits
+
+
+def test_bfloat16_activations_keep_float32_params():
+    params, logits = abstract_params_and_logits(dataclasses.replace(TINY, dtype="bfloat16"))
+    assert logits.dtype == jnp.bfloat16
+    assert logits.shape == (B, L, TINY.vocab_size)
+    assert {v.get_value().dtype for v in params.values()} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_params():
+    cfg = dataclasses.replace(TINY, param_dtype="bfloat16", dtype="float32")
+    params, logits = abstract_params_and_logits(cfg)
+    assert {v.get_value().dtype for v in params.values()} == {jnp.dtype(jnp.bfloat16)}
+    assert logits.dtype == jnp.float32
+
+
+def test_parameter_shapes():
+    c = TINY
+    shapes = {k: v.get_value().shape for k, v in params_of(build(c)).items()}
+    n, e, h, kv, d, m = c.num_layers, c.emb_dim, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim
+    assert shapes == {
+        ("embed",): (c.vocab_size, e),
+        ("lm_head",): (e, c.vocab_size),
+        ("final_norm", "scale"): (e,),
+        ("layers", "attn_norm", "scale"): (n, e),
+        ("layers", "mlp_norm", "scale"): (n, e),
+        ("layers", "attn", "wq"): (n, e, h, d),
+        ("layers", "attn", "wk"): (n, e, kv, d),
+        ("layers", "attn", "wv"): (n, e, kv, d),
+        ("layers", "attn", "wo"): (n, h, d, e),
+        ("layers", "mlp", "w_gate"): (n, e, m),
+        ("layers", "mlp", "w_up"): (n, e, m),
+        ("layers", "mlp", "w_down"): (n, m, e),
+    }
+
+
+# -- grouped-query attention ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_kv_heads_equal_multi_head_attention_with_repeated_kv_heads(kv_heads):
+    """4 query heads sharing kv heads == 4 kv heads where each shared head is copied."""
+    cfg = dataclasses.replace(TINY, num_kv_heads=kv_heads)
+    assert cfg.num_kv_heads < cfg.num_heads
+    gqa = build(cfg)
+    mha = build(dataclasses.replace(cfg, num_kv_heads=cfg.num_heads), seed=1)
+    group = cfg.num_heads // cfg.num_kv_heads
+    src = params_of(gqa)
+    for path, var in params_of(mha).items():
+        value = src[path].get_value()
+        if path[-1] in ("wk", "wv"):  # [layers, embed, kv_heads, head_dim]
+            value = jnp.repeat(value, group, axis=2)
+        var.set_value(value)
+    toks = tokens()
+    np.testing.assert_allclose(gqa(toks), mha(toks), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[nnx.State, jax.Array, jax.Array, nnx.State]:
+    """The GQA model's params, a batch, and its loss and gradients without remat."""
+    graphdef, params = nnx.split(build(TINY))
+    toks = tokens(3)
+    loss, grads = loss_and_grads(graphdef, params, toks)
+    return params, toks, loss, grads
+
+
+def test_gqa_loss_and_gradients_are_finite_and_reach_every_parameter(reference):
+    _, _, loss, grads = reference
+    assert 0 < float(loss) < 2 * np.log(TINY.vocab_size)
+    for g in jax.tree.leaves(grads):
+        assert bool(jnp.all(jnp.isfinite(g)))
+        assert float(jnp.abs(g).max()) > 0
+
+
+# -- scan vs unrolled, remat ----------------------------------------------------------
+
+
+def test_scan_and_unrolled_layers_give_the_same_logits():
+    scanned = build(dataclasses.replace(TINY, scan_layers=True), seed=0)
+    unrolled = build(dataclasses.replace(TINY, scan_layers=False), seed=1)
+    nnx.update(unrolled, nnx.state(scanned))  # the same parameters in both
+    toks = tokens()
+    np.testing.assert_allclose(scanned(toks), unrolled(toks), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_the_same_loss_and_grads(remat, reference):
+    params, toks, ref_loss, ref_grads = reference
+    rematted = graphdef_of(dataclasses.replace(TINY, remat=remat))
+    loss, grads = loss_and_grads(rematted, params, toks)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7)
+    # The policy is really applied: the backward pass contains a checkpoint.
+    jaxpr = str(jax.make_jaxpr(jax.grad(mean_loss, argnums=1))(rematted, params, toks))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+
+
+def test_remat_none_has_no_checkpoint():
+    base = dataclasses.replace(TINY, remat="none")
+    graphdef, params = nnx.split(build(base))
+    jaxpr = str(jax.make_jaxpr(jax.grad(mean_loss, argnums=1))(graphdef, params, tokens()))
+    assert "checkpoint" not in jaxpr and "remat" not in jaxpr
+
+
+# -- tied embeddings ------------------------------------------------------------------
+
+
+def test_tie_embeddings_removes_lm_head_and_uses_the_embedding_for_output():
+    cfg = dataclasses.replace(TINY, tie_embeddings=True)
+    tied = build(cfg)
+    assert not hasattr(tied, "lm_head")
+    assert all("lm_head" not in path for path in params_of(tied))
+    # A token that never appears in the input still gets an embedding gradient through the
+    # output projection when (and only when) the embedding is tied.
+    toks = tokens(vocab=cfg.vocab_size - 1)
+    unused = cfg.vocab_size - 1
+    graphdef, params = nnx.split(tied)
+    tied_row = grads_of(graphdef, params, toks)["embed"].get_value()[unused]
+    assert bool(jnp.any(tied_row != 0))
+    graphdef, params = nnx.split(build(TINY))
+    untied_row = grads_of(graphdef, params, toks)["embed"].get_value()[unused]
+    assert not bool(jnp.any(untied_row != 0))
+
+
+# -- causality ------------------------------------------------------------------------
+
+
+def test_changing_a_later_token_does_not_change_earlier_logits():
+    model = build(TINY)
+    toks = tokens(5)
+    t = 3
+    changed = toks.at[:, t].set((toks[:, t] + 1) % TINY.vocab_size)
+    a, b = model(toks), model(changed)
+    np.testing.assert_allclose(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert float(jnp.abs(a[:, t] - b[:, t]).max()) > 1e-4
+
+
+# -- logical axis names ---------------------------------------------------------------
+
+
+def test_every_parameter_has_logical_axis_names_of_its_rank():
+    params = params_of(build(TINY))
+    assert params, "the model has no parameters"
+    for path, var in params.items():
+        names = var.get_metadata().get("out_sharding")
+        where = "/".join(map(str, path))
+        assert names is not None, f"{where} has no out_sharding metadata"
+        assert len(names) == var.get_value().ndim, f"{where}: {names} vs {var.get_value().shape}"
+        for name in names:
+            assert name in DEFAULT_RULES, f"{where}: logical name {name!r} has no sharding rule"
+        if path[0] == "layers":
+            assert names[0] == "layers", f"{where}: stacked weight must lead with 'layers'"
+            assert var.get_value().shape[0] == TINY.num_layers
+            assert "layers" not in names[1:]
+        else:
+            assert "layers" not in names, f"{where}: only stacked weights have 'layers'"
+
+
+def test_expected_logical_names():
+    names = {k: v.get_metadata()["out_sharding"] for k, v in params_of(build(TINY)).items()}
+    assert names[("embed",)] == ("vocab", "embed")
+    assert names[("lm_head",)] == ("embed", "vocab")
+    assert names[("final_norm", "scale")] == ("norm",)
+    assert names[("layers", "mlp", "w_gate")] == ("layers", "embed", "mlp")
+    assert names[("layers", "mlp", "w_down")] == ("layers", "mlp", "embed")
+    assert names[("layers", "attn", "wq")][:2] == ("layers", "embed")
+    assert names[("layers", "attn", "wk")][2] == "kv_heads"
