@@ -47,11 +47,8 @@ def describe(name: str, value: str) -> tuple[list[str], bool]:
     lines = [f"{name}  ({value})"]
     try:
         cls = resolve(value, f"entry point {name!r}")
-    except PluginError as e:
+    except PluginError as e:  # resolve() wraps whatever the import raised
         lines.append(f"    cannot load: {e}")
-        return lines, False
-    except Exception as e:  # the module raised while being imported
-        lines.append(f"    cannot load: importing {value!r} raised {type(e).__name__}: {e}")
         return lines, False
     lines.append(f"    {summary(cls) or '(no docstring)'}")
     opts = options(cls)

@@ -198,8 +198,9 @@ def test_the_catalog_lists_a_plugin_that_cannot_load(
     assert lines[1].startswith("    cannot load: entry point 'gone': cannot import")
     lines, ok = describe("bad", "raises_on_import:Thing")
     assert not ok
-    assert lines[1] == (
-        "    cannot load: importing 'raises_on_import:Thing' raised RuntimeError: no GPU here"
+    assert lines[1].startswith(
+        "    cannot load: entry point 'bad': cannot import 'raises_on_import:Thing' "
+        "(RuntimeError: no GPU here)"
     )
     lines, ok = describe("stop", "nnxtrain.plugins.early_stopping:EarlyStopping")
     assert ok and "    patience: int = 3" in lines
