@@ -1,4 +1,4 @@
-"""Orbax plumbing for the checkpointer plugin: the layout on disk, names and restore checks.
+"""Orbax plumbing for the checkpointer plugin: the layout on disk, saving and restoring.
 
 A checkpoint directory holds one folder per saved step, written by an Orbax
 `CheckpointManager` with two items:
@@ -17,16 +17,21 @@ what is read and where it lands, which is how a checkpoint moves between meshes.
 """
 
 import asyncio
-import json
+import logging
 import os
-from collections.abc import Callable, Mapping
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nnxtrain import ConfigError, UserError
+from nnxtrain import UserError
+
+from .checkpoint_checks import check_fits, config_diff, flatten
 
 FORMAT = 1
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
@@ -34,39 +39,18 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
 TEST_DELAY_ENV = "NNXTRAIN_CHECKPOINT_TEST_DELAY"
 
 
+class _NoWaitWarning(logging.Filter):
+    """Orbax warns when a save waited for the previous one; the plugin's own line says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save to complete")
+
+
+logging.getLogger("absl").addFilter(_NoWaitWarning())
+
+
 class Unreadable(UserError):
     """A checkpoint whose files cannot be read (truncated, deleted or garbled)."""
-
-
-def _count(low: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "directory": (lambda v: v is None or isinstance(v, str), "a path or null"),
-    "every": (_count(0), "an integer >= 0"),
-    "keep": (_count(1), "an integer >= 1"),
-    "keep_every": (_count(0), "an integer >= 0"),
-    "if_busy": (lambda v: v in ("skip", "wait"), "skip or wait"),
-    "load_from": (lambda v: v is None or isinstance(v, str), "a path or null"),
-    "load_params_only": (lambda v: isinstance(v, bool), "true or false"),
-    "fallback": (lambda v: isinstance(v, bool), "true or false"),
-}
-
-
-def check_options(key: str, options: Mapping[str, Any]) -> None:
-    """A one-line ConfigError naming `<key>.<option>` for the first bad option."""
-    for opt, (ok, what) in OPTIONS.items():
-        if not ok(options[opt]):
-            raise ConfigError(
-                f"{key}.{opt}", f"must be {what}, got {options[opt]!r}", f"set it to {what}"
-            )
-    if options["load_params_only"] and not options["load_from"]:
-        raise ConfigError(
-            f"{key}.load_params_only",
-            f"needs {key}.load_from",
-            f"set {key}.load_from=PATH (a run dir or its checkpoints dir)",
-        )
 
 
 def _key(k: Any) -> str:
@@ -102,34 +86,6 @@ def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:
     return out
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The inverse of `nest`."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """'key: saved -> current' for every config key that differs (run.dir, callbacks aside)."""
-    a, b = flatten(saved), flatten(current)
-    keys = sorted(
-        k for k in a.keys() | b.keys() if k != "run/dir" and not k.startswith("callbacks")
-    )
-    return [
-        f"{k.replace('/', '.')}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
-        for k in keys
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-    ]
-
-
 def partial_saves(directory: str) -> list[str]:
     """Names of unfinished saves (a process killed while writing) in `directory`."""
     if not os.path.isdir(directory):
@@ -138,16 +94,33 @@ def partial_saves(directory: str) -> list[str]:
 
 
 class _SlowJson(ocp.handlers.JsonCheckpointHandler):
-    """Test-only: the meta item's write finishes `delay` seconds late (see TEST_DELAY_ENV)."""
-
-    def __init__(self, delay: float):
-        super().__init__()
-        self.delay = delay
+    """Test-only: the meta item's write completes TEST_DELAY_ENV seconds late."""
 
     async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> Any:
         futures = await super().async_save(directory, item, args) or []
-        slow = ocp.future.CommitFutureAwaitingContractedSignals(asyncio.sleep(self.delay))
-        return [*futures, slow]
+        delay = asyncio.sleep(_test_delay())
+        return [*futures, ocp.future.CommitFutureAwaitingContractedSignals(delay)]
+
+
+@ocp.args.register_with_handler(_SlowJson, for_save=True)
+class _SlowJsonSave(ocp.args.JsonSave):
+    pass
+
+
+@ocp.args.register_with_handler(_SlowJson, for_restore=True)
+class _SlowJsonRestore(ocp.args.JsonRestore):
+    pass
+
+
+def _test_delay() -> float:
+    return float(os.environ.get(TEST_DELAY_ENV) or 0)
+
+
+def _meta_args() -> tuple[type, type]:
+    """(save, restore) args of the meta item; Orbax matches them to its handler's class."""
+    if _test_delay() > 0:
+        return _SlowJsonSave, _SlowJsonRestore
+    return ocp.args.JsonSave, ocp.args.JsonRestore
 
 
 def open_manager(
@@ -162,7 +135,6 @@ def open_manager(
     keepers: list[Any] = [policies.LatestN(keep)]
     if keep_every:
         keepers.append(policies.EveryNSteps(keep_every))
-    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True,
         preservation_policy=policies.AnyPreservationPolicy(keepers),
@@ -172,20 +144,54 @@ def open_manager(
     )
     handlers = {
         "state": ocp.PyTreeCheckpointHandler(),
-        "meta": _SlowJson(delay) if delay > 0 else ocp.JsonCheckpointHandler(),
+        "meta": _SlowJson() if _test_delay() > 0 else ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def open_source(path: str) -> tuple[ocp.CheckpointManager, list[int]]:
+    """A read-only manager for `load_from` and its complete steps to choose from (just
+    one for a step's dir; none if there is no complete checkpoint): `path` is a run dir,
+    its checkpoints/ dir, or one step's dir (checkpoints/<step>)."""
+    path, step = os.path.abspath(path), None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "meta")):
+        path, step = os.path.dirname(path), int(os.path.basename(path))
+    mngr = open_manager(path, read_only=True)
+    steps = list(mngr.all_steps())
+    return mngr, steps if step is None else [s for s in steps if s == step]
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
+    """Renames unreadable steps to `<step>.unreadable-<time>` (kept for inspection, out of
+    the way of new saves of those steps); returns the new names."""
+    names = [f"{s}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}" for s in steps]
+    if jax.process_index() == 0:
+        for step, name in zip(steps, names, strict=True):
+            os.rename(
+                os.path.join(str(mngr.directory), str(step)),
+                os.path.join(str(mngr.directory), name),
+            )
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("nnxtrain checkpoint set_aside")
+    mngr.reload()
+    return names
+
+
+def saving(mngr: ocp.CheckpointManager) -> bool:
+    """Whether a write is still running; the same answer on every process."""
+    busy = bool(mngr.is_saving_in_progress())
+    if jax.process_count() > 1:  # processes must agree on skipping, or saves deadlock
+        busy = bool(multihost_utils.broadcast_one_to_all(busy))
+    return busy
 
 
 def save_args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
     names, leaves, _ = leaf_names(state)
     return ocp.args.Composite(
-        state=ocp.args.PyTreeSave(nest(names, leaves)), meta=ocp.args.JsonSave(meta)
+        state=ocp.args.PyTreeSave(nest(names, leaves)), meta=_meta_args()[0](meta)
     )
-
-
-def _fmt(shape: Any, dtype: Any) -> str:
-    return f"{tuple(shape)} {jax.numpy.dtype(dtype).name}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -197,7 +203,7 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any], d
     """(meta JSON, {leaf name: array metadata}) of a step, or Unreadable."""
     path = os.path.join(str(mngr.directory), str(step))
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=_meta_args()[1]()))["meta"]
         saved = flatten(mngr.item_metadata(step)["state"].tree)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"meta/ is not an nnxtrain checkpoint of format {FORMAT}")
@@ -206,29 +212,19 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any], d
     return meta, saved
 
 
-def check_fits(
-    path: str, saved: dict[str, Any], target: dict[str, Any], diff: list[str], prefix: str = ""
-) -> None:
-    """Raises a one-line UserError naming the first parameter that does not match."""
-    problems = []
-    for name, want in target.items():
-        have = saved.get(name)
-        if have is None:
-            problems.append(f"{name} is missing from the checkpoint")
-        elif tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
-            problems.append(
-                f"{name} is {_fmt(have.shape, have.dtype)} in the checkpoint "
-                f"but {_fmt(want.shape, want.dtype)} in this run"
-            )
-    extra = [n for n in saved if n.startswith(prefix) and n not in target]
-    problems += [f"{n} is in the checkpoint but not in this run" for n in extra]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        keys = "; ".join(diff[:6]) if diff else "none (did the model or optimizer code change?)"
-        raise UserError(
-            f"checkpoint {path} does not fit this run: {problems[0]}{more}. Config keys that "
-            f"differ: {keys}. Fix: use the checkpoint's config, or a new run.dir"
-        )
+def _quiet_closed_loop_noise() -> None:
+    """Drops the 'Event loop is closed' reports of reads still in flight after a failed
+    restore (Orbax closes its event loop on the first error); any other report passes."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_nnxtrain_quiet", False):
+        return
+
+    def hook(report: Any) -> None:
+        if not (report.exc_type is RuntimeError and "loop is closed" in str(report.exc_value)):
+            previous(report)
+
+    hook._nnxtrain_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def restore(
@@ -245,6 +241,7 @@ def restore(
     Unreadable when its files are damaged.
     """
     path = os.path.join(str(mngr.directory), str(step))
+    _quiet_closed_loop_noise()
     meta, saved = read_meta(mngr, step)
     diff = config_diff(meta.get("config", {}), config)
     tree, prefix = (abstract_state.params, "params/") if params_only else (abstract_state, "")
@@ -264,3 +261,28 @@ def restore(
     except Exception as e:
         raise Unreadable(f"checkpoint {path} is unreadable ({_first_line(e)})") from e
     return state, meta, diff
+
+
+def restore_latest(
+    mngr: ocp.CheckpointManager,
+    steps: Any,
+    abstract_state: Any,
+    config: dict[str, Any],
+    *,
+    params_only: bool,
+    fallback: bool,
+    key: str,
+    warn: Callable[[str], None],
+) -> tuple[int, Any, dict[str, Any], list[str]]:
+    """`restore` of the latest of `steps`; with `fallback`, steps back past unreadable
+    ones with a warning, else the error points to the option `key`."""
+    steps = sorted(steps, reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            return (step, *restore(mngr, step, abstract_state, config, params_only))
+        except Unreadable as e:
+            if not fallback or i + 1 == len(steps):
+                hint = "" if fallback else f"; set {key}=true to restore the previous one"
+                raise Unreadable(f"{e}{hint}") from e
+            warn(f"{e}; falling back to step {steps[i + 1]}")
+    raise AssertionError("no steps to restore")

@@ -2,30 +2,21 @@
 
     nnxtrain run.dir=runs/a                          # saves every 100 steps, keeps 3
     nnxtrain run.dir=runs/a                          # rerun after a kill: resumes
-    nnxtrain run.dir=runs/b +callbacks.checkpoint.load_from=runs/a  # new run, a's state
+    nnxtrain run.dir=runs/b callbacks.checkpoint.load_from=runs/a   # new run, a's state
 
-Saves every `every` steps, when a plugin calls `trainer.request_save()`, and at the end
-(also on SIGTERM/SIGINT; not after a non-finite loss), waiting for that last write before
-the process may exit. A save blocks the loop only for the device-to-host copy; the write
-runs in a background thread. If a save is due while the previous one is still being
-written, `if_busy` decides: `skip` it with a warning (requested saves are deferred
-instead), or `wait`. Each save prints one line, once its write is done: the step, the
-time the loop was blocked, and the time the background write took.
-
-At setup, the latest complete checkpoint in `directory` is restored onto the current mesh
-(parameters, optimizer state, step, every callback's state, the dataset's state) after a
-check that names any mismatching parameter and config key; unfinished saves are ignored
-with a warning, and `fallback` steps back past unreadable checkpoints. The on-disk layout
-is described in `checkpoint_io` and docs/checkpointing.md. Uses only the public API.
+Saves every `every` steps, on `trainer.request_save()`, and at the end (also on SIGTERM/
+SIGINT; not after a non-finite loss), waiting for that last write before returning. A save
+blocks the loop for the device-to-host copy only; `if_busy` decides what happens when a
+save is due while the previous write still runs (`skip` with a warning, or `wait`). At
+setup it restores the latest complete checkpoint onto the current mesh, or starts from
+`load_from`. docs/checkpointing.md is the manual; `checkpoint_io` owns the Orbax side and
+`checkpoint_checks` the one-line errors. Uses only the public API of `nnxtrain`.
 """
 
 import dataclasses
 import os
 import time
 from typing import Any
-
-import jax
-from jax.experimental import multihost_utils
 
 from nnxtrain import (
     Callback,
@@ -37,6 +28,7 @@ from nnxtrain import (
     TrainStartEvent,
 )
 
+from . import checkpoint_checks as checks
 from . import checkpoint_io as cio
 
 
@@ -68,9 +60,18 @@ class Checkpointer(Callback):
 
     def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
-        cio.check_options(f"callbacks.{self.name}", opts)
-        self._config = cio.jsonable(dataclasses.asdict(event.config))
-        self.path = os.path.join(event.run_dir, self.directory or "checkpoints")
+        checks.check_options(f"callbacks.{self.name}", opts)
+        if event.config.run.dry_run:
+            return  # nothing is allocated, restored or saved
+        self._config = checks.jsonable(dataclasses.asdict(event.config))
+        self.path = self._path(event)
+        for cb in trainer.callbacks:  # two savers on one directory would delete each other's
+            if cb is not self and isinstance(cb, Checkpointer) and cb._path(event) == self.path:
+                raise ConfigError(
+                    f"callbacks.{self.name}",
+                    f"callbacks.{cb.name} also saves to {self.path}",
+                    f"drop one (~callbacks.{cb.name}) or give each its own directory",
+                )
         partial = cio.partial_saves(self.path)
         if partial:
             self._say(
@@ -90,10 +91,8 @@ class Checkpointer(Callback):
                 )
             self._restore(trainer, self._mngr, "resumed from")
         elif self.load_from:
-            where, step = _source(self.load_from)
-            source = cio.open_manager(where, read_only=True)
-            self._from_steps = [step] if step is not None else source.all_steps()
-            if not self._from_steps or not set(self._from_steps) <= set(source.all_steps()):
+            source, self._from_steps = cio.open_source(self.load_from)
+            if not self._from_steps:
                 raise ConfigError(
                     f"callbacks.{self.name}.load_from",
                     f"no complete checkpoint at {self.load_from}",
@@ -105,6 +104,9 @@ class Checkpointer(Callback):
                 self._restore(trainer, source, "started from", self._from_steps)
                 source.close()
 
+    def _path(self, event: SetupEvent) -> str:
+        return os.path.join(event.run_dir, self.directory or "checkpoints")
+
     def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
         if self._source is not None and trainer.state is not None:
             params = self._restore(
@@ -114,26 +116,21 @@ class Checkpointer(Callback):
 
     def _restore(self, trainer: Trainer, mngr: Any, verb: str, steps: Any = None) -> Any:
         t0, params_only = time.perf_counter(), mngr is self._source
-        steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
-        for i, step in enumerate(steps):
-            try:
-                state, meta, diff = cio.restore(
-                    mngr, step, trainer.abstract_state, self._config, params_only=params_only
-                )
-                break
-            except cio.Unreadable as e:
-                if not self.fallback or i + 1 == len(steps):
-                    fix = (
-                        ""
-                        if self.fallback
-                        else (
-                            f"; set callbacks.{self.name}.fallback=true "
-                            "to restore the previous checkpoint instead"
-                        )
-                    )
-                    raise cio.Unreadable(f"{e}{fix}") from e
-                self._say(trainer, f"warning: {e}; falling back to step {steps[i + 1]}")
+        step, state, meta, diff = cio.restore_latest(
+            mngr,
+            mngr.all_steps() if steps is None else steps,
+            trainer.abstract_state,
+            self._config,
+            params_only=params_only,
+            fallback=self.fallback,
+            key=f"callbacks.{self.name}.fallback",
+            warn=lambda text: self._say(trainer, f"warning: {text}"),
+        )
         where = os.path.join(str(mngr.directory), str(step))
+        unreadable = [s for s in mngr.all_steps() if s > step and mngr is self._mngr]
+        if unreadable:
+            moved = cio.set_aside(mngr, unreadable)
+            self._say(trainer, f"moved the unreadable checkpoint(s) aside: {', '.join(moved)}")
         self._say(trainer, f"{verb} step {step} ({where}) in {time.perf_counter() - t0:.2f} s")
         if diff:
             self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
@@ -153,17 +150,17 @@ class Checkpointer(Callback):
 
     def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
         self._report(trainer)
+        due = self.every > 0 and event.step % self.every == 0
         requested = trainer.consume_save_request() or self._deferred
-        if not requested and not (self.every and event.step % self.every == 0):
-            return
-        if self.if_busy == "skip" and self._busy():
-            if requested:
-                self._deferred = True
-            elif self._pending is not None:
+        if not (due or requested) or event.step == event.num_steps:
+            return  # (the last step is saved by on_train_end)
+        if self.if_busy == "skip" and cio.saving(self._mngr):
+            self._deferred = requested  # saved as soon as the writer is free
+            if due and self._pending is not None:
                 self._say(
                     trainer,
-                    f"warning: skipped the save at step {event.step}: the write "
-                    f"of step {self._pending[0]} is still running (if_busy=skip; set "
+                    f"warning: skipped the save at step {event.step}: the write of step "
+                    f"{self._pending[0]} is still running (if_busy=skip; set "
                     f"callbacks.{self.name}.if_busy=wait to wait, or save less often)",
                 )
             return
@@ -184,12 +181,6 @@ class Checkpointer(Callback):
                 mngr.close()
         self._mngr = self._source = None
 
-    def _busy(self) -> bool:
-        busy = bool(self._mngr.is_saving_in_progress())
-        if jax.process_count() > 1:  # every process must take the same decision
-            busy = bool(multihost_utils.broadcast_one_to_all(busy))
-        return busy
-
     def _save(self, trainer: Trainer, step: int) -> None:
         t0 = time.perf_counter()
         self._mngr.wait_until_finished()  # no-op unless if_busy=wait (or the final save)
@@ -206,7 +197,7 @@ class Checkpointer(Callback):
             ),
         }
         self._written_at = None
-        self._mngr.save(step, args=cio.save_args(trainer.state, cio.jsonable(meta)), force=True)
+        self._mngr.save(step, args=cio.save_args(trainer.state, checks.jsonable(meta)), force=True)
         self._pending = (step, t0, time.perf_counter() - t0, waited)
         self._last_step = step
 
@@ -233,15 +224,3 @@ class Checkpointer(Callback):
 
     def _say(self, trainer: Trainer, text: str) -> None:
         trainer.console.print(f"checkpoint: {text}", markup=False, highlight=False)
-
-
-def _source(path: str) -> tuple[str, int | None]:
-    """load_from -> (checkpoints dir, step or None for the latest): a run dir, its
-    checkpoints/ dir, or one step's dir (checkpoints/<step>)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
-        return os.path.dirname(path), int(name)
-    return path, None

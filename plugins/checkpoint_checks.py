@@ -1,0 +1,112 @@
+"""Checks of the checkpointer plugin: its options, and whether a checkpoint fits this run.
+
+Both fail with one line: a bad option names `callbacks.<name>.<option>`; a checkpoint that
+does not fit names the first mismatching parameter and the config keys that differ
+between the checkpoint's config and this run's.
+"""
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from nnxtrain import ConfigError, UserError
+
+
+def _count(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "directory": (lambda v: v is None or isinstance(v, str), "a path or null"),
+    "every": (_count(0), "an integer >= 0"),
+    "keep": (_count(1), "an integer >= 1"),
+    "keep_every": (_count(0), "an integer >= 0"),
+    "if_busy": (lambda v: v in ("skip", "wait"), "skip or wait"),
+    "load_from": (lambda v: v is None or isinstance(v, str), "a path or null"),
+    "load_params_only": (lambda v: isinstance(v, bool), "true or false"),
+    "fallback": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_options(key: str, options: Mapping[str, Any]) -> None:
+    """A one-line ConfigError naming `<key>.<option>` for the first bad option."""
+    for opt, (ok, what) in OPTIONS.items():
+        if not ok(options[opt]):
+            raise ConfigError(
+                f"{key}.{opt}", f"must be {what}, got {options[opt]!r}", f"set it to {what}"
+            )
+    if options["load_params_only"] and not options["load_from"]:
+        raise ConfigError(
+            f"{key}.load_params_only",
+            f"needs {key}.load_from",
+            f"set {key}.load_from=PATH (a run dir or its checkpoints dir)",
+        )
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# Keys a resumed run may change without a note: where and how long it runs, what it logs.
+BOOKKEEPING = {
+    *("run.dir", "run.steps", "run.log_every", "run.eval_every", "run.eval_batches"),
+    *("run.dry_run", "run.fail_fast", "run.compile_cache", "run.host_devices"),
+    *("mesh.coordinator", "mesh.process_id", "mesh.init_timeout"),
+}
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key: saved -> current' for every config key that differs, bookkeeping and
+    callbacks aside; model and optim keys first (they decide the arrays' shapes)."""
+    a, b = flatten(saved, sep="."), flatten(current, sep=".")
+    keys = sorted(
+        (k for k in a.keys() | b.keys() if k not in BOOKKEEPING and k.split(".")[0] != "callbacks"),
+        key=lambda k: (not k.startswith(("model.", "optim.")), k),
+    )
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in keys
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """{'a': {'b': x}} -> {'a/b': x}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}{sep}", sep))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(shape: Any, dtype: Any) -> str:
+    return f"{tuple(shape)} {jax.numpy.dtype(dtype).name}"
+
+
+def check_fits(
+    path: str, saved: dict[str, Any], target: dict[str, Any], diff: list[str], prefix: str = ""
+) -> None:
+    """Raises a one-line UserError naming the first parameter that does not match."""
+    problems = []
+    for name, want in target.items():
+        have = saved.get(name)
+        if have is None:
+            problems.append(f"{name} is missing from the checkpoint")
+        elif tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
+            problems.append(
+                f"{name} is {_fmt(have.shape, have.dtype)} in the checkpoint "
+                f"but {_fmt(want.shape, want.dtype)} in this run"
+            )
+    extra = [n for n in saved if n.startswith(prefix) and n not in target]
+    problems += [f"{n} is in the checkpoint but not in this run" for n in extra]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        keys = "; ".join(diff[:6]) if diff else "none (did the model or optimizer code change?)"
+        raise UserError(
+            f"checkpoint {path} does not fit this run: {problems[0]}{more}. Config keys that "
+            f"differ: {keys}. Fix: use the checkpoint's config, or a new run.dir"
+        )

@@ -1,0 +1,84 @@
+"""A checkpoint saved on an fsdp=8 mesh restores onto data=2 x fsdp=4 and onto one device.
+
+Runs in a subprocess with 8 simulated CPU devices (XLA_FLAGS must precede JAX's start).
+The restored arrays must equal the saved ones exactly, carry the new mesh's shardings,
+and train on from there.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from nnxtrain import Callback, Trainer, compose
+    from nnxtrain.plugins.checkpointer import Checkpointer
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, event):
+            self.state = trainer.state
+            self.host = jax.device_get(trainer.state)
+            self.targets = trainer.state_shardings
+
+    root = sys.argv[1]
+    base = ["model=tiny", "run.batch_size=8", "run.seq_len=16", "run.eval_every=0",
+            "callbacks=none"]
+    saved = Trainer(compose([*base, "run.steps=3", "mesh=fsdp", f"run.dir={root}/fsdp8"]),
+                    [Checkpointer()]).fit()
+    embed = saved.state.params["embed"].value
+    out = {"saved_devices": len(embed.sharding.device_set), "saved_spec": str(embed.sharding.spec)}
+    reference = jax.tree.leaves(jax.device_get(saved.state))
+    for name, mesh, devices in [("data2_fsdp4", ["mesh=data_fsdp"], None),
+                                ("single", ["mesh=single"], jax.devices()[:1])]:
+        probe = AtStart()
+        trainer = Trainer(
+            compose([*base, "run.steps=4", *mesh, f"run.dir={root}/{name}"]),
+            [Checkpointer(load_from=f"{root}/fsdp8"), probe], devices=devices)
+        result = trainer.fit()
+        leaves = jax.tree.leaves(probe.state)
+        out[name] = {
+            "mesh": dict(trainer.mesh.shape),
+            "equal": all(np.array_equal(a, b) for a, b in
+                         zip(jax.tree.leaves(probe.host), reference, strict=True)),
+            "shardings": all(x.sharding == s for x, s in
+                             zip(leaves, jax.tree.leaves(probe.targets), strict=True)),
+            "devices": len(leaves[1].sharding.device_set),
+            "step": result.step,
+            "loss": result.metrics["loss"],
+        }
+    print("RESULT=" + json.dumps(out))
+    """
+)
+
+
+def test_fsdp8_checkpoint_restores_on_data2_fsdp4_and_on_one_device(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint: started from step 3 ") == 2
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT="))
+    out = json.loads(line.removeprefix("RESULT="))
+    assert out["saved_devices"] == 8 and "fsdp" in out["saved_spec"]
+    assert out["data2_fsdp4"]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert out["single"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    for name, devices in (("data2_fsdp4", 8), ("single", 1)):
+        got = out[name]
+        assert got["equal"] and got["shardings"], got
+        assert got["devices"] == devices and got["step"] == 4 and got["loss"] > 0
