@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
 DATA_KINDS = ("synthetic", "text", "tokens")
 
 
@@ -49,11 +49,12 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary embedding base wavelength
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the token embedding as the output projection
-    scan_layers: bool = True  # one compiled layer body scanned over stacked weights
+    # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
+    scan_layers: bool | None = None  # scan stacked layers; null = auto: unrolled on CPU only
     remat: str = "none"  # rematerialisation: none, full, dots or dots_no_batch
     param_dtype: str = "float32"  # dtype parameters are stored and updated in
     dtype: str = "auto"  # activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
-    attention: str = "auto"  # attention kernel: auto, xla or cudnn
+    attention: str = "auto"  # kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice
     init_std: float = 0.02  # stddev of the normal initialiser for weight matrices
 
 

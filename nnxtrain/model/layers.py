@@ -6,8 +6,9 @@ used. Every parameter carries logical axis names (`out_sharding` metadata, see
 `nnxtrain.sharding`); important activations are annotated with `constrain`.
 """
 
+import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,19 @@ def param(
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [..., *in] times w [*in, *out] -> [..., *out], as one 2-D matmul.
+
+    Flattening first is the same math; XLA's CPU backend runs the backward of 2-D matmuls
+    about twice as fast as that of the equivalent 3-D einsums (measured), and accelerators
+    do not care.
+    """
+    k = math.prod(w.shape[:n_in])
+    lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *out)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square normalisation with a learned scale, computed in float32."""
 
@@ -61,6 +75,22 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention as two batched matmuls over [batch * heads] (the `matmul`
+    kernel). q [b, l, h, d]; k, v [b, l, kv_heads, d] with kv_heads dividing h."""
+    b, length, h, d = q.shape
+    k, v = (jnp.repeat(t, h // t.shape[2], axis=2) for t in (k, v))
+
+    def heads_first(t: jax.Array) -> jax.Array:
+        return t.transpose(0, 2, 1, 3).reshape(b * h, length, d)
+
+    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * d**-0.5
+    mask = jnp.tril(jnp.ones((length, length), bool))
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    out = jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(q.dtype), heads_first(v))
+    return out.reshape(b, h, length, d).transpose(0, 2, 1, 3)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary position embeddings."""
 
@@ -72,23 +102,30 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
         self.theta = cfg.rope_theta
-        self.impl: Literal["xla", "cudnn"] | None = (
-            None if cfg.attention == "auto" else "cudnn" if cfg.attention == "cudnn" else "xla"
-        )
+        # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
+        # (cuDNN flash attention on GPU when the shapes allow it).
+        cpu = jax.default_backend() == "cpu"
+        self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         dt = x.dtype
-        q = jnp.einsum("ble,ehd->blhd", x, self.wq[...].astype(dt))
-        k = jnp.einsum("ble,ehd->blhd", x, self.wk[...].astype(dt))
-        v = jnp.einsum("ble,ehd->blhd", x, self.wv[...].astype(dt))
+        q = project(x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
+        k = project(x, self.wk[...].astype(dt))
+        v = project(x, self.wv[...].astype(dt))
         q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
         k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         q = apply_rotary(q, positions, self.theta)
         k = apply_rotary(k, positions, self.theta)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
+        if self.impl == "matmul":
+            out = causal_attention(q, k, v)
+        else:
+            impl = {"xla": "xla", "cudnn": "cudnn"}.get(self.impl)  # auto: None, JAX picks
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=cast(Literal["xla", "cudnn"] | None, impl)
+            )
         out = constrain(out, "attention/out", (BATCH, LENGTH, "activation_heads", "activation_kv"))
-        return jnp.einsum("blhd,hde->ble", out, self.wo[...].astype(dt))
+        return project(out, self.wo[...].astype(dt), n_in=2)
 
 
 class MLP(nnx.Module):
@@ -102,11 +139,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+        gate = jax.nn.silu(project(x, self.w_gate[...].astype(dt)))
         hidden = constrain(
-            gate * (x @ self.w_up[...].astype(dt)), "mlp/hidden", (BATCH, LENGTH, "activation_mlp")
+            gate * project(x, self.w_up[...].astype(dt)),
+            "mlp/hidden",
+            (BATCH, LENGTH, "activation_mlp"),
         )
-        return hidden @ self.w_down[...].astype(dt)
+        return project(hidden, self.w_down[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):

@@ -1,8 +1,9 @@
 """The decoder-only Transformer: embedding, stacked decoder layers, final norm, output head.
 
 The layers' weights are stacked on a leading `layers` axis (created with `nnx.vmap`), so
-the forward pass can scan one compiled layer body over them (`scan_layers=True`) or unroll
-them; `remat` picks the rematerialisation policy of the layer body.
+the forward pass can scan one compiled layer body over them (`scan_layers=True`, the default
+on accelerators) or unroll them (the default on CPU, where it is faster for small
+models); `remat` picks the rematerialisation policy of the layer body.
 
     model = Transformer(ModelConfig(), rngs=nnx.Rngs(0))
     logits = model(tokens)            # tokens [batch, length] -> [batch, length, vocab]
@@ -13,7 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
-from nnxtrain.model.layers import BATCH, LENGTH, DecoderLayer, RMSNorm, activation_dtype, param
+from nnxtrain.model.layers import (
+    BATCH,
+    LENGTH,
+    DecoderLayer,
+    RMSNorm,
+    activation_dtype,
+    param,
+    project,
+)
 from nnxtrain.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -68,7 +77,8 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if cfg.scan_layers:
+        scan = cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "cpu"
+        if scan:
             x, _ = jax.lax.scan(body, x, stacked)
         else:
             for i in range(cfg.num_layers):
@@ -76,5 +86,5 @@ class Transformer(nnx.Module):
 
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = x @ head.astype(dt)
+        logits = project(x, head.astype(dt))
         return constrain(logits, "logits", (BATCH, LENGTH, "activation_vocab"))

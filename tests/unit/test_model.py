@@ -236,3 +236,25 @@ def test_expected_logical_names():
     assert names[("layers", "mlp", "w_down")] == ("layers", "mlp", "embed")
     assert names[("layers", "attn", "wq")][:2] == ("layers", "embed")
     assert names[("layers", "attn", "wk")][2] == "kv_heads"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_kernels_agree(kv_heads):
+    """The CPU `matmul` kernel and JAX's `xla` kernel compute the same logits and grads."""
+    cfgs = [
+        dataclasses.replace(TINY, num_kv_heads=kv_heads, attention=a) for a in ("xla", "matmul")
+    ]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 16)))
+    outs = []
+    for cfg in cfgs:
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+        def loss(p, graphdef=graphdef):
+            logits = nnx.merge(graphdef, p)(tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+        outs.append(jax.value_and_grad(loss)(params))
+    (l_xla, g_xla), (l_mm, g_mm) = outs
+    np.testing.assert_allclose(l_mm, l_xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_mm), jax.tree.leaves(g_xla), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
