@@ -23,6 +23,14 @@ from nnxtrain.config import OptimConfig
 
 Metrics = dict[str, jax.Array]
 
+# The scalars every train step reports, in the order of `pack_metrics`.
+METRIC_NAMES = ("loss", "lm_loss", "z_loss", "perplexity", "total_weights", "grad_norm", "lr")
+
+
+def pack_metrics(metrics: Metrics) -> jax.Array:
+    """The step's scalars as one float32 vector: one device-to-host copy instead of seven."""
+    return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in METRIC_NAMES])
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)

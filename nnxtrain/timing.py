@@ -1,7 +1,8 @@
 """True step timing: a background thread that watches dispatched steps complete.
 
 JAX dispatches asynchronously, so the time a Python call takes says nothing about the
-device. `StepWatcher` gets each step's (small, scalar) metrics right after dispatch; a
+device. `StepWatcher` gets each step's scalar metrics (packed in one small vector) right
+after dispatch; a
 daemon thread waits for them to be ready, stamps the completion time and copies them to
 the host. Step seconds are then the time between consecutive completions, which is what
 the device really spent, and the loop itself never waits on the device except to keep at
@@ -11,7 +12,7 @@ most `max_in_flight` steps queued.
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any
@@ -35,7 +36,8 @@ class StepRecord:
 class StepWatcher:
     """Records completions in order; `wait(step)` blocks until that step is recorded."""
 
-    def __init__(self, max_in_flight: int = 2, keep: int = 4096):
+    def __init__(self, names: Sequence[str], max_in_flight: int = 2, keep: int = 4096):
+        self.names = tuple(names)  # what each entry of a step's metrics vector is
         self.max_in_flight, self.keep = max_in_flight, keep
         self._queue: SimpleQueue[tuple[int, float, Any] | None] = SimpleQueue()
         self._records: dict[int, StepRecord] = {}
@@ -49,7 +51,8 @@ class StepWatcher:
         self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher", daemon=True)
         self._thread.start()
 
-    def submit(self, step: int, dispatched_at: float, metrics: Mapping[str, jax.Array]) -> None:
+    def submit(self, step: int, dispatched_at: float, metrics: jax.Array) -> None:
+        """Queues a dispatched step; `metrics` is one vector, ordered as `names`."""
         self._submitted += 1
         self._queue.put((step, dispatched_at, metrics))
 
@@ -57,7 +60,8 @@ class StepWatcher:
         while (item := self._queue.get()) is not None:
             step, dispatched_at, arrays = item
             try:
-                host = jax.device_get(arrays)  # waits for the step to finish
+                # One device-to-host copy per step, and it waits for the step to finish.
+                host = np.asarray(jax.device_get(arrays), dtype=np.float64)
             except BaseException as e:  # surfaced to the loop by wait()
                 with self._done:
                     self._error = e
@@ -72,7 +76,7 @@ class StepWatcher:
                 now,
                 now - start,
                 gap,
-                {k: float(np.asarray(v)) for k, v in host.items()},
+                dict(zip(self.names, host.tolist(), strict=True)),
             )
             self._last_completed = now
             if self.nonfinite is None and not all(

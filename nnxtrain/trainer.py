@@ -60,7 +60,14 @@ from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
 from nnxtrain.model import Transformer
 from nnxtrain.registry import build_callbacks
 from nnxtrain.sharding import ActivationRecord, merge_rules, state_shardings, use_rules
-from nnxtrain.step import TrainState, make_eval_step, make_optimizer, make_train_step
+from nnxtrain.step import (
+    METRIC_NAMES,
+    TrainState,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    pack_metrics,
+)
 from nnxtrain.timing import StepWatcher
 
 
@@ -268,9 +275,12 @@ class Trainer:
 
         self._batch_sharding = batch_sharding(self.mesh)
         self._rows = process_rows(self._batch_sharding, cfg.run.batch_size)
-        train_step = make_train_step(
-            self.graphdef, tx, schedule, cfg.optim.z_loss, cfg.run.grad_accum
-        )
+        step_fn = make_train_step(self.graphdef, tx, schedule, cfg.optim.z_loss, cfg.run.grad_accum)
+
+        def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array]:
+            state, metrics = step_fn(state, batch)
+            return state, pack_metrics(metrics)
+
         t0 = time.perf_counter()
         with use_rules(self.mesh, rules) as records:
             jitted = jax.jit(
@@ -313,7 +323,7 @@ class Trainer:
             self.state = init()
         self.step = int(jax.device_get(self.state.step))
         self._fire("on_train_start", TrainStartEvent(self.step, cfg.run.steps))
-        watcher = self._watcher = StepWatcher()
+        watcher = self._watcher = StepWatcher(METRIC_NAMES)
         t_start = time.perf_counter()
         reason, eval_metrics = "completed", {}
         next_batch = self._device_batch(self.step) if self.step < cfg.run.steps else None
