@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench docs
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,3 +24,9 @@ test: lint
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/trainer_vs_bare.py
+
+# Regenerates the key tables of docs/config.md from the schemas (a test checks they match).
+docs: $(STAMP)
+	$(VENV)/bin/python -c "from nnxtrain.config import reference_tables as t; \
+	d = open('docs/config.md').read(); i = d.index('## \`model\`'); j = d.index('## \`callbacks\`'); \
+	open('docs/config.md', 'w').write(d[:i] + t().rstrip() + '\n\n' + d[j:])"
