@@ -63,17 +63,19 @@ class MarkovSource:
         """Token sequences [batch, length] started from the stationary distribution."""
         v, k = self.successors.shape
         cum = np.cumsum(self.probs, axis=1)
-        out = np.empty((batch, length), np.int32)
-        out[:, 0] = rng.choice(v, size=batch, p=self.stationary)
-        rows = np.arange(batch)
+        # All random draws up front: the loop below only indexes (it runs on the host
+        # while the device trains, so it should cost little).
+        first = rng.choice(v, size=batch, p=self.stationary)
+        u = rng.random((length, batch, 1))
+        jump = rng.random((length, batch)) < self.floor
+        anywhere = rng.integers(0, v, size=(length, batch), dtype=np.int32)
+        out = np.empty((length, batch), np.int32)
+        out[0] = first
         for t in range(1, length):
-            prev = out[:, t - 1]
-            pick = np.minimum((cum[prev] < rng.random(batch)[:, None]).sum(axis=1), k - 1)
-            nxt = self.successors[prev, pick]
-            jump = rng.random(batch) < self.floor
-            nxt[jump] = rng.integers(0, v, size=int(jump.sum()))
-            out[rows, t] = nxt
-        return out
+            prev = out[t - 1]
+            pick = np.minimum((cum[prev] < u[t]).sum(axis=1), k - 1)
+            out[t] = np.where(jump[t], anywhere[t], self.successors[prev, pick])
+        return np.ascontiguousarray(out.T)
 
 
 class SyntheticData:
