@@ -88,7 +88,7 @@ class RunConfig:
     eval_batches: int = 4  # held-out batches per evaluation
     host_devices: int = 0  # simulated CPU devices (set before JAX starts); 0 = leave as is
     fail_fast: bool = False  # in a multirun, stop the sweep at the first failed job
-    compile_cache: str = "~/.cache/nnxtrain/jax"  # JAX's persistent compilation cache; "" = off
+    compile_cache: str = "auto"  # compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 - `run.host_devices=N` gives the CPU backend N devices (`jax_num_cpu_devices`), so a
   laptop can compile and run the sharded step of an 8-device mesh without XLA_FLAGS.
 - `run.compile_cache=DIR` keeps compiled steps on disk (JAX's persistent compilation
-  cache, on by default in ~/.cache/nnxtrain/jax), so a second start skips XLA's compile.
+  cache; `auto`, the default, is $XDG_CACHE_HOME/nnxtrain/jax, i.e. ~/.cache/nnxtrain/jax;
+  "" turns it off), so a second start skips XLA's compile.
 - `mesh.coordinator=HOST:PORT mesh.num_processes=P mesh.process_id=I` joins a multi-process
   run through `jax.distributed.initialize`; `mesh.num_processes=-1` lets JAX detect the
   cluster from the environment (SLURM, Open MPI, Kubernetes, ...). A coordinator that
@@ -66,6 +67,9 @@ def start_jax(cfg: Config) -> None:
 
 def _use_compile_cache(directory: str) -> None:
     """Points JAX's persistent compilation cache at `directory` ('' turns it off)."""
+    if directory == "auto":  # the XDG user cache, ~/.cache unless XDG_CACHE_HOME says else
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        directory = os.path.join(cache_home, "nnxtrain", "jax")
     path = os.path.expanduser(directory) if directory else None
     if path:
         try:

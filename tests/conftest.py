@@ -13,12 +13,17 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 from nnxtrain.config import ModelConfig
+
+# Every run the tests start (in-process or as a CLI subprocess) keeps its default compilation
+# cache ($XDG_CACHE_HOME/nnxtrain/jax) out of the user's home directory.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nnxtrain-test-cache-")
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
