@@ -7,9 +7,9 @@ record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX i
 installed. On a terminal a rich progress bar runs below the lines.
 
 Seconds are true device time: measured between step completions (see `nnxtrain.timing`),
-averaged over the window since the previous line. A window slower than twice (or faster
-than half) the run's median so far carries a `note` saying why. It waits on the device
-only at the steps it logs. Uses only the public plugin API.
+averaged over the window since the previous line. A window more than 1.5x away from the
+run's median so far carries a `note` saying why (the margin allows for the median still
+moving). It waits on the device only at the steps it logs. Uses only the public plugin API.
 """
 
 import json
@@ -144,12 +144,15 @@ class MetricsLogger(Callback):
         gap = sum(r.host_gap for r in records)
         if gap > 0.25 * seconds * len(records):
             reasons.append(f"device waited {gap:.3f} s for the host (eval, saves, callbacks)")
-        history = self._window_seconds[1:]  # the first window includes warm-up
-        if history:
+        # The run's final median is not known yet: compare with the median so far (without
+        # the warm-up window once there are others) with a margin, 1.5x rather than 2x, so
+        # that a step far from the final median still carries its note when the median drifts.
+        history = self._window_seconds[1:] or self._window_seconds
+        if history and not reasons:
             median = statistics.median(history)
-            if (seconds > 2 * median or seconds < 0.5 * median) and not reasons:
+            if seconds > 1.5 * median or seconds < median / 1.5:
                 reasons.append(
-                    f"{seconds / median:.2f}x the median step time (machine load or noise)"
+                    f"{seconds / median:.2f}x the median step time so far (machine load or noise)"
                 )
         return "; ".join(reasons)
 
