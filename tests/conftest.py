@@ -85,3 +85,13 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def shardings_table(text: str) -> dict[str, list[str]]:
+    """First cell -> cells of every table row of a shardings.txt (the sharding printer's)."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) >= 4 and cells[0] not in ("path", "name"):
+            out[cells[0]] = cells
+    return out

@@ -150,8 +150,7 @@ def test_host_devices_dry_run_on_target_mesh(tmp_path: Path) -> None:
 
 
 def test_indivisible_dimension_names_the_parameter(tmp_path: Path) -> None:
-    # tiny has emb_dim=32: fsdp=8 splits it, but mapping `mlp` (64) and `embed` over a
-    # 3-way axis cannot work; use tensor=8 on 4 heads instead.
+    # tiny has 2 kv heads: tensor=8 cannot split them (nor the 4 query heads) 8 ways.
     proc = _cli(
         "model=tiny",
         "run.dry_run=true",

@@ -7,18 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shardings_table
 
 pytestmark = pytest.mark.slow
-
-
-def table(text: str) -> dict[str, list[str]]:
-    """First cell -> cells of every table row of a shardings file."""
-    out = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.split("│")]
-        if len(cells) >= 4 and cells[0] not in ("path", "name"):
-            out[cells[0]] = cells
-    return out
 
 
 def axes(cell: str) -> list[str]:
@@ -56,7 +47,7 @@ def test_debug_callbacks_on_an_fsdp8_mesh(tmp_path: Path) -> None:
     params_text, _, activations_text = (
         (tmp_path / "shardings.txt").read_text().partition("\nactivations (")
     )
-    params, activations = table(params_text), table(activations_text)
+    params, activations = shardings_table(params_text), shardings_table(activations_text)
     assert len(params) == 12 and len(activations) == 8
     embed_rows = 0
     for name, cells in params.items():
@@ -67,7 +58,7 @@ def test_debug_callbacks_on_an_fsdp8_mesh(tmp_path: Path) -> None:
     assert embed_rows >= 8  # embedding, lm_head, q/k/v/o, three MLP matrices
     assert params["embed"][4] == "[64, 4]"  # one device's shard of the 64 x 32 embedding
     assert activations["embed/out"][3] == "(data+fsdp, None, None)"
-    split = table((tmp_path / "split.txt").read_text())
+    split = shardings_table((tmp_path / "split.txt").read_text())
     assert "layers/mlp/w_up" in split and "logits" in split
     assert not any("norm" in name for name in split)  # norms are replicated
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +25,8 @@ TINY = [
 ]
 
 
-def _nnxtrain(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).with_name("nnxtrain")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+def _nnxtrain(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(list(args), cwd=Path.cwd(), timeout=600)
 
 
 def _losses(run_dir: Path) -> list[float]:

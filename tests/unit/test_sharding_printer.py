@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shardings_table
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 from nnxtrain.plugins.sharding_printer import ShardingPrinter, format_physical, is_split
@@ -37,16 +38,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Keep, Path]:
     return trainer, keep, run_dir
 
 
-def rows(text: str) -> dict[str, list[str]]:
-    """First cell -> cells of every table row in a shardings.txt."""
-    out = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.split("│")]
-        if len(cells) >= 4 and cells[0] not in ("path", "name"):
-            out[cells[0]] = cells
-    return out
-
-
 def params(trainer: Trainer) -> dict[str, Any]:
     flat = nnx.to_flat_state(trainer.abstract_state.params)
     return {"/".join(map(str, path)): var for path, var in flat}
@@ -67,7 +58,7 @@ def drive(trainer: Trainer, keep: Keep, tmp: Path, mesh: Any = None, **options: 
 
 def test_every_parameter_and_activation_with_its_axes(run: Any) -> None:
     trainer, _, run_dir = run
-    table = rows((run_dir / "shardings.txt").read_text())
+    table = shardings_table((run_dir / "shardings.txt").read_text())
     for name, var in params(trainer).items():
         sds, logical = var.get_value(), var.get_metadata()["out_sharding"]
         assert name in table, name
@@ -82,7 +73,7 @@ def test_every_parameter_and_activation_with_its_axes(run: Any) -> None:
 
 
 def test_embed_axes_map_to_fsdp(run: Any) -> None:
-    table = rows((run[2] / "shardings.txt").read_text())
+    table = shardings_table((run[2] / "shardings.txt").read_text())
     embed = table["embed"]
     assert embed[2] == "(vocab, embed)" and embed[3] == "(tensor, fsdp)"
 
@@ -91,20 +82,20 @@ def test_filter_regex_and_substring(run: Any, tmp_path: Path) -> None:
     trainer, keep = run[0], run[1]
     for sub in "abc":
         (tmp_path / sub).mkdir()
-    shown = rows(drive(trainer, keep, tmp_path / "a", filter="attn/w[qk]|logits"))
+    shown = shardings_table(drive(trainer, keep, tmp_path / "a", filter="attn/w[qk]|logits"))
     assert set(shown) == {"layers/attn/wq", "layers/attn/wk", "logits"}
-    shown = rows(drive(trainer, keep, tmp_path / "b", filter="norm"))
+    shown = shardings_table(drive(trainer, keep, tmp_path / "b", filter="norm"))
     assert set(shown) == {n for n in params(trainer) if "norm" in n}
     assert len(shown) == 3
     # Not a valid regex: matched as a plain substring, which nothing contains.
-    assert rows(drive(trainer, keep, tmp_path / "c", filter="scale[")) == {}
+    assert shardings_table(drive(trainer, keep, tmp_path / "c", filter="scale[")) == {}
 
 
 def test_only_sharded_keeps_tensors_split_over_a_real_axis(run: Any, tmp_path: Path) -> None:
     trainer, keep = run[0], run[1]
     # One device in-process: ask the printer about a 4-way fsdp mesh of the same axes.
     mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
-    shown = rows(drive(trainer, keep, tmp_path, mesh=mesh, only_sharded=True))
+    shown = shardings_table(drive(trainer, keep, tmp_path, mesh=mesh, only_sharded=True))
     expected = {
         n for n, v in params(trainer).items() if "embed" in v.get_metadata()["out_sharding"]
     }
@@ -114,7 +105,7 @@ def test_only_sharded_keeps_tensors_split_over_a_real_axis(run: Any, tmp_path: P
 
 
 def test_nothing_is_split_on_one_device(run: Any, tmp_path: Path) -> None:
-    assert rows(drive(run[0], run[1], tmp_path, only_sharded=True)) == {}
+    assert shardings_table(drive(run[0], run[1], tmp_path, only_sharded=True)) == {}
 
 
 def test_format_physical_and_is_split() -> None:
