@@ -1,12 +1,13 @@
 """The CPU bench suite: every figure is a ratio of two things measured in this one run.
 
-    python -m bench.cpu_suite [--steps 40] [--reps 3] [--skip startup]
+    python -m bench.cpu_suite [--steps 40] [--reps 3] [--skip startup] [--host-devices -1]
 
 1. trainer vs bare: Trainer.fit() (default plugins) against a hand-written jitted loop,
    same model and batches (target <= 1.03);
-2. MFU on CPU: the accounting's FLOPs per step / the median true step time, divided by
-   this machine's float32 matmul FLOP/s measured now, for the default model and a small
-   char-level model (4 layers, 4 heads, emb 128, seq_len 64, batch 12; target >= 50%);
+2. MFU on CPU: the accounting's FLOPs per step (all devices together) / the median true
+   step time, divided by this machine's float32 matmul FLOP/s measured now (all cores), for
+   the default model and a small char-level model (4 layers, 4 heads, emb 128, seq_len 64,
+   batch 12; target >= 50%);
 3. start-up: time to the first completed step of a fresh `nnxtrain` process, cold (empty
    compilation cache) and warm (cache filled by the cold run); target warm <= 0.3 x cold.
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from bench.trainer_vs_bare import bare_loop, trainer_loop
 from nnxtrain import Callback, StepEndEvent, Trainer, compose
+from nnxtrain.distributed import start_jax
 
 CHAR_MODEL = [
     "model.name=char",
@@ -42,17 +44,19 @@ CHAR_MODEL = [
 
 
 def matmul_flops(n: int = 1024, reps: int = 20) -> float:
-    """This machine's float32 matmul FLOP/s now (best of 3 timings of `reps` matmuls)."""
-    a = jnp.ones((n, n), jnp.float32)
+    """This machine's float32 matmul FLOP/s now: the best of 3 timings of `reps` n^3 matmuls,
+    on device 0 alone and on every device at once (whichever keeps all cores busier)."""
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        out = [f(a) for _ in range(reps)]
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
-    return reps * 2 * n**3 / best
+    best = 0.0
+    for devices in ([jax.devices()[0]], jax.devices()):
+        arrays = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
+        jax.block_until_ready([f(a) for a in arrays])
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = [f(a) for _ in range(reps) for a in arrays]
+            jax.block_until_ready(out)
+            best = max(best, len(out) * 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 class _StepTimes(Callback):
@@ -71,7 +75,8 @@ class _StepTimes(Callback):
 
 
 def model_flops_per_sec(overrides: list[str], steps: int, run_dir: str) -> tuple[float, float]:
-    """(model FLOP/s, median step seconds) of Trainer.fit() with no plugins."""
+    """(model FLOP/s of all devices together, median step seconds) of Trainer.fit() with no
+    plugins."""
     cfg = compose(
         [
             *overrides,
@@ -86,7 +91,7 @@ def model_flops_per_sec(overrides: list[str], steps: int, run_dir: str) -> tuple
     trainer.fit()
     assert trainer.flops is not None
     median = statistics.median(times.seconds())
-    return trainer.flops.flops_per_step_per_device / median, median
+    return trainer.flops.flops_per_step_per_device * trainer.mesh.size / median, median
 
 
 def startup_seconds(cache: str, run_dir: str) -> tuple[float, float]:
@@ -117,15 +122,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "mfu", "startup"])
+    parser.add_argument(
+        "--host-devices", type=int, default=-1, help="run.host_devices for parts 1 and 2"
+    )
     args = parser.parse_args()
-    lines = [f"backend {jax.default_backend()}, {jax.device_count()} device(s)"]
+    devices = f"run.host_devices={args.host_devices}"
+    start_jax(compose([devices]))  # before any JAX work: the devices of a default run
+    lines = [f"backend {jax.default_backend()}, {jax.device_count()} device(s) ({devices})"]
     with tempfile.TemporaryDirectory() as tmp:
         if "overhead" not in args.skip:
-            cfg = compose([f"run.steps={args.steps}"])
+            cfg = compose([devices, f"run.steps={args.steps}"])
             bare, trainer = [], []
             for rep in range(args.reps):
                 bare.append(bare_loop(cfg, args.steps))
-                trainer.append(trainer_loop([], args.steps, f"{tmp}/ovh{rep}"))
+                trainer.append(trainer_loop([devices], args.steps, f"{tmp}/ovh{rep}"))
             b, t = statistics.median(bare), statistics.median(trainer)
             lines.append(
                 f"trainer vs bare (default model): {t * 1e3:.1f} / {b * 1e3:.1f} ms/step"
@@ -134,7 +144,9 @@ def main() -> None:
         if "mfu" not in args.skip:
             for name, overrides in (("default", []), ("char", CHAR_MODEL)):
                 peak = matmul_flops()
-                achieved, median = model_flops_per_sec(overrides, args.steps + 5, f"{tmp}/{name}")
+                achieved, median = model_flops_per_sec(
+                    [devices, *overrides], args.steps + 5, f"{tmp}/{name}"
+                )
                 peak = max(peak, matmul_flops())  # best of before and after the run
                 lines.append(
                     f"MFU {name} model: {achieved / 1e9:.1f} GFLOP/s model / {peak / 1e9:.1f} "

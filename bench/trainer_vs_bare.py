@@ -1,9 +1,11 @@
 """Trainer overhead: the Trainer (default plugins on) against a bare hand-written jitted loop.
 
-Both train the same model on the same batches with the same optimizer, in one process,
-interleaved (bare, trainer, bare, trainer, ...), and each repetition's time per step is
-measured from the first dispatch to the last completion. Prints both medians and their
-ratio; the target is trainer/bare <= 1.03.
+Both train the same model on the same batches with the same optimizer, on the same devices,
+mesh and shardings (the bare loop lays its arrays out with nnxtrain's mesh and sharding
+helpers, as a hand-written sharded loop would), in one process, interleaved (bare, trainer,
+bare, trainer, ...), and each repetition's time per step is measured from the first
+dispatch to the last completion. Prints both medians and their ratio; the target is
+trainer/bare <= 1.03.
 
     python bench/trainer_vs_bare.py [--steps 60] [--reps 3] [overrides ...]
 """
@@ -21,16 +23,22 @@ from flax import nnx
 
 from nnxtrain import Callback, Trainer, compose
 from nnxtrain.data import build_dataset
+from nnxtrain.distributed import start_jax
+from nnxtrain.mesh import batch_sharding, build_mesh
 from nnxtrain.model import Transformer
+from nnxtrain.sharding import merge_rules, state_shardings, use_rules
 from nnxtrain.step import make_optimizer
 
 
 def bare_loop(cfg: Any, steps: int) -> float:
     """Seconds per step of the simplest correct loop: jit, donate, no callbacks."""
     data = build_dataset(cfg)
+    mesh, rules = build_mesh(cfg.mesh), merge_rules(cfg.mesh.rules)
     graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed)))
     tx, _ = make_optimizer(cfg.optim, cfg.run.steps)
-    opt_state = tx.init(params)
+    shardings = state_shardings((params, tx.init(params)), mesh, rules)
+    params, opt_state = jax.device_put((params, tx.init(params)), shardings)
+    on_mesh = batch_sharding(mesh)
 
     def step(params: Any, opt_state: Any, batch: dict[str, Any]) -> Any:
         def loss_fn(p: Any) -> jax.Array:
@@ -41,13 +49,20 @@ def bare_loop(cfg: Any, steps: int) -> float:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    batch = jax.device_put(data.batch(0, cfg.run.batch_size, cfg.run.seq_len))
+    batch = jax.device_put(data.batch(0, cfg.run.batch_size, cfg.run.seq_len), on_mesh)
     # Compiled ahead of time, like the Trainer's step: both timings start at the first
     # dispatch and include the first execution.
-    jstep = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    with use_rules(mesh, rules):  # the model's activation constraints, as in the Trainer
+        jitted = jax.jit(
+            step,
+            in_shardings=(*shardings, on_mesh),
+            out_shardings=(*shardings, None),
+            donate_argnums=(0, 1),
+        )
+        jstep = jitted.lower(params, opt_state, batch).compile()
     t0 = time.perf_counter()
     for i in range(steps):
-        batch = jax.device_put(data.batch(i, cfg.run.batch_size, cfg.run.seq_len))
+        batch = jax.device_put(data.batch(i, cfg.run.batch_size, cfg.run.seq_len), on_mesh)
         params, opt_state, loss = jstep(params, opt_state, batch)
     jax.block_until_ready(loss)
     return (time.perf_counter() - t0) / steps
@@ -83,6 +98,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = compose([*args.overrides, f"run.steps={args.steps}"])
+    start_jax(cfg)  # the devices a run of this config gets (run.host_devices)
     bare, trainer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
@@ -91,7 +107,8 @@ def main() -> None:
     b, t = statistics.median(bare), statistics.median(trainer)
     print(
         f"\nmodel {cfg.model.name}, batch {cfg.run.batch_size} x {cfg.run.seq_len}, "
-        f"{args.steps} steps x {args.reps} reps, backend {jax.default_backend()}"
+        f"{args.steps} steps x {args.reps} reps, backend {jax.default_backend()}, "
+        f"{jax.device_count()} device(s)"
     )
     for label, times, median in (("bare jitted loop", bare, b), ("Trainer.fit()", trainer, t)):
         reps = ", ".join(f"{x * 1e3:.1f}" for x in times)

@@ -86,7 +86,7 @@ class RunConfig:
     grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
     eval_every: int = 100  # steps between evaluations on held-out batches; 0 = never
     eval_batches: int = 4  # held-out batches per evaluation
-    host_devices: int = 0  # simulated CPU devices (set before JAX starts); 0 = leave as is
+    host_devices: int = -1  # CPU devices (set before JAX starts); -1 = auto, 0 = JAX's default
     fail_fast: bool = False  # in a multirun, stop the sweep at the first failed job
     compile_cache: str = "auto"  # compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax
 
@@ -286,9 +286,11 @@ def validate(cfg: Config) -> Config:
     for key, choice, allowed in choices:
         if choice not in allowed:
             raise ConfigError(key, f"unknown value {choice!r}", f"use one of {', '.join(allowed)}")
-    if r.host_devices < 0:
+    if r.host_devices < -1:
         raise ConfigError(
-            "run.host_devices", f"must be >= 0, got {r.host_devices}", "use 0 to keep JAX's default"
+            "run.host_devices",
+            f"must be >= -1, got {r.host_devices}",
+            "use -1 for one device per core, 0 for JAX's default",
         )
     mc = cfg.mesh
     if mc.coordinator and mc.num_processes < 1:

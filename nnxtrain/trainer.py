@@ -321,7 +321,7 @@ class Trainer:
         if self.state is None:
             init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
             self.state = init()
-        self.step = int(jax.device_get(self.state.step))
+        self.step = start_step = int(jax.device_get(self.state.step))
         self._fire("on_train_start", TrainStartEvent(self.step, cfg.run.steps))
         watcher = self._watcher = StepWatcher(METRIC_NAMES)
         t_start = time.perf_counter()
@@ -358,7 +358,8 @@ class Trainer:
             )
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 eval_metrics = self.evaluate()
-        final = watcher.wait(self.step).metrics if self.step > 0 else {}
+        # A resumed run that had already finished runs no step: nothing to wait for.
+        final = watcher.wait(self.step).metrics if self.step > start_step else {}
         if reason == "completed" and watcher.nonfinite is not None:
             reason = self._nonfinite_reason(watcher.nonfinite)
         seconds = time.perf_counter() - t_start

@@ -25,6 +25,10 @@ from nnxtrain.config import ModelConfig
 # cache ($XDG_CACHE_HOME/nnxtrain/jax) out of the user's home directory.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nnxtrain-test-cache-")
 
+# In-process runs share one JAX: pin its CPU device count, so that no test depends on which
+# test started JAX first (`run.host_devices=-1` keeps the devices of a JAX that runs).
+jax.config.update("jax_num_cpu_devices", 1)
+
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))

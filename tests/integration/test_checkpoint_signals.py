@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 STEPS = 40
 TRAIN = [
     "model=tiny",
+    "mesh=single",  # one device in the CLI too: bitwise equal to the in-process reference
     f"run.steps={STEPS}",
     "run.batch_size=4",
     "run.seq_len=16",

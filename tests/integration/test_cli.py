@@ -12,6 +12,7 @@ from conftest import cli_env, run_cli
 
 from nnxtrain.accounting import count_params
 from nnxtrain.config import compose
+from nnxtrain.distributed import auto_host_devices
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,19 @@ def test_short_run_exits_0(short_run):
     proc, _ = short_run
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_short_run_uses_one_cpu_device_per_core(short_run):
+    """`run.host_devices=-1` (auto): the default fsdp mesh spans one device per core."""
+    proc, run_dir = short_run
+    cfg = compose(["model=tiny", "run.batch_size=4", "run.seq_len=16"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("XLA_FLAGS", raising=False)  # as in the CLI's environment (cli_env)
+        expected = auto_host_devices(cfg) or 1
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["mesh"] == {"data": 1, "fsdp": expected, "tensor": 1}
+    plural = "device" if expected == 1 else "devices"
+    assert f"({expected} cpu {plural})" in proc.stdout
 
 
 def test_short_run_logs_every_metric(short_run):

@@ -7,6 +7,7 @@ compilation cache, so each costs well under a second after the first compile.
 import io
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,23 @@ def test_stop_at_12_and_rerun_gives_bitwise_identical_losses(reference, tmp_path
     assert result.step == 20 and sorted(resumed.losses) == list(range(13, 21))
     assert [resumed.losses[s] for s in range(13, 21)] == [ref.losses[s] for s in range(13, 21)]
     assert resumed.seen == 20  # 12 restored from the checkpoint + 8 new
+
+
+def test_rerunning_a_finished_run_resumes_at_its_end_and_returns(reference, tmp_path):
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    losses, done = Losses(), []
+    # In a thread: a loop that waits for a step it never ran must fail here, not hang.
+    worker = threading.Thread(
+        target=lambda: done.append(fit(tmp_path / "run", Checkpointer(), losses)), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "fit() did not return"
+    result, text = done[0]
+    assert "resumed from step 20" in text
+    assert (result.step, result.reason, losses.seen) == (20, "completed", 20)
+    assert result.metrics == {}
 
 
 def test_load_from_a_mid_run_step_continues_exactly(reference, tmp_path):
