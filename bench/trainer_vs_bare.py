@@ -36,8 +36,9 @@ def bare_loop(cfg: Any, steps: int) -> float:
     mesh, rules = build_mesh(cfg.mesh), merge_rules(cfg.mesh.rules)
     graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed)))
     tx, _ = make_optimizer(cfg.optim, cfg.run.steps)
-    shardings = state_shardings((params, tx.init(params)), mesh, rules)
-    params, opt_state = jax.device_put((params, tx.init(params)), shardings)
+    state = (params, tx.init(params))
+    shardings = state_shardings(state, mesh, rules)
+    params, opt_state = jax.device_put(state, shardings)
     on_mesh = batch_sharding(mesh)
 
     def step(params: Any, opt_state: Any, batch: dict[str, Any]) -> Any:
