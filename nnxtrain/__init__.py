@@ -7,8 +7,9 @@ The public API for plugin authors and Python users:
 """
 
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
+from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
-from nnxtrain.errors import ConfigError, PluginError, UserError
+from nnxtrain.errors import ConfigError, PluginError, UserError, first_line
 from nnxtrain.events import (
     Callback,
     CompileEvent,
@@ -18,19 +19,24 @@ from nnxtrain.events import (
     SetupEvent,
     StepEndEvent,
     TrainEndEvent,
+    TrainerView,
     TrainStartEvent,
 )
 from nnxtrain.sharding import ActivationRecord
+from nnxtrain.step import METRIC_NAMES
 from nnxtrain.timing import StepRecord
-from nnxtrain.trainer import CompiledMemory, FitResult, Trainer
+from nnxtrain.trainer import FitResult, Trainer
+from nnxtrain.units import format_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METRIC_NAMES",
     "ActivationRecord",
     "Callback",
     "CompileEvent",
     "CompiledMemory",
+    "CompiledStep",
     "Config",
     "ConfigError",
     "EvalEndEvent",
@@ -45,8 +51,11 @@ __all__ = [
     "TrainEndEvent",
     "TrainStartEvent",
     "Trainer",
+    "TrainerView",
     "UserError",
     "compose",
     "count_params",
+    "first_line",
+    "format_bytes",
     "step_flops",
 ]

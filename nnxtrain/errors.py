@@ -3,7 +3,7 @@
 Raise `ConfigError` for a bad key or value and `UserError` for anything else a user can
 fix (a file, a plugin, the run directory). `nnxtrain.cli` prints `str(error)` and exits
 with code 2; code that catches an exception from deeper down re-raises it as one of these
-with the key or file named.
+with the key or file named, quoting the cause with `first_line(e)`.
 """
 
 
@@ -21,3 +21,10 @@ class ConfigError(UserError):
 
 class PluginError(UserError):
     """A callback plugin failed to load or raised inside a hook; names the plugin."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit` characters: a cause quoted inside
+    a one-line error (library messages often run to many lines)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"

@@ -6,7 +6,7 @@ the trainer first, then a frozen event object with the facts of that moment. doc
 is the manual; in short:
 
     on_setup(trainer, SetupEvent)          config, mesh, abstract state, FLOPs exist
-    on_compile(trainer, CompileEvent)      the train step was compiled ahead of time
+    on_compile(trainer, CompileEvent)      the train and eval steps were compiled ahead of time
     on_train_start(trainer, TrainStartEvent)  state initialised or restored
     on_step_end(trainer, StepEndEvent)     a step was dispatched; metrics are lazy
     on_eval_end(trainer, EvalEndEvent)     an evaluation pass completed
@@ -14,22 +14,26 @@ is the manual; in short:
     on_exception(trainer, ExceptionEvent)  something raised in setup or the loop
     teardown(trainer)                      always, last: release files, threads, handles
 
-Plugins steer the run through the trainer (`trainer.request_stop(reason)`,
+The `trainer` a hook receives is seen through `TrainerView`: the attributes and controls
+a plugin may use. Plugins steer the run through it (`trainer.request_stop(reason)`,
 `trainer.request_save()`), never by raising. `state_dict()`/`load_state_dict()` let a
-plugin's own state ride along in checkpoints.
+plugin's own state ride along in checkpoints. This module imports no part of the trainer.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
+    from rich.console import Console
 
     from nnxtrain.accounting import FlopsReport
+    from nnxtrain.compile import CompiledStep
     from nnxtrain.config import Config
+    from nnxtrain.sharding import ActivationRecord
+    from nnxtrain.step import TrainState
     from nnxtrain.timing import StepRecord
-    from nnxtrain.trainer import CompiledMemory, Trainer
 
 HOOKS = (
     "on_setup",
@@ -42,34 +46,69 @@ HOOKS = (
 )
 
 
+class TrainerView(Protocol):
+    """What a plugin sees of the trainer: the run's facts, its state, and the controls.
+
+    Treat every attribute as read-only except `state`. They are filled in as the run goes:
+    `mesh`, `run_dir`, `flops` and `abstract_state` before `on_setup`, `compiled` and
+    `activations` before `on_compile`, `state` before `on_train_start` (a plugin may set
+    it in `on_setup` or `on_train_start`, to restore).
+    """
+
+    config: "Config"  # the validated run config
+    console: "Console"  # where plugins print (quiet on processes other than 0)
+    callbacks: "Sequence[Callback]"  # every plugin of the run, in config order
+    dataset: Any  # the dataset: batch(), and state_dict()/load_state_dict() when it has them
+    mesh: "Mesh | None"  # the device mesh
+    run_dir: str  # where this run writes its files
+    flops: "FlopsReport | None"  # parameter count and FLOPs per step per device
+    abstract_state: Any  # TrainState of ShapeDtypeStructs carrying their shardings
+    state_shardings: Any  # TrainState of NamedShardings
+    activations: "Mapping[str, ActivationRecord]"  # the train step's annotated activations
+    compiled: Any  # the compiled train step (jax Compiled)
+    state: "TrainState | None"  # the current train state (a plugin may replace it)
+    step: int  # steps done
+    run_info: dict[str, Any]  # what run_info.json holds
+    preempted: str | None  # the signal all processes agreed to stop on, if any
+
+    def request_stop(self, reason: str) -> None:
+        """Ends the loop before the next step; `on_train_end` then reports the reason."""
+
+    def request_save(self) -> None:
+        """Asks the checkpointing plugin to save after the current step."""
+
+    def consume_save_request(self) -> bool:
+        """For the checkpointing plugin: whether a save was requested; clears the request."""
+
+
 class Callback:
     """Base class of every plugin. Override the hooks you need; all default to no-ops."""
 
     #: Set by the loader to the config key (`callbacks.<name>`); the class name otherwise.
     name: str = ""
 
-    def on_setup(self, trainer: "Trainer", event: "SetupEvent") -> None:
+    def on_setup(self, trainer: "TrainerView", event: "SetupEvent") -> None:
         """Config, mesh, abstract state and accounting exist; nothing is allocated yet."""
 
-    def on_compile(self, trainer: "Trainer", event: "CompileEvent") -> None:
-        """The train step has been compiled ahead of time."""
+    def on_compile(self, trainer: "TrainerView", event: "CompileEvent") -> None:
+        """The train step (and the eval step, when the run evaluates) compiled ahead of time."""
 
-    def on_train_start(self, trainer: "Trainer", event: "TrainStartEvent") -> None:
+    def on_train_start(self, trainer: "TrainerView", event: "TrainStartEvent") -> None:
         """The state is initialised (or restored); the first step is about to run."""
 
-    def on_step_end(self, trainer: "Trainer", event: "StepEndEvent") -> None:
+    def on_step_end(self, trainer: "TrainerView", event: "StepEndEvent") -> None:
         """A step was dispatched; reading `event.metrics` waits for that step only."""
 
-    def on_eval_end(self, trainer: "Trainer", event: "EvalEndEvent") -> None:
+    def on_eval_end(self, trainer: "TrainerView", event: "EvalEndEvent") -> None:
         """An evaluation pass completed."""
 
-    def on_train_end(self, trainer: "Trainer", event: "TrainEndEvent") -> None:
+    def on_train_end(self, trainer: "TrainerView", event: "TrainEndEvent") -> None:
         """The loop ended: all steps done, a stop was requested, or a loss was not finite."""
 
-    def on_exception(self, trainer: "Trainer", event: "ExceptionEvent") -> None:
+    def on_exception(self, trainer: "TrainerView", event: "ExceptionEvent") -> None:
         """Something raised during setup or the loop; the run is about to end."""
 
-    def teardown(self, trainer: "Trainer") -> None:
+    def teardown(self, trainer: "TrainerView") -> None:
         """Always called last, after success or failure: close files, join threads."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -99,12 +138,16 @@ class SetupEvent:
 
 @dataclass(frozen=True)
 class CompileEvent:
-    """Fired once the train step has been lowered and compiled."""
+    """Fired once the steps have been lowered and compiled, before any state exists.
 
-    compiled: Any  # the jax Compiled object: .memory_analysis(), .cost_analysis(), .as_text()
-    memory: "CompiledMemory"  # per-device argument/output/alias/temp/total bytes
-    lower_seconds: float  # time to trace and lower the step
-    compile_seconds: float  # time XLA took to compile it
+    Each `CompiledStep` has `.compiled` (the jax Compiled object: .memory_analysis(),
+    .cost_analysis(), .as_text()), `.memory` (per-device argument/output/alias/temp/total
+    bytes), `.lower_seconds`, `.compile_seconds` and `.activations` (as traced).
+    """
+
+    train: "CompiledStep"  # the train step: (state, batch) -> (state, metrics)
+    eval: "CompiledStep | None"  # the eval step: (params, batch) -> loss sums; None if
+    # the run does not evaluate (run.eval_every=0)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,19 @@
 
     mesh = build_mesh(cfg.mesh)                 # uses jax.devices()
     batch_sharding(mesh)                        # batch split over data and fsdp
+    cfg = resolve_batch(cfg, mesh)              # run.batch_size=-1 -> one row per device
 
 Checks run before anything is allocated and fail with the key and the fix.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from nnxtrain.config import MeshConfig
+from nnxtrain.config import Config, MeshConfig
 from nnxtrain.errors import ConfigError
 from nnxtrain.sharding import MESH_AXES
 
@@ -70,3 +72,24 @@ def data_parallel_size(mesh: Mesh) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches [batch, length] are split over data and fsdp along the batch axis."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def resolve_batch(cfg: Config, mesh: Mesh) -> Config:
+    """`cfg` with run.batch_size=-1 resolved to the mesh's size; checks that the batch
+    splits into run.grad_accum micro-batches that split over the data-parallel devices."""
+    run, dp = cfg.run, data_parallel_size(mesh)
+    batch = mesh.size if run.batch_size == -1 else run.batch_size
+    if batch % run.grad_accum:
+        raise ConfigError(
+            "run.grad_accum",
+            f"batch size {batch} is not divisible by run.grad_accum={run.grad_accum}",
+            "pick a divisor of the batch",
+        )
+    if (batch // run.grad_accum) % dp:
+        raise ConfigError(
+            "run.batch_size",
+            f"micro-batch of {batch // run.grad_accum} "
+            f"sequences cannot be split over data*fsdp={dp} devices",
+            f"use a batch size that is a multiple of {dp * run.grad_accum}",
+        )
+    return dataclasses.replace(cfg, run=dataclasses.replace(run, batch_size=batch))

@@ -1,112 +1,70 @@
-"""The `Trainer`: owns the training loop, the compiled step and the events plugins hear.
+"""The `Trainer`: the training loop, and the events plugins hear along the way.
 
     from nnxtrain import Trainer
     from nnxtrain.config import compose
     result = Trainer(compose(["run.steps=50"])).fit()
     result.metrics["loss"], result.state
 
-What `fit()` does, in order: build the mesh and check the config against it; build the
-model abstractly (`eval_shape`: no parameter memory) and derive every array's sharding
-from its logical axis names; fire `on_setup` (a plugin may restore `trainer.state` here);
-lower and compile the train step ahead of time with the state donated and fire
-`on_compile`; write `run_info.json`; stop here on a dry run. Otherwise initialise the state
-already sharded (unless restored), fire `on_train_start`, and loop: dispatch a step, fire
+`fit()` reads as the run goes: build the mesh and check the config against it; plan the
+state abstractly (no parameter memory) and fire `on_setup` (a plugin may restore
+`trainer.state` here); compile the train and eval steps ahead of time under the
+logical-axis rules (`nnxtrain.compile`) and fire `on_compile`; write `run_info.json`; stop
+here on a dry run. Otherwise initialise the state already sharded (unless restored), fire
+`on_train_start`, and loop: place a batch (`nnxtrain.feed`), dispatch a step, fire
 `on_step_end`, evaluate every `run.eval_every` steps. The loop keeps at most two steps in
 flight and never waits on the device for a step nothing reads; `nnxtrain.timing` measures
-true step times from completions. It ends when the steps are done, a plugin asked to
-stop, or a loss or gradient norm is not finite; `on_train_end` fires, then every
-callback's `teardown`, also after an exception (which fires `on_exception` first).
+true step times from completions. It ends when the steps are done, a plugin asked to stop,
+every process agreed to stop on a signal (`nnxtrain.preemption`), or a loss or gradient
+norm is not finite; `on_train_end` fires, then every callback's `teardown`, also after an
+exception (which fires `on_exception` first).
 """
 
 import dataclasses
 import functools
-import json
-import math
-import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
-from omegaconf import OmegaConf
 from rich.console import Console
 
 from nnxtrain.accounting import FlopsReport, step_flops
+from nnxtrain.compile import (
+    CompiledMemory,
+    CompiledStep,
+    ModelFactory,
+    StatePlan,
+    compile_steps,
+    plan_state,
+)
 from nnxtrain.config import Config
-from nnxtrain.data import build_dataset, process_rows, resolve_vocab
+from nnxtrain.data import build_dataset, resolve_vocab
 from nnxtrain.distributed import start_jax
-from nnxtrain.errors import ConfigError, PluginError, UserError
 from nnxtrain.events import (
-    HOOKS,
     Callback,
     CompileEvent,
     EvalEndEvent,
-    ExceptionEvent,
     LazyMetrics,
     SetupEvent,
     StepEndEvent,
     TrainEndEvent,
     TrainStartEvent,
-    overrides,
 )
-from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
+from nnxtrain.feed import Feed
+from nnxtrain.hooks import Hooks
+from nnxtrain.mesh import build_mesh, resolve_batch
 from nnxtrain.model import Transformer
+from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
-from nnxtrain.sharding import ActivationRecord, merge_rules, state_shardings, use_rules
-from nnxtrain.step import (
-    METRIC_NAMES,
-    TrainState,
-    make_eval_step,
-    make_optimizer,
-    make_train_step,
-    pack_metrics,
-)
-from nnxtrain.timing import StepWatcher
+from nnxtrain.rundir import make_run_dir, write_run_info
+from nnxtrain.sharding import ActivationRecord, merge_rules
+from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, summarize
+from nnxtrain.timing import StepRecord, StepWatcher
 
-
-@dataclass(frozen=True)
-class CompiledMemory:
-    """The compiled step's memory per device, in bytes (XLA's memory analysis)."""
-
-    argument: int  # inputs: state and batch
-    output: int  # outputs: new state and metrics
-    alias: int  # outputs that reuse donated input buffers
-    temp: int  # scratch space during the step
-    total: int  # argument + output - alias + temp: peak the step needs
-
-    @classmethod
-    def of(cls, compiled: Any) -> "CompiledMemory":
-        m = compiled.memory_analysis()
-        if m is None:
-            return cls(0, 0, 0, 0, 0)
-        arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
-        alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
-        return cls(arg, out, alias, temp, arg + out - alias + temp)
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def summary(self) -> str:
-        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in self.as_dict().items())
-        return f"compiled step memory per device: {parts}"
-
-
-def _bytes(n: float) -> str:
-    """Bytes in the largest binary unit (up to GiB) that keeps the number >= 1."""
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB"):
-        n /= 1024
-        if abs(n) < 1024:
-            return f"{n:.3f} {unit}"
-    return f"{n / 1024:.3f} GiB"
+__all__ = ["CompiledMemory", "FitResult", "Trainer"]
 
 
 @dataclass(frozen=True)
@@ -115,15 +73,12 @@ class FitResult:
 
     state: TrainState | None  # final state (None after a dry run)
     step: int  # steps done
-    reason: str  # completed | stopped: ... | not finite: ... | dry run
+    reason: str  # completed | stopped: ... | preempted: SIG | not finite: ... | dry run
     metrics: dict[str, float]  # the last step's metrics
     eval_metrics: dict[str, float]  # the last evaluation's metrics (empty if none)
     run_dir: str
     seconds: float = 0.0  # wall time of the loop
     best_eval_loss: float | None = None  # lowest eval/loss of the run (None without eval)
-
-
-ModelFactory = Callable[[nnx.Rngs], nnx.Module]
 
 
 class Trainer:
@@ -148,49 +103,39 @@ class Trainer:
     ):
         start_jax(config)  # before anything asks JAX for its devices
         self.config = config
-        self.callbacks = (
-            list(callbacks) if callbacks is not None else build_callbacks(config.callbacks)
+        self.hooks = Hooks(
+            callbacks if callbacks is not None else build_callbacks(config.callbacks)
         )
-        for cb in self.callbacks:
-            cb.name = cb.name or type(cb).__name__
-        names = [cb.name for cb in self.callbacks]
-        if len(set(names)) != len(names):
-            raise PluginError(
-                f"callbacks: two plugins share a name in {names}. "
-                "Fix: give each callback its own name."
-            )
-        self._hooks = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
+        self.callbacks: Sequence[Callback] = self.hooks.callbacks
+        self.dataset = dataset if dataset is not None else build_dataset(config)
+        # model.vocab_size from the tokenizer, before the model is built
+        config = self.config = resolve_vocab(config, self.dataset)
         self.model_factory: ModelFactory = model_factory or (
             lambda rngs: Transformer(config.model, rngs=rngs)
         )
-        self.dataset = dataset if dataset is not None else build_dataset(config)
-        # model.vocab_size from the tokenizer; rebinding `config` also updates model_factory
-        config = self.config = resolve_vocab(config, self.dataset)
         self._optimizer = optimizer
         self._devices = devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
-        # Filled in by fit(); public so that plugins can read them.
+        self.preemption = Preemption()
+        # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
         self.mesh: jax.sharding.Mesh | None = None
         self.run_dir = ""
         self.flops: FlopsReport | None = None
-        self.graphdef: nnx.GraphDef | None = None
+        self.plan: StatePlan | None = None
         self.abstract_state: Any = None  # TrainState of ShapeDtypeStructs with shardings
         self.state_shardings: Any = None
-        self.activations: dict[str, ActivationRecord] = {}
-        self.compiled: Any = None
+        self.activations: Mapping[str, ActivationRecord] = {}  # the train step's
+        self.compiled: Any = None  # the compiled train step
+        self.eval_step: CompiledStep | None = None
+        self.feed: Feed | None = None
         self.state: TrainState | None = None  # a plugin may set it in on_setup (restore)
         self.step = 0
         self.stop_reason: str | None = None
         self.save_requested = False
-        self.preempted: str | None = None  # name of the signal that asked the run to stop
-        self._saved_handlers: dict[int, Any] = {}
+        self.preempted: str | None = None  # the signal every process agreed to stop on
         self.run_info: dict[str, Any] = {}
-        self.num_params = 0
         self.best_eval_loss: float | None = None
         self._fit_started = 0.0
-        self._tx: optax.GradientTransformation | None = None
-        self._eval_step: Any = None
-        self._watcher: StepWatcher | None = None
 
     # -- control, for plugins ------------------------------------------------------------
 
@@ -208,154 +153,118 @@ class Trainer:
         requested, self.save_requested = self.save_requested, False
         return requested
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.preempted is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C quits at once
-        self.preempted = name
-        self.request_stop(f"preempted by {name}")
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signals can only be handled on the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._saved_handlers.items():
-            signal.signal(sig, handler)
-        self._saved_handlers.clear()
+    @property
+    def graphdef(self) -> Any:
+        """The model's structure: `nnx.merge(trainer.graphdef, trainer.state.params)`."""
+        return self.plan.graphdef if self.plan is not None else None
 
     # -- the run -------------------------------------------------------------------------
 
     def fit(self) -> FitResult:
         """Runs setup, compilation and the loop; returns the final state and metrics."""
-        where = "setup"
+        where, watcher = "setup", None
         self._fit_started = time.perf_counter()
-        self._install_signal_handlers()
+        self.preemption.install()
         try:
             self._setup()
             if self.config.run.dry_run:
-                self.console.print("dry run: step compiled, no parameters allocated; exiting")
+                self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
-            where = "loop"
-            return self._train()
+            where, watcher = "loop", StepWatcher(METRIC_NAMES)
+            return self._train(watcher)
         except BaseException as e:
-            self._fire_exception(e, where)
+            self.hooks.fire_exception(self, e, where)
             raise
         finally:
-            self._teardown()
+            self.preemption.uninstall()
+            if watcher is not None:
+                watcher.close()
+            self.hooks.teardown(self)
 
     def _setup(self) -> None:
-        cfg = self.config
-        self.mesh = build_mesh(cfg.mesh, self._devices)
-        cfg = self.config = self._resolve_batch(cfg, self.mesh)
-        self.run_dir = self._make_run_dir(cfg)
+        self.mesh = build_mesh(self.config.mesh, self._devices)
+        cfg = self.config = resolve_batch(self.config, self.mesh)
+        self.run_dir = make_run_dir(cfg)
         rules = merge_rules(cfg.mesh.rules)
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
         tx, schedule = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        self._tx = tx
-
-        abstract_model = nnx.eval_shape(lambda: self.model_factory(nnx.Rngs(cfg.run.seed)))
-        self.graphdef, _ = nnx.split(abstract_model)
-        abstract = jax.eval_shape(self._init_fn)
-        self.state_shardings = state_shardings(abstract, self.mesh, rules)
-        self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            self.state_shardings,
-        )
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+        plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
+        self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
         self._print_header(floor)
-        self._fire(
+        self.hooks.fire(
             "on_setup",
+            self,
             SetupEvent(cfg, self.mesh, self.abstract_state, self.flops, self.run_dir, floor),
         )
-
-        self._batch_sharding = batch_sharding(self.mesh)
-        self._rows = process_rows(self._batch_sharding, cfg.run.batch_size)
-        step_fn = make_train_step(self.graphdef, tx, schedule, cfg.optim.z_loss, cfg.run.grad_accum)
-
-        def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array]:
-            state, metrics = step_fn(state, batch)
-            return state, pack_metrics(metrics)
-
-        t0 = time.perf_counter()
-        with use_rules(self.mesh, rules) as records:
-            jitted = jax.jit(
-                train_step,
-                in_shardings=(self.state_shardings, self._batch_sharding),
-                out_shardings=(self.state_shardings, None),
-                donate_argnums=0,
-            )
-            lowered = jitted.lower(self.abstract_state, self._batch_spec(cfg.run.batch_size))
-            t1 = time.perf_counter()
-            self.compiled = lowered.compile()
-            if cfg.run.eval_every:
-                self._eval_step = jax.jit(make_eval_step(self.graphdef, cfg.optim.z_loss))
-        t2 = time.perf_counter()
-        self.activations = dict(records)
-        memory = CompiledMemory.of(self.compiled)
-        self.console.print(f"compiled train step: lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s")
-        self.console.print(memory.summary())
+        self.feed = Feed(self.dataset, self.mesh, cfg.run.batch_size, cfg.run.seq_len)
+        train, self.eval_step = compile_steps(
+            plan,
+            self.mesh,
+            rules,
+            self.feed.spec(),
+            tx=tx,
+            schedule=schedule,
+            z_loss=cfg.optim.z_loss,
+            grad_accum=cfg.run.grad_accum,
+            with_eval=cfg.run.eval_every > 0,
+        )
+        self.compiled, self.activations = train.compiled, train.activations
         self.run_info = {
             "model": cfg.model.name,
             **self.flops.as_dict(),
-            "num_params": self.num_params,
-            "compiled_memory": memory.as_dict(),
+            "num_params": plan.num_params,
             "loss_floor": floor,
             "mesh": dict(self.mesh.shape),
             "backend": jax.default_backend(),
             "batch_size": cfg.run.batch_size,
             "seq_len": cfg.run.seq_len,
-            "lower_seconds": t1 - t0,
-            "compile_seconds": t2 - t1,
             "jax_version": jax.__version__,
         }
-        self._write_run_info()
-        self._fire("on_compile", CompileEvent(self.compiled, memory, t1 - t0, t2 - t1))
+        for step in (train, self.eval_step):
+            if step is not None:
+                self.console.print(step.summary())
+                prefix = "" if step.name == "train" else f"{step.name}_"
+                self.run_info[f"{prefix}compiled_memory"] = step.memory.as_dict()
+                self.run_info[f"{prefix}lower_seconds"] = step.lower_seconds
+                self.run_info[f"{prefix}compile_seconds"] = step.compile_seconds
+        write_run_info(self.run_dir, self.run_info)
+        self.hooks.fire("on_compile", self, CompileEvent(train, self.eval_step))
 
-    def _train(self) -> FitResult:
-        cfg = self.config
+    def _train(self, watcher: StepWatcher) -> FitResult:
+        cfg, feed = self.config, self.feed
+        assert self.plan is not None and feed is not None and self.flops is not None
         if self.state is None:
-            init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-            self.state = init()
+            self.state = self.plan.initialize()
         self.step = start_step = int(jax.device_get(self.state.step))
-        self._fire("on_train_start", TrainStartEvent(self.step, cfg.run.steps))
-        watcher = self._watcher = StepWatcher(METRIC_NAMES)
+        self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
         reason, eval_metrics = "completed", {}
-        next_batch = self._device_batch(self.step) if self.step < cfg.run.steps else None
+        batch = feed.train(self.step) if self.step < cfg.run.steps else None
         while self.step < cfg.run.steps:
+            signal_name = self.preemption.agreed_stop(self.step)
+            if signal_name is not None:
+                self.preempted = signal_name
+                self.request_stop(f"preempted by {signal_name}")
+                reason = f"preempted: {signal_name}"
+                break
             if self.stop_reason is not None:
-                reason = (
-                    f"preempted: {self.preempted}"
-                    if self.preempted
-                    else f"stopped: {self.stop_reason}"
-                )
+                reason = f"stopped: {self.stop_reason}"
                 break
             if watcher.nonfinite is not None:
                 reason = self._nonfinite_reason(watcher.nonfinite)
                 break
             watcher.throttle(self.step + 1)
             t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, next_batch)
+            self.state, metrics = self.compiled(self.state, batch)
             self.step = step = self.step + 1
             watcher.submit(step, t, metrics)
             if step < cfg.run.steps:
-                next_batch = self._device_batch(step)  # overlaps with the device's work
+                batch = feed.train(step)  # overlaps with the device's work
             record = functools.partial(watcher.wait, step)
-            self._fire(
-                "on_step_end",
-                StepEndEvent(
-                    step,
-                    cfg.run.steps,
-                    self.flops.tokens_per_step if self.flops else 0,
-                    LazyMetrics(record),
-                    record,
-                ),
-            )
+            tokens = self.flops.tokens_per_step
+            event = StepEndEvent(step, cfg.run.steps, tokens, LazyMetrics(record), record)
+            self.hooks.fire("on_step_end", self, event)
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 eval_metrics = self.evaluate()
         # A resumed run that had already finished runs no step: nothing to wait for.
@@ -377,8 +286,8 @@ class Trainer:
         }
         if watcher.first is not None:  # start-up cost: setup, compile (or cache), first step
             self.run_info["seconds_to_first_step"] = watcher.first.completed_at - self._fit_started
-        self._write_run_info()
-        self._fire("on_train_end", TrainEndEvent(self.step, reason, seconds))
+        write_run_info(self.run_dir, self.run_info)
+        self.hooks.fire("on_train_end", self, TrainEndEvent(self.step, reason, seconds))
         return FitResult(
             self.state,
             self.step,
@@ -392,153 +301,41 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
-        assert self.state is not None
-        run = self.config.run
-        t0 = time.perf_counter()
+        assert self.state is not None and self.feed is not None and self.eval_step is not None
+        num_batches, t0 = self.config.run.eval_batches, time.perf_counter()
         totals: dict[str, float] = {}
-        for i in range(run.eval_batches):
-            host = self.dataset.batch(i, run.batch_size, run.seq_len, "eval", rows=self._rows)
-            sums = jax.device_get(self._eval_step(self.state.params, self._put(host)))
-            for k, v in sums.items():
+        for i in range(num_batches):
+            sums = self.eval_step.compiled(self.state.params, self.feed.eval(i))
+            for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        denom = max(totals["weight"], 1.0)
-        lm = totals["ce"] / denom
-        metrics = {
-            "eval/loss": lm + totals["z"] / denom,
-            "eval/lm_loss": lm,
-            "eval/perplexity": math.exp(min(lm, 80.0)),
-            "eval/total_weights": denom,
-        }
+        means = summarize({k: jnp.float32(v) for k, v in totals.items()})
+        metrics = {f"eval/{k}": float(v) for k, v in means.items()}
         if self.best_eval_loss is None or metrics["eval/loss"] < self.best_eval_loss:
             self.best_eval_loss = metrics["eval/loss"]
-        self._fire(
-            "on_eval_end",
-            EvalEndEvent(self.step, metrics, run.eval_batches, time.perf_counter() - t0),
-        )
+        event = EvalEndEvent(self.step, metrics, num_batches, time.perf_counter() - t0)
+        self.hooks.fire("on_eval_end", self, event)
         return metrics
 
-    # -- helpers -------------------------------------------------------------------------
-
-    def _init_fn(self) -> TrainState:
-        model = self.model_factory(nnx.Rngs(self.config.run.seed))
-        _, params = nnx.split(model)
-        assert self._tx is not None
-        return TrainState(jnp.zeros((), jnp.int32), params, self._tx.init(params))
-
-    def _batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        shape, sh = (batch_size, self.config.run.seq_len), self._batch_sharding
-        return {
-            "inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
-            "weights": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh),
-        }
-
-    def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        # `host` holds only this process's rows (`self._rows`, or all); multi-host safe.
-        shape = (self.config.run.batch_size, self.config.run.seq_len)
-        return {
-            k: jax.make_array_from_process_local_data(self._batch_sharding, v, shape)
-            for k, v in host.items()
-        }
-
-    def _device_batch(self, step: int) -> dict[str, jax.Array]:
-        run = self.config.run
-        return self._put(self.dataset.batch(step, run.batch_size, run.seq_len, rows=self._rows))
+    # -- reporting -----------------------------------------------------------------------
 
     @staticmethod
-    def _nonfinite_reason(record: Any) -> str:
+    def _nonfinite_reason(record: StepRecord) -> str:
         m = record.metrics
         return (
             f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
             f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
         )
 
-    @staticmethod
-    def _resolve_batch(cfg: Config, mesh: jax.sharding.Mesh) -> Config:
-        run, dp = cfg.run, data_parallel_size(mesh)
-        batch = mesh.size if run.batch_size == -1 else run.batch_size
-        if batch % run.grad_accum:
-            raise ConfigError(
-                "run.grad_accum",
-                f"batch size {batch} is not divisible by run.grad_accum={run.grad_accum}",
-                "pick a divisor of the batch",
-            )
-        if (batch // run.grad_accum) % dp:
-            raise ConfigError(
-                "run.batch_size",
-                f"micro-batch of {batch // run.grad_accum} "
-                f"sequences cannot be split over data*fsdp={dp} devices",
-                f"use a batch size that is a multiple of {dp * run.grad_accum}",
-            )
-        return dataclasses.replace(cfg, run=dataclasses.replace(run, batch_size=batch))
-
-    @staticmethod
-    def _make_run_dir(cfg: Config) -> str:
-        path = cfg.run.dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        path = os.path.abspath(path)
-        try:
-            os.makedirs(path, exist_ok=True)
-            if jax.process_index() != 0:
-                return path
-            with open(os.path.join(path, "config.yaml"), "w") as f:
-                f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        except OSError as e:
-            raise UserError(
-                f"run.dir: cannot write to {path!r} ({e.strerror}). "
-                "Fix: set run.dir to a writable directory."
-            ) from e
-        return path
-
-    def _write_run_info(self) -> None:
-        if jax.process_index() != 0:
-            return
-        path = os.path.join(self.run_dir, "run_info.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.run_info, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)  # never leaves a half-written file behind
-
     def _print_header(self, floor: float | None) -> None:
-        cfg, mesh, flops = self.config, self.mesh, self.flops
-        assert mesh is not None and flops is not None
-        dev = jax.devices()[0]
+        cfg, mesh, flops, plan = self.config, self.mesh, self.flops, self.plan
+        assert mesh is not None and flops is not None and plan is not None
+        platform = jax.devices()[0].platform
         self.console.print(
             f"nnxtrain: model {cfg.model.name} | mesh "
             + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-            + f" ({mesh.size} {dev.platform} device{'s' if mesh.size > 1 else ''}) | batch "
+            + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
             f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps"
         )
-        self.console.print(dataclasses.replace(flops, num_params=self.num_params).summary())
+        self.console.print(dataclasses.replace(flops, num_params=plan.num_params).summary())
         if floor is not None:
             self.console.print(f"loss floor (entropy rate of the data source): {floor:.4f}")
-
-    # -- events --------------------------------------------------------------------------
-
-    def _fire(self, hook: str, event: Any) -> None:
-        for cb in self._hooks[hook]:
-            try:
-                getattr(cb, hook)(self, event)
-            except UserError:
-                raise
-            except Exception as e:
-                raise PluginError(
-                    f"callback '{cb.name}' ({type(cb).__name__}) raised in "
-                    f"{hook}: {type(e).__name__}: {e}"
-                ) from e
-
-    def _fire_exception(self, exc: BaseException, where: str) -> None:
-        event = ExceptionEvent(self.step, exc, where)
-        for cb in self._hooks["on_exception"]:
-            try:
-                cb.on_exception(self, event)
-            except Exception as e:  # never mask the original error
-                self.console.print(f"[red]callback '{cb.name}' raised in on_exception: {e}[/]")
-
-    def _teardown(self) -> None:
-        self._restore_signal_handlers()
-        if self._watcher is not None:
-            self._watcher.close()
-        for cb in self.callbacks:
-            try:
-                cb.teardown(self)
-            except Exception as e:
-                self.console.print(f"[red]callback '{cb.name}' raised in teardown: {e}[/]")

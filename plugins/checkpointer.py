@@ -24,7 +24,7 @@ from nnxtrain import (
     SetupEvent,
     StepEndEvent,
     TrainEndEvent,
-    Trainer,
+    TrainerView,
     TrainStartEvent,
 )
 
@@ -58,7 +58,7 @@ class Checkpointer(Callback):
 
     # -- restore -------------------------------------------------------------------------
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
         checks.check_options(f"callbacks.{self.name}", opts)
         if event.config.run.dry_run:
@@ -107,14 +107,14 @@ class Checkpointer(Callback):
     def _path(self, event: SetupEvent) -> str:
         return os.path.join(event.run_dir, self.directory or "checkpoints")
 
-    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         if self._source is not None and trainer.state is not None:
             params = self._restore(
                 trainer, self._source, "took the parameters of", self._from_steps
             )
             trainer.state = dataclasses.replace(trainer.state, params=params)
 
-    def _restore(self, trainer: Trainer, mngr: Any, verb: str, steps: Any = None) -> Any:
+    def _restore(self, trainer: TrainerView, mngr: Any, verb: str, steps: Any = None) -> Any:
         t0, params_only = time.perf_counter(), mngr is self._source
         step, state, meta, diff = cio.restore_latest(
             mngr,
@@ -148,7 +148,7 @@ class Checkpointer(Callback):
 
     # -- save ----------------------------------------------------------------------------
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         self._report(trainer)
         due = self.every > 0 and event.step % self.every == 0
         requested = trainer.consume_save_request() or self._deferred
@@ -167,21 +167,21 @@ class Checkpointer(Callback):
         self._deferred = False
         self._save(trainer, event.step)
 
-    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+    def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         if event.reason.startswith("not finite"):
             self._say(trainer, f"no final save: the state is not finite ({event.reason})")
         elif trainer.state is not None and event.step > self._last_step and event.step > 0:
             self._save(trainer, event.step)
         self._finish(trainer)
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, trainer: TrainerView) -> None:
         self._finish(trainer)
         for mngr in (self._mngr, self._source):
             if mngr is not None:
                 mngr.close()
         self._mngr = self._source = None
 
-    def _save(self, trainer: Trainer, step: int) -> None:
+    def _save(self, trainer: TrainerView, step: int) -> None:
         t0 = time.perf_counter()
         self._mngr.wait_until_finished()  # no-op unless if_busy=wait (or the final save)
         waited = time.perf_counter() - t0
@@ -204,7 +204,7 @@ class Checkpointer(Callback):
     def _on_written(self) -> None:  # runs on Orbax's background thread
         self._written_at = time.perf_counter()
 
-    def _report(self, trainer: Trainer) -> None:
+    def _report(self, trainer: TrainerView) -> None:
         """Prints the line of the pending save once its background write has finished."""
         if self._pending is None or self._written_at is None:
             return
@@ -217,10 +217,10 @@ class Checkpointer(Callback):
             f"write {self._written_at - t0 - blocked:.3f} s | {self.path}/{step}",
         )
 
-    def _finish(self, trainer: Trainer) -> None:
+    def _finish(self, trainer: TrainerView) -> None:
         if self._mngr is not None:
             self._mngr.wait_until_finished()
             self._report(trainer)
 
-    def _say(self, trainer: Trainer, text: str) -> None:
+    def _say(self, trainer: TrainerView, text: str) -> None:
         trainer.console.print(f"checkpoint: {text}", markup=False, highlight=False)

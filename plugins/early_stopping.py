@@ -24,7 +24,7 @@ from nnxtrain import (
     EvalEndEvent,
     SetupEvent,
     StepEndEvent,
-    Trainer,
+    TrainerView,
 )
 
 TRAIN_METRICS = ("loss", "lm_loss", "z_loss", "perplexity", "total_weights", "grad_norm", "lr")
@@ -48,7 +48,7 @@ class EarlyStopping(Callback):
         self.best_step = 0  # the step at which it was seen
         self.bad_checks = 0  # checks in a row without an improvement
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key = f"callbacks.{self.name}"
         known = EVAL_METRICS + TRAIN_METRICS
         if self.monitor not in known:
@@ -84,15 +84,15 @@ class EarlyStopping(Callback):
                 f"set run.eval_every > 0, or monitor a train metric such as {key}.monitor=loss",
             )
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         if self.monitor in TRAIN_METRICS and event.step % self.check_every == 0:
             self._check(trainer, event.metrics[self.monitor], event.step)  # waits for this step
 
-    def on_eval_end(self, trainer: Trainer, event: EvalEndEvent) -> None:
+    def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
         if self.monitor in EVAL_METRICS:
             self._check(trainer, event.metrics[self.monitor], event.step)
 
-    def _check(self, trainer: Trainer, value: float, step: int) -> None:
+    def _check(self, trainer: TrainerView, value: float, step: int) -> None:
         value = float(value)
         if self._improves(value):
             self.best, self.best_step, self.bad_checks = value, step, 0

@@ -28,7 +28,15 @@ import jax
 from rich import box
 from rich.table import Table
 
-from nnxtrain import Callback, CompileEvent, StepEndEvent, TrainEndEvent, Trainer, TrainStartEvent
+from nnxtrain import (
+    Callback,
+    CompileEvent,
+    StepEndEvent,
+    TrainEndEvent,
+    TrainerView,
+    TrainStartEvent,
+    format_bytes,
+)
 
 
 def live_bytes() -> dict[int, int]:
@@ -66,15 +74,6 @@ def host_memory() -> dict[str, int | None]:
     return {"host_rss": rss, "host_peak_rss": peak, "host_total": total}
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 class MemStats(Callback):
     """Reports per-device and host memory; writes memstats.jsonl."""
 
@@ -86,7 +85,7 @@ class MemStats(Callback):
         self._peaks: dict[int, int] = {}
         self._stepped = False
 
-    def snapshot(self, trainer: Trainer) -> tuple[str, list[dict[str, Any]]]:
+    def snapshot(self, trainer: TrainerView) -> tuple[str, list[dict[str, Any]]]:
         """The memory source ('memory_stats' or 'live_arrays') and one dict per device."""
         devices = trainer.mesh.local_devices if trainer.mesh is not None else jax.local_devices()
         live, rows, source = live_bytes(), [], "memory_stats"
@@ -100,7 +99,7 @@ class MemStats(Callback):
             rows.append(dict(id=device.id, in_use=in_use, limit=limit, peak=peak, live=here))
         return source, rows
 
-    def _report(self, trainer: Trainer, kind: str, step: int, **extra: Any) -> dict[str, Any]:
+    def _report(self, trainer: TrainerView, kind: str, step: int, **extra: Any) -> dict[str, Any]:
         source, devices = self.snapshot(trainer)
         record = {"event": kind, "step": step, "source": source, **host_memory(), **extra}
         record["devices"], record["time"] = devices, time.time()
@@ -109,8 +108,8 @@ class MemStats(Callback):
             return record
         trainer.console.print(
             f"memory at step {record['step']} ({record['event']}, {record['source']}): host RSS "
-            f"{fmt_bytes(record['host_rss'])}, peak {fmt_bytes(record['host_peak_rss'])} of "
-            f"{fmt_bytes(record['host_total'])}",
+            f"{format_bytes(record['host_rss'])}, peak {format_bytes(record['host_peak_rss'])} of "
+            f"{format_bytes(record['host_total'])}",
             markup=False,
             highlight=False,
         )
@@ -124,31 +123,37 @@ class MemStats(Callback):
         for label, d in shown:
             pct = f"{100 * d['in_use'] / d['limit']:.1f}" if d["limit"] else "-"
             cells = (d["in_use"], d["limit"], d["peak"], d["live"])
-            table.add_row(label, *map(fmt_bytes, cells[:2]), pct, *map(fmt_bytes, cells[2:]))
+            table.add_row(label, *map(format_bytes, cells[:2]), pct, *map(format_bytes, cells[2:]))
         if len(devices) > self.max_rows:
             total = sum(d["in_use"] for d in devices)
-            table.add_row(f"all {len(devices)}", fmt_bytes(total), "", "", "", "")
+            table.add_row(f"all {len(devices)}", format_bytes(total), "", "", "", "")
         trainer.console.print(table)
         return record
 
-    def on_compile(self, trainer: Trainer, event: CompileEvent) -> None:
-        m = event.memory
-        record = self._report(trainer, "compiled", trainer.step, compiled=m.as_dict())
-        limit = min((d["limit"] for d in record["devices"] if d["limit"]), default=None)
-        trainer.console.print(
-            f"memory of the compiled step per device: argument {fmt_bytes(m.argument)}, output "
-            f"{fmt_bytes(m.output)}, alias {fmt_bytes(m.alias)}, temp {fmt_bytes(m.temp)}, "
-            f"total {fmt_bytes(m.total)}"
-            + (f" ({100 * m.total / limit:.1f}% of the device limit)" if limit else ""),
-            markup=False,
-            highlight=False,
+    def on_compile(self, trainer: TrainerView, event: CompileEvent) -> None:
+        steps = [s for s in (event.train, event.eval) if s is not None]
+        record = self._report(
+            trainer,
+            "compiled",
+            trainer.step,
+            compiled=event.train.memory.as_dict(),
+            **({"eval_compiled": event.eval.memory.as_dict()} if event.eval else {}),
         )
+        limit = min((d["limit"] for d in record["devices"] if d["limit"]), default=None)
+        for step in steps:
+            m = step.memory
+            trainer.console.print(
+                f"memory of the compiled {step.name} step per device: {m.summary()}"
+                + (f" ({100 * m.total / limit:.1f}% of the device limit)" if limit else ""),
+                markup=False,
+                highlight=False,
+            )
 
-    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         jax.block_until_ready(trainer.state)  # count the initialised state, not a promise
         self._report(trainer, "after_init", event.step)
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         if not self._stepped:
             kind = "after_first_step"
         elif self.every and event.step % self.every == 0 and event.step != event.num_steps:
@@ -159,11 +164,11 @@ class MemStats(Callback):
         event.record()  # wait for this step, so the figures are after it
         self._report(trainer, kind, event.step)
 
-    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+    def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         self._report(trainer, "end", event.step)
         self._close()
 
-    def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def _write(self, trainer: TrainerView, record: dict[str, Any]) -> None:
         if not self.use_jsonl or trainer.console.quiet:
             return
         if self._file is None:
@@ -171,7 +176,7 @@ class MemStats(Callback):
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, trainer: TrainerView) -> None:
         self._close()
 
     def _close(self) -> None:

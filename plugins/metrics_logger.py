@@ -28,7 +28,7 @@ from nnxtrain import (
     StepEndEvent,
     StepRecord,
     TrainEndEvent,
-    Trainer,
+    TrainerView,
     TrainStartEvent,
 )
 
@@ -55,7 +55,7 @@ class MetricsLogger(Callback):
         self._last_completed: float | None = None
         self._window_seconds: list[float] = []
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         self.flops = event.flops
         if not trainer.console.quiet and self.use_jsonl:
             self._file = open(os.path.join(event.run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
@@ -70,7 +70,7 @@ class MetricsLogger(Callback):
             else:
                 self._tb = SummaryWriter(os.path.join(event.run_dir, "tensorboard"))
 
-    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         if self.use_progress and trainer.console.is_terminal and not trainer.console.quiet:
             self._progress = Progress(
                 TextColumn("training"),
@@ -85,7 +85,7 @@ class MetricsLogger(Callback):
             )
             self._progress.start()
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         self._window.append(event.record)  # a callable: nothing waits here
         if self._progress is not None:
             self._progress.update(self._task, completed=event.step)
@@ -156,7 +156,7 @@ class MetricsLogger(Callback):
                 )
         return "; ".join(reasons)
 
-    def on_eval_end(self, trainer: Trainer, event: EvalEndEvent) -> None:
+    def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
         m = event.metrics
         trainer.console.print(
             f"eval at step {event.step} | {event.num_batches} batches in {event.seconds:.2f} s"
@@ -177,10 +177,10 @@ class MetricsLogger(Callback):
                         key if "/" in key else f"train/{key}", value, record["step"]
                     )
 
-    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+    def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         self._close()
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, trainer: TrainerView) -> None:
         self._close()
 
     def _close(self) -> None:

@@ -26,7 +26,7 @@ from nnxtrain import (
     SetupEvent,
     StepEndEvent,
     TrainEndEvent,
-    Trainer,
+    TrainerView,
     TrainStartEvent,
 )
 
@@ -44,7 +44,7 @@ class Profiler(Callback):
     def last_step(self) -> int:
         return self.start_step + self.num_steps - 1
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         for opt in ("start_step", "num_steps"):
             value = getattr(self, opt)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -61,11 +61,11 @@ class Profiler(Callback):
             )
         self.path = os.path.join(event.run_dir, self.directory)
 
-    def on_train_start(self, trainer: Trainer, event: TrainStartEvent) -> None:
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         if event.step + 1 == self.start_step:
             self._start(trainer)
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         if self._active:
             self._traced.append(event.step)
             if event.step >= self.last_step:
@@ -75,18 +75,18 @@ class Profiler(Callback):
             event.record()  # the trace starts on an idle device: only the traced steps
             self._start(trainer)
 
-    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+    def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         self._stop(trainer)
 
-    def teardown(self, trainer: Trainer) -> None:
+    def teardown(self, trainer: TrainerView) -> None:
         self._stop(trainer)
 
-    def _start(self, trainer: Trainer) -> None:
+    def _start(self, trainer: TrainerView) -> None:
         os.makedirs(self.path, exist_ok=True)
         jax.profiler.start_trace(self.path)
         self._active = True
 
-    def _stop(self, trainer: Trainer) -> None:
+    def _stop(self, trainer: TrainerView) -> None:
         if not self._active:
             return
         self._active = False

@@ -31,7 +31,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from nnxtrain import Callback, CompileEvent, SetupEvent, Trainer
+from nnxtrain import Callback, CompileEvent, SetupEvent, TrainerView, format_bytes
 
 Row = tuple[str, ...]
 
@@ -90,7 +90,7 @@ class ShardingPrinter(Callback):
             return True
         return bool(self._regex.search(name)) if self._regex else self.filter in name
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         mesh, rows, total, per_device, shown = event.mesh, [], 0, 0, 0
         for path, var in nnx.to_flat_state(event.abstract_state.params):
             sds, name = var.get_value(), "/".join(str(p) for p in path)
@@ -111,39 +111,45 @@ class ShardingPrinter(Callback):
         mesh_desc = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
         title = f"parameters ({len(rows)} of {total} shown; mesh {mesh_desc})"
         headers = ("path", "shape", "logical axes", "mesh axes", "per-device shard")
-        lines = [f"parameters: {total} tensors, {_gib(per_device)} per device"]
+        lines = [f"parameters: {total} tensors, {format_bytes(per_device)} per device"]
         if self.only_sharded or self.filter:
-            lines.append(f"shown: {len(rows)} tensors, {_gib(shown)} per device")
+            lines.append(f"shown: {len(rows)} tensors, {format_bytes(shown)} per device")
         if self.use_optimizer:
             leaves = jax.tree.leaves(event.abstract_state.opt_state)
             opt_bytes = sum(shard_bytes(x.shape, x.dtype, x.sharding) for x in leaves)
-            lines.append(f"optimizer state: {len(leaves)} leaves, {_gib(opt_bytes)} per device")
+            lines.append(
+                f"optimizer state: {len(leaves)} leaves, {format_bytes(opt_bytes)} per device"
+            )
         self._path = os.path.join(event.run_dir, self.file)
         self._emit(trainer, title, headers, rows, lines, mode="w")
 
-    def on_compile(self, trainer: Trainer, event: CompileEvent) -> None:
-        mesh, records = trainer.mesh, list(trainer.activations.values())
+    def on_compile(self, trainer: TrainerView, event: CompileEvent) -> None:
+        mesh = trainer.mesh
         assert mesh is not None
-        rows = [
-            (
-                r.name,
-                str(list(r.shape)),
-                format_logical(r.logical, len(r.shape)),
-                format_physical(r.physical, len(r.shape)),
+        for step in (event.train, event.eval):
+            if step is None:
+                continue
+            records = list(step.activations.values())
+            rows = [
+                (
+                    r.name,
+                    str(list(r.shape)),
+                    format_logical(r.logical, len(r.shape)),
+                    format_physical(r.physical, len(r.shape)),
+                )
+                for r in records
+                if self._keep(r.name, r.physical, mesh)
+            ]
+            title = (
+                f"{step.name} step activations ({len(rows)} of {len(records)} shown; inside "
+                "scanned layers the layer axis is not part of the shape)"
             )
-            for r in records
-            if self._keep(r.name, r.physical, mesh)
-        ]
-        title = (
-            f"activations ({len(rows)} of {len(records)} shown; inside scanned layers the "
-            "layer axis is not part of the shape)"
-        )
-        headers = ("name", "shape", "logical axes", "mesh axes")
-        self._emit(trainer, title, headers, rows, [], mode="a")
+            headers = ("name", "shape", "logical axes", "mesh axes")
+            self._emit(trainer, title, headers, rows, [], mode="a")
 
     def _emit(
         self,
-        trainer: Trainer,
+        trainer: TrainerView,
         title: str,
         headers: Sequence[str],
         rows: Sequence[Row],
@@ -171,7 +177,3 @@ class ShardingPrinter(Callback):
         if not trainer.console.quiet and self._path:
             with open(self._path, mode) as f:
                 f.write(text + "\n\n")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.3f} GiB" if n >= 1024**3 else f"{n / 1024**2:.3f} MiB"

@@ -189,7 +189,7 @@ def test_events_carry_the_facts_of_the_moment(ordered_run):
     assert setup.config.run.steps == STEPS
     (compiled,) = get["on_compile"]
     assert isinstance(compiled, CompileEvent)
-    assert compiled.memory.total > 0
+    assert compiled.train.memory.total > 0 and compiled.train.name == "train"
     (start,) = get["on_train_start"]
     assert isinstance(start, TrainStartEvent)
     assert (start.step, start.num_steps) == (0, STEPS)

@@ -1,0 +1,162 @@
+"""Compiling a run: the abstract state, its shardings, and the AOT train and eval steps.
+
+Nothing here allocates a parameter. `plan_state` builds the model abstractly
+(`eval_shape`), derives every array's sharding from its logical axis names, and returns
+what the trainer needs to initialise the state later, already sharded. `compile_steps`
+lowers and compiles the train step (state donated) and the eval step ahead of time, both
+inside `use_rules(mesh, rules)`, so both carry the activations' sharding constraints and
+neither compiles in the middle of training. Each compiled step comes with XLA's memory
+analysis, its lower and compile seconds, and the activations it annotated.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from nnxtrain.sharding import ActivationRecord, state_shardings, use_rules
+from nnxtrain.step import TrainState, make_eval_step, make_train_step, pack_metrics
+from nnxtrain.units import format_bytes
+
+Rules = Mapping[str, tuple[str, ...] | None]
+ModelFactory = Callable[[nnx.Rngs], nnx.Module]
+
+
+@dataclass(frozen=True)
+class CompiledMemory:
+    """A compiled step's memory per device, in bytes (XLA's memory analysis)."""
+
+    argument: int  # inputs: state and batch
+    output: int  # outputs: new state and metrics
+    alias: int  # outputs that reuse donated input buffers
+    temp: int  # scratch space during the step
+    total: int  # argument + output - alias + temp: peak the step needs
+
+    @classmethod
+    def of(cls, compiled: Any) -> "CompiledMemory":
+        m = compiled.memory_analysis()
+        if m is None:
+            return cls(0, 0, 0, 0, 0)
+        arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+        alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+        return cls(arg, out, alias, temp, arg + out - alias + temp)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.as_dict().items())
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """One step, lowered and compiled ahead of time under the logical-axis rules."""
+
+    name: str  # "train" or "eval"
+    compiled: Any  # the jax Compiled object: .memory_analysis(), .cost_analysis(), .as_text()
+    memory: CompiledMemory  # per-device argument/output/alias/temp/total bytes
+    lower_seconds: float  # time to trace and lower the step
+    compile_seconds: float  # time XLA took to compile it (or to load it from the cache)
+    activations: Mapping[str, ActivationRecord]  # annotated activations, as traced
+
+    def summary(self) -> str:
+        return (
+            f"compiled {self.name} step: lower {self.lower_seconds:.2f} s, compile "
+            f"{self.compile_seconds:.2f} s; memory per device: {self.memory.summary()}"
+        )
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """The train state before it exists: its structure, shapes and shardings."""
+
+    graphdef: nnx.GraphDef  # the model's structure (merge it with params to call it)
+    abstract: TrainState  # ShapeDtypeStructs that carry their shardings
+    shardings: Any  # TrainState of NamedShardings
+    num_params: int  # every parameter leaf, embeddings and norms included
+    init_fn: Callable[[], TrainState]  # builds the real state (traced, never called bare)
+
+    def initialize(self) -> TrainState:
+        """The freshly initialised state, each array created directly in its shards."""
+        return jax.jit(self.init_fn, out_shardings=self.shardings)()
+
+
+def plan_state(
+    model_factory: ModelFactory,
+    tx: optax.GradientTransformation,
+    seed: int,
+    mesh: Mesh,
+    rules: Rules,
+) -> StatePlan:
+    """Builds the model and optimizer state abstractly and shards them by their names."""
+
+    def init_fn() -> TrainState:
+        _, params = nnx.split(model_factory(nnx.Rngs(seed)))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(seed))))
+    abstract = jax.eval_shape(init_fn)
+    shardings = state_shardings(abstract, mesh, rules)
+    placed = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    return StatePlan(graphdef, placed, shardings, num_params, init_fn)
+
+
+def _compile(name: str, mesh: Mesh, rules: Rules, jitted: Any, *args: Any) -> CompiledStep:
+    with use_rules(mesh, rules) as records:
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+    return CompiledStep(name, compiled, CompiledMemory.of(compiled), t1 - t0, t2 - t1, records)
+
+
+def compile_steps(
+    plan: StatePlan,
+    mesh: Mesh,
+    rules: Rules,
+    batch: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    z_loss: float,
+    grad_accum: int,
+    with_eval: bool,
+) -> tuple[CompiledStep, CompiledStep | None]:
+    """The train step `(state, batch) -> (state, metrics vector)`, state donated, and (when
+    `with_eval`) the eval step `(params, batch) -> loss sums`, both compiled for `batch`'s
+    shapes and shardings on `mesh` under `rules`."""
+    step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum)
+    batch_shardings = {k: v.sharding for k, v in batch.items()}
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array]:
+        state, metrics = step_fn(state, batch)
+        return state, pack_metrics(metrics)
+
+    train = jax.jit(
+        train_step,
+        in_shardings=(plan.shardings, batch_shardings),
+        out_shardings=(plan.shardings, None),
+        donate_argnums=0,
+    )
+    compiled_train = _compile("train", mesh, rules, train, plan.abstract, batch)
+    if not with_eval:
+        return compiled_train, None
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    evaluate = jax.jit(
+        make_eval_step(plan.graphdef, z_loss),
+        in_shardings=(plan.shardings.params, batch_shardings),
+        out_shardings=replicated,
+    )
+    return compiled_train, _compile("eval", mesh, rules, evaluate, plan.abstract.params, batch)

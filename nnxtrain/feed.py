@@ -1,0 +1,56 @@
+"""Batch placement: the dataset's host batches, laid out on the mesh as global arrays.
+
+    feed = Feed(dataset, mesh, batch_size=16, seq_len=128)
+    batch = feed.train(step)            # dict of global jax.Arrays, split over data x fsdp
+    feed.spec()                         # their ShapeDtypeStructs, to compile the steps for
+
+Each process asks the dataset only for the global rows its own devices hold
+(`process_rows`), so a multi-host run reads each row once. Reading ahead is the dataset's
+job (its prefetch thread); the loop asks for step N+1's batch while the device runs step
+N, so placing it overlaps with the device's work.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from nnxtrain.data import process_rows
+from nnxtrain.mesh import batch_sharding
+
+# What every batch holds: inputs and targets [batch, length], and the targets' weights
+# (0 marks padding that the loss ignores).
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+
+
+class Feed:
+    """Turns `dataset.batch(step, batch_size, seq_len, split, rows)` into global arrays."""
+
+    def __init__(self, dataset: Any, mesh: Mesh, batch_size: int, seq_len: int):
+        self.dataset, self.shape = dataset, (batch_size, seq_len)
+        self.sharding = batch_sharding(mesh)
+        self.rows = process_rows(self.sharding, batch_size)  # None: this process holds all
+
+    def spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The batch's shapes, dtypes and shardings (what the steps are compiled for)."""
+        return {
+            k: jax.ShapeDtypeStruct(self.shape, dtype, sharding=self.sharding)
+            for k, dtype in BATCH_DTYPES.items()
+        }
+
+    def train(self, step: int) -> dict[str, jax.Array]:
+        """The batch of train step `step` (0-based), placed on the mesh."""
+        return self._put(self.dataset.batch(step, *self.shape, rows=self.rows))
+
+    def eval(self, index: int) -> dict[str, jax.Array]:
+        """Held-out batch number `index`, placed on the mesh."""
+        return self._put(self.dataset.batch(index, *self.shape, "eval", rows=self.rows))
+
+    def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        # `host` holds only this process's rows; the global array is assembled from them.
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding, v, self.shape)
+            for k, v in host.items()
+        }

@@ -1,0 +1,66 @@
+"""Calling the plugins: each hook goes to the callbacks that override it, in config order.
+
+    hooks = Hooks(callbacks)
+    hooks.fire("on_step_end", trainer, event)   # an error names the plugin and the hook
+    hooks.fire_exception(trainer, exc, "loop")  # never masks the original error
+    hooks.teardown(trainer)                     # always, after success or failure
+
+A callback that does not override a hook is never called for it, so unused hooks cost
+nothing in the loop.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+from nnxtrain.errors import PluginError, UserError
+from nnxtrain.events import HOOKS, Callback, ExceptionEvent, TrainerView, overrides
+
+
+class Hooks:
+    """The run's callbacks, and the calls of their hooks."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            cb.name = cb.name or type(cb).__name__
+        names = [cb.name for cb in self.callbacks]
+        if len(set(names)) != len(names):
+            raise PluginError(
+                f"callbacks: two plugins share a name in {names}. "
+                "Fix: give each callback its own name."
+            )
+        self._by_hook = {h: [cb for cb in self.callbacks if overrides(cb, h)] for h in HOOKS}
+
+    def fire(self, hook: str, trainer: TrainerView, event: Any) -> None:
+        """Calls `hook` on every callback that overrides it; a plugin's error names it."""
+        for cb in self._by_hook[hook]:
+            try:
+                getattr(cb, hook)(trainer, event)
+            except UserError:
+                raise
+            except Exception as e:
+                raise PluginError(
+                    f"callback '{cb.name}' ({type(cb).__name__}) raised in "
+                    f"{hook}: {type(e).__name__}: {e}"
+                ) from e
+
+    def fire_exception(self, trainer: TrainerView, exc: BaseException, where: str) -> None:
+        """`on_exception` on every callback that listens; their own errors are printed."""
+        event = ExceptionEvent(trainer.step, exc, where)
+        for cb in self._by_hook["on_exception"]:
+            try:
+                cb.on_exception(trainer, event)
+            except Exception as e:  # never mask the original error
+                self._report(trainer, cb, "on_exception", e)
+
+    def teardown(self, trainer: TrainerView) -> None:
+        """Every callback's `teardown`, each one whatever the others raised."""
+        for cb in self.callbacks:
+            try:
+                cb.teardown(trainer)
+            except Exception as e:
+                self._report(trainer, cb, "teardown", e)
+
+    @staticmethod
+    def _report(trainer: TrainerView, cb: Callback, hook: str, e: Exception) -> None:
+        trainer.console.print(f"[red]callback '{cb.name}' raised in {hook}: {e}[/]")
