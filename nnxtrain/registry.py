@@ -6,13 +6,15 @@ a short name that a package registered in the `nnxtrain.callbacks` entry-point g
 built in config order, and each instance's `name` is its config key.
 """
 
-import importlib
 import inspect
+import logging
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from nnxtrain.errors import PluginError, UserError
+import hydra.utils
+
+from nnxtrain.errors import PluginError, UserError, first_line
 from nnxtrain.events import Callback
 
 ENTRY_POINT_GROUP = "nnxtrain.callbacks"
@@ -46,12 +48,11 @@ def resolve(target: str, key: str) -> type:
                 f"pkg.module.Class or install the package that provides it."
             )
         target = found[target]
-    module_name, _, attr = target.replace(":", ".").rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        obj = _locate(target.replace(":", "."))
     except Exception as e:  # whatever the module raised while importing
         raise PluginError(
-            f"{key}: cannot import {target!r} ({type(e).__name__}: {e}). "
+            f"{key}: cannot import {target!r} ({first_line(e.__cause__ or e)}). "
             "Fix: check the dotted path and that its package is installed."
         ) from e
     if not (inspect.isclass(obj) and issubclass(obj, Callback)):
@@ -60,6 +61,16 @@ def resolve(target: str, key: str) -> type:
             "Fix: point _target_ at a Callback class."
         )
     return obj
+
+
+def _locate(path: str) -> Any:
+    """The object at dotted `path` (Hydra's resolver); its failure is raised, not logged."""
+    logger = logging.getLogger(hydra.utils.__name__)
+    quiet, logger.disabled = logger.disabled, True  # the caller's one-line error says it
+    try:
+        return hydra.utils.get_object(path)
+    finally:
+        logger.disabled = quiet
 
 
 def build_callbacks(entries: Mapping[str, Any]) -> list[Callback]:

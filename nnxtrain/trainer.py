@@ -191,7 +191,7 @@ class Trainer:
         plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
-        self._print_header(floor)
+        self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
         self.hooks.fire(
             "on_setup",
             self,
@@ -232,45 +232,18 @@ class Trainer:
         self.hooks.fire("on_compile", self, CompileEvent(train, self.eval_step))
 
     def _train(self, watcher: StepWatcher) -> FitResult:
-        cfg, feed = self.config, self.feed
-        assert self.plan is not None and feed is not None and self.flops is not None
+        cfg = self.config
+        assert self.plan is not None
         if self.state is None:
             self.state = self.plan.initialize()
         self.step = start_step = int(jax.device_get(self.state.step))
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
-        reason, eval_metrics = "completed", {}
-        batch = feed.train(self.step) if self.step < cfg.run.steps else None
-        while self.step < cfg.run.steps:
-            signal_name = self.preemption.agreed_stop(self.step)
-            if signal_name is not None:
-                self.preempted = signal_name
-                self.request_stop(f"preempted by {signal_name}")
-                reason = f"preempted: {signal_name}"
-                break
-            if self.stop_reason is not None:
-                reason = f"stopped: {self.stop_reason}"
-                break
-            if watcher.nonfinite is not None:
-                reason = self._nonfinite_reason(watcher.nonfinite)
-                break
-            watcher.throttle(self.step + 1)
-            t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, batch)
-            self.step = step = self.step + 1
-            watcher.submit(step, t, metrics)
-            if step < cfg.run.steps:
-                batch = feed.train(step)  # overlaps with the device's work
-            record = functools.partial(watcher.wait, step)
-            tokens = self.flops.tokens_per_step
-            event = StepEndEvent(step, cfg.run.steps, tokens, LazyMetrics(record), record)
-            self.hooks.fire("on_step_end", self, event)
-            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
-                eval_metrics = self.evaluate()
+        reason, eval_metrics = self._loop(watcher)
         # A resumed run that had already finished runs no step: nothing to wait for.
         final = watcher.wait(self.step).metrics if self.step > start_step else {}
         if reason == "completed" and watcher.nonfinite is not None:
-            reason = self._nonfinite_reason(watcher.nonfinite)
+            reason = nonfinite_reason(watcher.nonfinite)
         seconds = time.perf_counter() - t_start
         self.console.print(
             f"done: step {self.step}/{cfg.run.steps} in {seconds:.1f} s ({reason})"
@@ -299,6 +272,37 @@ class Trainer:
             self.best_eval_loss,
         )
 
+    def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
+        """Steps until done or stopped; returns (reason, the last eval metrics)."""
+        num_steps, eval_every, feed = self.config.run.steps, self.config.run.eval_every, self.feed
+        assert feed is not None and self.flops is not None
+        eval_metrics: dict[str, float] = {}
+        batch = feed.train(self.step) if self.step < num_steps else None
+        while self.step < num_steps:
+            signal_name = self.preemption.agreed_stop(self.step)
+            if signal_name is not None:
+                self.preempted = signal_name
+                self.request_stop(f"preempted by {signal_name}")
+                return f"preempted: {signal_name}", eval_metrics
+            if self.stop_reason is not None:
+                return f"stopped: {self.stop_reason}", eval_metrics
+            if watcher.nonfinite is not None:
+                return nonfinite_reason(watcher.nonfinite), eval_metrics
+            watcher.throttle(self.step + 1)
+            t = time.perf_counter()
+            self.state, metrics = self.compiled(self.state, batch)
+            self.step = step = self.step + 1
+            watcher.submit(step, t, metrics)
+            if step < num_steps:
+                batch = feed.train(step)  # overlaps with the device's work
+            record = functools.partial(watcher.wait, step)
+            tokens = self.flops.tokens_per_step
+            event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
+            self.hooks.fire("on_step_end", self, event)
+            if eval_every and (step % eval_every == 0 or step == num_steps):
+                eval_metrics = self.evaluate()
+        return "completed", eval_metrics
+
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
         assert self.state is not None and self.feed is not None and self.eval_step is not None
@@ -316,26 +320,28 @@ class Trainer:
         self.hooks.fire("on_eval_end", self, event)
         return metrics
 
-    # -- reporting -----------------------------------------------------------------------
 
-    @staticmethod
-    def _nonfinite_reason(record: StepRecord) -> str:
-        m = record.metrics
-        return (
-            f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
-            f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
-        )
+def nonfinite_reason(record: StepRecord) -> str:
+    """The reason a run stops on a non-finite loss or gradient norm, with the fix."""
+    m = record.metrics
+    return (
+        f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
+        f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
+    )
 
-    def _print_header(self, floor: float | None) -> None:
-        cfg, mesh, flops, plan = self.config, self.mesh, self.flops, self.plan
-        assert mesh is not None and flops is not None and plan is not None
-        platform = jax.devices()[0].platform
-        self.console.print(
-            f"nnxtrain: model {cfg.model.name} | mesh "
-            + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-            + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
-            f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps"
-        )
-        self.console.print(dataclasses.replace(flops, num_params=plan.num_params).summary())
-        if floor is not None:
-            self.console.print(f"loss floor (entropy rate of the data source): {floor:.4f}")
+
+def header(
+    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
+) -> str:
+    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
+    platform = jax.devices()[0].platform
+    lines = [
+        f"nnxtrain: model {cfg.model.name} | mesh "
+        + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
+        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
+        dataclasses.replace(flops, num_params=num_params).summary(),
+    ]
+    if floor is not None:
+        lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
+    return "\n".join(lines)
