@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from nnxtrain.sharding import ActivationRecord, state_shardings, use_rules
-from nnxtrain.step import TrainState, make_eval_step, make_train_step, pack_metrics
+from nnxtrain.step import TrainState, make_eval_step, make_train_step, pack_metrics, zero_sums
 from nnxtrain.units import format_bytes
 
 Rules = Mapping[str, tuple[str, ...] | None]
@@ -135,8 +135,8 @@ def compile_steps(
     with_eval: bool,
 ) -> tuple[CompiledStep, CompiledStep | None]:
     """The train step `(state, batch) -> (state, metrics vector)`, state donated, and (when
-    `with_eval`) the eval step `(params, batch) -> loss sums`, both compiled for `batch`'s
-    shapes and shardings on `mesh` under `rules`."""
+    `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
+    for `batch`'s shapes and shardings on `mesh` under `rules`."""
     step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 
@@ -154,9 +154,14 @@ def compile_steps(
     if not with_eval:
         return compiled_train, None
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    totals = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+        for k, v in zero_sums().items()
+    }
     evaluate = jax.jit(
         make_eval_step(plan.graphdef, z_loss),
-        in_shardings=(plan.shardings.params, batch_shardings),
+        in_shardings=(plan.shardings.params, batch_shardings, replicated),
         out_shardings=replicated,
     )
-    return compiled_train, _compile("eval", mesh, rules, evaluate, plan.abstract.params, batch)
+    args = (plan.abstract.params, batch, totals)
+    return compiled_train, _compile("eval", mesh, rules, evaluate, *args)

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -153,11 +154,26 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, z_loss: float) -> Callable[..., dict[str, jax.Array]]:
-    """Weighted loss sums of one batch under the current parameters (no update)."""
+def make_eval_step(graphdef: nnx.GraphDef, z_loss: float) -> Callable[..., Any]:
+    """The eval step: adds one batch's weighted loss sums to the running `totals` under the
+    current parameters (no update); returns the new totals and their means.
 
-    def eval_step(params: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    Evaluating N batches is N calls threading `totals` (start from `zero_sums()`); the
+    means the last call returns are the pass's metrics, and nothing runs outside the
+    compiled step.
+    """
+
+    def eval_step(
+        params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array]
+    ) -> tuple[dict[str, jax.Array], Metrics]:
         logits = nnx.merge(graphdef, params)(batch["inputs"])
-        return loss_sums(logits, batch["targets"], batch["weights"], z_loss)
+        sums = loss_sums(logits, batch["targets"], batch["weights"], z_loss)
+        totals = jax.tree.map(jnp.add, totals, sums)
+        return totals, summarize(totals)
 
     return eval_step
+
+
+def zero_sums() -> dict[str, np.ndarray]:
+    """The running totals of an eval pass before its first batch (host arrays)."""
+    return {k: np.zeros((), np.float32) for k in ("ce", "z", "weight")}

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from rich.console import Console
 
@@ -61,7 +60,7 @@ from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
 from nnxtrain.rundir import make_run_dir, write_run_info
 from nnxtrain.sharding import ActivationRecord, merge_rules
-from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, summarize
+from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.timing import StepRecord, StepWatcher
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
@@ -307,13 +306,10 @@ class Trainer:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
         assert self.state is not None and self.feed is not None and self.eval_step is not None
         num_batches, t0 = self.config.run.eval_batches, time.perf_counter()
-        totals: dict[str, float] = {}
+        totals, means = zero_sums(), {}
         for i in range(num_batches):
-            sums = self.eval_step.compiled(self.state.params, self.feed.eval(i))
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        means = summarize({k: jnp.float32(v) for k, v in totals.items()})
-        metrics = {f"eval/{k}": float(v) for k, v in means.items()}
+            totals, means = self.eval_step.compiled(self.state.params, self.feed.eval(i), totals)
+        metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(means).items()}
         if self.best_eval_loss is None or metrics["eval/loss"] < self.best_eval_loss:
             self.best_eval_loss = metrics["eval/loss"]
         event = EvalEndEvent(self.step, metrics, num_batches, time.perf_counter() - t0)
