@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from nnxtrain import Callback, EvalEndEvent, SetupEvent, StepEndEvent, TrainEndEvent, Trainer
+from nnxtrain import Callback, EvalEndEvent, SetupEvent, StepEndEvent, TrainEndEvent, TrainerView
 
 
 class RunSummary(Callback):
@@ -25,18 +25,18 @@ class RunSummary(Callback):
         self.path = ""
         self._last_step: StepEndEvent | None = None
 
-    def on_setup(self, trainer: Trainer, event: SetupEvent) -> None:
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         self.path = os.path.join(event.run_dir, self.filename)
 
-    def on_step_end(self, trainer: Trainer, event: StepEndEvent) -> None:
+    def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         self._last_step = event  # kept, not read: reading metrics would wait for the device
 
-    def on_eval_end(self, trainer: Trainer, event: EvalEndEvent) -> None:
+    def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
         loss = event.metrics["eval/loss"]
         if self.best_eval is None or loss < self.best_eval:
             self.best_eval, self.best_eval_step = loss, event.step
 
-    def on_train_end(self, trainer: Trainer, event: TrainEndEvent) -> None:
+    def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         summary = {
             "plugin": self.name,
             "step": event.step,
