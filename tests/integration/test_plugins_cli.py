@@ -45,7 +45,7 @@ def test_debug_callbacks_on_an_fsdp8_mesh(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     params_text, _, activations_text = (
-        (tmp_path / "shardings.txt").read_text().partition("\nactivations (")
+        (tmp_path / "shardings.txt").read_text().partition("\ntrain step activations (")
     )
     params, activations = shardings_table(params_text), shardings_table(activations_text)
     assert len(params) == 12 and len(activations) == 8
