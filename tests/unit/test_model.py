@@ -258,7 +258,7 @@ def test_attention_kernels_agree(kv_heads):
             logits = nnx.merge(graphdef, p)(tokens)
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
-        outs.append(jax.value_and_grad(loss)(params))
+        outs.append(jax.jit(jax.value_and_grad(loss))(params))  # one program, not op by op
     (l_xla, g_xla), (l_mm, g_mm) = outs
     np.testing.assert_allclose(l_mm, l_xla, rtol=rounding_tolerance(TERMS))
     assert_equal_to_rounding(g_mm, g_xla, TERMS, "gradients")
