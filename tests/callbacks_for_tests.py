@@ -79,7 +79,8 @@ class RaiseAt(Callback):
 
 
 class SleepAt(Callback):
-    """Keeps the host busy for `seconds` in on_step_end at step `at` (the device idles)."""
+    """Keeps the host busy for `seconds` in on_step_end at step `at` (the device idles);
+    logs when the sleep ended (`time.perf_counter()`, the clock of the step records)."""
 
     def __init__(self, at: int = 2, seconds: float = 0.3):
         self.at, self.seconds = at, seconds
@@ -87,3 +88,4 @@ class SleepAt(Callback):
     def on_step_end(self, trainer: Any, event: Any) -> None:
         if event.step == self.at:
             time.sleep(self.seconds)
+            LOG.append((self.name, "slept until", time.perf_counter()))

@@ -8,15 +8,22 @@
   tests pass `compile_cache_override()` to keep the cache inside the session's tmp dir.
 - `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
+- `assert_equal_to_rounding`: float32 results of the same sums in another order (another
+  mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
+- `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
 """
 
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 import pytest
 
 from nnxtrain.config import ModelConfig
@@ -99,3 +106,53 @@ def shardings_table(text: str) -> dict[str, list[str]]:
         if len(cells) >= 4 and cells[0] not in ("path", "name"):
             out[cells[0]] = cells
     return out
+
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def rounding_tolerance(terms: int) -> float:
+    """How far two float32 evaluations of the same sum of `terms` terms, added in different
+    orders, can be apart, relative to the sum of the terms' magnitudes: recursive summation
+    is within (terms - 1)·u of the exact sum (u = eps / 2, the unit roundoff; Higham,
+    "Accuracy and Stability of Numerical Algorithms", 4.2), so two orders are within
+    terms·eps of each other."""
+    return terms * FLOAT32_EPS
+
+
+def assert_equal_to_rounding(actual: Any, desired: Any, terms: int, what: str = "") -> None:
+    """Pytrees of float32 arrays equal up to `rounding_tolerance(terms)`, leaf by leaf.
+
+    The bound is relative to the sum of the terms' magnitudes, which is not known per entry
+    (an entry where terms cancel is much smaller than it); the leaf's largest entry stands
+    for it, as an absolute tolerance beside the relative one."""
+    tol = rounding_tolerance(terms)
+    leaves = zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True)
+    for i, (a, d) in enumerate(leaves):
+        scale = float(np.max(np.abs(d), initial=0.0))
+        np.testing.assert_allclose(a, d, rtol=tol, atol=tol * scale, err_msg=f"{what} leaf {i}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a coordinator.
+
+    Not one from the kernel's ephemeral range (what binding port 0 returns): the kernel
+    hands those to outgoing connections, which could take it before the coordinator binds
+    it. Below that range only a process that asks for the number gets it; the draw is from
+    the system's entropy, so concurrent sessions (each seeded alike by pytest-randomly) do
+    not draw the same ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.randrange(max(low // 2, 1024), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")

@@ -1,9 +1,10 @@
 """The checkpointer through the real CLI: SIGTERM/SIGINT save and exit 143/130, SIGKILL in
 the middle of a save leaves the last complete checkpoint, and a rerun resumes exactly.
 
-Runs are paced (a plugin sleeps 50 ms per step) so that signals land mid-run; the pacing
-does not change the numbers. Losses after a resume are compared bitwise against the same
-40 steps trained in-process without interruption.
+Signals land mid-run whatever the machine's speed: a plugin holds the run at a step until
+the test has sent its signal, or holds a checkpoint write until the test has killed the
+process. Neither changes the numbers. Losses after a resume are compared bitwise against the
+same 40 steps trained in-process without interruption.
 """
 
 import json
@@ -18,7 +19,6 @@ from typing import Any
 
 import pytest
 from conftest import cli_env, run_cli
-from nnxtrain.plugins.checkpoint_io import TEST_DELAY_ENV
 
 from nnxtrain import Callback, Trainer, compose
 
@@ -33,18 +33,44 @@ TRAIN = [
     "run.seq_len=16",
     "run.eval_every=0",
 ]
-PACE = '''
+PLUGINS = '''
+import os
+import threading
 import time
+
+import orbax.checkpoint as ocp
 from nnxtrain import Callback
 
-class Pace(Callback):
-    """Sleeps `seconds` after every step, so that a test can signal the run mid-way."""
+class HoldAt(Callback):
+    """At step `at`, writes the file `held` and waits until the file `release` exists."""
 
-    def __init__(self, seconds: float = 0.05):
-        self.seconds = seconds
+    def __init__(self, at: int, held: str, release: str):
+        self.at, self.held, self.release = at, held, release
 
     def on_step_end(self, trainer, event):
-        time.sleep(self.seconds)
+        if event.step == self.at:
+            open(self.held, "w").close()
+            while not os.path.exists(self.release):
+                time.sleep(0.01)
+
+class HoldWrites(Callback):
+    """Checkpoint writes after the first `free` never finish (the test kills the process)."""
+
+    def __init__(self, free: int = 1):
+        save, count = ocp.JsonCheckpointHandler.async_save, [0]
+
+        async def held_save(handler, *args, **kwargs):
+            futures = await save(handler, *args, **kwargs) or []
+            count[0] += 1
+            if count[0] <= free:
+                return futures
+
+            async def never():
+                threading.Event().wait()
+
+            return [*futures, ocp.future.CommitFutureAwaitingContractedSignals(never())]
+
+        ocp.JsonCheckpointHandler.async_save = held_save
 '''
 
 
@@ -66,20 +92,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
 
 
 def cli_args(run_dir: Path, *extra: str) -> list[str]:
-    return [
-        *TRAIN,
-        "run.log_every=1",
-        "+callbacks.pace._target_=ckpt_pace.Pace",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return [*TRAIN, "run.log_every=1", f"hydra.run.dir={run_dir}", *extra]
 
 
-def env_with_pace(tmp_path: Path, **extra: str) -> dict[str, str]:
-    (tmp_path / "ckpt_pace.py").write_text(PACE)
+def env_with_plugins(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "ckpt_plugins.py").write_text(PLUGINS)
     env = cli_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    return env | extra
+    return env
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -111,12 +131,19 @@ def logged(run_dir: Path) -> dict[int, float]:
     "sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
 )
 def test_signal_saves_exits_with_its_code_and_rerun_resumes_exactly(tmp_path, reference, sig, code):
-    run_dir, env = tmp_path / "run", env_with_pace(tmp_path)
+    run_dir, env = tmp_path / "run", env_with_plugins(tmp_path)
     args = cli_args(run_dir)
-    proc = start(args, tmp_path, env)
-    wait_until(lambda: len(logged(run_dir)) >= 5, proc)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=240) == code
+    held, release = tmp_path / "held", tmp_path / "release"
+    hold = ["+callbacks.hold._target_=ckpt_plugins.HoldAt", "+callbacks.hold.at=5"]
+    hold += [f"+callbacks.hold.held={held}", f"+callbacks.hold.release={release}"]
+    proc = start([*args, *hold], tmp_path, env)
+    try:
+        wait_until(held.exists, proc)  # the run is inside step 5's hooks
+        proc.send_signal(sig)
+        release.touch()
+        assert proc.wait(timeout=240) == code
+    finally:
+        proc.kill()
     stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
     stopped = max(logged(run_dir))
     assert 5 <= stopped < STEPS
@@ -134,22 +161,25 @@ def test_signal_saves_exits_with_its_code_and_rerun_resumes_exactly(tmp_path, re
 
 
 def test_sigkill_during_a_save_leaves_the_last_complete_checkpoint(tmp_path, reference):
-    run_dir = tmp_path / "run"
+    run_dir, env = tmp_path / "run", env_with_plugins(tmp_path)
     ckpts = run_dir / "checkpoints"
     args = cli_args(run_dir, "callbacks.checkpoint.every=5", "callbacks.checkpoint.if_busy=wait")
-    # Every write takes >= 3 s, so the save of step 10 is still being written when killed.
-    proc = start(args, tmp_path, env_with_pace(tmp_path, **{TEST_DELAY_ENV: "3"}))
+    # The write of step 5 finishes; the write of step 10 never does (the loop then waits
+    # for it at step 15), so it is still being written when the process is killed.
+    proc = start([*args, "+callbacks.hold._target_=ckpt_plugins.HoldWrites"], tmp_path, env)
 
     def saving_10_after_5() -> bool:
         names = os.listdir(ckpts) if ckpts.is_dir() else []
         return "5" in names and any(n.startswith("10.orbax-checkpoint-tmp") for n in names)
 
-    wait_until(saving_10_after_5, proc)
-    proc.kill()
+    try:
+        wait_until(saving_10_after_5, proc)
+    finally:
+        proc.kill()
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert not (ckpts / "10").exists()
 
-    again = run_cli(args, tmp_path, env_with_pace(tmp_path))
+    again = run_cli(args, tmp_path, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "ignoring 1 unfinished save(s)" in again.stdout
     assert "10.orbax-checkpoint-tmp" in again.stdout

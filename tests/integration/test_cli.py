@@ -99,15 +99,18 @@ def test_short_run_writes_run_info(short_run):
     assert (run_dir / "config.yaml").exists()
 
 
-def test_timing_honesty(short_run):
-    """A logged step time far from the median (< 0.5x or > 2x) always says why."""
+def test_every_line_without_a_note_is_near_the_median_so_far(short_run):
+    """The first window includes compilation and says so; a later line without a note is
+    within 1.5x of the median of the lines before it (without the first). The rule itself is
+    tested with made-up times in tests/unit/test_metrics_logger.py; here it holds on a real
+    run's figures, whatever the machine's speed."""
     _, run_dir = short_run
     lines = metrics_lines(run_dir)
-    median = statistics.median(x["seconds"] for x in lines)
-    for line in lines:
-        if not 0.5 * median <= line["seconds"] <= 2 * median:
-            assert line.get("note"), f"step {line['step']}: {line['seconds']} s vs median {median}"
-    assert lines[0].get("note")  # the first window includes compilation warm-up
+    assert "warm-up" in lines[0].get("note", "")
+    for i, line in enumerate(lines[1:], start=1):
+        median = statistics.median([x["seconds"] for x in lines[1:i]] or [lines[0]["seconds"]])
+        if not line.get("note"):
+            assert median / 1.5 <= line["seconds"] <= 1.5 * median, (line, median)
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

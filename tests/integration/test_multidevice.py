@@ -1,8 +1,15 @@
-"""Same math on any mesh, and across processes: 8 simulated CPU devices in subprocesses."""
+"""Same math on any mesh, and across processes: 8 simulated CPU devices in subprocesses.
+
+Meshes split the batch's sums differently, so the figures agree to float32 rounding, not
+bitwise, and only before the optimizer: Adam divides by sqrt(v), which turns a rounding
+difference in a gradient entry near zero into a different update, and training then
+amplifies it in a way that depends on the machine. So the tests compare the loss and the
+gradient norm of steps 1 and 2, which both run at the initial parameters (the warmup's
+learning rate is 0 at the first update), and check only that every mesh then learns.
+"""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,10 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, rounding_tolerance
 
 pytestmark = pytest.mark.slow
 
 TINY = ["model=tiny", "run.steps=10", "run.batch_size=16", "run.seq_len=32", "run.eval_every=0"]
+TINY += ["optim.warmup_steps=5"]  # lr 0 at the first update: steps 1 and 2 share parameters
+
+# Tolerances from conftest.rounding_tolerance (n terms summed in another order: n·eps of
+# the sum of their magnitudes). The loss sums B·L = 512 token terms, each from contractions
+# of at most 64 terms that a tensor-parallel mesh splits: n <= 512 + 64 < 1024, and for
+# positive terms the sum of magnitudes is the sum itself. A gradient entry sums 512 token
+# terms of either sign, whose magnitudes add up to about sqrt(512) (< 23) times the sum's;
+# the gradient norm inherits that factor. Measured: 1 to 3 ulps (about 1e-7) on both.
+LOSS_RTOL = rounding_tolerance(1024)  # 1.2e-4
+GRAD_NORM_RTOL = 23 * rounding_tolerance(1024)  # 2.8e-3
 
 MESHES_SCRIPT = textwrap.dedent(
     """
@@ -26,7 +44,7 @@ MESHES_SCRIPT = textwrap.dedent(
         def __init__(self):
             self.losses = []
         def on_step_end(self, trainer, event):
-            self.losses.append(event.metrics["loss"])
+            self.losses.append([event.metrics["loss"], event.metrics["grad_norm"]])
 
     overrides, run_dir = json.loads(sys.argv[1]), sys.argv[2]
     out = {}
@@ -55,11 +73,20 @@ def test_same_losses_on_every_mesh(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES="))
-    losses = json.loads(line.removeprefix("LOSSES="))
-    reference = np.array(losses["single"])
-    assert len(reference) == 10 and reference[-1] < reference[0]
-    for name in ("data8", "fsdp8", "d2f2t2"):
-        np.testing.assert_allclose(losses[name], reference, rtol=1e-4, err_msg=name)
+    losses = {name: np.array(x) for name, x in json.loads(line.removeprefix("LOSSES=")).items()}
+    assert_same_math(losses.pop("single"), losses)
+
+
+def assert_same_math(reference: np.ndarray, others: dict[str, np.ndarray]) -> None:
+    """[steps, (loss, grad_norm)] of every run: equal to rounding at steps 1 and 2, and each
+    run's loss fell by step 10."""
+    assert reference.shape == (10, 2)
+    for name, got in {"reference": reference, **others}.items():
+        assert got.shape == reference.shape, name
+        assert got[-1, 0] < got[0, 0], f"{name} did not learn: {got[:, 0]}"
+    for name, got in others.items():
+        np.testing.assert_allclose(got[:2, 0], reference[:2, 0], rtol=LOSS_RTOL, err_msg=name)
+        np.testing.assert_allclose(got[:2, 1], reference[:2, 1], rtol=GRAD_NORM_RTOL, err_msg=name)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -73,15 +100,10 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]
     )
 
 
-def _losses(run_dir: Path) -> list[float]:
+def _losses(run_dir: Path) -> np.ndarray:
+    """[steps, (loss, grad_norm)] from metrics.jsonl (one line per step)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return np.array([[r["loss"], r["grad_norm"]] for r in map(json.loads, lines) if "loss" in r])
 
 
 def test_two_processes_match_one(tmp_path: Path) -> None:
@@ -92,7 +114,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     out, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out[-3000:]
 
-    port = _free_port()
+    port = free_port()
     procs = [
         _cli(
             *common,
@@ -111,15 +133,14 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         assert p.returncode == 0, o[-3000:]
     # Console lines come from process 0 only.
     assert "step 10/10" in outs[0] and "step 10/10" not in outs[1]
-    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-4)
-    assert len(_losses(tmp_path / "one")) == 10
+    assert_same_math(_losses(tmp_path / "one"), {"two processes": _losses(tmp_path / "two")})
 
 
 def test_unreachable_coordinator_is_one_line(tmp_path: Path) -> None:
     proc = _cli(
         *TINY,
         "run.host_devices=4",
-        f"mesh.coordinator=127.0.0.1:{_free_port()}",
+        f"mesh.coordinator=127.0.0.1:{free_port()}",
         "mesh.num_processes=2",
         "mesh.process_id=1",
         "mesh.init_timeout=3",

@@ -13,8 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from nnxtrain.plugins import checkpoint_io
 from nnxtrain.plugins.checkpoint_checks import config_diff
 from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
@@ -192,16 +192,78 @@ def test_keep_last_and_every_mth_and_requested_saves(tmp_path):
     assert steps_on_disk(tmp_path) == [10, 15, 20]
 
 
-def test_skip_policy_skips_while_a_write_runs_and_defers_requests(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "2")  # every write lasts >= 2 s
-    _, text = fit(tmp_path, Checkpointer(every=5), Losses(save_at=(7,)))
+class HeldWrites:
+    """Checkpoint writes that cannot finish while `gate` is closed, whatever the machine's
+    speed. A wait for a running write opens it 50 ms after the wait began, so the wait is
+    real (the plugin reports waits over 1 ms) and nothing hangs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.gate, self.managers = threading.Event(), []
+        save, self._wait = (
+            ocp.JsonCheckpointHandler.async_save,
+            ocp.CheckpointManager.wait_until_finished,
+        )
+        gate = self.gate
+
+        async def held_save(handler: Any, *args: Any, **kwargs: Any) -> list[Any]:
+            futures = await save(handler, *args, **kwargs) or []
+
+            async def until_open() -> None:
+                gate.wait()
+
+            return [*futures, ocp.future.CommitFutureAwaitingContractedSignals(until_open())]
+
+        def opening_wait(mngr: Any) -> None:
+            self.managers.append(mngr)
+            if not gate.is_set() and mngr.is_saving_in_progress():
+                threading.Timer(0.05, gate.set).start()
+            self._wait(mngr)
+
+        monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", held_save)
+        monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", opening_wait)
+
+    def release(self) -> None:
+        """Opens the gate and returns once the held writes have finished."""
+        self.gate.set()
+        for mngr in self.managers:
+            self._wait(mngr)
+
+
+class ReleaseAt(Callback):
+    """Lets the held writes finish at step `at`, before the hooks of later callbacks."""
+
+    def __init__(self, held: HeldWrites, at: int):
+        self.held, self.at = held, at
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == self.at:
+            self.held.release()
+
+
+@pytest.fixture
+def held_writes(monkeypatch: pytest.MonkeyPatch) -> HeldWrites:
+    return HeldWrites(monkeypatch)
+
+
+def test_skip_policy_skips_while_a_write_runs(tmp_path, held_writes):
+    # Step 5's write holds until the final save waits for it: 10 and 15 are skipped.
+    _, text = fit(tmp_path, Checkpointer(every=5))
     assert "skipped the save at step 10: the write of step 5 is still running" in text
     assert "skipped the save at step 15" in text
     assert steps_on_disk(tmp_path) == [5, 20]
+    assert held_writes.gate.is_set()
 
 
-def test_wait_policy_waits_for_the_previous_write(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "0.5")
+def test_a_request_while_a_write_runs_is_saved_once_the_writer_is_free(tmp_path, held_writes):
+    # Step 3 is saved on request (held); the request at 7 waits until the write is released
+    # at step 12, and is saved there. No warning: requests are deferred, not skipped.
+    ck = Checkpointer(every=100)
+    _, text = fit(tmp_path, ReleaseAt(held_writes, 12), Losses(save_at=(3, 7)), ck)
+    assert steps_on_disk(tmp_path) == [3, 12, 20]
+    assert "saved step 12 |" in text and "skipped" not in text
+
+
+def test_wait_policy_waits_for_the_previous_write(tmp_path, held_writes):
     _, text = fit(tmp_path, Checkpointer(every=5, if_busy="wait"), overrides=("run.steps=10",))
     assert "skipped" not in text
     assert "saved step 10 | loop blocked" in text and "waiting for the previous write" in text
