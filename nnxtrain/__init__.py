@@ -8,7 +8,7 @@ The public API for plugin authors and Python users:
 
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.config import Config, compose
-from nnxtrain.errors import ConfigError, PluginError, UserError
+from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError
 from nnxtrain.events import (
     Callback,
     CompileEvent,
@@ -38,6 +38,7 @@ __all__ = [
     "FitResult",
     "FlopsReport",
     "LazyMetrics",
+    "LostProcessError",
     "PluginError",
     "SetupEvent",
     "StepEndEvent",

@@ -14,7 +14,8 @@ already sharded (unless restored), fire `on_train_start`, and loop: dispatch a s
 `on_step_end`, evaluate every `run.eval_every` steps. The loop keeps at most two steps in
 flight and never waits on the device for a step nothing reads; `nnxtrain.timing` measures
 true step times from completions. It ends when the steps are done, a plugin asked to
-stop, or a loss or gradient norm is not finite; `on_train_end` fires, then every
+stop, SIGTERM/SIGINT arrived (`nnxtrain.preemption`: every process stops at the same
+step), or a loss or gradient norm is not finite; `on_train_end` fires, then every
 callback's `teardown`, also after an exception (which fires `on_exception` first).
 """
 
@@ -23,8 +24,6 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from nnxtrain.events import (
 )
 from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size
 from nnxtrain.model import Transformer
+from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
 from nnxtrain.sharding import ActivationRecord, merge_rules, state_shardings, use_rules
 from nnxtrain.step import (
@@ -182,8 +182,8 @@ class Trainer:
         self.step = 0
         self.stop_reason: str | None = None
         self.save_requested = False
-        self.preempted: str | None = None  # name of the signal that asked the run to stop
-        self._saved_handlers: dict[int, Any] = {}
+        self.preempted: str | None = None  # the signal all processes agreed to stop on
+        self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         self.run_info: dict[str, Any] = {}
         self.num_params = 0
         self.best_eval_loss: float | None = None
@@ -208,31 +208,13 @@ class Trainer:
         requested, self.save_requested = self.save_requested, False
         return requested
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.preempted is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C quits at once
-        self.preempted = name
-        self.request_stop(f"preempted by {name}")
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signals can only be handled on the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._saved_handlers.items():
-            signal.signal(sig, handler)
-        self._saved_handlers.clear()
-
     # -- the run -------------------------------------------------------------------------
 
     def fit(self) -> FitResult:
         """Runs setup, compilation and the loop; returns the final state and metrics."""
         where = "setup"
         self._fit_started = time.perf_counter()
-        self._install_signal_handlers()
+        self.preemption.install()
         try:
             self._setup()
             if self.config.run.dry_run:
@@ -242,6 +224,9 @@ class Trainer:
             return self._train()
         except BaseException as e:
             self._fire_exception(e, where)
+            lost = self.preemption.lost_processes(e) if where == "loop" else None
+            if lost is not None and lost is not e:
+                raise lost from e
             raise
         finally:
             self._teardown()
@@ -328,12 +313,11 @@ class Trainer:
         reason, eval_metrics = "completed", {}
         next_batch = self._device_batch(self.step) if self.step < cfg.run.steps else None
         while self.step < cfg.run.steps:
+            if (signal := self.preemption.agreed_stop(self.step)) is not None:
+                self.preempted, reason = signal, f"preempted: {signal}"
+                break
             if self.stop_reason is not None:
-                reason = (
-                    f"preempted: {self.preempted}"
-                    if self.preempted
-                    else f"stopped: {self.stop_reason}"
-                )
+                reason = f"stopped: {self.stop_reason}"
                 break
             if watcher.nonfinite is not None:
                 reason = self._nonfinite_reason(watcher.nonfinite)
@@ -534,7 +518,7 @@ class Trainer:
                 self.console.print(f"[red]callback '{cb.name}' raised in on_exception: {e}[/]")
 
     def _teardown(self) -> None:
-        self._restore_signal_handlers()
+        self.preemption.uninstall()
         if self._watcher is not None:
             self._watcher.close()
         for cb in self.callbacks:
