@@ -10,7 +10,7 @@ run, so nothing waits early); the first round is warm-up. Prints, from process 0
 mode's median seconds per step and its ratio to the median without agreement, and the
 mean time of one exchange.
 
-    python bench/preemption_sync.py [--rounds 15] [--block 20] [overrides ...]
+    python bench/preemption_sync.py [--rounds 40] [--block 10] [overrides ...]
 """
 
 import argparse
@@ -101,8 +101,8 @@ def _child(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
