@@ -9,7 +9,7 @@ The public API for plugin authors and Python users:
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
-from nnxtrain.errors import ConfigError, PluginError, UserError, first_line
+from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
 from nnxtrain.events import (
     Callback,
     CompileEvent,
@@ -44,6 +44,7 @@ __all__ = [
     "FitResult",
     "FlopsReport",
     "LazyMetrics",
+    "LostProcessError",
     "PluginError",
     "SetupEvent",
     "StepEndEvent",

@@ -7,9 +7,11 @@
     nnxtrain --cfg job                         # print the composed config
 
 Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
-a run stopped by a non-finite loss exits 3. Overrides are checked against the schemas
-before Hydra composes, so a typo is reported in one line too. JAX is imported only after
-composition, so that settings which must precede JAX's start can be applied first.
+a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
+4, naming it in one line; SIGTERM/SIGINT save and exit 143/130. Overrides are checked
+against the schemas before Hydra composes, so a typo is reported in one line too. JAX is
+imported only after composition, so that settings which must precede JAX's start can be
+applied first.
 """
 
 import contextlib
@@ -18,8 +20,9 @@ import math
 import os
 import sys
 import time
+import traceback
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,11 +31,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
-from nnxtrain.errors import ConfigError, UserError
+from nnxtrain.errors import ConfigError, LostProcessError, UserError
 from nnxtrain.sweep import write_status
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
+EXIT_LOST_PROCESS = 4
 EXIT_PREEMPTED = {"SIGTERM": 143, "SIGINT": 130}  # as a shell reports death by that signal
 SELECTABLE = (*GROUPS, "callbacks", "experiment", "hparams_search")
 
@@ -109,10 +113,14 @@ def _run(cfg: DictConfig) -> float:
         trainer = Trainer(config)
         result = trainer.fit()
     except UserError as e:
-        return _failed(status, job_dir, f"error: {e}", t0, sweeping and not fail_fast)
+        code = EXIT_LOST_PROCESS if isinstance(e, LostProcessError) else EXIT_BAD_INPUT
+        return _failed(status, job_dir, f"error: {e}", t0, sweeping and not fail_fast, code)
     except Exception as e:
         if not sweeping or fail_fast:
-            raise
+            if not _distributed():
+                raise
+            traceback.print_exc()
+            _exit(1)
         first = (str(e).splitlines() or [""])[0][:300]
         return _failed(status, job_dir, f"job failed: {type(e).__name__}: {first}", t0, True)
     final_eval = result.eval_metrics.get("eval/loss")
@@ -135,14 +143,21 @@ def _run(cfg: DictConfig) -> float:
     if result.reason.startswith("not finite"):
         print(f"nnxtrain: {result.reason}", file=sys.stderr)
         if not sweeping or fail_fast:
-            sys.exit(EXIT_NOT_FINITE)
+            _exit(EXIT_NOT_FINITE)
         return math.inf
     objective = final_eval if final_eval is not None else result.metrics.get("loss", math.inf)
     return float(objective) if objective is not None else math.inf
 
 
-def _failed(status: dict[str, Any], job_dir: str, line: str, t0: float, keep_going: bool) -> float:
-    """Records a failed job; in a sweep the next job runs, otherwise the process exits 2."""
+def _failed(
+    status: dict[str, Any],
+    job_dir: str,
+    line: str,
+    t0: float,
+    keep_going: bool,
+    code: int = EXIT_BAD_INPUT,
+) -> float:
+    """Records a failed job; in a sweep the next job runs, otherwise the process exits."""
     print(f"nnxtrain: {line}", file=sys.stderr)
     # The status keeps the bare message: "error: run.steps: ..." -> "run.steps: ..."
     status.update(
@@ -151,8 +166,23 @@ def _failed(status: dict[str, Any], job_dir: str, line: str, t0: float, keep_goi
     with contextlib.suppress(OSError):
         write_status(job_dir, status)
     if not keep_going:
-        sys.exit(EXIT_BAD_INPUT)
+        _exit(code)
     return math.inf
+
+
+def _distributed() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _exit(code: int) -> NoReturn:
+    """Exits; a failed multi-process run skips JAX's shutdown barrier at exit, which would
+    wait for processes that are gone or stuck in a collective, then abort."""
+    if _distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main() -> None:

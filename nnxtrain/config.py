@@ -70,6 +70,7 @@ class MeshConfig:
     num_processes: int = 1  # processes in the run; -1 = detect from the environment (SLURM, ...)
     process_id: int = 0  # this process's index, 0 .. num_processes - 1
     init_timeout: int = 300  # seconds to wait for all processes to join
+    heartbeat_timeout: int = 100  # seconds of silence before a process counts as lost (run ends)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class RunConfig:
     host_devices: int = -1  # CPU devices (set before JAX starts); -1 = auto, 0 = JAX's default
     fail_fast: bool = False  # in a multirun, stop the sweep at the first failed job
     compile_cache: str = "auto"  # compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax
+    preempt_check_every: int = 10  # steps between multi-process stop agreements (1 process: every)
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ def validate(cfg: Config) -> Config:
         ("run.log_every", r.log_every),
         ("run.grad_accum", r.grad_accum),
         ("run.eval_batches", r.eval_batches),
+        ("run.preempt_check_every", r.preempt_check_every),
         ("model.vocab_size", m.vocab_size),
         ("model.emb_dim", m.emb_dim),
         ("model.num_layers", m.num_layers),
@@ -313,6 +316,8 @@ def validate(cfg: Config) -> Config:
         )
     if mc.init_timeout < 1:
         raise ConfigError("mesh.init_timeout", "must be >= 1 second", "use e.g. 300")
+    if mc.heartbeat_timeout < 4:  # the roll call for a lost process gets a quarter of it
+        raise ConfigError("mesh.heartbeat_timeout", "must be >= 4 seconds", "use e.g. 100")
     if r.eval_every < 0:
         raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
     if o.lr <= 0:

@@ -92,6 +92,7 @@ def start_jax(cfg: Config) -> None:
                 num_processes=None if auto else m.num_processes,
                 process_id=None if auto else m.process_id,
                 initialization_timeout=m.init_timeout,
+                heartbeat_timeout_seconds=m.heartbeat_timeout,
             )
         except Exception as e:
             raise UserError(

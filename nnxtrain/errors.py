@@ -2,8 +2,9 @@
 
 Raise `ConfigError` for a bad key or value and `UserError` for anything else a user can
 fix (a file, a plugin, the run directory). `nnxtrain.cli` prints `str(error)` and exits
-with code 2; code that catches an exception from deeper down re-raises it as one of these
-with the key or file named, quoting the cause with `first_line(e)`.
+with code 2 (4 for `LostProcessError`); code that catches an exception from deeper down
+re-raises it as one of these with the key or file named, quoting the cause with
+`first_line(e)`.
 """
 
 
@@ -21,6 +22,19 @@ class ConfigError(UserError):
 
 class PluginError(UserError):
     """A callback plugin failed to load or raised inside a hook; names the plugin."""
+
+
+class LostProcessError(UserError):
+    """Processes of a multi-process run stopped answering (killed, crashed): names them."""
+
+    def __init__(self, lost: list[int], num_processes: int, context: str):
+        self.lost = lost
+        s = "es" if len(lost) > 1 else ""
+        super().__init__(
+            f"lost process{s} {', '.join(map(str, lost))} of {num_processes} ({context}). "
+            "Fix: see that process's output for why it ended, then rerun every process "
+            "to resume from the last checkpoint."
+        )
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -1,41 +1,198 @@
-"""Preemption: SIGTERM and SIGINT end the run at a step boundary, after a final save.
+"""Preemption: SIGTERM/SIGINT stop the run at the same step on every process.
 
-    preemption = Preemption()
-    preemption.install()                  # main thread only; uninstall() restores
-    preemption.agreed_stop(step)          # the signal's name once the run should stop
+    preemption = Preemption(check_every=10, heartbeat_timeout=100)
+    preemption.install()                    # main thread; uninstall() restores the handlers
+    ...
+    if (name := preemption.agreed_stop(step)) is not None: ...   # at each step boundary
 
-A signal only sets a flag; the loop asks `agreed_stop` before each step, so the state is
-never torn. A second Ctrl-C quits at once.
+A signal only records its name (`signal`); a second Ctrl-C raises KeyboardInterrupt at
+once. The loop asks `agreed_stop(step)` between steps. With one process the answer is the
+flag itself, at every step and at no cost. With several, processes get a signal at
+different steps (or only one gets it), and one that stopped alone would leave the others
+in a collective that never completes. So every `check_every` steps each process posts its
+flag to JAX's coordination service (its key-value store: host-only RPCs, no device work,
+so the host stays a step ahead of the device), waits at a barrier for the others, and
+reads every flag back: all processes see the same flags at the same step and stop
+together. `jax.experimental.multihost_utils.reached_preemption_sync_point` does not fit:
+its notifier hears SIGTERM only, through a C++ handler that our Python handler replaces,
+and it must be called at every step.
+
+A process that dies (SIGKILL, a crash) breaks the next collective of the others, or
+keeps them waiting at the barrier. `lost_processes(error)` then takes a roll call through
+the same store and returns a `LostProcessError` naming the processes that did not answer.
+Both waits are bounded by fractions of `heartbeat_timeout` (the barrier half, the roll
+call a quarter): JAX's coordination service declares a silent process dead after that
+time and aborts every survivor, so a survivor names the lost process before that happens.
+The loss of process 0 (it hosts the service) and a frozen process still end in JAX's own
+abort; docs/sharding.md says when.
 """
 
-import signal
+import itertools
+import re
+import signal as signals
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
+
+import jax
+
+from nnxtrain.errors import LostProcessError, UserError, first_line
+
+# One namespace in the coordination service's store per Preemption: every process builds
+# its trainers in the same order, so the numbers match across processes.
+_INSTANCES = itertools.count()
+
+# An XLA runtime status ("UNKNOWN: Gloo all-reduce failed: ... Connection closed by
+# peer"): a step's dispatch reports it as ValueError, a device-to-host copy as
+# JaxRuntimeError.
+_STATUS = re.compile(r"^[A-Z_]+: ")
+
+
+class _LateProcessError(UserError):
+    """Every process answered the roll call, but one reached a stop check too late."""
+
+
+def _client() -> Any:
+    """JAX's coordination-service client, None in a single-process run (no public handle:
+    Orbax and multihost_utils read the same private attribute)."""
+    if jax.process_count() == 1:
+        return None
+    return jax._src.distributed.global_state.client
 
 
 class Preemption:
-    """Turns SIGTERM/SIGINT into a stop the loop takes at its next step boundary."""
+    """Turns SIGTERM/SIGINT into a stop that every process agrees on, at a step boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = 1, heartbeat_timeout: float = 100.0):
+        self.check_every = check_every
+        self.heartbeat_timeout = heartbeat_timeout
         self.signal: str | None = None  # the signal this process received
         self._saved: dict[int, Any] = {}
+        self._client = _client()
+        self._prefix = f"nnxtrain/preemption/{next(_INSTANCES)}"
+        self._first_step: int | None = None
+        self._posted: str | None = None  # this process's key of the previous check
+        self._roll_calls = itertools.count()
+
+    # -- signals -------------------------------------------------------------------------
 
     def install(self) -> None:
+        """Handles SIGTERM and SIGINT from now on; does nothing off the main thread."""
         if threading.current_thread() is not threading.main_thread():
-            return  # signals can only be handled on the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._saved[sig] = signal.signal(sig, self._on_signal)
+            return  # Python runs signal handlers on the main thread only
+        for sig in (signals.SIGTERM, signals.SIGINT):
+            self._saved[sig] = signals.signal(sig, self._on_signal)
 
     def uninstall(self) -> None:
+        """Restores the handlers that `install` replaced."""
         for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
+            signals.signal(sig, handler)
         self._saved.clear()
 
-    def agreed_stop(self, step: int) -> str | None:
-        """The signal to stop on before dispatching the step after `step`, or None."""
-        return self.signal
-
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
+        if self.signal is not None and signum == signals.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C quits at once
-        self.signal = signal.Signals(signum).name
+        self.signal = self.signal or signals.Signals(signum).name
+
+    # -- agreement -----------------------------------------------------------------------
+
+    def agreed_stop(self, step: int) -> str | None:
+        """The signal to stop on after `step` steps, the same on every process; else None.
+
+        Processes agree at multiples of `check_every` (not at the loop's first step, where
+        processes still arrive from their own compilation); elsewhere this is None. Raises
+        `LostProcessError` when a process does not reach the check in time.
+        """
+        if self._client is None:
+            return self.signal
+        if self._first_step is None:
+            self._first_step = step
+        if step == self._first_step or step % self.check_every:
+            return None
+        flags = self._exchange(step)
+        # The lowest process's signal, so that every process reports the same one.
+        return next((flags[p] for p in sorted(flags) if flags[p]), None)
+
+    def _exchange(self, step: int) -> dict[int, str]:
+        client, me = self._client, jax.process_index()
+        key = f"{self._prefix}/step{step}/"
+        client.key_value_set(key + str(me), self.signal or "")
+        wait = self.heartbeat_timeout / 2
+        try:
+            client.wait_at_barrier(key, self._ms(wait))
+        except Exception as e:
+            lost = self._roll_call()
+            if lost:
+                context = f"did not reach step {step} within {wait:.0f} s"
+                raise LostProcessError(lost, jax.process_count(), context) from e
+            raise _LateProcessError(
+                f"mesh.heartbeat_timeout: a process reached the stop check of step {step} "
+                f"more than {wait:.0f} s (half the timeout) after another. Fix: raise "
+                "mesh.heartbeat_timeout above twice the longest step, save or evaluation."
+            ) from e
+        flags = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(key)}
+        # Every process read this check's keys before reaching the barrier of the next one,
+        # so the previous key can go: the store keeps at most two keys per process.
+        if self._posted is not None:
+            client.key_value_delete(self._posted)
+        self._posted = key + str(me)
+        return flags
+
+    # -- lost processes ------------------------------------------------------------------
+
+    def lost_processes(self, error: BaseException) -> LostProcessError | None:
+        """After `error` ended the loop: which processes are gone, if a runtime failure
+        (a collective that lost its peer) caused it. None in a single-process run."""
+        if self._client is None:
+            return None
+        if isinstance(error, LostProcessError):
+            return error
+        if isinstance(error, _LateProcessError):
+            return None
+        failure = next((e for e in _chain(error) if _runtime_failure(e)), None)
+        if failure is None:
+            return None  # this process's own error (a config, a plugin): not a lost peer
+        lost = self._roll_call()
+        if not lost:
+            return None
+        context = f"no answer within {self.heartbeat_timeout / 4:.0f} s after {first_line(failure)}"
+        return LostProcessError(lost, jax.process_count(), context)
+
+    def _roll_call(self) -> list[int]:
+        """Processes that do not post to the store within a quarter of the heartbeat."""
+        client, me, count = self._client, jax.process_index(), jax.process_count()
+        key = f"{self._prefix}/alive{next(self._roll_calls)}/"
+        try:
+            client.key_value_set(key + str(me), "")
+        except Exception:
+            return [0]  # the store itself is gone: it runs in process 0
+        deadline = time.monotonic() + self.heartbeat_timeout / 4
+        lost = []
+        for p in range(count):
+            if p == me:
+                continue
+            try:
+                client.blocking_key_value_get(key + str(p), self._ms(deadline - time.monotonic()))
+            except Exception:
+                lost.append(p)
+        return lost
+
+    @staticmethod
+    def _ms(seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _runtime_failure(e: BaseException) -> bool:
+    if isinstance(e, jax.errors.JaxRuntimeError):
+        return True
+    return isinstance(e, ValueError | RuntimeError) and bool(_STATUS.match(str(e)))

@@ -115,7 +115,7 @@ class Trainer:
         self._optimizer = optimizer
         self._devices = devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
-        self.preemption = Preemption()
+        self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
         self.mesh: jax.sharding.Mesh | None = None
         self.run_dir = ""
@@ -173,6 +173,9 @@ class Trainer:
             return self._train(watcher)
         except BaseException as e:
             self.hooks.fire_exception(self, e, where)
+            lost = self.preemption.lost_processes(e) if where == "loop" else None
+            if lost is not None and lost is not e:
+                raise lost from e  # a peer died: name it rather than its collective's error
             raise
         finally:
             self.preemption.uninstall()
@@ -278,10 +281,8 @@ class Trainer:
         eval_metrics: dict[str, float] = {}
         batch = feed.train(self.step) if self.step < num_steps else None
         while self.step < num_steps:
-            signal_name = self.preemption.agreed_stop(self.step)
-            if signal_name is not None:
+            if (signal_name := self.preemption.agreed_stop(self.step)) is not None:
                 self.preempted = signal_name
-                self.request_stop(f"preempted by {signal_name}")
                 return f"preempted: {signal_name}", eval_metrics
             if self.stop_reason is not None:
                 return f"stopped: {self.stop_reason}", eval_metrics

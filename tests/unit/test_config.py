@@ -187,6 +187,8 @@ BAD = [
     ("model.remat", {"model": {"remat": "sometimes"}}),
     ("run.grad_accum", {"run": {"batch_size": 6, "grad_accum": 4}}),
     ("optim.lr", {"optim": {"lr": 0.0}}),
+    ("run.preempt_check_every", {"run": {"preempt_check_every": 0}}),
+    ("mesh.heartbeat_timeout", {"mesh": {"heartbeat_timeout": 3}}),
 ]
 
 
