@@ -1,11 +1,15 @@
 """Callback plugins the tests load by dotted path (`callbacks_for_tests.Recorder`).
 
 They are written as a user would write a plugin, with only the public API. Every call
-they see is appended to `LOG` as `(callback name, hook, event)`; tests clear it first.
+the recording ones see is appended to `LOG` as `(callback name, hook, event)`; tests
+clear it first. `SlowWrites` slows the checkpointer's writes down for the slow-save tests.
 """
 
+import asyncio
 import time
 from typing import Any
+
+import orbax.checkpoint as ocp
 
 from nnxtrain import Callback
 from nnxtrain.events import HOOKS
@@ -87,3 +91,32 @@ class SleepAt(Callback):
     def on_step_end(self, trainer: Any, event: Any) -> None:
         if event.step == self.at:
             time.sleep(self.seconds)
+
+
+class SlowWrites(Callback):
+    """Every checkpoint write completes `seconds` late, from on_setup to teardown: tests
+    kill a process in the middle of a save, or find the writer busy (`if_busy`).
+
+    It delays Orbax's JSON item (the checkpoint's meta/) by patching its handler class,
+    so the checkpointer under test runs unchanged.
+    """
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+        self._original: Any = None
+
+    def on_setup(self, trainer: Any, event: Any) -> None:
+        handler, seconds = ocp.handlers.JsonCheckpointHandler, self.seconds
+        original = self._original = handler.async_save
+
+        async def async_save(h: Any, directory: Any, item: Any = None, args: Any = None) -> Any:
+            futures = await original(h, directory, item, args) or []
+            delay = ocp.future.CommitFutureAwaitingContractedSignals(asyncio.sleep(seconds))
+            return [*futures, delay]
+
+        handler.async_save = async_save  # type: ignore[method-assign]
+
+    def teardown(self, trainer: Any) -> None:
+        if self._original is not None:
+            ocp.handlers.JsonCheckpointHandler.async_save = self._original  # type: ignore[method-assign]
+            self._original = None

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from conftest import cli_env, run_cli
-from nnxtrain.plugins.checkpoint_io import TEST_DELAY_ENV
 
 from nnxtrain import Callback, Trainer, compose
 
@@ -75,11 +74,11 @@ def cli_args(run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def env_with_pace(tmp_path: Path, **extra: str) -> dict[str, str]:
+def env_with_pace(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "ckpt_pace.py").write_text(PACE)
     env = cli_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    return env | extra
+    return env
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -138,7 +137,8 @@ def test_sigkill_during_a_save_leaves_the_last_complete_checkpoint(tmp_path, ref
     ckpts = run_dir / "checkpoints"
     args = cli_args(run_dir, "callbacks.checkpoint.every=5", "callbacks.checkpoint.if_busy=wait")
     # Every write takes >= 3 s, so the save of step 10 is still being written when killed.
-    proc = start(args, tmp_path, env_with_pace(tmp_path, **{TEST_DELAY_ENV: "3"}))
+    slow = ["+callbacks.slow._target_=callbacks_for_tests.SlowWrites", "+callbacks.slow.seconds=3"]
+    proc = start([*args, *slow], tmp_path, env_with_pace(tmp_path))
 
     def saving_10_after_5() -> bool:
         names = os.listdir(ckpts) if ckpts.is_dir() else []

@@ -7,6 +7,7 @@ compilation cache, so each costs well under a second after the first compile.
 import io
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-from nnxtrain.plugins import checkpoint_io
+from callbacks_for_tests import SlowWrites
 from nnxtrain.plugins.checkpoint_checks import config_diff
 from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
@@ -192,17 +193,17 @@ def test_keep_last_and_every_mth_and_requested_saves(tmp_path):
     assert steps_on_disk(tmp_path) == [10, 15, 20]
 
 
-def test_skip_policy_skips_while_a_write_runs_and_defers_requests(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "2")  # every write lasts >= 2 s
-    _, text = fit(tmp_path, Checkpointer(every=5), Losses(save_at=(7,)))
+def test_skip_policy_skips_while_a_write_runs_and_defers_requests(tmp_path):
+    slow = SlowWrites(seconds=2)  # every write lasts >= 2 s
+    _, text = fit(tmp_path, Checkpointer(every=5), Losses(save_at=(7,)), slow)
     assert "skipped the save at step 10: the write of step 5 is still running" in text
     assert "skipped the save at step 15" in text
     assert steps_on_disk(tmp_path) == [5, 20]
 
 
-def test_wait_policy_waits_for_the_previous_write(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint_io.TEST_DELAY_ENV, "0.5")
-    _, text = fit(tmp_path, Checkpointer(every=5, if_busy="wait"), overrides=("run.steps=10",))
+def test_wait_policy_waits_for_the_previous_write(tmp_path):
+    ck, slow = Checkpointer(every=5, if_busy="wait"), SlowWrites(seconds=0.5)
+    _, text = fit(tmp_path, ck, slow, overrides=("run.steps=10",))
     assert "skipped" not in text
     assert "saved step 10 | loop blocked" in text and "waiting for the previous write" in text
     assert steps_on_disk(tmp_path) == [5, 10]
@@ -264,3 +265,30 @@ def test_load_from_without_a_checkpoint_names_the_key(tmp_path):
     ck = Checkpointer(load_from=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"^callbacks.Checkpointer.load_from: no complete"):
         fit(tmp_path / "run", ck)
+
+
+class _Read:
+    """Stands for a read Orbax left running: it reports `error` when it finishes (here:
+    when it is freed, at once)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error
+
+
+def test_closed_loop_reports_are_dropped_from_a_restore_on_and_after_a_failed_one(
+    tmp_path, monkeypatch
+):
+    seen: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    fit(tmp_path, Checkpointer(), overrides=("run.steps=2",))
+    fit(tmp_path, Checkpointer(), overrides=("run.steps=4",))  # resumes from step 2
+    assert sys.unraisablehook == seen.append  # after a restore that succeeds: back
+    _corrupt(tmp_path / "checkpoints" / "4")
+    with pytest.raises(UserError, match="unreadable"):
+        fit(tmp_path, Checkpointer(), overrides=("run.steps=6",))
+    _Read(RuntimeError("Event loop is closed"))  # a leftover read finishing: dropped
+    _Read(ValueError("another report"))
+    assert [type(r.exc_value) for r in seen] == [ValueError]
