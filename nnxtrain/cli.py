@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
-from nnxtrain.errors import ConfigError, LostProcessError, UserError
+from nnxtrain.errors import ConfigError, LostProcessError, UserError, first_line
 from nnxtrain.sweep import write_status
 
 EXIT_BAD_INPUT = 2
@@ -121,8 +121,7 @@ def _run(cfg: DictConfig) -> float:
                 raise
             traceback.print_exc()
             _exit(1)
-        first = (str(e).splitlines() or [""])[0][:300]
-        return _failed(status, job_dir, f"job failed: {type(e).__name__}: {first}", t0, True)
+        return _failed(status, job_dir, f"job failed: {first_line(e, 300)}", t0, True)
     final_eval = result.eval_metrics.get("eval/loss")
     status.update(
         status=result.reason,

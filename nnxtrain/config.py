@@ -11,12 +11,11 @@ Use from Python (a notebook, a test)::
     from nnxtrain.config import compose
     cfg = compose(["model=small", "run.steps=50"])
 
-`validate()` holds the checks that span several keys (sequence length against the model's
-limit, heads against kv heads, ...); device-dependent checks live in `nnxtrain.mesh`.
+`validate()` holds the checks that need no device and no file; device checks live in
+`nnxtrain.mesh`, and checks of a file's contents where `nnxtrain.data` reads it.
 """
 
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,102 +30,132 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
 DATA_KINDS = ("synthetic", "text", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config key: its default and one-line help with unit (docs/config.md's meaning)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The Llama-style decoder's shape and numerics."""
 
-    name: str = "small"  # label printed in logs and run_info.json
-    vocab_size: int = 256  # tokens in the vocabulary
-    emb_dim: int = 128  # model width (residual stream), in features
-    num_layers: int = 4  # decoder layers
-    num_heads: int = 4  # query heads
-    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
-    head_dim: int = 32  # features per attention head
-    mlp_dim: int = 384  # hidden features of the SwiGLU MLP
-    max_len: int = 512  # longest sequence the model accepts, in tokens
-    rope_theta: float = 10000.0  # rotary embedding base wavelength
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    tie_embeddings: bool = False  # reuse the token embedding as the output projection
+    name: str = setting("small", "label printed in logs and run_info.json")
+    vocab_size: int = setting(256, "tokens in the vocabulary")
+    emb_dim: int = setting(128, "model width (residual stream), in features")
+    num_layers: int = setting(4, "decoder layers")
+    num_heads: int = setting(4, "query heads")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention); divides num_heads")
+    head_dim: int = setting(32, "features per attention head")
+    mlp_dim: int = setting(384, "hidden features of the SwiGLU MLP")
+    max_len: int = setting(512, "longest sequence the model accepts, in tokens")
+    rope_theta: float = setting(10000.0, "rotary embedding base wavelength")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
-    scan_layers: bool | None = None  # scan stacked layers; null = auto: unrolled on CPU only
-    remat: str = "none"  # rematerialisation: none, full, dots or dots_no_batch
-    param_dtype: str = "float32"  # dtype parameters are stored and updated in
-    dtype: str = "auto"  # activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU
-    attention: str = "auto"  # kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice
-    init_std: float = 0.02  # stddev of the normal initialiser for weight matrices
+    scan_layers: bool | None = setting(
+        None, "scan stacked layers; null = auto: unrolled on CPU only"
+    )
+    remat: str = setting("none", "rematerialisation: none, full, dots or dots_no_batch")
+    param_dtype: str = setting("float32", "dtype parameters are stored and updated in")
+    dtype: str = setting("auto", "activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
+    attention: str = setting(
+        "auto", "kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice"
+    )
+    init_std: float = setting(0.02, "stddev of the normal initialiser for weight matrices")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: the size of each axis; -1 takes all remaining devices."""
 
-    data: int = 1  # data-parallel replicas (batch split, weights replicated)
-    fsdp: int = -1  # fully sharded data parallel (batch and weights split)
-    tensor: int = 1  # tensor parallel (heads and MLP features split)
-    rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axes overrides
-    coordinator: str = ""  # multi-process: HOST:PORT of process 0; empty = single process
-    num_processes: int = 1  # processes in the run; -1 = detect from the environment (SLURM, ...)
-    process_id: int = 0  # this process's index, 0 .. num_processes - 1
-    init_timeout: int = 300  # seconds to wait for all processes to join
-    heartbeat_timeout: int = 100  # seconds of silence before a process counts as lost (run ends)
+    data: int = setting(1, "data-parallel replicas (batch split, weights replicated)")
+    fsdp: int = setting(-1, "fully sharded data parallel (batch and weights split)")
+    tensor: int = setting(1, "tensor parallel (heads and MLP features split)")
+    rules: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "logical name -> mesh axes overrides"}
+    )
+    coordinator: str = setting("", "multi-process: HOST:PORT of process 0; empty = single process")
+    num_processes: int = setting(
+        1, "processes in the run; -1 = detect from the environment (SLURM, ...)"
+    )
+    process_id: int = setting(0, "this process's index, 0 .. num_processes - 1")
+    init_timeout: int = setting(300, "seconds to wait for all processes to join")
+    heartbeat_timeout: int = setting(
+        100, "seconds of silence before a process counts as lost (run ends)"
+    )
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """The run itself: length, batch, seed and where results go."""
 
-    steps: int = 300  # optimizer steps to train
-    batch_size: int = 16  # global batch, in sequences; -1 = one sequence per device
-    seq_len: int = 128  # tokens per sequence
-    seed: int = 0  # seed for parameters and data
-    dir: str = ""  # run directory; the CLI uses Hydra's output dir, Python ./runs/<time>
-    log_every: int = 10  # steps between metric lines
-    dry_run: bool = False  # build abstractly, compile the step, print accounting, exit
-    grad_accum: int = 1  # micro-batches per step, accumulated inside the compiled step
-    eval_every: int = 100  # steps between evaluations on held-out batches; 0 = never
-    eval_batches: int = 4  # held-out batches per evaluation
-    host_devices: int = -1  # CPU devices (set before JAX starts); -1 = auto, 0 = JAX's default
-    fail_fast: bool = False  # in a multirun, stop the sweep at the first failed job
-    compile_cache: str = "auto"  # compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax
-    preempt_check_every: int = 10  # steps between multi-process stop agreements (1 process: every)
+    steps: int = setting(300, "optimizer steps to train")
+    batch_size: int = setting(16, "global batch, in sequences; -1 = one sequence per device")
+    seq_len: int = setting(128, "tokens per sequence")
+    seed: int = setting(0, "seed for parameters and data")
+    dir: str = setting("", "run directory; the CLI uses Hydra's output dir, Python ./runs/<time>")
+    log_every: int = setting(10, "steps between metric lines")
+    dry_run: bool = setting(False, "build abstractly, compile the step, print accounting, exit")
+    grad_accum: int = setting(1, "micro-batches per step, accumulated inside the compiled step")
+    eval_every: int = setting(100, "steps between evaluations on held-out batches; 0 = never")
+    eval_batches: int = setting(4, "held-out batches per evaluation")
+    host_devices: int = setting(
+        -1, "CPU devices (set before JAX starts); -1 = auto, 0 = JAX's default"
+    )
+    fail_fast: bool = setting(False, "in a multirun, stop the sweep at the first failed job")
+    compile_cache: str = setting(
+        "auto", "compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax"
+    )
+    preempt_check_every: int = setting(
+        10, "steps between multi-process stop agreements (1 process: every)"
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where batches come from."""
 
-    name: str = "synthetic"  # dataset kind: synthetic, text or tokens
-    branching: int = 4  # synthetic: likely successors of each token in the Markov source
-    source_seed: int = 1234  # synthetic: seed of the Markov source (fixed across runs)
-    path: Any = ""  # text/tokens: a file, a glob, or a list of them (.txt / .npy, .bin)
-    val_path: Any = ""  # held-out files like path; empty = the last val_fraction of path
-    val_fraction: float = 0.1  # share of path's tokens held out from its end (no val_path)
-    tokenizer: str = ""  # byte, char, a tokenizer.json or a SentencePiece .model; text: ""=byte
-    vocab_size_from_tokenizer: bool = True  # model.vocab_size := the tokenizer's; false: keep
-    eos_token: str = ""  # end-of-document token of a tokenizer file; "" = its own (or a new id)
-    doc_separator: str = ""  # text: string between documents in a file; "" = a file is one
-    token_dtype: str = "auto"  # tokens .bin: uint16 or uint32; auto = meta.json's, else uint16
-    shuffle: bool = True  # shuffle training sequences each epoch, seeded by run.seed
-    prefetch: int = 2  # training batches prepared ahead on a background thread; 0 = none
+    name: str = setting("synthetic", "dataset kind: synthetic, text or tokens")
+    branching: int = setting(4, "synthetic: likely successors of each token in the Markov source")
+    source_seed: int = setting(1234, "synthetic: seed of the Markov source (fixed across runs)")
+    path: Any = setting("", "text/tokens: a file, a glob, or a list of them (.txt / .npy, .bin)")
+    val_path: Any = setting("", "held-out files like path; empty = the last val_fraction of path")
+    val_fraction: float = setting(0.1, "share of path's tokens held out from its end (no val_path)")
+    tokenizer: str = setting(
+        "", 'byte, char, a tokenizer.json or a SentencePiece .model; text: ""=byte'
+    )
+    vocab_size_from_tokenizer: bool = setting(
+        True, "model.vocab_size := the tokenizer's; false: keep"
+    )
+    eos_token: str = setting(
+        "", 'end-of-document token of a tokenizer file; "" = its own (or a new id)'
+    )
+    doc_separator: str = setting("", 'text: string between documents in a file; "" = a file is one')
+    token_dtype: str = setting(
+        "auto", "tokens .bin: uint16 or uint32; auto = meta.json's, else uint16"
+    )
+    shuffle: bool = setting(True, "shuffle training sequences each epoch, seeded by run.seed")
+    prefetch: int = setting(2, "training batches prepared ahead on a background thread; 0 = none")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup, cosine decay and global-norm clipping; the loss weights."""
 
-    name: str = "adamw"  # optimizer: adamw
-    lr: float = 3e-3  # peak learning rate
-    warmup_steps: int = 20  # linear warmup from 0 to lr, in steps
-    decay_steps: int = 0  # cosine decay length after warmup, in steps; 0 = until run.steps
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
-    b1: float = 0.9  # Adam first-moment decay
-    b2: float = 0.95  # Adam second-moment decay
-    eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 0.1  # decoupled weight decay (matrices only)
-    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    z_loss: float = 0.0  # weight of the z-loss term (mean squared log-partition)
+    name: str = setting("adamw", "optimizer: adamw")
+    lr: float = setting(3e-3, "peak learning rate")
+    warmup_steps: int = setting(20, "linear warmup from 0 to lr, in steps")
+    decay_steps: int = setting(0, "cosine decay length after warmup, in steps; 0 = until run.steps")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of lr")
+    b1: float = setting(0.9, "Adam first-moment decay")
+    b2: float = setting(0.95, "Adam second-moment decay")
+    eps: float = setting(1e-8, "Adam epsilon")
+    weight_decay: float = setting(0.1, "decoupled weight decay (matrices only)")
+    clip_norm: float = setting(1.0, "global gradient-norm clip; 0 disables")
+    z_loss: float = setting(0.0, "weight of the z-loss term (mean squared log-partition)")
 
 
 @dataclass(frozen=True)
@@ -355,6 +384,12 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
         raise ConfigError(
             "data.path", f"data={d.name} needs files", "set data.path=FILE (a glob or a list)"
         )
+    if d.name == "tokens" and d.tokenizer == "char":
+        raise ConfigError(
+            "data.tokenizer",
+            "char builds its vocabulary from text, and data=tokens has none",
+            "give the char_vocab.json the corpus was made with, or leave it empty",
+        )
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(
             "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}", "use e.g. 0.1"
@@ -365,34 +400,9 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
             f"0 with no data.val_path leaves nothing to evaluate every {r.eval_every} steps",
             "set data.val_fraction>0, give data.val_path, or set run.eval_every=0",
         )
-    if d.token_dtype not in ("auto", "uint16", "uint32"):
+    if d.token_dtype not in ("auto", *TOKEN_DTYPES):
         raise ConfigError(
             "data.token_dtype", f"unknown dtype {d.token_dtype!r}", "use auto, uint16 or uint32"
         )
     if d.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}", "use 0 to disable")
-
-
-def reference_tables() -> str:
-    """The markdown tables of docs/config.md: every key, its default and its comment."""
-    import inspect
-    import re
-
-    source = inspect.getsource(sys.modules[__name__])
-    out = []
-    for group, cls in GROUPS.items():
-        body = source[source.index(f"class {cls.__name__}:") :]
-        out += [
-            f"## `{group}`",
-            "",
-            (cls.__doc__ or "").strip(),
-            "",
-            "| key | default | meaning |",
-            "| --- | --- | --- |",
-        ]
-        for f in dataclasses.fields(cls):
-            found = re.search(rf"^    {f.name}: .*?  # (.*)$", body, re.M)
-            default = "{}" if f.default is dataclasses.MISSING else repr(f.default)
-            out.append(f"| `{group}.{f.name}` | `{default}` | {found.group(1) if found else ''} |")
-        out.append("")
-    return "\n".join(out)

@@ -25,7 +25,7 @@ import time
 import jax
 
 from nnxtrain.config import Config
-from nnxtrain.errors import ConfigError, UserError
+from nnxtrain.errors import ConfigError, UserError, first_line
 
 # Auto never asks for more CPU devices than this: each device's share of the step must stay
 # big enough to pay for its collectives (measured on 2 cores only; larger hosts untested).
@@ -98,7 +98,7 @@ def start_jax(cfg: Config) -> None:
             raise UserError(
                 f"mesh.coordinator: could not join the distributed run at "
                 f"{m.coordinator or '<auto-detected>'} within {m.init_timeout} s "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: start "
+                f"({first_line(e)}). Fix: start "
                 "every process with the same mesh.coordinator, reachable from all, "
                 "and distinct mesh.process_id."
             ) from e

@@ -38,7 +38,8 @@ class LostProcessError(UserError):
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, cut to `limit` characters: a cause quoted inside
-    a one-line error (library messages often run to many lines)."""
+    """`Type: first line of the message`, cut to `limit` characters (just `Type` when the
+    message is empty): a cause quoted inside a one-line error (library messages often run
+    to many lines)."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__

@@ -93,7 +93,7 @@ def build_callbacks(entries: Mapping[str, Any]) -> list[Callback]:
             raise
         except Exception as e:  # TypeError for unknown keys, ValueError from its own checks
             raise PluginError(
-                f"{key}: {cls.__name__} refused its options ({type(e).__name__}: {e}). "
+                f"{key}: {cls.__name__} refused its options ({first_line(e)}). "
                 f"Fix: check the keys under {key}."
             ) from e
         callback.name = name

@@ -25,6 +25,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from nnxtrain.rundir import write_json
+
 STATUS_FILE = "job_status.json"
 COLUMNS = (
     "job",
@@ -41,11 +43,8 @@ COLUMNS = (
 
 def write_status(job_dir: str, status: dict[str, Any]) -> None:
     """Writes a job's status atomically (a reader never sees half a file)."""
-    path = os.path.join(job_dir, STATUS_FILE)
     os.makedirs(job_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(status, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(job_dir, STATUS_FILE), status)
 
 
 def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -92,7 +91,7 @@ def summarize(sweep_dir: Path, console: Console | None = None) -> list[dict[str,
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table_rows)
-    (sweep_dir / "summary.json").write_text(json.dumps(table_rows, indent=2, default=str))
+    write_json(str(sweep_dir / "summary.json"), table_rows)
 
     title = f"sweep summary: {sweep_dir}" + (
         f"\ncommon: {' '.join(sorted(common))}" if common else ""

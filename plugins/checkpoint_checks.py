@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from flax.traverse_util import flatten_dict
 
 from nnxtrain import ConfigError, UserError
 
@@ -57,10 +58,10 @@ BOOKKEEPING = {
 }
 
 
-def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every config key that differs, bookkeeping and
     callbacks aside; model and optim keys first (they decide the arrays' shapes)."""
-    a, b = flatten(saved, sep="."), flatten(current, sep=".")
+    a, b = flatten_dict(saved, sep="."), flatten_dict(current, sep=".")
     keys = sorted(
         (k for k in a.keys() | b.keys() if k not in BOOKKEEPING and k.split(".")[0] != "callbacks"),
         key=lambda k: (not k.startswith(("model.", "optim.")), k),
@@ -70,17 +71,6 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[st
         for k in keys
         if a.get(k, "<absent>") != b.get(k, "<absent>")
     ]
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """{'a': {'b': x}} -> {'a/b': x}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}{sep}", sep))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _fmt(shape: Any, dtype: Any) -> str:

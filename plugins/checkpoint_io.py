@@ -16,27 +16,26 @@ so a restore only needs the *current* abstract state: its structure and sharding
 what is read and where it lands, which is how a checkpoint moves between meshes.
 """
 
-import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nnxtrain import UserError
+from nnxtrain import UserError, first_line
 
-from .checkpoint_checks import check_fits, config_diff, flatten
+from .checkpoint_checks import check_fits, config_diff
 
 FORMAT = 1
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
-# Test-only: seconds each background write sleeps before it completes (slow-save tests).
-TEST_DELAY_ENV = "NNXTRAIN_CHECKPOINT_TEST_DELAY"
 
 
 class _NoWaitWarning(logging.Filter):
@@ -44,9 +43,6 @@ class _NoWaitWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Waiting for previous save to complete")
-
-
-logging.getLogger("absl").addFilter(_NoWaitWarning())
 
 
 class Unreadable(UserError):
@@ -74,53 +70,11 @@ def leaf_names(tree: Any) -> tuple[list[str], list[Any], Any]:
     return names, [leaf for _, leaf in paths], treedef
 
 
-def nest(names: list[str], leaves: list[Any]) -> dict[str, Any]:
-    """{'a/b': x} -> {'a': {'b': x}}: the plain tree Orbax stores."""
-    out: dict[str, Any] = {}
-    for name, leaf in zip(names, leaves, strict=True):
-        *parents, last = name.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return out
-
-
 def partial_saves(directory: str) -> list[str]:
     """Names of unfinished saves (a process killed while writing) in `directory`."""
     if not os.path.isdir(directory):
         return []
     return sorted(n for n in os.listdir(directory) if TMP_SUFFIX in n)
-
-
-class _SlowJson(ocp.handlers.JsonCheckpointHandler):
-    """Test-only: the meta item's write completes TEST_DELAY_ENV seconds late."""
-
-    async def async_save(self, directory: Any, item: Any = None, args: Any = None) -> Any:
-        futures = await super().async_save(directory, item, args) or []
-        delay = asyncio.sleep(_test_delay())
-        return [*futures, ocp.future.CommitFutureAwaitingContractedSignals(delay)]
-
-
-@ocp.args.register_with_handler(_SlowJson, for_save=True)
-class _SlowJsonSave(ocp.args.JsonSave):
-    pass
-
-
-@ocp.args.register_with_handler(_SlowJson, for_restore=True)
-class _SlowJsonRestore(ocp.args.JsonRestore):
-    pass
-
-
-def _test_delay() -> float:
-    return float(os.environ.get(TEST_DELAY_ENV) or 0)
-
-
-def _meta_args() -> tuple[type, type]:
-    """(save, restore) args of the meta item; Orbax matches them to its handler's class."""
-    if _test_delay() > 0:
-        return _SlowJsonSave, _SlowJsonRestore
-    return ocp.args.JsonSave, ocp.args.JsonRestore
 
 
 def open_manager(
@@ -142,10 +96,7 @@ def open_manager(
         read_only=read_only,
         async_options=ocp.AsyncOptions(post_finalization_callback=on_written),
     )
-    handlers = {
-        "state": ocp.PyTreeCheckpointHandler(),
-        "meta": _SlowJson() if _test_delay() > 0 else ocp.JsonCheckpointHandler(),
-    }
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -187,44 +138,53 @@ def saving(mngr: ocp.CheckpointManager) -> bool:
     return busy
 
 
-def save_args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts the background write of `step`: the state's arrays, as the plain tree of
+    their names, and the meta JSON."""
     names, leaves, _ = leaf_names(state)
-    return ocp.args.Composite(
-        state=ocp.args.PyTreeSave(nest(names, leaves)), meta=_meta_args()[0](meta)
-    )
+    tree = unflatten_dict(dict(zip(names, leaves, strict=True)), sep="/")
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta))
+    absl, no_wait = logging.getLogger("absl"), _NoWaitWarning()
+    absl.addFilter(no_wait)  # Orbax logs the wait inside save(), on this thread
+    try:
+        mngr.save(step, args=args, force=True)
+    finally:
+        absl.removeFilter(no_wait)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+@contextlib.contextmanager
+def quiet_leftover_reads() -> Iterator[None]:
+    """Around a restore: drops the 'Event loop is closed' reports of reads it leaves
+    running if it fails; any other report passes.
+
+    Orbax closes its event loop on a restore's first error, and the reads it had started
+    report from their own threads as they finish: from that moment on, and also after the
+    restore has returned (within milliseconds), with nothing to wait on. So the filter
+    goes on before the restore and comes off after one that succeeds; after one that
+    fails it stays on.
+    """
+    previous = sys.unraisablehook
+
+    def hook(report: Any) -> None:
+        if not (report.exc_type is RuntimeError and "loop is closed" in str(report.exc_value)):
+            previous(report)
+
+    sys.unraisablehook = hook
+    yield  # an error leaves from here, and the filter on for the reads it left running
+    sys.unraisablehook = previous
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta JSON, {leaf name: array metadata}) of a step, or Unreadable."""
     path = os.path.join(str(mngr.directory), str(step))
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=_meta_args()[1]()))["meta"]
-        saved = flatten(mngr.item_metadata(step)["state"].tree)
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = flatten_dict(mngr.item_metadata(step)["state"].tree, sep="/")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"meta/ is not an nnxtrain checkpoint of format {FORMAT}")
     except Exception as e:
-        raise Unreadable(f"checkpoint {path} is unreadable ({_first_line(e)})") from e
+        raise Unreadable(f"checkpoint {path} is unreadable ({first_line(e)})") from e
     return meta, saved
-
-
-def _quiet_closed_loop_noise() -> None:
-    """Drops the 'Event loop is closed' reports of reads still in flight after a failed
-    restore (Orbax closes its event loop on the first error); any other report passes."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_nnxtrain_quiet", False):
-        return
-
-    def hook(report: Any) -> None:
-        if not (report.exc_type is RuntimeError and "loop is closed" in str(report.exc_value)):
-            previous(report)
-
-    hook._nnxtrain_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
 
 
 def restore(
@@ -241,14 +201,14 @@ def restore(
     Unreadable when its files are damaged.
     """
     path = os.path.join(str(mngr.directory), str(step))
-    _quiet_closed_loop_noise()
     meta, saved = read_meta(mngr, step)
     diff = config_diff(meta.get("config", {}), config)
     tree, prefix = (abstract_state.params, "params/") if params_only else (abstract_state, "")
     names, leaves, treedef = leaf_names(tree)
     names = [prefix + n for n in names]
-    check_fits(path, saved, dict(zip(names, leaves, strict=True)), diff, prefix)
-    target = nest(names, leaves)
+    wanted = dict(zip(names, leaves, strict=True))
+    check_fits(path, saved, wanted, diff, prefix)
+    target = unflatten_dict(wanted, sep="/")
     args = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -256,10 +216,10 @@ def restore(
     )
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
-        flat = flatten(restored)
+        flat = flatten_dict(restored, sep="/")
         state = jax.tree.unflatten(treedef, [flat[n] for n in names])
     except Exception as e:
-        raise Unreadable(f"checkpoint {path} is unreadable ({_first_line(e)})") from e
+        raise Unreadable(f"checkpoint {path} is unreadable ({first_line(e)})") from e
     return state, meta, diff
 
 
@@ -279,7 +239,8 @@ def restore_latest(
     steps = sorted(steps, reverse=True)
     for i, step in enumerate(steps):
         try:
-            return (step, *restore(mngr, step, abstract_state, config, params_only))
+            with quiet_leftover_reads():
+                return (step, *restore(mngr, step, abstract_state, config, params_only))
         except Unreadable as e:
             if not fallback or i + 1 == len(steps):
                 hint = "" if fallback else f"; set {key}=true to restore the previous one"

@@ -197,7 +197,7 @@ class Checkpointer(Callback):
             ),
         }
         self._written_at = None
-        self._mngr.save(step, args=cio.save_args(trainer.state, checks.jsonable(meta)), force=True)
+        cio.save(self._mngr, step, trainer.state, checks.jsonable(meta))
         self._pending = (step, t0, time.perf_counter() - t0, waited)
         self._last_step = step
 

@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 from nnxtrain import (
+    METRIC_NAMES,
     Callback,
     ConfigError,
     EvalEndEvent,
@@ -27,8 +28,8 @@ from nnxtrain import (
     TrainerView,
 )
 
-TRAIN_METRICS = ("loss", "lm_loss", "z_loss", "perplexity", "total_weights", "grad_norm", "lr")
-EVAL_METRICS = ("eval/loss", "eval/lm_loss", "eval/perplexity", "eval/total_weights")
+# An evaluation reports the train step's loss metrics; it takes no update (no grad_norm, lr).
+EVAL_METRICS = tuple(f"eval/{k}" for k in METRIC_NAMES if k not in ("grad_norm", "lr"))
 
 
 class EarlyStopping(Callback):
@@ -50,7 +51,7 @@ class EarlyStopping(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key = f"callbacks.{self.name}"
-        known = EVAL_METRICS + TRAIN_METRICS
+        known = EVAL_METRICS + METRIC_NAMES
         if self.monitor not in known:
             raise ConfigError(
                 f"{key}.monitor",
@@ -85,7 +86,7 @@ class EarlyStopping(Callback):
             )
 
     def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
-        if self.monitor in TRAIN_METRICS and event.step % self.check_every == 0:
+        if self.monitor in METRIC_NAMES and event.step % self.check_every == 0:
             self._check(trainer, event.metrics[self.monitor], event.step)  # waits for this step
 
     def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:

@@ -22,6 +22,7 @@ from typing import IO, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nnxtrain import (
+    METRIC_NAMES,
     Callback,
     EvalEndEvent,
     SetupEvent,
@@ -108,18 +109,7 @@ class MetricsLogger(Callback):
             "seconds": seconds,
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             "tokens_per_sec_per_device": event.tokens / devices / seconds,
-            **{
-                k: m[k]
-                for k in (
-                    "total_weights",
-                    "loss",
-                    "lm_loss",
-                    "z_loss",
-                    "perplexity",
-                    "lr",
-                    "grad_norm",
-                )
-            },
+            **{k: m[k] for k in METRIC_NAMES},
             "time": time.time(),
         }
         if note:

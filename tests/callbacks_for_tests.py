@@ -1,7 +1,8 @@
 """Callback plugins the tests load by dotted path (`callbacks_for_tests.Recorder`).
 
 They are written as a user would write a plugin, with only the public API. Every call
-they see is appended to `LOG` as `(callback name, hook, event)`; tests clear it first.
+the recording ones see is appended to `LOG` as `(callback name, hook, event)`; tests
+clear it first.
 """
 
 import time

@@ -131,16 +131,14 @@ def _packed(
         tokenizer=tokenizer,
         tokenizer_digest=digest,
         prefetch=d.prefetch,
-        val_key="data.val_path" if as_list(d.val_path, "data.val_path") else "data.val_fraction",
+        val_key="data.val_path" if as_list(d.val_path) else "data.val_fraction",
     )
 
 
 def _build_text(cfg: Config) -> PackedData:
     d = cfg.data
     files = expand_paths(d.path, "data.path")
-    val_files = (
-        expand_paths(d.val_path, "data.val_path") if as_list(d.val_path, "data.val_path") else []
-    )
+    val_files = expand_paths(d.val_path, "data.val_path") if as_list(d.val_path) else []
     tok, sep = _text_tokenizer(cfg, files), unescape(d.doc_separator)
     train = TokenStream([encode_files(files, tok, sep, "data.path")], files)
     val = None
@@ -156,18 +154,12 @@ def _build_tokens(cfg: Config) -> PackedData:
     meta = read_meta(files, "data.path")
     train = TokenStream(open_token_files(files, d.token_dtype, "data.path", meta), files)
     val = None
-    if as_list(d.val_path, "data.val_path"):
+    if as_list(d.val_path):
         val_files = expand_paths(d.val_path, "data.val_path")
         val_meta = read_meta(val_files, "data.val_path") or meta
         arrays = open_token_files(val_files, d.token_dtype, "data.val_path", val_meta)
         val = TokenStream(arrays, val_files)
-    if d.tokenizer:
-        if d.tokenizer == "char":
-            raise ConfigError(
-                "data.tokenizer",
-                "char builds its vocabulary from text, and data=tokens has none",
-                f"give the {CHAR_VOCAB} the corpus was made with, or leave it empty",
-            )
+    if d.tokenizer:  # (not char: nnxtrain.config refuses it for data=tokens)
         tok = load_tokenizer(d.tokenizer, d.eos_token)
         if meta and meta.get("vocab_size") not in (None, tok.vocab_size):
             raise ConfigError(

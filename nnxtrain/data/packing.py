@@ -199,12 +199,11 @@ class PackedData:
             windows = IndexShuffle(n, self.seed)(pos, epoch) if self.shuffle else pos
             real = np.ones(len(r), bool)
         elif split == "eval":
-            if self.val is None:
-                raise UserError(f"{self.val_key}: no held-out split. Fix: set data.val_fraction")
-            stream = self.val
-            n = self.num_windows(len(stream), seq_len)
-            if n < batch_size:
+            n = self.num_windows(len(self.val), seq_len) if self.val is not None else 0
+            if n < batch_size:  # none held out, or too little: raises, naming the key
                 self.check(batch_size, seq_len, evaluate=True)
+            assert self.val is not None
+            stream = self.val
             real = g < n
             windows = np.where(real, g, 0)
         else:

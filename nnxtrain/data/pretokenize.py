@@ -14,7 +14,6 @@ vocabulary is built in a first pass and saved as OUT/char_vocab.json.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from nnxtrain.data.text import (
 from nnxtrain.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from nnxtrain.data.tokens import META_FORMAT, META_NAME
 from nnxtrain.errors import UserError
+from nnxtrain.rundir import write_json
 
 COPY_TOKENS = 1 << 24  # tokens copied at a time when splitting or converting
 
@@ -52,6 +52,8 @@ def pretokenize(
     if fmt not in ("bin", "npy"):
         raise UserError(f"--format: use bin or npy, not {fmt!r}")
     paths = expand_paths(list(files), "files")
+    if not paths:
+        raise UserError("files: none given. Fix: name the text files (or a glob)")
     os.makedirs(out, exist_ok=True)
     tok: Tokenizer
     if tokenizer == "char":
@@ -91,8 +93,7 @@ def pretokenize(
         "files": counts,
         "sources": paths[:100],
     }
-    with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    write_json(os.path.join(out, META_NAME), meta)
     return meta
 
 

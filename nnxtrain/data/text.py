@@ -15,6 +15,7 @@ directory or an empty file raise `ConfigError` naming the key.
 """
 
 import codecs
+import functools
 import glob
 import logging
 import os
@@ -38,21 +39,16 @@ def unescape(separator: str) -> str:
     return separator.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
 
 
-def as_list(value: Any, key: str) -> list[str]:
-    """A path setting (a string or a list of strings) as a list; empty entries dropped."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        return [v for v in value if v]
-    raise ConfigError(key, f"must be a path, a glob or a list of them, got {value!r}", "fix it")
+def as_list(value: str | Sequence[str]) -> list[str]:
+    """A path setting (a string or a list of strings: `nnxtrain.config` checks which) as a
+    list; empty entries dropped."""
+    return [v for v in ([value] if isinstance(value, str) else value) if v]
 
 
-def expand_paths(value: Any, key: str) -> list[str]:
+def expand_paths(value: str | Sequence[str], key: str) -> list[str]:
     """Absolute file paths from paths and glob patterns, in order, each file once."""
     out: list[str] = []
-    for entry in as_list(value, key):
+    for entry in as_list(value):
         entry = os.path.expanduser(entry)
         if glob.has_magic(entry):
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
@@ -69,8 +65,6 @@ def expand_paths(value: Any, key: str) -> list[str]:
         for m in map(os.path.abspath, matches):
             if m not in out:
                 out.append(m)
-    if not out:
-        raise ConfigError(key, "no files given", f"set {key}=FILE (or a glob, or a list)")
     for path in out:
         if os.path.getsize(path) == 0:
             raise ConfigError(key, f"{path} is empty", "remove it or give a non-empty file")
@@ -97,14 +91,20 @@ def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
     return "\ufffd", err.end
 
 
-codecs.register_error("nnxtrain-replace", _replace_and_count)
+@functools.cache
+def _count_errors() -> str:
+    """The name of the error handler that replaces and counts invalid bytes. A decoder
+    takes a handler only by a name registered for the whole process (codecs cannot
+    unregister one), so it is registered once, by the first decode that needs it."""
+    codecs.register_error("nnxtrain-replace", _replace_and_count)
+    return "nnxtrain-replace"
 
 
 def iter_pieces(
     path: str, separator: str = "", chunk_bytes: int = CHUNK_BYTES, bad: _BadBytes | None = None
 ) -> Iterator[tuple[str, bool]]:
     """Yields (text, ends_document) pieces of `path`; a piece never splits a character."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="nnxtrain-replace")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=_count_errors())
     carry, in_doc = "", False
     keep = max(len(separator), 1)  # a separator may straddle two reads: keep its length
     with open(path, "rb") as f:

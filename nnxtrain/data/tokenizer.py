@@ -23,7 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from nnxtrain.errors import ConfigError
+from nnxtrain.errors import ConfigError, first_line
+from nnxtrain.rundir import write_json
 
 KEY = "data.tokenizer"
 CHAR_TYPE = "nnxtrain-char"
@@ -102,10 +103,7 @@ class CharTokenizer:
     def save(self, path: str) -> None:
         """Writes the vocabulary atomically (processes of one run may race to write it)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"type": CHAR_TYPE, "chars": self.chars}, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        write_json(path, {"type": CHAR_TYPE, "chars": self.chars})
 
     def encode(self, pieces: Sequence[str]) -> np.ndarray:
         codes = np.frombuffer("".join(pieces).encode("utf-32-le"), np.uint32)
@@ -140,7 +138,7 @@ class HFTokenizer:
         except Exception as e:
             raise ConfigError(
                 KEY,
-                f"cannot read {path} as a Hugging Face tokenizer.json ({_first_line(e)})",
+                f"cannot read {path} as a Hugging Face tokenizer.json ({first_line(e)})",
                 "give a valid tokenizer.json, a SentencePiece .model, byte or char",
             ) from e
         self.path = path
@@ -182,7 +180,7 @@ class SentencePieceTokenizer:
         except Exception as e:
             raise ConfigError(
                 KEY,
-                f"cannot read {path} as a SentencePiece model ({_first_line(e)})",
+                f"cannot read {path} as a SentencePiece model ({first_line(e)})",
                 "give a valid .model file, a Hugging Face tokenizer.json, byte or char",
             ) from e
         self.path = path
@@ -234,7 +232,7 @@ def load_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
         with open(path, encoding="utf-8") as f:
             head = f.read(200)
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(KEY, f"cannot read {path} ({_first_line(e)})", "check the file") from e
+        raise ConfigError(KEY, f"cannot read {path} ({first_line(e)})", "check the file") from e
     if CHAR_TYPE in head:
         return CharTokenizer.load(path)
     return HFTokenizer(path, eos_token)
@@ -275,14 +273,9 @@ def _read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(KEY, f"cannot read {path} ({_first_line(e)})", "check the file") from e
+        raise ConfigError(KEY, f"cannot read {path} ({first_line(e)})", "check the file") from e
 
 
 def _file_hash(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha1(f.read()).hexdigest()[:16]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from nnxtrain.config import TOKEN_DTYPES
 from nnxtrain.errors import ConfigError
 
 META_NAME = "meta.json"
 META_FORMAT = "nnxtrain-tokens"
-BIN_DTYPES = ("uint16", "uint32")
 
 
 def read_meta(files: Sequence[str], key: str) -> dict[str, Any] | None:
@@ -59,10 +59,14 @@ def open_token_files(
     files: Sequence[str], dtype: str, key: str, meta: dict[str, Any] | None = None
 ) -> list[np.ndarray]:
     """Each file as a read-only 1-D integer array mapped from disk."""
-    if dtype == "auto":
+    if dtype == "auto":  # (a dtype set by data.token_dtype is checked by nnxtrain.config)
         dtype = str(meta["dtype"]) if meta and meta.get("dtype") else "uint16"
-    if dtype not in BIN_DTYPES:
-        raise ConfigError("data.token_dtype", f"unknown dtype {dtype!r}", "use uint16 or uint32")
+        if dtype not in TOKEN_DTYPES:
+            raise ConfigError(
+                key,
+                f"the {META_NAME} beside the files gives dtype {dtype!r}, not uint16 or uint32",
+                "pre-tokenize the files again, or set data.token_dtype",
+            )
     arrays = []
     for path in files:
         if path.endswith(".npy"):

@@ -121,6 +121,14 @@ def test_split_too_small_for_one_batch_or_sequence_is_a_config_error():
     assert e.value.key == "data.path"
 
 
+def test_eval_batches_without_a_held_out_split_are_a_config_error():
+    data = packed(n_train=1000, n_val=0)
+    data.val = None
+    with pytest.raises(ConfigError, match="held-out split has 0 tokens") as e:
+        data.batch(0, batch_size=2, seq_len=16, split="eval")
+    assert e.value.key == "data.val_fraction"
+
+
 def test_token_ids_outside_the_vocabulary_are_a_user_error():
     tokens = np.array([1, 2, 3, 300, 4, 5, 6, 7, 8, 9], np.uint16)
     data = PackedData(

@@ -129,6 +129,16 @@ def test_bad_token_files(tmp_path, name, content, overrides, match):
     assert e.value.key == "data.path"
 
 
+def test_a_meta_json_with_a_dtype_of_no_token_file_is_refused(corpus, tmp_path):
+    pretokenize([f"{corpus}/a.txt"], str(tmp_path / "t"), "byte")
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    (tmp_path / "t" / "meta.json").write_text(json.dumps({**meta, "dtype": "int8"}))
+    cfg = compose(["data=tokens", f"data.path={tmp_path}/t/train.bin", *RUN])
+    with pytest.raises(ConfigError, match=r"meta\.json beside the files gives dtype 'int8'") as e:
+        build_dataset(cfg)
+    assert e.value.key == "data.path"
+
+
 def test_tokens_with_a_tokenizer_that_does_not_match_meta(corpus, tmp_path):
     pretokenize([f"{corpus}/a.txt"], str(tmp_path / "t"), "char", val_fraction=0.2)
     cfg = compose(["data=tokens", f"data.path={tmp_path}/t/train.bin", "data.tokenizer=byte",
@@ -157,6 +167,7 @@ def test_pretokenize_command_line(corpus, tmp_path, capsys):
         (["data=text", "data.path=x", "data.val_fraction=1.0"], "data.val_fraction"),
         (["data=text", "data.path=x", "data.val_fraction=0"], "data.val_fraction"),
         (["data=tokens", "data.path=x", "data.token_dtype=int8"], "data.token_dtype"),
+        (["data=tokens", "data.path=x", "data.tokenizer=char"], "data.tokenizer"),
         (["data=text", "data.path=x", "data.prefetch=-1"], "data.prefetch"),
         (["data.name=csv"], "data.name"),
     ],
