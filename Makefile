@@ -27,6 +27,6 @@ bench: $(STAMP)
 
 # Regenerates the key tables of docs/config.md from the schemas (a test checks they match).
 docs: $(STAMP)
-	$(VENV)/bin/python -c "from nnxtrain.config_reference import reference_tables as t; \
+	$(VENV)/bin/python -c "from nnxtrain.config.reference import reference_tables as t; \
 	d = open('docs/config.md').read(); i = d.index('## \`model\`'); j = d.index('## \`callbacks\`'); \
 	open('docs/config.md', 'w').write(d[:i] + t().rstrip() + '\n\n' + d[j:])"

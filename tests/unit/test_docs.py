@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from nnxtrain.config_reference import reference_tables
+from nnxtrain.config.reference import reference_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,13 +1,13 @@
 """The key tables of docs/config.md, written from the config schemas.
 
 Each group's table lists every key with its default and its help: the one line, unit
-included, that `setting(default, help)` in `nnxtrain.config` attaches to the field.
+included, that `setting(default, help)` in `nnxtrain.config.schema` attaches to the field.
 `make docs` pastes the tables into docs/config.md; a test checks that the page holds them.
 """
 
 import dataclasses
 
-from nnxtrain.config import GROUPS
+from nnxtrain.config.schema import GROUPS
 
 
 def reference_tables() -> str:

@@ -1,0 +1,50 @@
+"""Typed run configuration: one frozen dataclass per Hydra config group, and their checks.
+
+    from nnxtrain.config import compose
+    cfg = compose(["model=small", "run.steps=50"])    # as the CLI composes, without running
+
+- `schema`: the frozen dataclasses, the single source of truth for every key a run
+  accepts, each field with its one-line help;
+- `loading`: Hydra composition into those classes (`compose`, `from_omegaconf`);
+- `checks`: `validate()`, the checks that need no device and no file;
+- `reference`: docs/config.md's key tables, written from the schemas.
+"""
+
+from nnxtrain.config.checks import validate
+from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
+from nnxtrain.config.schema import (
+    ATTENTION_IMPLS,
+    DATA_KINDS,
+    DTYPES,
+    GROUPS,
+    REMAT_POLICIES,
+    TOKEN_DTYPES,
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    setting,
+)
+
+__all__ = [
+    "ATTENTION_IMPLS",
+    "DATA_KINDS",
+    "DTYPES",
+    "GROUPS",
+    "REMAT_POLICIES",
+    "TOKEN_DTYPES",
+    "Config",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "compose",
+    "from_dict",
+    "from_omegaconf",
+    "register_schemas",
+    "setting",
+    "validate",
+]

@@ -1,0 +1,173 @@
+"""The config's checks that need no device and no file, each naming its key and the fix.
+
+Device checks live in `nnxtrain.mesh`, and checks of a file's contents where
+`nnxtrain.data` reads it.
+"""
+
+from nnxtrain.config.schema import (
+    ATTENTION_IMPLS,
+    DATA_KINDS,
+    DTYPES,
+    REMAT_POLICIES,
+    TOKEN_DTYPES,
+    Config,
+    DataConfig,
+    RunConfig,
+)
+from nnxtrain.errors import ConfigError
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be positive, got {value}", f"set {key} to a value >= 1")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that span keys or need more than a type; returns cfg unchanged when valid."""
+    m, r, o = cfg.model, cfg.run, cfg.optim
+    for key, value in [
+        ("run.steps", r.steps),
+        ("run.seq_len", r.seq_len),
+        ("run.log_every", r.log_every),
+        ("run.grad_accum", r.grad_accum),
+        ("run.eval_batches", r.eval_batches),
+        ("run.preempt_check_every", r.preempt_check_every),
+        ("model.vocab_size", m.vocab_size),
+        ("model.emb_dim", m.emb_dim),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.head_dim", m.head_dim),
+        ("model.mlp_dim", m.mlp_dim),
+        ("model.max_len", m.max_len),
+    ]:
+        _positive(key, value)
+    if r.batch_size == 0 or r.batch_size < -1:
+        raise ConfigError(
+            "run.batch_size",
+            f"must be positive (or -1 for one sequence per device), got {r.batch_size}",
+            "set run.batch_size to a value >= 1",
+        )
+    if r.seq_len > m.max_len:
+        raise ConfigError(
+            "run.seq_len",
+            f"{r.seq_len} exceeds model.max_len={m.max_len} of model '{m.name}'",
+            f"set run.seq_len<={m.max_len} or raise model.max_len",
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"model.num_heads={m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}",
+            "choose num_kv_heads that divides num_heads",
+        )
+    if m.head_dim % 2:
+        raise ConfigError(
+            "model.head_dim",
+            f"must be even for rotary embeddings, got {m.head_dim}",
+            "use an even head_dim",
+        )
+    if r.batch_size > 0 and r.batch_size % r.grad_accum:
+        raise ConfigError(
+            "run.grad_accum",
+            f"run.batch_size={r.batch_size} is not divisible by run.grad_accum={r.grad_accum}",
+            "pick a grad_accum that divides the batch size",
+        )
+    choices: list[tuple[str, str, tuple[str, ...]]] = [
+        ("model.param_dtype", m.param_dtype, DTYPES),
+        ("model.dtype", m.dtype, ("auto", *DTYPES)),
+        ("model.remat", m.remat, REMAT_POLICIES),
+        ("model.attention", m.attention, ATTENTION_IMPLS),
+        ("optim.name", o.name, ("adamw",)),
+        ("data.name", cfg.data.name, DATA_KINDS),
+    ]
+    for key, choice, allowed in choices:
+        if choice not in allowed:
+            raise ConfigError(key, f"unknown value {choice!r}", f"use one of {', '.join(allowed)}")
+    if r.host_devices < -1:
+        raise ConfigError(
+            "run.host_devices",
+            f"must be >= -1, got {r.host_devices}",
+            "use -1 for one device per core, 0 for JAX's default",
+        )
+    mc = cfg.mesh
+    if mc.coordinator and mc.num_processes < 1:
+        raise ConfigError(
+            "mesh.num_processes",
+            "must be >= 1 with mesh.coordinator set",
+            "give the number of processes",
+        )
+    if mc.num_processes > 1 and not mc.coordinator:
+        raise ConfigError(
+            "mesh.coordinator",
+            f"mesh.num_processes={mc.num_processes} needs a coordinator",
+            "set mesh.coordinator=HOST:PORT of process 0",
+        )
+    if not 0 <= mc.process_id < max(mc.num_processes, 1) and mc.num_processes != -1:
+        raise ConfigError(
+            "mesh.process_id",
+            f"{mc.process_id} is outside 0..{mc.num_processes - 1}",
+            "give each process a distinct id below mesh.num_processes",
+        )
+    if mc.init_timeout < 1:
+        raise ConfigError("mesh.init_timeout", "must be >= 1 second", "use e.g. 300")
+    if mc.heartbeat_timeout < 4:  # the roll call for a lost process gets a quarter of it
+        raise ConfigError("mesh.heartbeat_timeout", "must be >= 4 seconds", "use e.g. 100")
+    if r.eval_every < 0:
+        raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "set optim.lr > 0")
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        raise ConfigError("optim.warmup_steps", "warmup/decay steps must be >= 0", "use 0 or more")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(
+            "optim.min_lr_ratio",
+            f"must be in [0, 1], got {o.min_lr_ratio}",
+            "use a fraction such as 0.1",
+        )
+    if o.z_loss < 0:
+        raise ConfigError("optim.z_loss", f"must be >= 0, got {o.z_loss}", "use 0 to disable")
+    d = cfg.data
+    if d.name == "synthetic" and (d.branching < 1 or d.branching > m.vocab_size):
+        raise ConfigError(
+            "data.branching",
+            f"must be in [1, model.vocab_size], got {d.branching}",
+            "use a small number such as 4",
+        )
+    _validate_data(d, r)
+    return cfg
+
+
+def _validate_data(d: DataConfig, r: RunConfig) -> None:
+    """Checks of the data group that need no file (files are checked when read)."""
+    for key, value in [("data.path", d.path), ("data.val_path", d.val_path)]:
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list | tuple) or not all(isinstance(v, str) for v in entries):
+            raise ConfigError(key, f"must be a path or a list of paths, got {value!r}", "fix it")
+    if d.name == "synthetic":
+        return
+    if not d.path:
+        raise ConfigError(
+            "data.path", f"data={d.name} needs files", "set data.path=FILE (a glob or a list)"
+        )
+    if d.name == "tokens" and d.tokenizer == "char":
+        raise ConfigError(
+            "data.tokenizer",
+            "char builds its vocabulary from text, and data=tokens has none",
+            "give the char_vocab.json the corpus was made with, or leave it empty",
+        )
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(
+            "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}", "use e.g. 0.1"
+        )
+    if r.eval_every and not d.val_path and d.val_fraction == 0:
+        raise ConfigError(
+            "data.val_fraction",
+            f"0 with no data.val_path leaves nothing to evaluate every {r.eval_every} steps",
+            "set data.val_fraction>0, give data.val_path, or set run.eval_every=0",
+        )
+    if d.token_dtype not in ("auto", *TOKEN_DTYPES):
+        raise ConfigError(
+            "data.token_dtype", f"unknown dtype {d.token_dtype!r}", "use auto, uint16 or uint32"
+        )
+    if d.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}", "use 0 to disable")

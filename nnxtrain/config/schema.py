@@ -1,0 +1,161 @@
+"""The run's keys: one frozen dataclass per Hydra config group, each field with its help.
+
+These classes are the single source of truth for every key a run accepts; `setting(default,
+help)` gives each field its one-line help with unit (docs/config.md is written from it).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
+DATA_KINDS = ("synthetic", "text", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config key: its default and one-line help with unit (docs/config.md's meaning)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama-style decoder's shape and numerics."""
+
+    name: str = setting("small", "label printed in logs and run_info.json")
+    vocab_size: int = setting(256, "tokens in the vocabulary")
+    emb_dim: int = setting(128, "model width (residual stream), in features")
+    num_layers: int = setting(4, "decoder layers")
+    num_heads: int = setting(4, "query heads")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention); divides num_heads")
+    head_dim: int = setting(32, "features per attention head")
+    mlp_dim: int = setting(384, "hidden features of the SwiGLU MLP")
+    max_len: int = setting(512, "longest sequence the model accepts, in tokens")
+    rope_theta: float = setting(10000.0, "rotary embedding base wavelength")
+    norm_eps: float = setting(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
+    # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
+    scan_layers: bool | None = setting(
+        None, "scan stacked layers; null = auto: unrolled on CPU only"
+    )
+    remat: str = setting("none", "rematerialisation: none, full, dots or dots_no_batch")
+    param_dtype: str = setting("float32", "dtype parameters are stored and updated in")
+    dtype: str = setting("auto", "activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
+    attention: str = setting(
+        "auto", "kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice"
+    )
+    init_std: float = setting(0.02, "stddev of the normal initialiser for weight matrices")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: the size of each axis; -1 takes all remaining devices."""
+
+    data: int = setting(1, "data-parallel replicas (batch split, weights replicated)")
+    fsdp: int = setting(-1, "fully sharded data parallel (batch and weights split)")
+    tensor: int = setting(1, "tensor parallel (heads and MLP features split)")
+    rules: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "logical name -> mesh axes overrides"}
+    )
+    coordinator: str = setting("", "multi-process: HOST:PORT of process 0; empty = single process")
+    num_processes: int = setting(
+        1, "processes in the run; -1 = detect from the environment (SLURM, ...)"
+    )
+    process_id: int = setting(0, "this process's index, 0 .. num_processes - 1")
+    init_timeout: int = setting(300, "seconds to wait for all processes to join")
+    heartbeat_timeout: int = setting(
+        100, "seconds of silence before a process counts as lost (run ends)"
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run itself: length, batch, seed and where results go."""
+
+    steps: int = setting(300, "optimizer steps to train")
+    batch_size: int = setting(16, "global batch, in sequences; -1 = one sequence per device")
+    seq_len: int = setting(128, "tokens per sequence")
+    seed: int = setting(0, "seed for parameters and data")
+    dir: str = setting("", "run directory; the CLI uses Hydra's output dir, Python ./runs/<time>")
+    log_every: int = setting(10, "steps between metric lines")
+    dry_run: bool = setting(False, "build abstractly, compile the step, print accounting, exit")
+    grad_accum: int = setting(1, "micro-batches per step, accumulated inside the compiled step")
+    eval_every: int = setting(100, "steps between evaluations on held-out batches; 0 = never")
+    eval_batches: int = setting(4, "held-out batches per evaluation")
+    host_devices: int = setting(
+        -1, "CPU devices (set before JAX starts); -1 = auto, 0 = JAX's default"
+    )
+    fail_fast: bool = setting(False, "in a multirun, stop the sweep at the first failed job")
+    compile_cache: str = setting(
+        "auto", "compiled-step cache dir; auto = $XDG_CACHE_HOME/nnxtrain/jax"
+    )
+    preempt_check_every: int = setting(
+        10, "steps between multi-process stop agreements (1 process: every)"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where batches come from."""
+
+    name: str = setting("synthetic", "dataset kind: synthetic, text or tokens")
+    branching: int = setting(4, "synthetic: likely successors of each token in the Markov source")
+    source_seed: int = setting(1234, "synthetic: seed of the Markov source (fixed across runs)")
+    path: Any = setting("", "text/tokens: a file, a glob, or a list of them (.txt / .npy, .bin)")
+    val_path: Any = setting("", "held-out files like path; empty = the last val_fraction of path")
+    val_fraction: float = setting(0.1, "share of path's tokens held out from its end (no val_path)")
+    tokenizer: str = setting(
+        "", 'byte, char, a tokenizer.json or a SentencePiece .model; text: ""=byte'
+    )
+    vocab_size_from_tokenizer: bool = setting(
+        True, "model.vocab_size := the tokenizer's; false: keep"
+    )
+    eos_token: str = setting(
+        "", 'end-of-document token of a tokenizer file; "" = its own (or a new id)'
+    )
+    doc_separator: str = setting("", 'text: string between documents in a file; "" = a file is one')
+    token_dtype: str = setting(
+        "auto", "tokens .bin: uint16 or uint32; auto = meta.json's, else uint16"
+    )
+    shuffle: bool = setting(True, "shuffle training sequences each epoch, seeded by run.seed")
+    prefetch: int = setting(2, "training batches prepared ahead on a background thread; 0 = none")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping; the loss weights."""
+
+    name: str = setting("adamw", "optimizer: adamw")
+    lr: float = setting(3e-3, "peak learning rate")
+    warmup_steps: int = setting(20, "linear warmup from 0 to lr, in steps")
+    decay_steps: int = setting(0, "cosine decay length after warmup, in steps; 0 = until run.steps")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of lr")
+    b1: float = setting(0.9, "Adam first-moment decay")
+    b2: float = setting(0.95, "Adam second-moment decay")
+    eps: float = setting(1e-8, "Adam epsilon")
+    weight_decay: float = setting(0.1, "decoupled weight decay (matrices only)")
+    clip_norm: float = setting(1.0, "global gradient-norm clip; 0 disables")
+    z_loss: float = setting(0.0, "weight of the z-loss term (mean squared log-partition)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one field per config group, plus the callbacks keyed by name."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # name -> {"_target_": "pkg.Class" or a registered short name, **kwargs}; fired in order
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "mesh": MeshConfig,
+    "run": RunConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+}
