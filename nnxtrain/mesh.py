@@ -20,14 +20,12 @@ from nnxtrain.sharding import MESH_AXES
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes (data, fsdp, tensor) with at most one -1 filled from `num_devices`."""
+    """Axis sizes (data, fsdp, tensor) with at most one -1 filled from `num_devices`.
+
+    Each size is already >= 1 or -1 (`nnxtrain.config.validate` checks that, before the
+    CPU device count is chosen from the sizes)."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     keys = [f"mesh.{a}" for a in MESH_AXES]
-    for key, size in zip(keys, sizes, strict=True):
-        if size == 0 or size < -1:
-            raise ConfigError(
-                key, f"must be positive or -1, got {size}", "use -1 to take all remaining devices"
-            )
     fill = [i for i, s in enumerate(sizes) if s == -1]
     if len(fill) > 1:
         raise ConfigError(

@@ -4,10 +4,14 @@ Device checks live in `nnxtrain.mesh`, and checks of a file's contents where
 `nnxtrain.data` reads it.
 """
 
+import dataclasses
+import math
+
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
     DTYPES,
+    GROUPS,
     REMAT_POLICIES,
     TOKEN_DTYPES,
     Config,
@@ -20,6 +24,38 @@ from nnxtrain.errors import ConfigError
 def _positive(key: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(key, f"must be positive, got {value}", f"set {key} to a value >= 1")
+
+
+def _check_floats(cfg: Config) -> None:
+    """Every float key is finite (`optim.lr=nan` would train on NaN), and those with a
+    valid range are inside it: out of range they fail much later, or never (a negative
+    clip_norm silently turns clipping off)."""
+    for group in GROUPS:
+        for f in dataclasses.fields(getattr(cfg, group)):
+            value = getattr(getattr(cfg, group), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{group}.{f.name}", f"must be a finite number, got {value}", "give a number"
+                )
+    m, o = cfg.model, cfg.optim
+    ranges: list[tuple[str, float, bool, str]] = [
+        ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
+        ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0"),
+        ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0"),
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.b1", o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
+        ("optim.b2", o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.clip_norm", o.clip_norm, o.clip_norm >= 0, ">= 0 (0 turns clipping off)"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, o.min_lr_ratio >= 0, ">= 0"),
+        ("optim.z_loss", o.z_loss, o.z_loss >= 0, ">= 0"),
+    ]
+    for key, value, ok, allowed in ranges:
+        if not ok:
+            group, name = key.split(".")
+            default = getattr(type(getattr(cfg, group))(), name)
+            raise ConfigError(key, f"must be {allowed}, got {value}", f"use e.g. {default}")
 
 
 def validate(cfg: Config) -> Config:
@@ -90,6 +126,14 @@ def validate(cfg: Config) -> Config:
             "use -1 for one device per core, 0 for JAX's default",
         )
     mc = cfg.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(mc, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(
+                f"mesh.{axis}",
+                f"must be positive or -1, got {size}",
+                "use -1 to take all remaining devices",
+            )
     if mc.coordinator and mc.num_processes < 1:
         raise ConfigError(
             "mesh.num_processes",
@@ -114,10 +158,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("mesh.heartbeat_timeout", "must be >= 4 seconds", "use e.g. 100")
     if r.eval_every < 0:
         raise ConfigError("run.eval_every", f"must be >= 0, got {r.eval_every}", "use 0 to disable")
-    if o.lr <= 0:
-        raise ConfigError("optim.lr", f"must be positive, got {o.lr}", "set optim.lr > 0")
-    if o.warmup_steps < 0 or o.decay_steps < 0:
-        raise ConfigError("optim.warmup_steps", "warmup/decay steps must be >= 0", "use 0 or more")
+    _check_floats(cfg)
+    for key, steps in (
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.decay_steps", o.decay_steps),
+    ):
+        if steps < 0:
+            raise ConfigError(key, f"must be >= 0, got {steps}", f"set {key} to 0 or more")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(
             "optim.min_lr_ratio",

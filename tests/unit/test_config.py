@@ -189,6 +189,28 @@ BAD = [
     ("optim.lr", {"optim": {"lr": 0.0}}),
     ("run.preempt_check_every", {"run": {"preempt_check_every": 0}}),
     ("mesh.heartbeat_timeout", {"mesh": {"heartbeat_timeout": 3}}),
+    # Floats out of their range, or not finite: each used to be accepted silently.
+    ("model.init_std", {"model": {"init_std": 0.0}}),
+    ("model.init_std", {"model": {"init_std": -0.02}}),
+    ("model.rope_theta", {"model": {"rope_theta": 0.0}}),
+    ("model.norm_eps", {"model": {"norm_eps": -1e-5}}),
+    ("optim.b1", {"optim": {"b1": 1.0}}),
+    ("optim.b1", {"optim": {"b1": -0.1}}),
+    ("optim.b2", {"optim": {"b2": 1.5}}),
+    ("optim.eps", {"optim": {"eps": 0.0}}),
+    ("optim.weight_decay", {"optim": {"weight_decay": -0.1}}),
+    ("optim.clip_norm", {"optim": {"clip_norm": -1.0}}),
+    ("optim.min_lr_ratio", {"optim": {"min_lr_ratio": -0.5}}),
+    ("optim.z_loss", {"optim": {"z_loss": -1e-4}}),
+    ("optim.lr", {"optim": {"lr": float("nan")}}),
+    ("optim.b2", {"optim": {"b2": float("nan")}}),
+    ("model.init_std", {"model": {"init_std": float("inf")}}),
+    ("optim.warmup_steps", {"optim": {"warmup_steps": -1}}),
+    ("optim.decay_steps", {"optim": {"decay_steps": -1}}),  # was reported as warmup_steps
+    # Checked before the CPU device count is chosen from the axes (0 divided by zero there).
+    ("mesh.data", {"mesh": {"data": 0}}),
+    ("mesh.tensor", {"mesh": {"tensor": 0}}),
+    ("mesh.fsdp", {"mesh": {"fsdp": -2}}),
 ]
 
 
