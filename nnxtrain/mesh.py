@@ -38,7 +38,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         if num_devices % known:
             raise ConfigError(
                 keys[fill[0]],
-                f"cannot fill: {num_devices} devices are not "
+                f"cannot fill: {devices(num_devices)} not "
                 f"divisible by the other axes' product {known}",
                 "choose axis sizes that divide the device count",
             )
@@ -47,7 +47,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
         raise ConfigError(
             "mesh",
             f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
-            f"{math.prod(sizes)} but {num_devices} devices are visible",
+            f"{math.prod(sizes)} but {devices(num_devices)} visible",
             "make the product equal the device count (or set one axis to -1)",
         )
     return sizes[0], sizes[1], sizes[2]
@@ -60,6 +60,11 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def devices(n: int) -> str:
+    """'1 device is', '8 devices are': counts in messages read as English."""
+    return f"{n} device is" if n == 1 else f"{n} devices are"
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -35,6 +35,11 @@ def make_run_dir(cfg: Config) -> str:
     """Creates the run directory (`run.dir`, or runs/<time>) and writes config.yaml in it;
     an unwritable directory is a one-line UserError naming run.dir."""
     path = os.path.abspath(cfg.run.dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(
+            f"run.dir: {path!r} is a file, not a directory. "
+            "Fix: set run.dir to a directory (it is created if missing)."
+        )
     try:
         os.makedirs(path, exist_ok=True)
         if jax.process_index() == 0:

@@ -189,7 +189,11 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
     for key, value in [("data.path", d.path), ("data.val_path", d.val_path)]:
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list | tuple) or not all(isinstance(v, str) for v in entries):
-            raise ConfigError(key, f"must be a path or a list of paths, got {value!r}", "fix it")
+            raise ConfigError(
+                key,
+                f"must be a path or a list of paths, got {value!r}",
+                f"give a file, a glob or a list of them, e.g. {key}=corpus.txt",
+            )
     if d.name == "synthetic":
         return
     if not d.path:

@@ -64,8 +64,10 @@ class TokenStream:
 
     def read(self, starts: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows of `length` tokens from each start (relative to lo), and each row's valid
-        length; tokens past the end are `pad`."""
-        out = np.full((len(starts), length), pad, np.int32)
+        length; tokens past the end are `pad`. Rows are int64, whatever the files hold, so
+        that ids are checked before anything narrows them (an int64 id >= 2**31 would
+        wrap around in int32)."""
+        out = np.full((len(starts), length), pad, np.int64)
         valid = np.zeros(len(starts), np.int64)
         for r, start in enumerate(starts):
             a, b = self.lo + int(start), min(self.lo + int(start) + length, self.hi)
@@ -83,7 +85,7 @@ class TokenStream:
         """A hash of the first and last k tokens and the length: cheap, catches edits."""
         n = len(self)
         rows, _ = self.read(np.array([0, max(n - k, 0)]), min(k, n), 0)
-        h = hashlib.sha1(rows.tobytes())
+        h = hashlib.sha1(rows.astype(np.int32).tobytes())  # as digested since format 1
         h.update(str(n).encode())
         return h.hexdigest()[:16]
 
@@ -209,7 +211,7 @@ class PackedData:
         else:
             raise ValueError(f"unknown split {split!r}")
         tokens, valid = stream.read(windows * seq_len, seq_len + 1, self.eos_id)
-        top = int(tokens.max(initial=0))
+        top, bottom = int(tokens.max(initial=0)), int(tokens.min(initial=0))
         if top >= self.id_limit:
             raise UserError(
                 f"{self.train_key}: token id {top} is not below the vocabulary size "
@@ -217,6 +219,13 @@ class PackedData:
                 "tokenizer the corpus was made with (data.tokenizer) or a larger "
                 "model.vocab_size with data.vocab_size_from_tokenizer=false."
             )
+        if bottom < 0:
+            raise UserError(
+                f"{self.train_key}: token id {bottom} is negative (files "
+                f"{', '.join(stream.names[:3])}). Fix: token files hold ids >= 0; rebuild "
+                "them with python -m nnxtrain.data.pretokenize."
+            )
+        tokens = tokens.astype(np.int32)  # every id is in [0, id_limit): nothing wraps
         weights = (np.arange(seq_len)[None, :] < (valid[:, None] - 1)) & real[:, None]
         return {
             "inputs": tokens[:, :-1],

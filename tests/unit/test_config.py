@@ -16,7 +16,8 @@ from nnxtrain.config import (
     from_dict,
     validate,
 )
-from nnxtrain.errors import ConfigError
+from nnxtrain.errors import ConfigError, UserError
+from nnxtrain.rundir import make_run_dir
 
 CONF = resources.files("nnxtrain.conf")
 
@@ -222,6 +223,22 @@ def test_validate_names_the_bad_key(key, changes):
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}: ")
     assert "Fix:" in str(err.value)
+
+
+def test_a_bad_data_path_type_says_what_to_give():
+    cfg = with_changes(compose(["data=text", "data.path=x.txt"]), data={"path": 5})
+    with pytest.raises(
+        ConfigError, match=r"^data\.path: must be a path .* Fix: give a file, a glob"
+    ):
+        validate(cfg)
+
+
+def test_a_run_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("")
+    cfg = compose(["model=tiny", "callbacks=none", f"run.dir={tmp_path / 'f'}"])
+    with pytest.raises(UserError, match=r"^run\.dir: .* is a file, not a directory\. Fix:"):
+        make_run_dir(cfg)
+    assert (tmp_path / "f").read_text() == ""  # nothing written over it
 
 
 def test_validate_returns_a_valid_config_unchanged():

@@ -139,6 +139,29 @@ def test_token_ids_outside_the_vocabulary_are_a_user_error():
         data.batch(0, 2, 4)
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (-3, r"token id -3 is negative .*ids\.npy"),
+        # An int64 id that int32 would wrap around to 4 (a valid id) if it were cast first.
+        (2**32 + 4, rf"token id {2**32 + 4} is not below .*ids\.npy"),
+    ],
+)
+def test_token_ids_are_checked_before_they_are_narrowed(bad, match):
+    tokens = np.array([1, 2, 3, bad, 4, 5, 6, 7, 8, 9], np.int64)  # as a .npy may hold them
+    data = PackedData(
+        TokenStream([tokens], ["ids.npy"]), None, kind="tokens", seed=0, eos_id=0,
+        vocab_size=None, id_limit=256, prefetch=0, shuffle=False,
+    )  # fmt: skip
+    with pytest.raises(UserError, match=match):
+        data.batch(0, 2, 4)
+
+
+def test_batches_are_int32_ids():
+    batch = packed().batch(0, batch_size=2, seq_len=16)
+    assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+
+
 def test_resume_from_state_dict_continues_the_exact_batch_order(caplog):
     steps, batch, seq = 12, 4, 16
     uninterrupted = packed(seed=5, prefetch=2)

@@ -60,3 +60,8 @@ def test_build_mesh_rejects_more_devices_than_visible():
     with pytest.raises(ConfigError) as err:
         build_mesh(MeshConfig(data=n + 1, fsdp=1, tensor=1))
     assert err.value.key == "mesh"
+
+
+def test_one_device_is_counted_in_english():
+    with pytest.raises(ConfigError, match=r"2\*1\*1 = 2 but 1 device is visible"):
+        mesh_shape(MeshConfig(2, 1, 1), 1)
