@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax.traverse_util import flatten_dict
 
-from nnxtrain import ConfigError, UserError
+from nnxtrain import ConfigError, PluginError, UserError, first_line
 
 
 def _count(low: int) -> Callable[[Any], bool]:
@@ -48,6 +48,24 @@ def check_options(key: str, options: Mapping[str, Any]) -> None:
 
 def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def plugin_states(callbacks: Any) -> dict[str, Any]:
+    """Every callback's `state_dict()`, by name; one that JSON cannot hold is a PluginError
+    naming the plugin (turning it into a string would restore something else)."""
+    states = {}
+    for cb in callbacks:
+        state = cb.state_dict()
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError) as e:
+            raise PluginError(
+                f"callbacks.{cb.name}: state_dict() returned a value JSON cannot hold "
+                f"({first_line(e)}). Fix: return only dicts with string keys, lists, "
+                "strings, numbers, booleans and None."
+            ) from e
+        states[cb.name] = state
+    return states
 
 
 # Keys a resumed run may change without a note: where and how long it runs, what it logs.

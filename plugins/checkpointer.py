@@ -191,7 +191,7 @@ class Checkpointer(Callback):
             "step": step,
             "rng": {"seed": trainer.config.run.seed},
             "config": self._config,
-            "callbacks": {cb.name: cb.state_dict() for cb in trainer.callbacks},
+            "callbacks": checks.plugin_states(trainer.callbacks),
             "dataset": (
                 trainer.dataset.state_dict() if hasattr(trainer.dataset, "state_dict") else None
             ),

@@ -19,7 +19,7 @@ from nnxtrain.plugins.checkpoint_checks import config_diff
 from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
-from nnxtrain import Callback, ConfigError, Trainer, UserError, compose
+from nnxtrain import Callback, ConfigError, PluginError, Trainer, UserError, compose
 
 BASE = [
     "model=tiny",
@@ -326,3 +326,18 @@ def test_load_from_without_a_checkpoint_names_the_key(tmp_path):
     ck = Checkpointer(load_from=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"^callbacks.Checkpointer.load_from: no complete"):
         fit(tmp_path / "run", ck)
+
+
+class UnsavableState(Callback):
+    """A plugin whose state JSON cannot hold (a set)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": {1, 2}}
+
+
+def test_a_state_json_cannot_hold_is_an_error_naming_the_plugin(tmp_path):
+    plugin = UnsavableState()
+    plugin.name = "unsavable"
+    with pytest.raises(PluginError, match=r"^callbacks\.unsavable: state_dict\(\) returned"):
+        fit(tmp_path, Checkpointer(every=2), plugin)
+    assert steps_on_disk(tmp_path) == []  # refused before anything was written
