@@ -10,13 +10,15 @@ sweep directory:
 - `loss_curves.png`: train loss against step, one line per job, labelled by its overrides
   (needs matplotlib; skipped with a note when it is not installed);
 
-and prints the same table with rich.
+and prints the same table with rich. When any job failed, the sweep's process then exits
+1 with one line saying how many.
 """
 
 import csv
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +133,21 @@ def _plot(sweep_dir: Path, rows: list[dict[str, Any]], common: set[str], console
     plt.close(fig)
 
 
+# Job statuses that count as failed (the summary's status column): the sweep then exits 1.
+FAILED = ("failed", "not finite")
+
+
 class SweepSummary(HydraCallback):
-    """Hydra callback: writes the sweep summary when a multirun ends."""
+    """Hydra callback: writes the sweep summary when a multirun ends; exits 1, saying how
+    many, when any job failed (the sweep itself ran every job)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        rows = summarize(sweep_dir)
+        failed = sum(row["status"] in FAILED for row in rows)
+        if failed:
+            print(
+                f"nnxtrain: {failed} of {len(rows)} jobs failed (see {sweep_dir / 'summary.csv'})",
+                file=sys.stderr,
+            )
+            sys.exit(1)
