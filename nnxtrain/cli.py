@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+import typing
 from importlib import resources
 from typing import Any, NoReturn
 
@@ -29,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
 from nnxtrain.errors import ConfigError, LostProcessError, UserError, first_line
@@ -81,12 +83,37 @@ def check_overrides(args: list[str]) -> None:
                 raise ConfigError(
                     key, f"no such key in {group}/", f"use one of {group}.{{{', '.join(names)}}}"
                 )
+            if rest == field and not o.is_delete():
+                _check_type(group, field, key, o)
         elif group not in (*SELECTABLE, "") and not o.is_add():
             raise ConfigError(
                 key,
                 "no such config group",
                 f"top-level keys are {', '.join(SELECTABLE)}; prefix new keys with +",
             )
+
+
+def _check_type(group: str, field: str, key: str, override: Any) -> None:
+    """A value of the wrong type (`run.steps=abc`, `run.log_every=2.5`) fails in one line
+    here; Hydra would stop composing with a multi-line report and exit 1."""
+    try:
+        values = (
+            list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        )
+    except Exception:  # a sweep that is not a list of values (an interval): Hydra checks it
+        return
+    node = OmegaConf.structured(GROUPS[group])
+    OmegaConf.set_readonly(node, False)
+    for value in values:
+        try:
+            node[field] = value
+        except ValidationError as e:
+            expected = typing.get_type_hints(GROUPS[group])[field]
+            raise ConfigError(
+                key,
+                first_line(e).removeprefix("ValidationError: "),
+                f"give {key} a value of type {getattr(expected, '__name__', expected)}",
+            ) from e
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")

@@ -26,6 +26,13 @@ CASES = {
     "bad-plugin-target": (["+callbacks.x._target_=no.such.Module"], "callbacks.x._target_"),
     "run-dir-in-proc": (["run.dir=/proc/nope"], "run.dir"),
     "run-dir-under-a-file": (["run.dir={tmp}/a_file/run"], "run.dir"),
+    "run-dir-is-a-file": (["run.dir={tmp}/a_file"], "run.dir"),
+    # Values of the wrong type used to stop Hydra with a 6-line report and exit 1.
+    "steps-not-a-number": (["run.steps=abc"], "run.steps"),
+    "log-every-a-float": (["run.log_every=2.5"], "run.log_every"),
+    "lr-a-word-in-a-list": (["optim.lr=0.1,abc"], "optim.lr"),
+    "lr-nan": (["optim.lr=nan"], "optim.lr"),
+    "mesh-data-0": (["mesh.data=0"], "mesh.data"),
 }
 
 
