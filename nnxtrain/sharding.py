@@ -56,7 +56,7 @@ def merge_rules(overrides: Mapping[str, Any]) -> dict[str, tuple[str, ...] | Non
         if axes is None:
             rules[name] = None
             continue
-        axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes_t = tuple(axes) if isinstance(axes, list | tuple) else (axes,)
         for axis in axes_t:
             if axis not in MESH_AXES:
                 raise ConfigError(
@@ -64,6 +64,12 @@ def merge_rules(overrides: Mapping[str, Any]) -> dict[str, tuple[str, ...] | Non
                     f"unknown mesh axis {axis!r}",
                     f"use axes from {MESH_AXES} or null",
                 )
+        if len(set(axes_t)) != len(axes_t):  # a mesh axis can split a dimension only once
+            raise ConfigError(
+                f"mesh.rules.{name}",
+                f"names a mesh axis twice: {list(axes_t)}",
+                "name each mesh axis at most once",
+            )
         rules[name] = axes_t
     return rules
 

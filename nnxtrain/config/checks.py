@@ -134,6 +134,12 @@ def validate(cfg: Config) -> Config:
                 f"must be positive or -1, got {size}",
                 "use -1 to take all remaining devices",
             )
+    if mc.num_processes == 0 or mc.num_processes < -1:
+        raise ConfigError(
+            "mesh.num_processes",
+            f"must be >= 1, or -1 to detect the cluster, got {mc.num_processes}",
+            "give the number of processes",
+        )
     if mc.coordinator and mc.num_processes < 1:
         raise ConfigError(
             "mesh.num_processes",

@@ -212,6 +212,9 @@ BAD = [
     ("mesh.data", {"mesh": {"data": 0}}),
     ("mesh.tensor", {"mesh": {"tensor": 0}}),
     ("mesh.fsdp", {"mesh": {"fsdp": -2}}),
+    # It tried to join a run of 0 processes and said it waited 300 s, at once.
+    ("mesh.num_processes", {"mesh": {"num_processes": 0}}),
+    ("mesh.num_processes", {"mesh": {"num_processes": -2}}),
 ]
 
 

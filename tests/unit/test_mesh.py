@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec
 from nnxtrain.config import MeshConfig
 from nnxtrain.errors import ConfigError
 from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size, mesh_shape
+from nnxtrain.sharding import DEFAULT_RULES, merge_rules
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,23 @@ def test_build_mesh_rejects_more_devices_than_visible():
 def test_one_device_is_counted_in_english():
     with pytest.raises(ConfigError, match=r"2\*1\*1 = 2 but 1 device is visible"):
         mesh_shape(MeshConfig(2, 1, 1), 1)
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [
+        ({"embed": 5}, r"unknown mesh axis 5"),  # was a TypeError ('int' is not iterable)
+        ({"embed": ["fsdp", "fsdp"]}, r"names a mesh axis twice"),  # was JAX's DuplicateSpecError
+        ({"embed": "fsdpp"}, r"unknown mesh axis 'fsdpp'"),
+    ],
+)
+def test_bad_mesh_rules_name_the_rule(rules, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        merge_rules(rules)
+    assert err.value.key == "mesh.rules.embed"
+
+
+def test_mesh_rules_override_the_defaults():
+    rules = merge_rules({"embed": ["fsdp", "tensor"], "mlp": None, "vocab": "data"})
+    assert rules["embed"] == ("fsdp", "tensor") and rules["mlp"] is None
+    assert rules["vocab"] == ("data",) and rules["heads"] == DEFAULT_RULES["heads"]
