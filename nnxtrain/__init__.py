@@ -23,7 +23,7 @@ from nnxtrain.events import (
     TrainStartEvent,
 )
 from nnxtrain.sharding import ActivationRecord
-from nnxtrain.step import METRIC_NAMES
+from nnxtrain.step import METRIC_NAMES, all_finite
 from nnxtrain.timing import StepRecord
 from nnxtrain.trainer import FitResult, Trainer
 from nnxtrain.units import format_bytes
@@ -54,6 +54,7 @@ __all__ = [
     "Trainer",
     "TrainerView",
     "UserError",
+    "all_finite",
     "compose",
     "count_params",
     "first_line",

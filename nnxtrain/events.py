@@ -70,6 +70,9 @@ class TrainerView(Protocol):
     step: int  # steps done
     run_info: dict[str, Any]  # what run_info.json holds
     preempted: str | None  # the signal all processes agreed to stop on, if any
+    # The first step whose loss or gradient norm was not finite, among the steps whose
+    # metrics have reached the host (after `event.record()` of step N: all steps <= N).
+    nonfinite_step: int | None
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""

@@ -135,6 +135,7 @@ class Trainer:
         self.run_info: dict[str, Any] = {}
         self.best_eval_loss: float | None = None
         self._fit_started = 0.0
+        self._watcher: StepWatcher | None = None
 
     # -- control, for plugins ------------------------------------------------------------
 
@@ -151,6 +152,12 @@ class Trainer:
         """For the checkpointing plugin: whether a save was requested; clears the request."""
         requested, self.save_requested = self.save_requested, False
         return requested
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step whose loss or gradient norm was not finite (of those recorded)."""
+        bad = self._watcher.nonfinite if self._watcher is not None else None
+        return bad.step if bad is not None else None
 
     @property
     def graphdef(self) -> Any:
@@ -170,6 +177,7 @@ class Trainer:
                 self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
             where, watcher = "loop", StepWatcher(METRIC_NAMES)
+            self._watcher = watcher
             return self._train(watcher)
         except BaseException as e:
             self.hooks.fire_exception(self, e, where)
