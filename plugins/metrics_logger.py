@@ -10,9 +10,18 @@ Seconds are true device time: measured between step completions (see `nnxtrain.t
 averaged over the window since the previous line. A window more than 1.5x away from the
 run's median so far carries a `note` saying why (the margin allows for the median still
 moving). It waits on the device only at the steps it logs. Uses only the public plugin API.
+
+The records stay true across resumes: in `on_train_start`, once the state is restored,
+the records of steps after the restored one are dropped from metrics.jsonl (the resumed run
+logs those steps again), and so is a line a kill tore in half; TensorBoard is told to hide
+its events of those steps (`purge_step`). A fresh run (step 0) thus starts from an empty
+metrics.jsonl: whatever the run dir held came from steps this run redoes. Only process 0
+writes.
 """
 
+import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -31,7 +40,56 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    UserError,
 )
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Keeps the JSON lines of `path` up to `step` and returns how many it dropped.
+
+    Dropped: every record whose `step` is later, every line that is not a JSON object with
+    an integer `step` (the last line a kill tore mid-write), and for `step` 0 everything.
+    The old file stays whole until the new one is: the kept lines go to a temporary file in
+    the same directory, which is synced and then renamed over the old one. A file with
+    nothing to drop is left untouched; a missing file is fine.
+    """
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = [line for line in lines if step > 0 and _step_of(line) <= step]
+    if len(kept) == len(lines) and all(line.endswith(b"\n") for line in lines):
+        return 0
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(line if line.endswith(b"\n") else line + b"\n" for line in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    # The rename itself must survive a crash too: sync the directory that records it.
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: bytes) -> float:
+    """The record's step; infinity (dropped on every resume) for a line that has none."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # a torn line: cut JSON or cut UTF-8
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf
 
 
 class MetricsLogger(Callback):
@@ -48,6 +106,7 @@ class MetricsLogger(Callback):
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.log_every, self.use_jsonl, self.use_tb = log_every, jsonl, tensorboard
         self.use_progress = progress
+        self.run_dir = ""
         self._file: IO[str] | None = None
         self._tb: Any = None
         self._progress: Progress | None = None
@@ -58,8 +117,13 @@ class MetricsLogger(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         self.flops = event.flops
+        self.run_dir = event.run_dir
+
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+        # The files are opened here, not in on_setup: only now is the restored step known
+        # (the checkpointer restores in on_setup), and a dry run never gets here.
         if not trainer.console.quiet and self.use_jsonl:
-            self._file = open(os.path.join(event.run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._file = self._open_jsonl(trainer, event.step)
         if not trainer.console.quiet and self.use_tb:
             try:
                 from tensorboardX import SummaryWriter
@@ -69,9 +133,10 @@ class MetricsLogger(Callback):
                     "(pip install 'nnxtrain[tensorboard]')"
                 )
             else:
-                self._tb = SummaryWriter(os.path.join(event.run_dir, "tensorboard"))
-
-    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+                # TensorBoard hides the events at steps >= purge_step of earlier files.
+                self._tb = SummaryWriter(
+                    os.path.join(self.run_dir, "tensorboard"), purge_step=event.step + 1
+                )
         if self.use_progress and trainer.console.is_terminal and not trainer.console.quiet:
             self._progress = Progress(
                 TextColumn("training"),
@@ -125,6 +190,27 @@ class MetricsLogger(Callback):
             highlight=False,
         )
         self._write(record)
+
+    def _open_jsonl(self, trainer: TrainerView, step: int) -> IO[str]:
+        """metrics.jsonl for appending, once the records after `step` are dropped."""
+        path = os.path.join(self.run_dir, METRICS_FILE)
+        try:
+            dropped = drop_records_after(path, step)
+            file = open(path, "a")  # noqa: SIM115
+        except OSError as e:
+            raise UserError(
+                f"{path}: cannot keep its records true to step {step} ({e.strerror or e}; "
+                f"the file is whole). Fix: free space or make the run dir writable, or "
+                f"set callbacks.{self.name}.jsonl=false"
+            ) from e
+        if dropped:
+            trainer.console.print(
+                f"metrics: dropped {dropped} record(s) after step {step} from {path} "
+                "(this run logs those steps again)",
+                markup=False,
+                highlight=False,
+            )
+        return file
 
     def _note(self, seconds: float, records: list[StepRecord], first: bool) -> str:
         """Why this window's step time is far from the run's median so far ('' if it isn't)."""
