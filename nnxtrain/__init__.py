@@ -22,6 +22,7 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
+from nnxtrain.records import drop_records_after
 from nnxtrain.sharding import ActivationRecord
 from nnxtrain.step import METRIC_NAMES, all_finite
 from nnxtrain.timing import StepRecord
@@ -57,6 +58,7 @@ __all__ = [
     "all_finite",
     "compose",
     "count_params",
+    "drop_records_after",
     "first_line",
     "format_bytes",
     "step_flops",

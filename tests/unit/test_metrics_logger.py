@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import TINY
-from nnxtrain.plugins.metrics_logger import MetricsLogger, drop_records_after
+from nnxtrain.plugins.metrics_logger import MetricsLogger
 from rich.console import Console
 
 from nnxtrain import (
@@ -27,6 +27,7 @@ from nnxtrain import (
     StepRecord,
     TrainStartEvent,
     UserError,
+    drop_records_after,
     step_flops,
 )
 
