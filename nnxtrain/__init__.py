@@ -4,8 +4,10 @@ The public API for plugin authors and Python users:
 
     from nnxtrain import Callback, Trainer, compose
     Trainer(compose(["run.steps=50"])).fit()
+    model = nnxtrain.hf.load("path/to/hf-llama")   # Hugging Face weights in (and hf.save out)
 """
 
+from nnxtrain import hf
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
@@ -61,5 +63,6 @@ __all__ = [
     "drop_records_after",
     "first_line",
     "format_bytes",
+    "hf",
     "step_flops",
 ]
