@@ -22,6 +22,7 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
+from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord
 from nnxtrain.step import METRIC_NAMES
 from nnxtrain.timing import StepRecord
@@ -46,6 +47,7 @@ __all__ = [
     "LazyMetrics",
     "LostProcessError",
     "PluginError",
+    "RunLock",
     "SetupEvent",
     "StepEndEvent",
     "StepRecord",
