@@ -25,6 +25,7 @@ from nnxtrain.events import (
     TrainStartEvent,
 )
 from nnxtrain.records import drop_records_after
+from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord
 from nnxtrain.step import METRIC_NAMES, all_finite
 from nnxtrain.timing import StepRecord
@@ -49,6 +50,7 @@ __all__ = [
     "LazyMetrics",
     "LostProcessError",
     "PluginError",
+    "RunLock",
     "SetupEvent",
     "StepEndEvent",
     "StepRecord",

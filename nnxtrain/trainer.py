@@ -5,18 +5,21 @@
     result = Trainer(compose(["run.steps=50"])).fit()
     result.metrics["loss"], result.state
 
-`fit()` reads as the run goes: build the mesh and check the config against it; plan the
+`fit()` reads as the run goes: build the mesh and check the config against it; create and
+lock the run dir (`nnxtrain.runlock`: one run per dir, until fit() returns); plan the
 state abstractly (no parameter memory) and fire `on_setup` (a plugin may restore
-`trainer.state` here); compile the train and eval steps ahead of time under the
-logical-axis rules (`nnxtrain.compile`) and fire `on_compile`; write `run_info.json`; stop
-here on a dry run. Otherwise initialise the state already sharded (unless restored), fire
-`on_train_start`, and loop: place a batch (`nnxtrain.feed`), dispatch a step, fire
-`on_step_end`, evaluate every `run.eval_every` steps. The loop keeps at most two steps in
-flight and never waits on the device for a step nothing reads; `nnxtrain.timing` measures
-true step times from completions. It ends when the steps are done, a plugin asked to stop,
-every process agreed to stop on a signal (`nnxtrain.preemption`), or a loss or gradient
-norm is not finite; `on_train_end` fires, then every callback's `teardown`, also after an
-exception (which fires `on_exception` first).
+`trainer.state` here). A state restored at run.steps has nothing to do: fit() says so and
+returns, writing nothing. Else write config.yaml, compile the train and eval steps ahead
+of time under the logical-axis rules (`nnxtrain.compile`), write `run_info.json` (a dry
+run keeps a trained run's) and fire `on_compile`; stop here on a dry run. Otherwise
+initialise the state already sharded (unless restored), fire `on_train_start`, and loop:
+place a batch (`nnxtrain.feed`), dispatch a step, fire `on_step_end`, evaluate every
+`run.eval_every` steps. The loop keeps at most two steps in flight and never waits on the
+device for a step nothing reads; `nnxtrain.timing` measures true step times from
+completions. It ends when the steps are done, a plugin asked to stop, every process
+agreed to stop on a signal (`nnxtrain.preemption`), or a loss or gradient norm is not
+finite; `on_train_end` fires, then every callback's `teardown`, also after an exception
+(which fires `on_exception` first).
 """
 
 import dataclasses
@@ -58,7 +61,15 @@ from nnxtrain.mesh import build_mesh, resolve_batch
 from nnxtrain.model import Transformer
 from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
-from nnxtrain.rundir import make_run_dir, write_run_info
+from nnxtrain.rundir import (
+    final_record,
+    holds_a_run,
+    make_run_dir,
+    run_info,
+    write_config,
+    write_run_info,
+)
+from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord, merge_rules
 from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.timing import StepRecord, StepWatcher
@@ -68,11 +79,12 @@ __all__ = ["CompiledMemory", "FitResult", "Trainer"]
 
 @dataclass(frozen=True)
 class FitResult:
-    """What `Trainer.fit()` returns."""
+    """What `Trainer.fit()` returns. `reason`: completed | stopped: ... | preempted: SIG |
+    not finite: ... | dry run | nothing to do (a state restored at run.steps)."""
 
     state: TrainState | None  # final state (None after a dry run)
     step: int  # steps done
-    reason: str  # completed | stopped: ... | preempted: SIG | not finite: ... | dry run
+    reason: str  # why fit() returned (above)
     metrics: dict[str, float]  # the last step's metrics
     eval_metrics: dict[str, float]  # the last evaluation's metrics (empty if none)
     run_dir: str
@@ -113,6 +125,7 @@ class Trainer:
             lambda rngs: Transformer(config.model, rngs=rngs)
         )
         self._optimizer = optimizer
+        self._tx: tuple[optax.GradientTransformation, optax.Schedule] | None = None
         self._devices = devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
@@ -134,6 +147,7 @@ class Trainer:
         self.preempted: str | None = None  # the signal every process agreed to stop on
         self.run_info: dict[str, Any] = {}
         self.best_eval_loss: float | None = None
+        self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
         self._watcher: StepWatcher | None = None
 
@@ -173,6 +187,9 @@ class Trainer:
         self.preemption.install()
         try:
             self._setup()
+            if self.step >= self.config.run.steps:  # a plugin restored a finished run
+                return nothing_to_do(self, self.config.run.steps)
+            self._compile()
             if self.config.run.dry_run:
                 self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
@@ -189,16 +206,22 @@ class Trainer:
             self.preemption.uninstall()
             if watcher is not None:
                 watcher.close()
-            self.hooks.teardown(self)
+            try:
+                self.hooks.teardown(self)  # the checkpointer's last write ends here
+            finally:
+                self.run_lock.release()
 
     def _setup(self) -> None:
         self.mesh = build_mesh(self.config.mesh, self._devices)
         cfg = self.config = resolve_batch(self.config, self.mesh)
         self.run_dir = make_run_dir(cfg)
+        self.run_lock.take(self.run_dir, cfg.mesh.init_timeout)  # before any file is written
         rules = merge_rules(cfg.mesh.rules)
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
-        tx, schedule = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
+        self._tx = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
+        plan = self.plan = plan_state(
+            self.model_factory, self._tx[0], cfg.run.seed, self.mesh, rules
+        )
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
         self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
@@ -207,6 +230,18 @@ class Trainer:
             self,
             SetupEvent(cfg, self.mesh, self.abstract_state, self.flops, self.run_dir, floor),
         )
+        self.step = int(jax.device_get(self.state.step)) if self.state is not None else 0
+
+    def _compile(self) -> None:
+        cfg, plan, rules = self.config, self.plan, merge_rules(self.config.mesh.rules)
+        assert plan is not None and self.mesh is not None and self.flops is not None
+        assert self._tx is not None
+        records = not (cfg.run.dry_run and holds_a_run(self.run_dir))
+        if records:
+            write_config(self.run_dir, cfg)
+        else:  # a dry run leaves the records of a run that trained here alone
+            self.console.print(f"dry run: keeping the records of the run in {self.run_dir}")
+        (tx, schedule), floor = self._tx, getattr(self.dataset, "loss_floor", None)
         self.feed = Feed(self.dataset, self.mesh, cfg.run.batch_size, cfg.run.seq_len)
         train, self.eval_step = compile_steps(
             plan,
@@ -220,25 +255,12 @@ class Trainer:
             with_eval=cfg.run.eval_every > 0,
         )
         self.compiled, self.activations = train.compiled, train.activations
-        self.run_info = {
-            "model": cfg.model.name,
-            **self.flops.as_dict(),
-            "num_params": plan.num_params,
-            "loss_floor": floor,
-            "mesh": dict(self.mesh.shape),
-            "backend": jax.default_backend(),
-            "batch_size": cfg.run.batch_size,
-            "seq_len": cfg.run.seq_len,
-            "jax_version": jax.__version__,
-        }
-        for step in (train, self.eval_step):
-            if step is not None:
-                self.console.print(step.summary())
-                prefix = "" if step.name == "train" else f"{step.name}_"
-                self.run_info[f"{prefix}compiled_memory"] = step.memory.as_dict()
-                self.run_info[f"{prefix}lower_seconds"] = step.lower_seconds
-                self.run_info[f"{prefix}compile_seconds"] = step.compile_seconds
-        write_run_info(self.run_dir, self.run_info)
+        steps = [step for step in (train, self.eval_step) if step is not None]
+        for step in steps:
+            self.console.print(step.summary())
+        self.run_info = run_info(cfg, self.mesh, self.flops, plan.num_params, floor, steps)
+        if records:
+            write_run_info(self.run_dir, self.run_info)
         self.hooks.fire("on_compile", self, CompileEvent(train, self.eval_step))
 
     def _train(self, watcher: StepWatcher) -> FitResult:
@@ -324,6 +346,27 @@ class Trainer:
         event = EvalEndEvent(self.step, metrics, num_batches, time.perf_counter() - t0)
         self.hooks.fire("on_eval_end", self, event)
         return metrics
+
+
+def nothing_to_do(trainer: Trainer, steps: int) -> FitResult:
+    """The result of a run restored at a step >= run.steps: nothing is trained or written,
+    and the records of the run that trained there (config.yaml, run_info.json, metrics)
+    stay as they are; its final metrics come from run_info.json."""
+    run_dir, step = trainer.run_dir, trainer.step
+    trainer.console.print(
+        f"nothing to do: {run_dir} already holds step {step} (run.steps={steps}); "
+        "raise run.steps to train further"
+    )
+    final = final_record(run_dir, step)
+    return FitResult(
+        trainer.state,
+        step,
+        "nothing to do",
+        final.get("metrics", {}),
+        final.get("eval_metrics", {}),
+        run_dir,
+        best_eval_loss=final.get("best_eval_loss"),
+    )
 
 
 def nonfinite_reason(record: StepRecord) -> str:

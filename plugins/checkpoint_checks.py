@@ -1,11 +1,14 @@
 """Checks of the checkpointer plugin: its options, and whether a checkpoint fits this run.
 
-Both fail with one line: a bad option names `callbacks.<name>.<option>`; a checkpoint that
-does not fit names the first mismatching parameter and the config keys that differ
-between the checkpoint's config and this run's.
+All fail with one line: a bad option, or a checkpoint directory that cannot be written,
+names `callbacks.<name>.<option>`; a checkpoint that does not fit names the first
+mismatching parameter and the config keys that differ between the checkpoint's config and
+this run's.
 """
 
 import json
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +47,20 @@ def check_options(key: str, options: Mapping[str, Any]) -> None:
             f"needs {key}.load_from",
             f"set {key}.load_from=PATH (a run dir or its checkpoints dir)",
         )
+
+
+def check_directory(key: str, path: str) -> None:
+    """A one-line ConfigError naming `key` unless `path` is, or can be made, a directory
+    this process can write into: found at setup, not at the first save after training."""
+    fix = "set it to a writable directory (created if missing), or null for <run.dir>/checkpoints"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(key, f"{path} is a file, not a directory", fix)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # unnamed where the OS allows: leaves nothing
+            pass
+    except OSError as e:
+        raise ConfigError(key, f"cannot write to {path} ({e.strerror})", fix) from e
 
 
 def jsonable(value: Any) -> Any:

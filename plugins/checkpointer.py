@@ -8,7 +8,8 @@ Saves every `every` steps, on `trainer.request_save()`, and at the end (also on 
 SIGINT; not after a non-finite loss), waiting for that last write before returning. A save
 blocks the loop for the device-to-host copy only; `if_busy` decides what happens when a
 save is due while the previous write still runs (`skip` with a warning, or `wait`). At
-setup it restores the latest complete checkpoint onto the current mesh, or starts from
+setup it checks that `directory` can be written (not at the first save, after training),
+then restores the latest complete checkpoint onto the current mesh, or starts from
 `load_from`. docs/checkpointing.md is the manual; `checkpoint_io` owns the Orbax side and
 `checkpoint_checks` the one-line errors. Uses only the public API of `nnxtrain`.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from nnxtrain import (
     Callback,
     ConfigError,
+    RunLock,
     SetupEvent,
     StepEndEvent,
     TrainEndEvent,
@@ -56,6 +58,7 @@ class Checkpointer(Callback):
         self._written_at: float | None = None  # set by Orbax's thread when a write completes
         self._deferred = False  # a requested save waits for the writer to be free
         self._last_step = -1
+        self._lock = RunLock()  # on `directory` when it lies outside the run dir
 
     # -- restore -------------------------------------------------------------------------
 
@@ -73,6 +76,11 @@ class Checkpointer(Callback):
                     f"callbacks.{cb.name} also saves to {self.path}",
                     f"drop one (~callbacks.{cb.name}) or give each its own directory",
                 )
+        key = f"callbacks.{self.name}.directory"
+        checks.check_directory(key, self.path)
+        run_dir = os.path.realpath(event.run_dir)  # whose lock covers only what lies under it
+        if os.path.commonpath([os.path.realpath(self.path), run_dir]) != run_dir:
+            self._lock.take(self.path, event.config.mesh.init_timeout, key)
         partial = cio.partial_saves(self.path)
         if partial:
             self._say(
@@ -182,6 +190,7 @@ class Checkpointer(Callback):
             if mngr is not None:
                 mngr.close()
         self._mngr = self._source = None
+        self._lock.release()
 
     def _save(self, trainer: TrainerView, step: int) -> None:
         if not self._finite(trainer, step):

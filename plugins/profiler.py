@@ -60,6 +60,12 @@ class Profiler(Callback):
                 "name a folder under run.dir (default: profile)",
             )
         self.path = os.path.join(event.run_dir, self.directory)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):  # not at start_step
+            raise ConfigError(
+                f"callbacks.{self.name}.directory",
+                f"{self.path} is a file, not a directory",
+                "name a folder under run.dir (default: profile)",
+            )
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         if event.step + 1 == self.start_step:

@@ -6,7 +6,9 @@ compilation cache, so each costs well under a second after the first compile.
 
 import dataclasses
 import io
+import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -18,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from nnxtrain.plugins.checkpoint_checks import config_diff
 from nnxtrain.plugins.checkpointer import Checkpointer
+from nnxtrain.plugins.metrics_logger import MetricsLogger
 from rich.console import Console
 
 from nnxtrain import Callback, ConfigError, PluginError, Trainer, UserError, compose
@@ -97,21 +100,65 @@ def test_stop_at_12_and_rerun_gives_bitwise_identical_losses(reference, tmp_path
     assert resumed.seen == 20  # 12 restored from the checkpoint + 8 new
 
 
-def test_rerunning_a_finished_run_resumes_at_its_end_and_returns(reference, tmp_path):
+class Compiled(Callback):
+    """Records whether the steps were compiled."""
+
+    def __init__(self) -> None:
+        self.compiled = False
+
+    def on_compile(self, trainer: Any, event: Any) -> None:
+        self.compiled = True
+
+
+RECORDS = ("config.yaml", "run_info.json", "metrics.jsonl")
+
+
+@pytest.mark.parametrize("steps", [20, 10], ids=["same steps", "fewer steps"])
+def test_rerunning_a_finished_run_has_nothing_to_do_and_keeps_its_records(
+    reference, tmp_path, steps
+):
     ref_dir, _ = reference
-    shutil.copytree(ref_dir, tmp_path / "run")
-    losses, done = Losses(), []
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"step": 20, "loss": 1.0}\n')
+    before = {name: (run_dir / name).read_bytes() for name in RECORDS}
+    final = json.loads(before["run_info.json"])["final"]
+    assert final["step"] == 20 and final["metrics"]
+    losses, compiled, done = Losses(), Compiled(), []
+    logger = MetricsLogger(log_every=1, tensorboard=False)
     # In a thread: a loop that waits for a step it never ran must fail here, not hang.
     worker = threading.Thread(
-        target=lambda: done.append(fit(tmp_path / "run", Checkpointer(), losses)), daemon=True
+        target=lambda: done.append(
+            fit(
+                run_dir, logger, Checkpointer(), losses, compiled, overrides=(f"run.steps={steps}",)
+            )
+        ),
+        daemon=True,
     )
     worker.start()
     worker.join(timeout=120)
     assert done, "fit() did not return"
     result, text = done[0]
-    assert "resumed from step 20" in text
-    assert (result.step, result.reason, losses.seen) == (20, "completed", 20)
-    assert result.metrics == {}
+    assert f"nothing to do: {run_dir} already holds step 20 (run.steps={steps})" in text
+    assert (result.step, result.reason, losses.seen) == (20, "nothing to do", 20)
+    assert result.metrics == final["metrics"]  # the records of the run that trained there
+    assert not compiled.compiled and losses.losses == {}
+    assert {name: (run_dir / name).read_bytes() for name in RECORDS} == before
+    assert steps_on_disk(run_dir) == [4, 8, 12, 16, 20] and "saved step" not in text
+
+
+def test_a_dry_run_keeps_the_records_of_a_trained_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    before = {name: (run_dir / name).read_bytes() for name in RECORDS[:2]}
+    result, text = fit(run_dir, Checkpointer(), overrides=("run.dry_run=true", "run.seed=7"))
+    assert result.reason == "dry run" and "keeping the records of the run in" in text
+    assert {name: (run_dir / name).read_bytes() for name in RECORDS[:2]} == before
+    # In a directory of its own (or of another dry run), a dry run writes them.
+    for seed in (7, 8):
+        fit(tmp_path / "dry", overrides=("run.dry_run=true", f"run.seed={seed}"))
+        assert f"seed: {seed}" in (tmp_path / "dry" / "config.yaml").read_text()
+        assert json.loads((tmp_path / "dry" / "run_info.json").read_text())["dry_run"] is True
 
 
 def test_load_from_a_mid_run_step_continues_exactly(reference, tmp_path):
@@ -393,9 +440,29 @@ def test_two_checkpointers_on_one_directory_are_refused(tmp_path):
         Trainer(cfg).fit()
 
 
-def test_load_from_without_a_checkpoint_names_the_key(tmp_path):
+@pytest.mark.parametrize(
+    "directory",
+    ["a_file", "/proc/self", "/proc/self/checkpoints"],
+    ids=["a file", "an existing unwritable dir", "a dir that cannot be created"],
+)
+def test_an_unwritable_checkpoint_directory_fails_at_setup(tmp_path, directory):
+    (tmp_path / "a_file").write_text("keep me")
+    compiled = Compiled()
+    with pytest.raises(ConfigError) as err:
+        fit(tmp_path, Checkpointer(directory=directory), compiled)
+    assert re.match(
+        r"^callbacks\.Checkpointer\.directory: .* Fix: set it to a writable", str(err.value)
+    )
+    assert directory.split("/")[-1] in str(err.value) and "\n" not in str(err.value)
+    assert not compiled.compiled  # found before compiling, let alone training
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("source", ["empty", "a_file", "missing"])
+def test_load_from_without_a_checkpoint_names_the_key(tmp_path, source):
     (tmp_path / "empty").mkdir()
-    ck = Checkpointer(load_from=str(tmp_path / "empty"))
+    (tmp_path / "a_file").write_text("")
+    ck = Checkpointer(load_from=str(tmp_path / source))
     with pytest.raises(ConfigError, match=r"^callbacks.Checkpointer.load_from: no complete"):
         fit(tmp_path / "run", ck)
 

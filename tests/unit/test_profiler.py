@@ -111,3 +111,12 @@ def test_bad_option_is_one_line_naming_the_key(options: dict[str, Any], key: str
     with pytest.raises(ConfigError) as err:
         prof.on_setup(stub, SetupEvent(compose(BASE), stub, stub, stub, "/nonexistent", None))
     assert str(err.value).startswith(f"callbacks.prof.{key}: ") and "\n" not in str(err.value)
+
+
+def test_a_directory_that_is_a_file_is_found_at_setup(tmp_path: Path) -> None:
+    (tmp_path / "trace").write_text("")
+    prof = Profiler(directory="trace")
+    prof.name = "prof"
+    stub: Any = types.SimpleNamespace()
+    with pytest.raises(ConfigError, match=r"^callbacks\.prof\.directory: .* is a file"):
+        prof.on_setup(stub, SetupEvent(compose(BASE), stub, stub, stub, str(tmp_path), None))
