@@ -4,11 +4,13 @@ The public API for plugin authors and Python users:
 
     from nnxtrain import Callback, Trainer, compose
     Trainer(compose(["run.steps=50"])).fit()
+    new_tokens = generate(model, prompts, max_new_tokens=32)   # KV-cached decoding
 """
 
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
+from nnxtrain.data import run_tokenizer
 from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
 from nnxtrain.events import (
     Callback,
@@ -22,6 +24,7 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
+from nnxtrain.generation import generate
 from nnxtrain.sharding import ActivationRecord
 from nnxtrain.step import METRIC_NAMES
 from nnxtrain.timing import StepRecord
@@ -58,5 +61,7 @@ __all__ = [
     "count_params",
     "first_line",
     "format_bytes",
+    "generate",
+    "run_tokenizer",
     "step_flops",
 ]
