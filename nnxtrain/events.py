@@ -50,7 +50,7 @@ class TrainerView(Protocol):
     """What a plugin sees of the trainer: the run's facts, its state, and the controls.
 
     Treat every attribute as read-only except `state`. They are filled in as the run goes:
-    `mesh`, `run_dir`, `flops` and `abstract_state` before `on_setup`, `compiled` and
+    `mesh`, `run_dir`, `flops`, `abstract_state` and `graphdef` before `on_setup`, `compiled` and
     `activations` before `on_compile`, `state` before `on_train_start` (a plugin may set
     it in `on_setup` or `on_train_start`, to restore).
     """
@@ -70,6 +70,10 @@ class TrainerView(Protocol):
     step: int  # steps done
     run_info: dict[str, Any]  # what run_info.json holds
     preempted: str | None  # the signal all processes agreed to stop on, if any
+
+    @property
+    def graphdef(self) -> Any:
+        """The model's structure: `nnx.merge(trainer.graphdef, trainer.state.params)`."""
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
