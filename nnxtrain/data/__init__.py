@@ -12,7 +12,8 @@ files tokenized at start-up, `text.py` + `tokenizer.py`), `tokens` (pre-tokenize
 held-out split by `packing.PackedData`; jsonl records are packed whole into rows, with
 segment ids and positions, by `documents.DocumentData`. Every dataset's
 `batch(step, ...)` is a pure function of (run.seed, step), so a resumed run reads exactly
-the batches the uninterrupted run would have; see docs/data.md.
+the batches the uninterrupted run would have; see docs/data.md. `run_tokenizer(cfg,
+run_dir)` gives back the tokenizer of a run's text (to generate from the model).
 """
 
 import dataclasses
@@ -59,6 +60,7 @@ __all__ = [
     "build_dataset",
     "process_rows",
     "resolve_vocab",
+    "run_tokenizer",
 ]
 
 CHAR_VOCAB = "char_vocab.json"  # the char tokenizer's vocabulary, in the run directory
@@ -102,6 +104,20 @@ def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray
         rows = index[0] if index is not None else slice(None)
         held.update(range(*rows.indices(batch_size)))
     return None if len(held) == batch_size else np.array(sorted(held), np.int64)
+
+
+def run_tokenizer(cfg: Config, run_dir: str) -> Tokenizer | None:
+    """The tokenizer a run's text goes through (to encode prompts and decode samples):
+    `data.tokenizer`, with a char vocabulary read from `run_dir`; None when the run has
+    none (synthetic data, or token files given without data.tokenizer)."""
+    d = cfg.data
+    if d.name == "synthetic" or (d.name == "tokens" and not d.tokenizer):
+        return None
+    if d.tokenizer in ("", "byte"):
+        return ByteTokenizer()
+    if d.tokenizer == "char":
+        return CharTokenizer.load(os.path.join(run_dir, CHAR_VOCAB))
+    return load_tokenizer(d.tokenizer, d.eos_token)
 
 
 # -- builders ----------------------------------------------------------------------------
