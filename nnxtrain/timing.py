@@ -51,6 +51,11 @@ class StepWatcher:
         self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher", daemon=True)
         self._thread.start()
 
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first recorded step whose loss or gradient norm is not finite, or None."""
+        return self.nonfinite.step if self.nonfinite is not None else None
+
     def submit(self, step: int, dispatched_at: float, metrics: jax.Array) -> None:
         """Queues a dispatched step; `metrics` is one vector, ordered as `names`."""
         self._submitted += 1

@@ -168,10 +168,8 @@ class Trainer:
         return requested
 
     @property
-    def nonfinite_step(self) -> int | None:
-        """The first step whose loss or gradient norm was not finite (of those recorded)."""
-        bad = self._watcher.nonfinite if self._watcher is not None else None
-        return bad.step if bad is not None else None
+    def nonfinite_step(self) -> int | None:  # see TrainerView
+        return self._watcher.nonfinite_step if self._watcher is not None else None
 
     @property
     def graphdef(self) -> Any:
@@ -218,10 +216,8 @@ class Trainer:
         self.run_lock.take(self.run_dir, cfg.mesh.init_timeout)  # before any file is written
         rules = merge_rules(cfg.mesh.rules)
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
-        self._tx = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        plan = self.plan = plan_state(
-            self.model_factory, self._tx[0], cfg.run.seed, self.mesh, rules
-        )
+        self._tx = tx = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
+        plan = self.plan = plan_state(self.model_factory, tx[0], cfg.run.seed, self.mesh, rules)
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
         self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
