@@ -4,8 +4,10 @@ The public API for plugin authors and Python users:
 
     from nnxtrain import Callback, Trainer, compose
     Trainer(compose(["run.steps=50"])).fit()
+    model = nnxtrain.hf.load("path/to/hf-llama")   # Hugging Face weights in (and hf.save out)
 """
 
+from nnxtrain import hf
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
@@ -22,9 +24,10 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
+from nnxtrain.records import drop_records_after
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord
-from nnxtrain.step import METRIC_NAMES
+from nnxtrain.step import METRIC_NAMES, all_finite
 from nnxtrain.timing import StepRecord
 from nnxtrain.trainer import FitResult, Trainer
 from nnxtrain.units import format_bytes
@@ -56,9 +59,12 @@ __all__ = [
     "Trainer",
     "TrainerView",
     "UserError",
+    "all_finite",
     "compose",
     "count_params",
+    "drop_records_after",
     "first_line",
     "format_bytes",
+    "hf",
     "step_flops",
 ]

@@ -71,6 +71,11 @@ class TrainerView(Protocol):
     run_info: dict[str, Any]  # what run_info.json holds
     preempted: str | None  # the signal all processes agreed to stop on, if any
 
+    @property
+    def nonfinite_step(self) -> int | None:
+        """The first step whose loss or gradient norm was not finite, among the steps whose
+        metrics reached the host (after `event.record()` of step N: every step <= N)."""
+
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
 

@@ -43,6 +43,18 @@ class TrainState:
     opt_state: Any  # optax state, mirroring params
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every float in `tree` (e.g. a TrainState) is finite. One pass over the
+    arrays on their devices, and one scalar back: cheap next to a checkpoint's copy."""
+    return bool(_all_finite(tree))
+
+
 def loss_sums(
     logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
 ) -> dict[str, jax.Array]:

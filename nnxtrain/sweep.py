@@ -60,15 +60,21 @@ def read_statuses(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _loss_curve(run_dir: str) -> tuple[list[int], list[float]]:
+    """Train loss by step from the run's metrics.jsonl, in step order. A line that is not
+    a record (the last one, when a kill tore it) is skipped; a step logged twice (by a
+    resume before the logger dropped redone steps) takes its later record."""
     path = Path(run_dir) / "metrics.jsonl"
-    steps, losses = [], []
+    losses: dict[int, float] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                steps.append(int(rec["step"]))
-                losses.append(float(rec["loss"]))
-    return steps, losses
+        for line in path.read_bytes().splitlines():
+            try:
+                rec = json.loads(line)
+                if isinstance(rec, dict) and "loss" in rec:
+                    losses[int(rec["step"])] = float(rec["loss"])
+            except (ValueError, TypeError, KeyError):
+                continue
+    steps = sorted(losses)
+    return steps, [losses[s] for s in steps]
 
 
 def _fmt(value: Any) -> str:

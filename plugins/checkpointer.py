@@ -28,6 +28,7 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    all_finite,
 )
 
 from . import checkpoint_checks as checks
@@ -173,6 +174,7 @@ class Checkpointer(Callback):
                 )
             return
         self._deferred = False
+        event.record()  # this step's (and so every earlier step's) loss reached the host
         self._save(trainer, event.step)
 
     def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
@@ -191,6 +193,8 @@ class Checkpointer(Callback):
         self._lock.release()
 
     def _save(self, trainer: TrainerView, step: int) -> None:
+        if not self._finite(trainer, step):
+            return
         t0 = time.perf_counter()
         self._mngr.wait_until_finished()  # no-op unless if_busy=wait (or the final save)
         waited = time.perf_counter() - t0
@@ -209,6 +213,23 @@ class Checkpointer(Callback):
         cio.save(self._mngr, step, trainer.state, checks.jsonable(meta))
         self._pending = (step, t0, time.perf_counter() - t0, waited)
         self._last_step = step
+
+    def _finite(self, trainer: TrainerView, step: int) -> bool:
+        """Whether the state after `step` may be saved: no step so far had a non-finite
+        loss or gradient norm, and no array of the state holds NaN or inf. Checked before
+        the save starts, so a poisoned state is never committed (the save's own copy
+        waits for the step anyway; the check adds one pass over the state)."""
+        bad = trainer.nonfinite_step
+        if bad is None and all_finite(trainer.state):
+            return True
+        why = (
+            f"the loss or gradient norm of step {bad} was not finite"
+            if bad is not None
+            else "the state holds NaN or inf values"
+        )
+        last = f"step {self._last_step}" if self._last_step > 0 else "none"
+        self._say(trainer, f"not saving step {step}: {why} (the last checkpoint stays: {last})")
+        return False
 
     def _on_written(self) -> None:  # runs on Orbax's background thread
         self._written_at = time.perf_counter()

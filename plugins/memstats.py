@@ -15,6 +15,10 @@ on that device (`jax.live_arrays()`), `limit` is null and `peak` the largest `in
 plugin has seen; the host's RSS and peak RSS tell the rest. `live` is always the live
 arrays' bytes. It waits for a step only at the steps it reports.
 
+A resumed run redoes the steps after its checkpoint, so before its first record memstats
+cuts memstats.jsonl back to the restored step (`nnxtrain.drop_records_after`; a fresh run
+starts it empty). A dry run only appends its `compiled` record.
+
     nnxtrain +callbacks.mem._target_=memstats +callbacks.mem.every=50
 """
 
@@ -35,6 +39,7 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    drop_records_after,
     format_bytes,
 )
 
@@ -84,6 +89,7 @@ class MemStats(Callback):
         self._file: IO[str] | None = None
         self._peaks: dict[int, int] = {}
         self._stepped = False
+        self._resumed_at: int | None = None  # the restored step (0: fresh); None: append
 
     def snapshot(self, trainer: TrainerView) -> tuple[str, list[dict[str, Any]]]:
         """The memory source ('memory_stats' or 'live_arrays') and one dict per device."""
@@ -132,10 +138,15 @@ class MemStats(Callback):
 
     def on_compile(self, trainer: TrainerView, event: CompileEvent) -> None:
         steps = [s for s in (event.train, event.eval) if s is not None]
+        # A checkpoint was restored (in on_setup) if the state exists already.
+        state = trainer.state
+        at = int(jax.device_get(state.step)) if state is not None else 0
+        if not trainer.config.run.dry_run:
+            self._resumed_at = at
         record = self._report(
             trainer,
             "compiled",
-            trainer.step,
+            at,
             compiled=event.train.memory.as_dict(),
             **({"eval_compiled": event.eval.memory.as_dict()} if event.eval else {}),
         )
@@ -150,6 +161,7 @@ class MemStats(Callback):
             )
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+        self._resumed_at = event.step
         jax.block_until_ready(trainer.state)  # count the initialised state, not a promise
         self._report(trainer, "after_init", event.step)
 
@@ -172,7 +184,10 @@ class MemStats(Callback):
         if not self.use_jsonl or trainer.console.quiet:
             return
         if self._file is None:
-            self._file = open(os.path.join(trainer.run_dir, "memstats.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(trainer.run_dir, "memstats.jsonl")
+            if self._resumed_at is not None:  # those steps are redone: drop their records
+                drop_records_after(path, self._resumed_at)
+            self._file = open(path, "a")  # noqa: SIM115
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -10,6 +10,13 @@ Seconds are true device time: measured between step completions (see `nnxtrain.t
 averaged over the window since the previous line. A window more than 1.5x away from the
 run's median so far carries a `note` saying why (the margin allows for the median still
 moving). It waits on the device only at the steps it logs. Uses only the public plugin API.
+
+The records stay true across resumes: in `on_train_start`, once the state is restored,
+the records of steps after the restored one are dropped from metrics.jsonl (the resumed run
+logs those steps again), and so is a line a kill tore in half; TensorBoard is told to hide
+its events of those steps (`purge_step`). A fresh run (step 0) thus starts from an empty
+metrics.jsonl: whatever the run dir held came from steps this run redoes. Only process 0
+writes.
 """
 
 import json
@@ -31,7 +38,11 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    UserError,
+    drop_records_after,
 )
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger(Callback):
@@ -48,6 +59,7 @@ class MetricsLogger(Callback):
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.log_every, self.use_jsonl, self.use_tb = log_every, jsonl, tensorboard
         self.use_progress = progress
+        self.run_dir = ""
         self._file: IO[str] | None = None
         self._tb: Any = None
         self._progress: Progress | None = None
@@ -58,8 +70,13 @@ class MetricsLogger(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         self.flops = event.flops
+        self.run_dir = event.run_dir
+
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+        # The files are opened here, not in on_setup: only now is the restored step known
+        # (the checkpointer restores in on_setup), and a dry run never gets here.
         if not trainer.console.quiet and self.use_jsonl:
-            self._file = open(os.path.join(event.run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._file = self._open_jsonl(trainer, event.step)
         if not trainer.console.quiet and self.use_tb:
             try:
                 from tensorboardX import SummaryWriter
@@ -69,9 +86,10 @@ class MetricsLogger(Callback):
                     "(pip install 'nnxtrain[tensorboard]')"
                 )
             else:
-                self._tb = SummaryWriter(os.path.join(event.run_dir, "tensorboard"))
-
-    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+                # TensorBoard hides the events at steps >= purge_step of earlier files.
+                self._tb = SummaryWriter(
+                    os.path.join(self.run_dir, "tensorboard"), purge_step=event.step + 1
+                )
         if self.use_progress and trainer.console.is_terminal and not trainer.console.quiet:
             self._progress = Progress(
                 TextColumn("training"),
@@ -125,6 +143,27 @@ class MetricsLogger(Callback):
             highlight=False,
         )
         self._write(record)
+
+    def _open_jsonl(self, trainer: TrainerView, step: int) -> IO[str]:
+        """metrics.jsonl for appending, once the records after `step` are dropped."""
+        path = os.path.join(self.run_dir, METRICS_FILE)
+        try:
+            dropped = drop_records_after(path, step)
+            file = open(path, "a")  # noqa: SIM115
+        except OSError as e:
+            raise UserError(
+                f"{path}: cannot keep its records true to step {step} ({e.strerror or e}; "
+                f"the file is whole). Fix: free space or make the run dir writable, or "
+                f"set callbacks.{self.name}.jsonl=false"
+            ) from e
+        if dropped:
+            trainer.console.print(
+                f"metrics: dropped {dropped} record(s) after step {step} from {path} "
+                "(this run logs those steps again)",
+                markup=False,
+                highlight=False,
+            )
+        return file
 
     def _note(self, seconds: float, records: list[StepRecord], first: bool) -> str:
         """Why this window's step time is far from the run's median so far ('' if it isn't)."""

@@ -13,6 +13,7 @@ from nnxtrain.config.schema import (
     DTYPES,
     GROUPS,
     REMAT_POLICIES,
+    ROPE_SCALINGS,
     TOKEN_DTYPES,
     Config,
     DataConfig,
@@ -42,6 +43,14 @@ def _check_floats(cfg: Config) -> None:
         ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
         ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0"),
         ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0"),
+        ("model.rope_factor", m.rope_factor, m.rope_factor > 0, "> 0"),
+        ("model.rope_low_freq_factor", m.rope_low_freq_factor, m.rope_low_freq_factor > 0, "> 0"),
+        (
+            "model.rope_high_freq_factor",
+            m.rope_high_freq_factor,
+            m.rope_high_freq_factor > m.rope_low_freq_factor,
+            f"> model.rope_low_freq_factor={m.rope_low_freq_factor}",
+        ),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.b1", o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
         ("optim.b2", o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
@@ -76,6 +85,7 @@ def validate(cfg: Config) -> Config:
         ("model.head_dim", m.head_dim),
         ("model.mlp_dim", m.mlp_dim),
         ("model.max_len", m.max_len),
+        ("model.rope_original_max_len", m.rope_original_max_len),
     ]:
         _positive(key, value)
     if r.batch_size == 0 or r.batch_size < -1:
@@ -112,6 +122,7 @@ def validate(cfg: Config) -> Config:
         ("model.param_dtype", m.param_dtype, DTYPES),
         ("model.dtype", m.dtype, ("auto", *DTYPES)),
         ("model.remat", m.remat, REMAT_POLICIES),
+        ("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS),
         ("model.attention", m.attention, ATTENTION_IMPLS),
         ("optim.name", o.name, ("adamw",)),
         ("data.name", cfg.data.name, DATA_KINDS),

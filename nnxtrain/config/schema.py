@@ -9,6 +9,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # Hugging Face's rope_type names
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
 DATA_KINDS = ("synthetic", "text", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
@@ -33,6 +34,15 @@ class ModelConfig:
     mlp_dim: int = setting(384, "hidden features of the SwiGLU MLP")
     max_len: int = setting(512, "longest sequence the model accepts, in tokens")
     rope_theta: float = setting(10000.0, "rotary embedding base wavelength")
+    # Context extension of the rotary frequencies, as Hugging Face computes them (rope_type);
+    # the defaults below are Llama 3.1's, so `model.rope_scaling=llama3` alone gives its.
+    rope_scaling: str = setting("none", "rotary frequency scaling: none, linear or llama3")
+    rope_factor: float = setting(8.0, "linear/llama3: divides the (long-wavelength) frequencies")
+    rope_low_freq_factor: float = setting(1.0, "llama3: wavelengths over orig_len/this are scaled")
+    rope_high_freq_factor: float = setting(4.0, "llama3: wavelengths under orig_len/this are kept")
+    rope_original_max_len: int = setting(
+        8192, "llama3: context length the model was pretrained with, in tokens"
+    )
     norm_eps: float = setting(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.

@@ -12,6 +12,7 @@ from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
@@ -64,11 +65,37 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotates feature pairs (i, i + d/2) of x [batch, length, heads, d] by position angles."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, half]
+def rotary_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """The head_dim/2 rotary inverse frequencies, with `cfg.rope_scaling` applied.
+
+    Computed in float32 with the same operations as Hugging Face's rope initialisers
+    (default, `linear`, `llama3`), so that imported checkpoints rotate alike; a tuple of
+    floats, so that a module can hold it as a constant.
+    """
+    f32 = np.float32
+    dim = cfg.head_dim
+    inv_freq = f32(1.0) / (f32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim)))
+    factor = f32(cfg.rope_factor)
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif cfg.rope_scaling == "llama3":
+        low, high = f32(cfg.rope_low_freq_factor), f32(cfg.rope_high_freq_factor)
+        old_len = f32(cfg.rope_original_max_len)
+        wavelen = f32(2 * math.pi) / inv_freq
+        # Long wavelengths are stretched by factor, short ones kept, the band between blended.
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (f32(1) - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(medium, blended, scaled)
+    return tuple(float(f) for f in inv_freq.astype(f32))
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+    """Rotates feature pairs (i, i + d/2) of x [batch, length, heads, d] by position angles
+    (`rotary_frequencies` gives inv_freq)."""
+    freqs = jnp.asarray(np.asarray(inv_freq, np.float32))
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [batch, length, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -101,7 +128,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
-        self.theta = cfg.rope_theta
+        self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
         # (cuDNN flash attention on GPU when the shapes allow it).
         cpu = jax.default_backend() == "cpu"
@@ -115,8 +142,8 @@ class Attention(nnx.Module):
         q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
         k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
-        q = apply_rotary(q, positions, self.theta)
-        k = apply_rotary(k, positions, self.theta)
+        q = apply_rotary(q, positions, self.inv_freq)
+        k = apply_rotary(k, positions, self.inv_freq)
         if self.impl == "matmul":
             out = causal_attention(q, k, v)
         else:

@@ -188,3 +188,41 @@ def test_sigkill_during_a_save_leaves_the_last_complete_checkpoint(tmp_path, ref
     assert (ckpts / str(STEPS)).is_dir()
     losses = logged(run_dir)
     assert [losses[s] for s in range(6, STEPS + 1)] == [reference[s] for s in range(6, STEPS + 1)]
+
+
+def test_sigkill_mid_run_then_resume_logs_each_step_once(tmp_path, reference):
+    """metrics.jsonl after a kill and a resume: steps 1-10 as the killed run logged them
+    (its checkpoint is step 10), 11-40 as the resumed run did, each step once."""
+    run_dir, env = tmp_path / "run", env_with_plugins(tmp_path)
+    metrics = run_dir / "metrics.jsonl"
+    ckpt = ["callbacks.checkpoint.every=5", "callbacks.checkpoint.if_busy=wait"]
+    args = [a for a in cli_args(run_dir, *ckpt) if "eval_every" not in a]
+    args += ["run.eval_every=4", "run.eval_batches=1"]  # eval records at 4, 8, 12, ...
+    held = tmp_path / "held"
+    hold = ["+callbacks.hold._target_=ckpt_plugins.HoldAt", "+callbacks.hold.at=13"]
+    hold += [f"+callbacks.hold.held={held}", f"+callbacks.hold.release={tmp_path / 'never'}"]
+    proc = start([*args, *hold], tmp_path, env)
+    try:  # held inside step 13's hooks, once checkpoint 10 is complete
+        wait_until(lambda: held.exists() and (run_dir / "checkpoints" / "10").is_dir(), proc)
+    finally:
+        proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in killed if "loss" in r] == list(range(1, 14))
+    with metrics.open("a") as f:
+        f.write('{"step": 14, "loss": 2.')  # as if the kill had torn the next line
+
+    again = run_cli(args, tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint: resumed from step 10 " in again.stdout
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in evals] == list(range(4, STEPS + 1, 4))
+    assert [r["loss"] for r in train] == [reference[s] for s in range(1, STEPS + 1)]
+    # Up to the checkpoint the killed run's records, after it the resumed run's.
+    assert records[: len(records) - 30 - 8] == [r for r in killed if r["step"] <= 10]
+    redone = {r["step"]: r["time"] for r in killed if r["step"] > 10 and "loss" in r}
+    assert all(r["time"] != redone[r["step"]] for r in train if r["step"] in redone)
+    assert "metrics: dropped 5 record(s) after step 10" in again.stdout  # 11-13, eval 12, torn

@@ -4,6 +4,7 @@ Every run is the tiny model for a few steps on one CPU device; runs share the se
 compilation cache, so each costs well under a second after the first compile.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -321,6 +322,77 @@ def test_no_final_save_after_a_non_finite_loss(tmp_path):
     result, text = fit(tmp_path, Checkpointer(every=100), overrides=("optim.lr=1e30",))
     assert result.reason.startswith("not finite")
     assert "no final save" in text and not steps_on_disk(tmp_path)
+
+
+def restored_states(run_dir: Path) -> dict[int, Any]:
+    """Every checkpoint's saved arrays, read back as numpy trees."""
+    mngr = ocp.CheckpointManager(run_dir / "checkpoints")
+    try:
+        return {
+            s: mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+            for s in mngr.all_steps()
+        }
+    finally:
+        mngr.close()
+
+
+def all_finite_tree(tree: Any) -> bool:
+    return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
+
+
+def test_a_step_with_a_non_finite_loss_is_never_saved(tmp_path):
+    # The issue's reproduction: lr=1e3 goes NaN within a few steps. With a save due at
+    # every step, the save at the first NaN step used to commit NaN parameters that every
+    # rerun then resumed into.
+    losses = Losses()
+    result, text = fit(
+        tmp_path,
+        losses,
+        Checkpointer(every=1, if_busy="wait", keep=100),
+        overrides=("optim.lr=1e3", "run.steps=40"),
+    )
+    assert result.reason.startswith("not finite"), result.reason
+    first_bad = min(s for s, v in losses.losses.items() if not np.isfinite(v))
+    assert f"not saving step {first_bad}: the loss or gradient norm of step {first_bad}" in text
+    saved = restored_states(tmp_path)
+    assert sorted(saved) == list(range(1, first_bad)), (first_bad, sorted(saved))
+    assert all(all_finite_tree(state) for state in saved.values())
+
+
+class Poison(Callback):
+    """Puts a NaN into one parameter after step `at` (its loss and grad norm are finite)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == self.at:
+            params = jax.tree.map(lambda x: x, trainer.state.params)
+            scale = params["final_norm"]["scale"]
+            scale[...] = scale[...].at[0].set(np.nan)
+            trainer.state = dataclasses.replace(trainer.state, params=params)
+
+
+def test_a_state_holding_nan_is_never_saved_even_with_finite_metrics(tmp_path):
+    result, text = fit(tmp_path, Poison(at=4), Checkpointer(every=2), overrides=("run.steps=10",))
+    assert "not saving step 4: the state holds NaN or inf values" in text, text
+    assert sorted(restored_states(tmp_path)) == [2]
+    assert result.reason.startswith("not finite")  # step 5 computes on the NaN
+
+
+def test_a_run_stopped_right_after_a_non_finite_step_makes_no_final_save(tmp_path):
+    # lr=1e30: step 3's gradient norm is NaN. A plugin stops the run at step 3, so the
+    # loop ends "stopped" before it looks at that step's metrics; the final save (made
+    # for stops and signals) used to commit the NaN state.
+    result, text = fit(
+        tmp_path,
+        Losses(stop_at=3),
+        Checkpointer(every=0),
+        overrides=("optim.lr=1e30", "run.steps=5"),
+    )
+    assert result.reason == "stopped: test stop" and result.step == 3
+    assert "not saving step 3: the loss or gradient norm of step 3 was not finite" in text
+    assert not steps_on_disk(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,10 @@ BAD = [
     ("model.init_std", {"model": {"init_std": 0.0}}),
     ("model.init_std", {"model": {"init_std": -0.02}}),
     ("model.rope_theta", {"model": {"rope_theta": 0.0}}),
+    ("model.rope_scaling", {"model": {"rope_scaling": "yarn"}}),
+    ("model.rope_factor", {"model": {"rope_factor": 0.0}}),
+    ("model.rope_high_freq_factor", {"model": {"rope_high_freq_factor": 1.0}}),  # = low
+    ("model.rope_original_max_len", {"model": {"rope_original_max_len": 0}}),
     ("model.norm_eps", {"model": {"norm_eps": -1e-5}}),
     ("optim.b1", {"optim": {"b1": 1.0}}),
     ("optim.b1", {"optim": {"b1": -0.1}}),

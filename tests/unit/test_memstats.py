@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import types
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,29 @@ def test_quiet_console_writes_no_file(tmp_path: Path) -> None:
 def test_every_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="every"):
         MemStats(every=-1)
+
+
+def test_a_resumed_run_drops_the_records_of_the_steps_it_redoes(tmp_path: Path) -> None:
+    # A run saves at steps 2 and 4; losing checkpoint 4 (as a kill before it would) makes
+    # the rerun resume from 2 and redo steps 3-4. Their records used to appear twice, and
+    # the rerun's `compiled` record claimed step 0.
+    from nnxtrain.plugins.checkpointer import Checkpointer
+
+    overrides = [*OVERRIDES, "run.steps=4", f"run.dir={tmp_path}"]
+    Trainer(compose(overrides), [MemStats(every=1), Checkpointer(every=2)]).fit()
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    with open(tmp_path / "memstats.jsonl", "a") as f:
+        f.write('{"event": "step", "st')  # a line a kill tore in half
+    Trainer(compose(overrides), [MemStats(every=1), Checkpointer(every=2)]).fit()
+    lines = (tmp_path / "memstats.jsonl").read_text().splitlines()
+    events = [(r["event"], r["step"]) for r in map(json.loads, lines)]
+    assert events == [
+        ("compiled", 0),
+        ("after_init", 0),
+        ("after_first_step", 1),
+        ("step", 2),
+        ("compiled", 2),
+        ("after_init", 2),
+        ("after_first_step", 3),
+        ("end", 4),
+    ]

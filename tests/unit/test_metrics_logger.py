@@ -1,11 +1,16 @@
-"""The metrics logger's timing rules, fed step records with made-up times (no clock).
+"""The metrics logger's timing rules, fed step records with made-up times (no clock), and
+its records across resumes.
 
 A window's seconds are the time between step completions (so a step the host delayed shows
 the delay), averaged over the window; a window more than 1.5x away from the median so far,
 the first (warm-up) window, and a window where the device waited for the host carry a note.
+On a resume the records after the restored step, and a line a kill tore, leave metrics.jsonl
+(through a complete new file, or not at all) and TensorBoard is told to hide those steps.
 """
 
 import json
+import os
+import struct
 import types
 from pathlib import Path
 from typing import Any
@@ -15,17 +20,26 @@ from conftest import TINY
 from nnxtrain.plugins.metrics_logger import MetricsLogger
 from rich.console import Console
 
-from nnxtrain import LazyMetrics, StepEndEvent, StepRecord, step_flops
+from nnxtrain import (
+    EvalEndEvent,
+    LazyMetrics,
+    StepEndEvent,
+    StepRecord,
+    TrainStartEvent,
+    UserError,
+    drop_records_after,
+    step_flops,
+)
 
 METRICS = dict(loss=2.0, lm_loss=1.9, z_loss=0.1, perplexity=6.7, total_weights=64.0)
 METRICS |= dict(grad_norm=1.0, lr=1e-3)
 
 
-def records(times: list[tuple[float, float]]) -> list[StepRecord]:
-    """StepRecords of steps 1, 2, ... dispatched and completed at the given (fake) times,
-    with seconds and host gap worked out as `nnxtrain.timing.StepWatcher` does."""
+def records(times: list[tuple[float, float]], first: int = 1) -> list[StepRecord]:
+    """StepRecords of steps first, first + 1, ... dispatched and completed at the given
+    (fake) times, with seconds and host gap worked out as `nnxtrain.timing.StepWatcher` does."""
     out, last = [], None
-    for step, (dispatched, completed) in enumerate(times, start=1):
+    for step, (dispatched, completed) in enumerate(times, start=first):
         start = dispatched if last is None else last
         gap = 0.0 if last is None else max(0.0, dispatched - last)
         out.append(StepRecord(step, dispatched, completed, completed - start, gap, METRICS))
@@ -33,19 +47,27 @@ def records(times: list[tuple[float, float]]) -> list[StepRecord]:
     return out
 
 
-def log(tmp_path: Path, recs: list[StepRecord], log_every: int = 1) -> dict[int, dict[str, Any]]:
-    """Runs the logger's hooks over `recs`; returns metrics.jsonl as step -> record."""
-    console = Console(file=open(tmp_path / "console.txt", "w"), width=300)  # noqa: SIM115
+def log(
+    tmp_path: Path,
+    recs: list[StepRecord],
+    log_every: int = 1,
+    start: int = 0,
+    tensorboard: bool = False,
+) -> dict[int, dict[str, Any]]:
+    """Runs the logger's hooks over `recs` in a run that starts at step `start`; returns
+    metrics.jsonl as step -> record."""
+    console = Console(file=open(tmp_path / "console.txt", "a"), width=300)  # noqa: SIM115
     trainer = types.SimpleNamespace(console=console)
     flops = step_flops(TINY, batch_size=4, seq_len=16, num_devices=1)
-    logger = MetricsLogger(log_every=log_every, tensorboard=False, progress=False)
+    logger = MetricsLogger(log_every=log_every, tensorboard=tensorboard, progress=False)
     logger.on_setup(trainer, types.SimpleNamespace(flops=flops, run_dir=str(tmp_path)))  # type: ignore[arg-type]
+    logger.on_train_start(trainer, TrainStartEvent(start, start + len(recs)))  # type: ignore[arg-type]
     for r in recs:
 
         def get(r: StepRecord = r) -> StepRecord:
             return r
 
-        event = StepEndEvent(r.step, len(recs), 64, LazyMetrics(get), get)
+        event = StepEndEvent(r.step, start + len(recs), 64, LazyMetrics(get), get)
         logger.on_step_end(trainer, event)  # type: ignore[arg-type]
     logger.teardown(trainer)  # type: ignore[arg-type]
     console.file.close()
@@ -87,3 +109,124 @@ def test_a_window_averages_its_steps_and_sums_their_host_gaps(tmp_path):
     assert "warm-up" in lines[4]["note"]
     # 0.2 s of gaps is more than a quarter of the window's 0.6 s (each gap alone is not).
     assert "waited 0.200 s for the host" in lines[8]["note"]
+
+
+def write_lines(path: Path, *lines: str) -> bytes:
+    path.write_bytes("".join(lines).encode())
+    return path.read_bytes()
+
+
+STEPS_1_TO_4 = [json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in range(1, 5)]
+EVAL_2 = json.dumps({"step": 2, "eval/loss": 3.5}) + "\n"
+EVAL_4 = json.dumps({"step": 4, "eval/loss": 3.0}) + "\n"
+
+
+def test_a_resume_drops_the_records_after_its_step_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    a, b, c, d = STEPS_1_TO_4
+    write_lines(path, a, b, EVAL_2, c, d, EVAL_4, '{"step": 5, "loss": 0.')  # killed mid-write
+    assert drop_records_after(str(path), 2) == 4
+    assert path.read_text() == a + b + EVAL_2  # the kept lines as they were
+    assert not [n for n in os.listdir(tmp_path) if n != "metrics.jsonl"]  # no temporary left
+
+
+def test_a_torn_line_is_dropped_even_when_its_step_is_kept(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    a, b, c, _ = STEPS_1_TO_4
+    # A torn line that a logger without this fix then appended to, and a last record cut
+    # just before its newline (whole, so kept).
+    write_lines(path, a, '{"st' + b, c.rstrip("\n"))
+    assert drop_records_after(str(path), 3) == 1
+    assert path.read_text() == a + c
+
+
+def test_a_fresh_run_starts_from_an_empty_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_lines(path, *STEPS_1_TO_4, EVAL_4)
+    assert drop_records_after(str(path), 0) == 5
+    assert path.read_bytes() == b""
+    assert drop_records_after(str(tmp_path / "missing.jsonl"), 3) == 0
+
+
+def test_a_file_with_nothing_to_drop_is_not_rewritten(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    before = write_lines(path, *STEPS_1_TO_4, EVAL_4)
+    inode = path.stat().st_ino
+    assert drop_records_after(str(path), 4) == 0
+    assert path.read_bytes() == before and path.stat().st_ino == inode
+
+
+def test_a_failed_rewrite_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    before = write_lines(path, *STEPS_1_TO_4, '{"step": 5, "lo')
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        drop_records_after(str(path), 2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+    # Through the logger: one line that names the file and the fix.
+    with pytest.raises(UserError, match=r"metrics.jsonl: .*step 2 .*No space left.* Fix: "):
+        log(tmp_path, records([(0.0, 1.0)]), start=2)
+    assert path.read_bytes() == before
+
+
+def test_a_resumed_logger_writes_each_step_once(tmp_path):
+    log(tmp_path, records([(0.0, 1.0), (1.0, 1.1), (1.1, 1.2)]))  # steps 1-3
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss"')  # the kill came in the middle of step 4's line
+    resumed = records([(0.0, 1.0), (1.0, 1.1), (1.1, 1.2), (1.2, 1.3)], first=2)  # steps 2-5
+    logger_lines = (tmp_path / "metrics.jsonl").read_text()
+    lines = log(tmp_path, resumed, start=1)
+    text = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in text] == [1, 2, 3, 4, 5]
+    assert lines[1] == json.loads(logger_lines.splitlines()[0])  # kept as it was
+    assert "warm-up" in lines[2]["note"]  # written by the resumed logger
+    console = (tmp_path / "console.txt").read_text()
+    assert "metrics: dropped 3 record(s) after step 1" in console
+
+
+def test_eval_records_after_the_restored_step_are_dropped(tmp_path):
+    trainer = types.SimpleNamespace(console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    flops = step_flops(TINY, batch_size=4, seq_len=16, num_devices=1)
+    for start, evals in ((0, (2, 4)), (2, (4,))):
+        logger = MetricsLogger(tensorboard=False, progress=False)
+        logger.on_setup(trainer, types.SimpleNamespace(flops=flops, run_dir=str(tmp_path)))  # type: ignore[arg-type]
+        logger.on_train_start(trainer, TrainStartEvent(start, 4))  # type: ignore[arg-type]
+        for step in evals:
+            metrics = {"eval/loss": float(start), "eval/perplexity": 1.0}
+            logger.on_eval_end(trainer, EvalEndEvent(step, metrics, 1, 0.1))  # type: ignore[arg-type]
+        logger.teardown(trainer)  # type: ignore[arg-type]
+    records_ = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Step 2's evaluation is the first run's; step 4's only the resumed run's.
+    assert [(r["step"], r["eval/loss"]) for r in records_] == [(2, 0.0), (4, 2.0)]
+
+
+def tensorboard_events(run_dir: Path) -> list[Any]:
+    """Every event in the run's TensorBoard files (TFRecord framing: length, CRC, data, CRC)."""
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    events = []
+    for path in sorted((run_dir / "tensorboard").iterdir()):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def test_tensorboard_hides_the_steps_after_the_restored_one(tmp_path):
+    pytest.importorskip("tensorboardX")
+    log(tmp_path, records([(0.0, 1.0), (1.0, 1.1)]), tensorboard=True)
+    # Its file is named by the second it was opened in: keep the resumed run's from
+    # overwriting it (a real resume comes seconds later).
+    (first,) = (tmp_path / "tensorboard").iterdir()
+    first.rename(f"{first}.first")
+    resumed = records([(0.0, 1.0), (1.0, 1.1)], first=2)
+    log(tmp_path, resumed, start=1, tensorboard=True)
+    # TensorBoard drops every earlier event at a step >= that of a SessionLog START.
+    starts = [e.step for e in tensorboard_events(tmp_path) if e.session_log.status == 1]
+    assert sorted(starts) == [1, 2]  # the first run from step 1, the resumed one from 2

@@ -1,0 +1,92 @@
+"""Small random Hugging Face Llama and Mistral models for the interop tests (no downloads).
+
+`make_hf(path, ...)` builds a `LlamaForCausalLM` (or `MistralForCausalLM`) from a config
+object, gives it weights large enough that attention is sharp and every norm scale
+differs (so a rotary or norm mix-up moves the logits), and `save_pretrained`s it.
+`hf_logits(path, tokens)` is what transformers computes from that directory, in float32.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+BASE: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # puts head_dim 16's wavelength 32.4 in the blend
+}
+TOLERANCE = 1e-4  # max abs diff of float32 logits
+
+
+def make_hf(
+    path: Path,
+    *,
+    kind: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
+    """A random model saved with `save_pretrained` in `path`; returns `path`."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = (
+        (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig, MistralForCausalLM)
+    )
+    model = model_cls(config_cls(**{**BASE, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.15)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def hf_model(path: Path) -> Any:
+    """transformers' model of `path` in float32, and its loading info."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+
+
+def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
+    model, _ = hf_model(path)
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+def tokens(length: int, batch: int = 2, vocab: int = BASE["vocab_size"]) -> np.ndarray:
+    return np.random.default_rng(length).integers(0, vocab, (batch, length), dtype=np.int32)
+
+
+def tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors files in `path`, by name."""
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                out[name] = f.get_tensor(name)
+    return out

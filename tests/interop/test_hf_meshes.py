@@ -1,0 +1,41 @@
+"""hf.load places each tensor straight into its shards: on 8 simulated devices (fsdp=8, and
+fsdp=2 x tensor=2 x data=2) the parameters are split by the logical-axis rules and the
+logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8 devices)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import cli_env
+from hf_models import LLAMA3, TOLERANCE, hf_logits, make_hf, tokens
+
+CHILD = Path(__file__).with_name("hf_mesh_child.py")
+
+
+def test_parity_on_meshes_of_8_devices(tmp_path):
+    # 128-wide MLP and 2 kv heads: every dimension a rule splits divides its mesh axes.
+    path = make_hf(tmp_path / "hf", intermediate_size=128, rope_parameters=LLAMA3)
+    toks = tokens(80, batch=8)
+    np.save(tmp_path / "tokens.npy", toks)
+    np.save(tmp_path / "logits.npy", hf_logits(path, toks))
+    env = cli_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    files = [str(path), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")]
+    out = subprocess.run(
+        [sys.executable, str(CHILD), *files, "1,8,1", "2,2,2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for shape, r in report.items():
+        print(f"parity mesh data,fsdp,tensor={shape}: max abs diff {r['max_abs_diff']:.2e}")
+        assert r["max_abs_diff"] <= TOLERANCE and r["devices"] == 8
+    # wq [layers, embed 64, q_heads 4, kv 16]: embed over fsdp, q_heads over tensor.
+    fsdp8, mixed = report["1,8,1"], report["2,2,2"]
+    assert fsdp8["wq_shard"] == [2, 8, 4, 16] and fsdp8["embed_shard"] == [128, 8]
+    assert mixed["wq_shard"] == [2, 32, 2, 16] and mixed["embed_shard"] == [64, 32]
