@@ -5,12 +5,14 @@ The public API for plugin authors and Python users:
     from nnxtrain import Callback, Trainer, compose
     Trainer(compose(["run.steps=50"])).fit()
     model = nnxtrain.hf.load("path/to/hf-llama")   # Hugging Face weights in (and hf.save out)
+    new_tokens = generate(model, prompts, max_new_tokens=32)   # KV-cached decoding
 """
 
 from nnxtrain import hf
 from nnxtrain.accounting import FlopsReport, count_params, step_flops
 from nnxtrain.compile import CompiledMemory, CompiledStep
 from nnxtrain.config import Config, compose
+from nnxtrain.data import run_tokenizer
 from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
 from nnxtrain.events import (
     Callback,
@@ -24,6 +26,7 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
+from nnxtrain.generation import generate
 from nnxtrain.records import drop_records_after
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord
@@ -65,6 +68,8 @@ __all__ = [
     "drop_records_after",
     "first_line",
     "format_bytes",
+    "generate",
     "hf",
+    "run_tokenizer",
     "step_flops",
 ]

@@ -50,7 +50,7 @@ class TrainerView(Protocol):
     """What a plugin sees of the trainer: the run's facts, its state, and the controls.
 
     Treat every attribute as read-only except `state`. They are filled in as the run goes:
-    `mesh`, `run_dir`, `flops` and `abstract_state` before `on_setup`, `compiled` and
+    `mesh`, `run_dir`, `flops`, `abstract_state` and `graphdef` before `on_setup`, `compiled` and
     `activations` before `on_compile`, `state` before `on_train_start` (a plugin may set
     it in `on_setup` or `on_train_start`, to restore).
     """
@@ -75,6 +75,10 @@ class TrainerView(Protocol):
     def nonfinite_step(self) -> int | None:
         """The first step whose loss or gradient norm was not finite, among the steps whose
         metrics reached the host (after `event.record()` of step N: every step <= N)."""
+
+    @property
+    def graphdef(self) -> Any:
+        """The model's structure: `nnx.merge(trainer.graphdef, trainer.state.params)`."""
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""

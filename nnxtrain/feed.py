@@ -21,7 +21,8 @@ from nnxtrain.data import process_rows
 from nnxtrain.mesh import batch_sharding
 
 # What every batch holds: inputs and targets [batch, length], and the targets' weights
-# (0 marks padding that the loss ignores).
+# (0 marks padding that the loss ignores). Other keys a dataset returns (jsonl's
+# segment_ids and positions) are not placed: the steps are compiled for these only.
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
 
 
@@ -53,4 +54,5 @@ class Feed:
         return {
             k: jax.make_array_from_process_local_data(self.sharding, v, self.shape)
             for k, v in host.items()
+            if k in BATCH_DTYPES
         }

@@ -7,13 +7,16 @@ A checkpoint directory holds one folder per saved step, written by an Orbax
                                 per leaf named by its path: step, params/embed,
                                 params/layers/attn/wq, opt_state/1/0/mu/embed, ...
     <directory>/<step>/meta/    JSON: format, step, rng seed, resolved config, every
-                                callback's state_dict(), the dataset's state (or null)
+                                callback's state_dict(), the dataset's state (or null),
+                                each array's digests and the JSON's own CRC32
 
 Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it only once every file
 is written, so a folder with that suffix is a save that never finished (`partial_saves`).
 Arrays are saved as nested dicts of plain names, not as the TrainState's pytree classes,
 so a restore only needs the *current* abstract state: its structure and shardings decide
-what is read and where it lands, which is how a checkpoint moves between meshes.
+what is read and where it lands, which is how a checkpoint moves between meshes. A
+restore recomputes the digests of what it read (`checkpoint_digest`): a mismatch, like a
+file Orbax cannot read, makes the checkpoint `Unreadable`.
 """
 
 import contextlib
@@ -32,6 +35,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nnxtrain import UserError, first_line
 
+from . import checkpoint_digest as digest
 from .checkpoint_checks import check_fits, config_diff
 
 FORMAT = 1
@@ -140,9 +144,11 @@ def saving(mngr: ocp.CheckpointManager) -> bool:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts the background write of `step`: the state's arrays, as the plain tree of
-    their names, and the meta JSON."""
+    their names, and the meta JSON sealed with their digests (computed on the device;
+    the save waits for them, as Orbax's copy of the arrays to the host does anyway)."""
     names, leaves, _ = leaf_names(state)
     tree = unflatten_dict(dict(zip(names, leaves, strict=True)), sep="/")
+    meta = digest.seal(meta, dict(zip(names, digest.digests(leaves), strict=True)))
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(tree), meta=ocp.args.JsonSave(meta))
     absl, no_wait = logging.getLogger("absl"), _NoWaitWarning()
     absl.addFilter(no_wait)  # Orbax logs the wait inside save(), on this thread
@@ -182,6 +188,9 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any], d
         saved = flatten_dict(mngr.item_metadata(step)["state"].tree, sep="/")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"meta/ is not an nnxtrain checkpoint of format {FORMAT}")
+        digest.check_meta(meta)
+        if meta.get("step") != step:
+            raise ValueError(f"meta/ holds step {meta.get('step')} (a renamed step folder?)")
     except Exception as e:
         raise Unreadable(f"checkpoint {path} is unreadable ({first_line(e)})") from e
     return meta, saved
@@ -193,12 +202,14 @@ def restore(
     abstract_state: Any,
     config: dict[str, Any],
     params_only: bool = False,
+    *,
+    warn: Callable[[str], None],
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """(state, or params when params_only; meta; config differences) of checkpoint `step`.
 
     Arrays land with the shardings of `abstract_state` (the current mesh). Raises a
     UserError naming the parameter and config keys when the checkpoint does not fit, and
-    Unreadable when its files are damaged.
+    Unreadable when its files are damaged or what was read differs from its digests.
     """
     path = os.path.join(str(mngr.directory), str(step))
     meta, saved = read_meta(mngr, step)
@@ -220,6 +231,17 @@ def restore(
         state = jax.tree.unflatten(treedef, [flat[n] for n in names])
     except Exception as e:
         raise Unreadable(f"checkpoint {path} is unreadable ({first_line(e)})") from e
+    if "digests" not in meta:
+        warn(f"checkpoint {path} has no digests (saved by an older nnxtrain): not verified")
+        return state, meta, diff
+    bad = digest.mismatches(meta, names, [flat[n] for n in names])
+    if bad:
+        what = (
+            f"{bad[0]} and {len(bad) - 1} more arrays differ from the digests saved with them"
+            if bad[1:]
+            else f"{bad[0]} differs from the digest saved with it"
+        )
+        raise Unreadable(f"checkpoint {path} is unreadable (corrupt data: {what})")
     return state, meta, diff
 
 
@@ -240,7 +262,7 @@ def restore_latest(
     for i, step in enumerate(steps):
         try:
             with quiet_leftover_reads():
-                return (step, *restore(mngr, step, abstract_state, config, params_only))
+                return (step, *restore(mngr, step, abstract_state, config, params_only, warn=warn))
         except Unreadable as e:
             if not fallback or i + 1 == len(steps):
                 hint = "" if fallback else f"; set {key}=true to restore the previous one"

@@ -11,6 +11,8 @@
 - `assert_equal_to_rounding`: float32 results of the same sums in another order (another
   mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
 - `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
+- `flip_one_bit_in_the_largest_data_file(step_dir)`: damages one saved value of a
+  checkpoint, its index untouched.
 """
 
 import os
@@ -156,3 +158,14 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port below the ephemeral range")
+
+
+def flip_one_bit_in_the_largest_data_file(step_dir: Path) -> None:
+    """Changes one value of a saved checkpoint step: one bit (a mantissa's lowest, so the
+    value stays finite) in the middle of its largest array data file. Orbax's index
+    (the OCDBT manifest and tree nodes) is left as it was."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    path = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))

@@ -15,6 +15,7 @@ from nnxtrain.config.schema import (
     REMAT_POLICIES,
     ROPE_SCALINGS,
     TOKEN_DTYPES,
+    TRUNCATE_MODES,
     Config,
     DataConfig,
     RunConfig,
@@ -223,6 +224,8 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
             "char builds its vocabulary from text, and data=tokens has none",
             "give the char_vocab.json the corpus was made with, or leave it empty",
         )
+    if d.name == "jsonl":
+        _validate_jsonl(d)
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(
             "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}", "use e.g. 0.1"
@@ -239,3 +242,31 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
         )
     if d.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}", "use 0 to disable")
+
+
+def _validate_jsonl(d: DataConfig) -> None:
+    if d.tokenizer == "char":
+        raise ConfigError(
+            "data.tokenizer",
+            "char builds its vocabulary from plain text, not from JSON records",
+            "use byte, a tokenizer.json or a SentencePiece .model",
+        )
+    if d.truncate not in TRUNCATE_MODES:
+        raise ConfigError(
+            "data.truncate",
+            f"unknown value {d.truncate!r}",
+            f"use one of {', '.join(TRUNCATE_MODES)}",
+        )
+    names = {
+        "data.text_field": d.text_field,
+        "data.prompt_field": d.prompt_field,
+        "data.completion_field": d.completion_field,
+        "data.messages_field": d.messages_field,
+    }
+    for key, name in names.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(key, "must be a field name", f"set {key}=NAME")
+    if len(set(names.values())) < len(names):
+        raise ConfigError(
+            "data.text_field", "the four record field names must differ", "rename one"
+        )

@@ -11,7 +11,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # Hugging Face's rope_type names
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
-DATA_KINDS = ("synthetic", "text", "tokens")
+DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
+TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a row
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
 
 
@@ -109,24 +110,45 @@ class RunConfig:
 class DataConfig:
     """Where batches come from."""
 
-    name: str = setting("synthetic", "dataset kind: synthetic, text or tokens")
+    name: str = setting("synthetic", "dataset kind: synthetic, text, tokens or jsonl")
     branching: int = setting(4, "synthetic: likely successors of each token in the Markov source")
     source_seed: int = setting(1234, "synthetic: seed of the Markov source (fixed across runs)")
-    path: Any = setting("", "text/tokens: a file, a glob, or a list of them (.txt / .npy, .bin)")
+    path: Any = setting(
+        "", "text/tokens/jsonl: a file, a glob, or a list of them (.txt / .npy, .bin / .jsonl)"
+    )
     val_path: Any = setting("", "held-out files like path; empty = the last val_fraction of path")
-    val_fraction: float = setting(0.1, "share of path's tokens held out from its end (no val_path)")
+    val_fraction: float = setting(
+        0.1, "share of path's tokens (jsonl: records) held out from its end (no val_path)"
+    )
     tokenizer: str = setting(
-        "", 'byte, char, a tokenizer.json or a SentencePiece .model; text: ""=byte'
+        "", 'byte, char, a tokenizer.json or a SentencePiece .model; text, jsonl: ""=byte'
     )
     vocab_size_from_tokenizer: bool = setting(
         True, "model.vocab_size := the tokenizer's; false: keep"
     )
     eos_token: str = setting(
-        "", 'end-of-document token of a tokenizer file; "" = its own (or a new id)'
+        "",
+        'end-of-document token of a tokenizer file; "" = its own (or a new id); '
+        "jsonl: tokenizer_config.json's first",
     )
     doc_separator: str = setting("", 'text: string between documents in a file; "" = a file is one')
     token_dtype: str = setting(
         "auto", "tokens .bin: uint16 or uint32; auto = meta.json's, else uint16"
+    )
+    chat_template: str = setting(
+        "", 'jsonl messages: "" = the tokenizer\'s (else default), default, or a .jinja file'
+    )
+    truncate: str = setting(
+        "right", "jsonl: a record over run.seq_len + 1 tokens: right (cut), drop or error"
+    )
+    skip_bad_records: bool = setting(
+        False, "jsonl: skip bad records (counted, reported); false = stop at the first"
+    )
+    text_field: str = setting("text", "jsonl: field of plain-text records (all tokens count)")
+    prompt_field: str = setting("prompt", "jsonl: field of the prompt (not in the loss)")
+    completion_field: str = setting("completion", "jsonl: field of the completion (the loss)")
+    messages_field: str = setting(
+        "messages", "jsonl: field of a conversation (the loss: assistant turns)"
     )
     shuffle: bool = setting(True, "shuffle training sequences each epoch, seeded by run.seed")
     prefetch: int = setting(2, "training batches prepared ahead on a background thread; 0 = none")

@@ -6,11 +6,14 @@
     data.batch(step, batch_size, seq_len, split="train", rows=rows)
 
 Kinds: `synthetic` (a Markov source with a known loss floor, `synthetic.py`), `text` (UTF-8
-files tokenized at start-up, `text.py` + `tokenizer.py`) and `tokens` (pre-tokenized
-`.npy`/`.bin` files, memory-mapped, `tokens.py`). Text and tokens are packed into
-fixed-length sequences with a held-out split by `packing.PackedData`. Every dataset's
+files tokenized at start-up, `text.py` + `tokenizer.py`), `tokens` (pre-tokenized
+`.npy`/`.bin` files, memory-mapped, `tokens.py`) and `jsonl` (records with loss masks,
+`jsonl.py` + `chat.py`). Text and tokens are packed into fixed-length sequences with a
+held-out split by `packing.PackedData`; jsonl records are packed whole into rows, with
+segment ids and positions, by `documents.DocumentData`. Every dataset's
 `batch(step, ...)` is a pure function of (run.seed, step), so a resumed run reads exactly
-the batches the uninterrupted run would have; see docs/data.md.
+the batches the uninterrupted run would have; see docs/data.md. `run_tokenizer(cfg,
+run_dir)` gives back the tokenizer of a run's text (to generate from the model).
 """
 
 import dataclasses
@@ -21,6 +24,9 @@ import jax
 import numpy as np
 
 from nnxtrain.config import Config
+from nnxtrain.data.chat import special_token, tokenizer_config
+from nnxtrain.data.documents import DocumentData
+from nnxtrain.data.jsonl import Fields, RecordReader
 from nnxtrain.data.packing import PackedData, TokenStream
 from nnxtrain.data.synthetic import Batch, MarkovSource, SyntheticData
 from nnxtrain.data.text import (
@@ -28,15 +34,25 @@ from nnxtrain.data.text import (
     encode_files,
     expand_paths,
     iter_texts,
+    log,
     unescape,
 )
-from nnxtrain.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from nnxtrain.data.tokenizer import (
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    RecordTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 from nnxtrain.data.tokens import open_token_files, read_meta
 from nnxtrain.errors import ConfigError
 
 __all__ = [
     "CHAR_VOCAB",
     "Batch",
+    "DocumentData",
     "MarkovSource",
     "PackedData",
     "SyntheticData",
@@ -44,6 +60,7 @@ __all__ = [
     "build_dataset",
     "process_rows",
     "resolve_vocab",
+    "run_tokenizer",
 ]
 
 CHAR_VOCAB = "char_vocab.json"  # the char tokenizer's vocabulary, in the run directory
@@ -54,7 +71,8 @@ def build_dataset(cfg: Config) -> Any:
     d = cfg.data
     if d.name == "synthetic":
         return SyntheticData(cfg.model.vocab_size, d.branching, d.source_seed, cfg.run.seed)
-    data = _build_text(cfg) if d.name == "text" else _build_tokens(cfg)
+    builders: dict[str, Any] = {"text": _build_text, "tokens": _build_tokens, "jsonl": _build_jsonl}
+    data = builders[d.name](cfg)
     batch = cfg.run.batch_size if cfg.run.batch_size > 0 else jax.device_count()
     data.check(batch, cfg.run.seq_len, evaluate=cfg.run.eval_every > 0)
     if jax.process_index() == 0:
@@ -86,6 +104,20 @@ def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray
         rows = index[0] if index is not None else slice(None)
         held.update(range(*rows.indices(batch_size)))
     return None if len(held) == batch_size else np.array(sorted(held), np.int64)
+
+
+def run_tokenizer(cfg: Config, run_dir: str) -> Tokenizer | None:
+    """The tokenizer a run's text goes through (to encode prompts and decode samples):
+    `data.tokenizer`, with a char vocabulary read from `run_dir`; None when the run has
+    none (synthetic data, or token files given without data.tokenizer)."""
+    d = cfg.data
+    if d.name == "synthetic" or (d.name == "tokens" and not d.tokenizer):
+        return None
+    if d.tokenizer in ("", "byte"):
+        return ByteTokenizer()
+    if d.tokenizer == "char":
+        return CharTokenizer.load(os.path.join(run_dir, CHAR_VOCAB))
+    return load_tokenizer(d.tokenizer, d.eos_token)
 
 
 # -- builders ----------------------------------------------------------------------------
@@ -132,6 +164,64 @@ def _packed(
         tokenizer_digest=digest,
         prefetch=d.prefetch,
         val_key="data.val_path" if as_list(d.val_path) else "data.val_fraction",
+    )
+
+
+def _record_tokenizer(cfg: Config) -> RecordTokenizer:
+    d = cfg.data
+    if d.tokenizer in ("", "byte"):
+        return ByteTokenizer()
+    tok = load_tokenizer(d.tokenizer, d.eos_token)
+    if not isinstance(tok, HFTokenizer | SentencePieceTokenizer):  # a char_vocab.json
+        raise ConfigError("data.tokenizer", "data=jsonl cannot use a char vocabulary", "use byte")
+    # EOS follows the tokenizer as transformers reads it: tokenizer_config.json's eos_token
+    # (often the end-of-turn token of a chat model) wins over the tokenizer file's guess
+    named = None if d.eos_token else special_token(tokenizer_config(tok.path), "eos_token")
+    if named and named != tok.eos_text:
+        tok = type(tok)(tok.path, named)
+    return tok
+
+
+def _build_jsonl(cfg: Config) -> DocumentData:
+    d = cfg.data
+    files = expand_paths(d.path, "data.path")
+    val_files = expand_paths(d.val_path, "data.val_path") if as_list(d.val_path) else []
+    tok = _record_tokenizer(cfg)
+    fields = Fields(d.text_field, d.prompt_field, d.completion_field, d.messages_field)
+    reader = RecordReader(
+        tok,
+        fields,
+        seq_len=cfg.run.seq_len,
+        truncate=d.truncate,
+        skip_bad=d.skip_bad_records,
+        chat_template=d.chat_template,
+    )
+    train = reader.read(files, "data.path")
+    if not len(train):
+        raise ConfigError(
+            "data.path",
+            f"no usable record in {', '.join(files[:3])} ({reader.report()})",
+            "give records in a shape docs/data.md lists",
+        )
+    val = reader.read(val_files, "data.val_path") if val_files else None
+    if reader.bad:
+        log.warning("data.path: %s", reader.bad_summary())
+    if val is None and d.val_fraction > 0 and len(train) > 1:  # whole records, from the end
+        held = min(max(round(len(train) * d.val_fraction), 1), len(train) - 1)
+        train, val = train.split(len(train) - held)
+    return DocumentData(
+        train,
+        val,
+        seq_len=cfg.run.seq_len,
+        seed=cfg.run.seed,
+        shuffle=d.shuffle,
+        eos_id=tok.eos_id,
+        vocab_size=tok.vocab_size,
+        tokenizer=tok.describe(),
+        tokenizer_digest=tok.digest(),
+        prefetch=d.prefetch,
+        summary=reader.report(),
+        val_key="data.val_path" if val_files else "data.val_fraction",
     )
 
 

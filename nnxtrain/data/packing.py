@@ -20,23 +20,21 @@ windows i*B .. i*B+B-1 in order (rows past the end are all padding, weight 0), s
 evaluation scores the same tokens, each once.
 
 A background thread prepares the next `prefetch` training batches while the device runs
-the step. `state_dict()` records the position and a fingerprint of the data;
-`load_state_dict()` restores the position and warns if the data changed since.
+the step, and `state_dict()` / `load_state_dict()` keep the position across a resume
+(`nnxtrain.data.stepped.StepBatches`); the fingerprint holds the token counts and a hash
+of each split's ends.
 """
 
 import hashlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from nnxtrain.data.shuffle import IndexShuffle
+from nnxtrain.data.stepped import StepBatches
 from nnxtrain.data.synthetic import Batch
-from nnxtrain.data.text import log
 from nnxtrain.errors import ConfigError, UserError
-
-STATE_FORMAT = 1
 
 
 class TokenStream:
@@ -90,7 +88,7 @@ class TokenStream:
         return h.hexdigest()[:16]
 
 
-class PackedData:
+class PackedData(StepBatches):
     """Fixed-length training and held-out batches over packed token streams."""
 
     def __init__(
@@ -110,8 +108,9 @@ class PackedData:
         train_key: str = "data.path",
         val_key: str = "data.val_fraction",
     ):
+        super().__init__(seed, shuffle, prefetch)
         self.train, self.val = train, val
-        self.kind, self.seed, self.shuffle = kind, int(seed), shuffle
+        self.kind = kind
         self.eos_id = eos_id
         self.vocab_size = vocab_size  # the tokenizer's; None: ids are only checked
         self.id_limit = id_limit  # every token id must be below this
@@ -119,10 +118,6 @@ class PackedData:
         self.tokenizer_digest = tokenizer_digest
         self.train_key, self.val_key = train_key, val_key
         self.loss_floor: float | None = None  # unknown for real data
-        self.next_step = 0  # the training batch after the last one served
-        self._prefetch = prefetch
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: dict[tuple[Any, ...], Future[Batch]] = {}
         self._fingerprint: dict[str, Any] | None = None
 
     # -- sizes and checks ----------------------------------------------------------------
@@ -154,40 +149,6 @@ class PackedData:
                 )
 
     # -- batches -------------------------------------------------------------------------
-
-    def batch(
-        self,
-        step: int,
-        batch_size: int,
-        seq_len: int,
-        split: str = "train",
-        rows: np.ndarray | None = None,
-    ) -> Batch:
-        """Rows `rows` (default: all) of the global batch `step` of `split`."""
-        if split != "train":
-            return self._make(step, batch_size, seq_len, split, rows)
-        key = (step, batch_size, seq_len, None if rows is None else tuple(rows.tolist()))
-        fut = self._ahead.pop(key, None)
-        out = fut.result() if fut is not None else self._make(*key[:3], split, rows)
-        self.next_step = step + 1
-        if self._prefetch > 0:
-            self._schedule(key, rows)
-        return out
-
-    def next_batch(self, batch_size: int, seq_len: int, rows: np.ndarray | None = None) -> Batch:
-        """The training batch after the last one served (iterator-style use)."""
-        return self.batch(self.next_step, batch_size, seq_len, rows=rows)
-
-    def _schedule(self, key: tuple[Any, ...], rows: np.ndarray | None) -> None:
-        step = key[0]
-        for stale in [k for k in self._ahead if k[0] <= step or k[1:] != key[1:]]:
-            self._ahead.pop(stale).cancel()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nnxtrain-data")
-        for s in range(step + 1, step + 1 + self._prefetch):
-            k = (s, *key[1:])
-            if k not in self._ahead:
-                self._ahead[k] = self._pool.submit(self._make, s, key[1], key[2], "train", rows)
 
     def _make(
         self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
@@ -236,7 +197,6 @@ class PackedData:
     # -- state ---------------------------------------------------------------------------
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must be unchanged for a resumed run to read the same batches."""
         if self._fingerprint is None:
             self._fingerprint = {
                 "kind": self.kind,
@@ -247,43 +207,6 @@ class PackedData:
                 "val_digest": self.val.head_and_tail_digest() if self.val is not None else "",
             }
         return self._fingerprint
-
-    def state_dict(self) -> dict[str, Any]:
-        """The position (next training step), seed, shuffle and the data's fingerprint."""
-        return {
-            "format": STATE_FORMAT,
-            "next_step": self.next_step,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "fingerprint": self.fingerprint(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues from `state`; warns when the data or order differ from the saved run."""
-        changed = [
-            k for k, v in state.get("fingerprint", {}).items() if self.fingerprint().get(k) != v
-        ]
-        if state.get("seed", self.seed) != self.seed:
-            changed.append(f"seed {state['seed']} -> {self.seed}")
-        if state.get("shuffle", self.shuffle) != self.shuffle:
-            changed.append("data.shuffle")
-        if changed:
-            log.warning(
-                "data: the dataset differs from the checkpoint's (%s); the resumed run will "
-                "not see the batches the original run would have",
-                ", ".join(changed),
-            )
-        self.next_step = int(state.get("next_step", 0))
-        self.close()
-
-    def close(self) -> None:
-        """Drops prefetched batches and stops the background thread."""
-        for fut in self._ahead.values():
-            fut.cancel()
-        self._ahead.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
     def describe(self) -> str:
         val = f"{len(self.val):,}" if self.val is not None else "none"

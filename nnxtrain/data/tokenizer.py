@@ -10,6 +10,12 @@ Every tokenizer has `vocab_size` (ids are in 0 .. vocab_size-1), `eos_id` (appen
 each document when packing) and `describe()` (one line for logs and checkpoints). A
 tokenizer file that has no end-of-text token gets one extra id, `vocab_size - 1`.
 
+Byte, Hugging Face and SentencePiece tokenizers are also `RecordTokenizer`s (what
+`data=jsonl` needs): `bos_ids` and `bos_text` (what the tokenizer itself puts before a
+text: a tokenizer.json's post-processor, a SentencePiece model's BOS; none for byte),
+`eos_text` (the string a chat template writes for EOS) and `encode_offsets(text)` (ids and
+each token's character span, with special-token strings such as `eos_text` read as ids).
+
 The char vocabulary is saved as JSON (`{"type": "nnxtrain-char", "chars": [...]}`) in the
 run directory, so a resumed run tokenizes exactly as before; `load_tokenizer` also accepts
 such a file. Bad tokenizer files raise `ConfigError` naming `data.tokenizer`.
@@ -18,7 +24,8 @@ such a file. Bad tokenizer files raise `ConfigError` naming `data.tokenizer`.
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,6 +38,11 @@ CHAR_TYPE = "nnxtrain-char"
 # End-of-text tokens of common tokenizer files, tried in order when data.eos_token is empty.
 HF_PIECE_CHARS = 1 << 16  # text handed to the Rust tokenizer per parallel piece
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+# How a chat template writes EOS for a tokenizer that has no string for it (byte, or an
+# added id); `encode_offsets` reads it back as `eos_id`.
+EOS_PLACEHOLDER = "<|endoftext|>"
+
+Offsets = tuple[np.ndarray, np.ndarray]  # ids [n] int64, character spans [n, 2] int64
 
 
 class Tokenizer(Protocol):
@@ -52,11 +64,27 @@ class Tokenizer(Protocol):
         ...
 
 
+class RecordTokenizer(Tokenizer, Protocol):
+    path: str  # the tokenizer's file ("" for byte): its folder may hold tokenizer_config.json
+    bos_ids: tuple[int, ...]  # what the tokenizer puts before a text (its BOS), maybe none
+    bos_text: str  # their text ("" when none): a chat template's default bos_token
+    eos_text: str  # the string a chat template writes for EOS
+
+    def encode_offsets(self, text: str) -> Offsets:
+        """One text's ids and each token's (start, end) character span; the strings of
+        special tokens (`eos_text` and the tokenizer's own) become their ids."""
+        ...
+
+
 class ByteTokenizer:
     """UTF-8 bytes: ids 0..255 are byte values, 256 is end-of-sequence."""
 
     vocab_size = 257
     eos_id = 256
+    path = ""
+    bos_ids: tuple[int, ...] = ()
+    bos_text = ""
+    eos_text = EOS_PLACEHOLDER
 
     def encode(self, pieces: Sequence[str]) -> np.ndarray:
         data = "".join(pieces).encode("utf-8", errors="replace")
@@ -64,6 +92,13 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def encode_offsets(self, text: str) -> Offsets:
+        return _encode_around(text, {EOS_PLACEHOLDER: self.eos_id}, self._offsets)
+
+    def _offsets(self, text: str) -> Offsets:
+        char = _char_of_byte(text)[:-1]
+        return self.encode([text]).astype(np.int64), np.stack([char, char + 1], axis=1)
 
     def describe(self) -> str:
         return "byte (257 tokens: 256 bytes + end-of-sequence)"
@@ -146,6 +181,12 @@ class HFTokenizer:
         eos = _find_eos(eos_token, self._tok.token_to_id, path)
         self.eos_id, self.vocab_size = (eos, base) if eos is not None else (base, base + 1)
         self._base = base
+        probe = self._tok.encode("a", add_special_tokens=True)  # what the post-processor adds
+        lead = next((i for i, m in enumerate(probe.special_tokens_mask) if not m), 0)
+        self.bos_ids = tuple(probe.ids[:lead])
+        self.bos_text = "".join(self._tok.id_to_token(i) or "" for i in self.bos_ids)
+        self.eos_text = (self._tok.id_to_token(eos) if eos is not None else None) or EOS_PLACEHOLDER
+        self._specials = {} if eos is not None else {EOS_PLACEHOLDER: base}
 
     def encode(self, pieces: Sequence[str]) -> np.ndarray:
         pieces = [q for p in pieces for q in _split_after_newlines(p, HF_PIECE_CHARS) if q]
@@ -157,6 +198,14 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self._tok.decode([i for i in ids if i < self._base]))
+
+    def encode_offsets(self, text: str) -> Offsets:
+        return _encode_around(text, self._specials, self._offsets)
+
+    def _offsets(self, text: str) -> Offsets:
+        # the call transformers' apply_chat_template makes, so the spans are the same
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, np.int64), np.asarray(enc.offsets, np.int64).reshape(-1, 2)
 
     def describe(self) -> str:
         return f"Hugging Face {os.path.basename(self.path)} ({self.vocab_size} tokens)"
@@ -191,6 +240,14 @@ class SentencePieceTokenizer:
             eos = int(self._sp.eos_id()) if self._sp.eos_id() >= 0 else None
         self.eos_id, self.vocab_size = (eos, base) if eos is not None else (base, base + 1)
         self._base = base
+        bos = int(self._sp.bos_id())
+        self.bos_ids: tuple[int, ...] = (bos,) if bos >= 0 else ()
+        self.bos_text = self._sp.id_to_piece(bos) if bos >= 0 else ""
+        # SentencePiece reads control pieces such as </s> in text as characters: map them
+        self.eos_text = self._sp.id_to_piece(eos) if eos is not None else EOS_PLACEHOLDER
+        self._specials = {self.eos_text: self.eos_id}
+        if bos >= 0:
+            self._specials[self._sp.id_to_piece(bos)] = bos
 
     def _piece_id(self, piece: str) -> int | None:
         i = int(self._sp.piece_to_id(piece))
@@ -204,6 +261,16 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self._sp.decode([int(i) for i in ids if i < self._base]))
+
+    def encode_offsets(self, text: str) -> Offsets:
+        return _encode_around(text, self._specials, self._offsets)
+
+    def _offsets(self, text: str) -> Offsets:
+        pieces = self._sp.encode(text, return_type="proto").pieces  # spans in UTF-8 bytes
+        char = _char_of_byte(text)
+        ids = np.array([p.id for p in pieces], np.int64)
+        spans = np.array([[p.begin, p.end] for p in pieces], np.int64).reshape(-1, 2)
+        return ids, char[spans]
 
     def describe(self) -> str:
         return f"SentencePiece {os.path.basename(self.path)} ({self.vocab_size} tokens)"
@@ -249,6 +316,33 @@ def _split_after_newlines(text: str, size: int) -> list[str]:
         start = cut
     out.append(text[start:])
     return out
+
+
+def _char_of_byte(text: str) -> np.ndarray:
+    """For each byte of `text` in UTF-8 (a lone surrogate: one "?"), the index of its
+    character; one more entry, len(text), for the end."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+    width[(codes >= 0xD800) & (codes < 0xE000)] = 1
+    return np.append(np.repeat(np.arange(len(codes)), width), len(codes))
+
+
+def _encode_around(
+    text: str, specials: dict[str, int], encode: Callable[[str], Offsets]
+) -> Offsets:
+    """`encode` applied to the text between the `specials` strings, each of which becomes
+    its id; the spans are those of the whole text."""
+    if not specials:
+        return encode(text)
+    ids, spans, pos = [], [], 0
+    pattern = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
+    for m in [*re.finditer(pattern, text), None]:
+        end = m.start() if m else len(text)
+        piece_ids, piece_spans = encode(text[pos:end])
+        ids += [piece_ids, np.array([specials[m.group()]] if m else [], np.int64)]
+        spans += [piece_spans + pos, np.array([m.span()] if m else [], np.int64).reshape(-1, 2)]
+        pos = m.end() if m else pos
+    return np.concatenate(ids), np.concatenate(spans)
 
 
 def _find_eos(eos_token: str, lookup: Any, path: str) -> int | None:

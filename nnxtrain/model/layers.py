@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
+from nnxtrain.model.cache import KVCache, cached_attention, write
 from nnxtrain.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
@@ -135,6 +136,27 @@ class Attention(nnx.Module):
         self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        q, k, v = self._qkv(x, positions)
+        if self.impl == "matmul":
+            out = causal_attention(q, k, v)
+        else:
+            impl = {"xla": "xla", "cudnn": "cudnn"}.get(self.impl)  # auto: None, JAX picks
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=cast(Literal["xla", "cudnn"] | None, impl)
+            )
+        return self._out(out)
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """Generation's path: writes this chunk's keys and values into `layer` of the cache
+        at `positions` (consecutive per row), then attends over the cached slots."""
+        q, k, v = self._qkv(x, positions)
+        cache = KVCache(write(cache.k, layer, k, positions), write(cache.v, layer, v, positions))
+        out = cached_attention(q, cache.k[layer], cache.v[layer], positions)
+        return self._out(out), cache
+
+    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = x.dtype
         q = project(x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
         k = project(x, self.wk[...].astype(dt))
@@ -144,15 +166,11 @@ class Attention(nnx.Module):
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         q = apply_rotary(q, positions, self.inv_freq)
         k = apply_rotary(k, positions, self.inv_freq)
-        if self.impl == "matmul":
-            out = causal_attention(q, k, v)
-        else:
-            impl = {"xla": "xla", "cudnn": "cudnn"}.get(self.impl)  # auto: None, JAX picks
-            out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation=cast(Literal["xla", "cudnn"] | None, impl)
-            )
+        return q, k, v
+
+    def _out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, "attention/out", (BATCH, LENGTH, "activation_heads", "activation_kv"))
-        return project(out, self.wo[...].astype(dt), n_in=2)
+        return project(out, self.wo[...].astype(out.dtype), n_in=2)
 
 
 class MLP(nnx.Module):
@@ -189,3 +207,12 @@ class DecoderLayer(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed"))
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int
+    ) -> tuple[jax.Array, KVCache]:
+        """The same layer over the KV cache (generation; see `Attention.decode`)."""
+        attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed")), cache

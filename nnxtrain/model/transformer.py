@@ -7,13 +7,20 @@ models); `remat` picks the rematerialisation policy of the layer body.
 
     model = Transformer(ModelConfig(), rngs=nnx.Rngs(0))
     logits = model(tokens)            # tokens [batch, length] -> [batch, length, vocab]
+    logits, cache = model(tokens, positions, cache=cache)   # generation (nnxtrain.generate)
+
+The cache path is separate code (`_cached_layers`, `DecoderLayer.decode`): a call without
+a cache, the one the train and eval steps make, traces exactly the plain forward.
 """
+
+from typing import overload
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
+from nnxtrain.model.cache import KVCache
 from nnxtrain.model.layers import (
     BATCH,
     LENGTH,
@@ -62,14 +69,51 @@ class Transformer(nnx.Module):
                 nnx.initializers.normal(cfg.init_std),
             )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Logits [batch, length, vocab] in the activation dtype for tokens [batch, length]."""
+    @overload
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array: ...
+
+    @overload
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]: ...
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [batch, length, vocab] in the activation dtype for tokens [batch, length].
+
+        With a `cache` (generation only, see `nnxtrain.model.cache`), the tokens' keys and
+        values are written into it at their positions (consecutive per row) and attention
+        reads the cached slots; returns (logits, the updated cache).
+        """
         cfg, dt = self.cfg, activation_dtype(self.cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = jnp.take(self.embed[...].astype(dt), tokens, axis=0)
         x = constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
+        if cache is None:
+            x = self._layers(x, positions)
+        else:
+            x, cache = self._cached_layers(x, positions, cache)
 
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = constrain(
+            project(x, head.astype(dt)), "logits", (BATCH, LENGTH, "activation_vocab")
+        )
+        return logits if cache is None else (logits, cache)
+
+    def _scan(self) -> bool:
+        scan = self.cfg.scan_layers
+        return scan if scan is not None else jax.default_backend() != "cpu"
+
+    def _layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The training forward through the stacked layers, scanned or unrolled."""
+        cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
@@ -77,14 +121,31 @@ class Transformer(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        scan = cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() != "cpu"
-        if scan:
+        if self._scan():
             x, _ = jax.lax.scan(body, x, stacked)
         else:
             for i in range(cfg.num_layers):
                 x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+        return x
 
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = project(x, head.astype(dt))
-        return constrain(logits, "logits", (BATCH, LENGTH, "activation_vocab"))
+    def _cached_layers(
+        self, x: jax.Array, positions: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """The generation forward: the cache is carried through the layers whole, and each
+        layer writes its own slice, so no layer's keys are copied out and stacked again."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(
+            carry: tuple[jax.Array, KVCache], xs: tuple[nnx.State, jax.Array | int]
+        ) -> tuple[tuple[jax.Array, KVCache], None]:
+            (h, kv), (layer_state, i) = carry, xs
+            return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i), None
+
+        if self._scan():
+            (x, cache), _ = jax.lax.scan(
+                body, (x, cache), (stacked, jnp.arange(self.cfg.num_layers))
+            )
+        else:
+            for i in range(self.cfg.num_layers):
+                (x, cache), _ = body((x, cache), (jax.tree.map(lambda a, i=i: a[i], stacked), i))
+        return x, cache

@@ -57,6 +57,7 @@ def root_defaults() -> set[str]:
 NEEDS = {
     ("data", "text"): ["data.path=corpus.txt"],
     ("data", "tokens"): ["data.path=tokens.bin"],
+    ("data", "jsonl"): ["data.path=train.jsonl"],
 }
 
 

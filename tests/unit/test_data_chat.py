@@ -1,0 +1,218 @@
+"""Chat templates: the assistant masks agree token for token with transformers'."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnxtrain.data.chat import DEFAULT_TEMPLATE, ChatTemplate, assistant_mask, find_template
+from nnxtrain.data.tokenizer import ByteTokenizer, load_tokenizer
+from nnxtrain.errors import ConfigError
+
+CHATML = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama-3 style: BOS, whitespace control, a header around each turn, a role check.
+HEADERS = """{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{- raise_exception('unknown role ' + message['role']) }}
+    {%- endif %}
+    {{- '<|start|>' + message['role'] + '<|end|>\\n\\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}{{- message['content'] | trim + '<|eot|>' }}{%- endgeneration %}
+    {%- else %}
+        {{- message['content'] | trim + '<|eot|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start|>assistant<|end|>\\n\\n' }}{%- endif %}
+"""
+# Role and content run together, so a BPE token can start before a reply and end inside it.
+TIGHT = (
+    "{% for m in messages %}{{ m['role'] }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+)
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<s>", "<|start|>", "<|end|>", "<|eot|>"]
+CORPUS = [
+    "hello there, how are you? I am fine thanks.",
+    "user assistant system: what is two plus two? It is four.",
+    "héllo wörld ✓ — naïve café",
+] * 30
+CHATS = [
+    [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "I am fine, thanks."},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "what is two plus two?"},
+        {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "and héllo wörld ✓?"},
+        {"role": "assistant", "content": " naïve café \n"},
+    ],
+]
+
+
+def make_tokenizer(folder: Path, template: str, eos: str, bos: str = "<s>") -> str:
+    """A byte-level BPE tokenizer.json trained here, and a tokenizer_config.json with
+    `template`, in `folder`; returns the tokenizer.json path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": template,
+        "eos_token": eos,
+        "bos_token": bos,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(folder / "tokenizer.json")
+
+
+def reference(folder: Path, messages: list, add_generation_prompt: bool) -> tuple[list, list]:
+    """transformers' ids and assistant mask for `messages`."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    out = tok.apply_chat_template(
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=True,
+        return_dict=True,
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+@pytest.mark.parametrize(
+    "template, eos",
+    [(CHATML, "<|im_end|>"), (HEADERS, "<|eot|>")],
+    ids=["chatml-eos-is-end-of-turn", "headers-eos-is-eot"],
+)
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_masks_are_token_identical_to_transformers(
+    tmp_path, template, eos, chat, add_generation_prompt
+):
+    # EOS is the end-of-turn token in both templates: the regression case where an EOS
+    # inside a conversation must neither end the mask early nor be left out of it.
+    path = make_tokenizer(tmp_path / "tok", template, eos)
+    tok = load_tokenizer(path, eos)
+    ids, mask = ChatTemplate.load("", tok).encode(CHATS[chat], add_generation_prompt)
+    ref_ids, ref_mask = reference(tmp_path / "tok", CHATS[chat], add_generation_prompt)
+    assert ids.tolist() == ref_ids
+    assert mask.astype(int).tolist() == ref_mask
+    assert 0 < mask.sum() < len(mask)
+    eos_id = tok.eos_id
+    assert (ids == eos_id).sum() >= 2  # several turns end with it...
+    assert mask[ids == eos_id].sum() == sum(m["role"] == "assistant" for m in CHATS[chat])
+
+
+def test_a_token_straddling_the_start_of_a_reply_counts_as_in_transformers(tmp_path):
+    path = make_tokenizer(tmp_path / "tok", TIGHT, "<|im_end|>")
+    tok = load_tokenizer(path)
+    chat = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "ant is fine, thanks"},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "ere two"},
+    ]
+    template = ChatTemplate.load("", tok)
+    text, spans = template.render(chat)
+    _, offsets = tok.encode_offsets(text)
+    straddles = [(a < s < b) for a, b in offsets.tolist() for s, _ in spans]
+    assert any(straddles)  # the case this test is about does occur
+    ids, mask = template.encode(chat)
+    assert (ids.tolist(), mask.astype(int).tolist()) == reference(tmp_path / "tok", chat, False)
+
+
+def test_the_template_comes_from_the_jinja_file_before_the_config(tmp_path):
+    path = make_tokenizer(tmp_path / "tok", CHATML, "<|im_end|>")
+    tok = load_tokenizer(path)
+    assert find_template("", tok) == (CHATML, str(tmp_path / "tok" / "tokenizer_config.json"))
+    (tmp_path / "tok" / "chat_template.jinja").write_text(HEADERS, encoding="utf-8")
+    assert find_template("", tok)[0] == HEADERS
+    assert find_template("default", tok)[0] == DEFAULT_TEMPLATE
+    assert find_template("", ByteTokenizer())[0] == DEFAULT_TEMPLATE
+
+
+def test_a_template_without_generation_blocks_is_refused(tmp_path):
+    plain = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    path = make_tokenizer(tmp_path / "tok", plain, "<|im_end|>")
+    with pytest.raises(ConfigError, match=r"no \{% generation %\} block") as e:
+        ChatTemplate.load("", load_tokenizer(path))
+    assert e.value.key == "data.chat_template"
+
+
+def test_default_template_with_the_byte_tokenizer_trains_replies_and_their_eos():
+    tok = ByteTokenizer()
+    ids, mask = ChatTemplate.load("default", tok).encode(CHATS[0])
+    text = "<|user|>\nhello there\n<|assistant|>\nI am fine, thanks."
+    assert ids.tolist() == [*text.encode(), tok.eos_id, ord("\n")]
+    assert tok.decode(ids[mask]) == "I am fine, thanks."
+    assert mask.tolist() == [False] * len(text.split("I am")[0]) + [True] * 19 + [False]
+
+
+def test_byte_offsets_cover_multibyte_characters_and_lone_surrogates():
+    tok = ByteTokenizer()
+    text = "aé✓\U0001f600\ud800<|endoftext|>z"
+    ids, offsets = tok.encode_offsets(text)
+    assert ids.tolist() == [*"aé✓\U0001f600?".encode(errors="surrogateescape"), 256, ord("z")]
+    chars = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4]
+    assert offsets[:, 0].tolist() == [*chars, 5, 18]
+    assert offsets[:, 1].tolist() == [c + 1 for c in chars] + [18, 19]
+
+
+def test_assistant_mask_marks_every_token_overlapping_a_span():
+    offsets = np.array([[0, 2], [2, 5], [5, 6], [6, 9], [9, 9], [9, 12]])
+    assert assistant_mask(offsets, [(3, 6), (9, 10)]).tolist() == [0, 1, 1, 0, 0, 1]
+    assert assistant_mask(offsets, []).tolist() == [0] * 6
+
+
+def test_sentencepiece_offsets_are_characters_and_control_pieces_are_ids(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("héllo wörld, the cat sat on the mat.\n" * 50, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=30,
+        model_type="bpe",
+        minloglevel=2,
+    )
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    assert tok.bos_ids == (tok._sp.bos_id(),) and tok.eos_text == "</s>"
+    text = "<s>héllo mat</s>"
+    ids, offsets = tok.encode_offsets(text)
+    assert ids.tolist() == [*tok.bos_ids, *tok.encode(["héllo mat"]).tolist(), tok.eos_id]
+    spans = [text[a:b] for a, b in offsets.tolist()]
+    assert spans[0] == "<s>" and spans[-1] == "</s>"
+    assert "".join(spans[1:-1]).replace(" ", "") == "héllomat"  # characters, not bytes
+
+
+def test_a_tokenizer_json_without_eos_reads_the_placeholder_as_its_added_id(tmp_path):
+    path = make_tokenizer(tmp_path / "tok", CHATML, "<|im_end|>")
+    tok = load_tokenizer(path)  # no EOS candidate among its tokens: one id is added
+    assert tok.eos_id == tok.vocab_size - 1 and tok.eos_text == "<|endoftext|>"
+    ids, offsets = tok.encode_offsets("hello<|endoftext|>")
+    assert ids.tolist() == [*tok.encode(["hello"]).tolist(), tok.eos_id]
+    assert offsets[-1].tolist() == [5, 18]
