@@ -1,7 +1,7 @@
 """The run directory: where a run writes config.yaml and run_info.json.
 
     path = make_run_dir(cfg)              # run.dir, or a new runs/<time>; checks it
-    write_config(path, cfg)               # config.yaml, once the run will train (or dry-run)
+    write_config(path, cfg)               # config.yaml, once there is something to do
     write_run_info(path, run_info(cfg, mesh, flops, num_params, floor, compiled_steps))
     final_record(path, step)              # run_info.json's "final" record of that step
     write_json(path_of_any_file, obj)     # atomic: never half-written
@@ -107,10 +107,14 @@ def run_info(
     return info
 
 
-def write_config(run_dir: str, cfg: Config) -> None:
-    """Writes the resolved config as config.yaml (process 0 only)."""
+def write_config(run_dir: str, cfg: Config) -> bool:
+    """Writes the resolved config as config.yaml (process 0 only), except that a dry run
+    keeps the records of a run that trained in run_dir: then it returns False, and
+    run_info.json is to be kept too."""
+    if cfg.run.dry_run and holds_a_run(run_dir):
+        return False
     if jax.process_index() != 0:
-        return
+        return True
     try:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -119,6 +123,7 @@ def write_config(run_dir: str, cfg: Config) -> None:
             f"run.dir: cannot write to {run_dir!r} ({e.strerror}). "
             "Fix: set run.dir to a writable directory."
         ) from e
+    return True
 
 
 def read_run_info(run_dir: str) -> dict[str, Any]:

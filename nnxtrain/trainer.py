@@ -63,7 +63,6 @@ from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
 from nnxtrain.rundir import (
     final_record,
-    holds_a_run,
     make_run_dir,
     run_info,
     write_config,
@@ -125,7 +124,6 @@ class Trainer:
             lambda rngs: Transformer(config.model, rngs=rngs)
         )
         self._optimizer = optimizer
-        self._tx: tuple[optax.GradientTransformation, optax.Schedule] | None = None
         self._devices = devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
@@ -216,8 +214,8 @@ class Trainer:
         self.run_lock.take(self.run_dir, cfg.mesh.init_timeout)  # before any file is written
         rules = merge_rules(cfg.mesh.rules)
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
-        self._tx = tx = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        plan = self.plan = plan_state(self.model_factory, tx[0], cfg.run.seed, self.mesh, rules)
+        tx, _ = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
+        plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
         self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
@@ -231,13 +229,12 @@ class Trainer:
     def _compile(self) -> None:
         cfg, plan, rules = self.config, self.plan, merge_rules(self.config.mesh.rules)
         assert plan is not None and self.mesh is not None and self.flops is not None
-        assert self._tx is not None
-        records = not (cfg.run.dry_run and holds_a_run(self.run_dir))
-        if records:
-            write_config(self.run_dir, cfg)
-        else:  # a dry run leaves the records of a run that trained here alone
+        if not (records := write_config(self.run_dir, cfg)):
             self.console.print(f"dry run: keeping the records of the run in {self.run_dir}")
-        (tx, schedule), floor = self._tx, getattr(self.dataset, "loss_floor", None)
+        # Built again rather than kept from _setup: make_optimizer is pure, so this is the
+        # transformation the state was planned with.
+        tx, schedule = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
+        floor = getattr(self.dataset, "loss_floor", None)
         self.feed = Feed(self.dataset, self.mesh, cfg.run.batch_size, cfg.run.seq_len)
         train, self.eval_step = compile_steps(
             plan,
@@ -268,7 +265,7 @@ class Trainer:
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
         reason, eval_metrics = self._loop(watcher)
-        # A resumed run that had already finished runs no step: nothing to wait for.
+        # A run stopped before its first step (a signal, a plugin) has nothing to wait for.
         final = watcher.wait(self.step).metrics if self.step > start_step else {}
         if reason == "completed" and watcher.nonfinite is not None:
             reason = nonfinite_reason(watcher.nonfinite)
