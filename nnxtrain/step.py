@@ -10,6 +10,7 @@ Loss (per step, over all unmasked targets of the global batch)::
     loss    = lm_loss + z_loss * sum(w * lse**2) / sum(w)   # lse: log-partition of logits
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,12 +91,15 @@ def summarize(sums: dict[str, jax.Array]) -> Metrics:
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to lr, then cosine decay to min_lr_ratio * lr."""
-    decay = cfg.decay_steps or max(total_steps - cfg.warmup_steps, 1)
+    warmup = cfg.warmup_steps
+    if cfg.warmup_fraction > 0:
+        warmup = math.ceil(cfg.warmup_fraction * total_steps)
+    decay = cfg.decay_steps or max(total_steps - warmup, 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.warmup_steps + decay,
+        warmup_steps=warmup,
+        decay_steps=warmup + decay,
         end_value=cfg.lr * cfg.min_lr_ratio,
     )
 

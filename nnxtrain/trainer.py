@@ -57,6 +57,8 @@ from nnxtrain.events import (
 )
 from nnxtrain.feed import Feed
 from nnxtrain.hooks import Hooks
+from nnxtrain.init_from import load as load_init_from
+from nnxtrain.init_from import resolve as resolve_init_from
 from nnxtrain.mesh import build_mesh, resolve_batch
 from nnxtrain.model import Transformer
 from nnxtrain.preemption import Preemption
@@ -111,6 +113,7 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
     ):
+        config = resolve_init_from(config)  # the model's shape and tokenizer of run.init_from
         start_jax(config)  # before anything asks JAX for its devices
         self.config = config
         self.hooks = Hooks(
@@ -261,6 +264,8 @@ class Trainer:
         assert self.plan is not None
         if self.state is None:
             self.state = self.plan.initialize()
+            if cfg.run.init_from:  # only when nothing was restored: a rerun resumes the fine-tune
+                self.state = load_init_from(cfg, self.state, self.mesh, self.console)
         self.step = start_step = int(jax.device_get(self.state.step))
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()

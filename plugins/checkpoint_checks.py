@@ -41,11 +41,11 @@ def check_options(key: str, options: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"{key}.{opt}", f"must be {what}, got {options[opt]!r}", f"set it to {what}"
             )
-    if options["load_params_only"] and not options["load_from"]:
+    if options["load_params_only"]:  # replaced by run.init_from, which also takes the shape
         raise ConfigError(
             f"{key}.load_params_only",
-            f"needs {key}.load_from",
-            f"set {key}.load_from=PATH (a run dir or its checkpoints dir)",
+            "is replaced by run.init_from (a run's parameters at step 0, a fresh optimizer)",
+            f"drop {key}.load_params_only and {key}.load_from, set run.init_from=PATH",
         )
 
 

@@ -10,8 +10,9 @@ blocks the loop for the device-to-host copy only; `if_busy` decides what happens
 save is due while the previous write still runs (`skip` with a warning, or `wait`). At
 setup it checks that `directory` can be written (not at the first save, after training),
 then restores the latest complete checkpoint onto the current mesh, or starts from
-`load_from`. docs/checkpointing.md is the manual; `checkpoint_io` owns the Orbax side and
-`checkpoint_checks` the one-line errors. Uses only the public API of `nnxtrain`.
+`load_from` (a whole state; weights alone come with `run.init_from`). docs/checkpointing.md
+is the manual; `checkpoint_io` owns the Orbax side and `checkpoint_checks` the one-line
+errors. Uses only the public API of `nnxtrain`.
 """
 
 import dataclasses
@@ -27,7 +28,6 @@ from nnxtrain import (
     StepEndEvent,
     TrainEndEvent,
     TrainerView,
-    TrainStartEvent,
     all_finite,
 )
 
@@ -53,7 +53,6 @@ class Checkpointer(Callback):
         self.if_busy, self.load_from, self.load_params_only = if_busy, load_from, load_params_only
         self.fallback = fallback
         self._mngr: Any = None
-        self._source: Any = None  # manager of load_from when only its parameters are taken
         self._pending: tuple[int, float, float, float] | None = None  # step, t0, blocked, waited
         self._written_at: float | None = None  # set by Orbax's thread when a write completes
         self._deferred = False  # a requested save waits for the writer to be free
@@ -100,37 +99,27 @@ class Checkpointer(Callback):
                 )
             self._restore(trainer, self._mngr, "resumed from")
         elif self.load_from:
-            source, self._from_steps = cio.open_source(self.load_from)
-            if not self._from_steps:
+            source, steps = cio.open_source(self.load_from)
+            if not steps:
                 raise ConfigError(
                     f"callbacks.{self.name}.load_from",
                     f"no complete checkpoint at {self.load_from}",
                     "give a run dir, its checkpoints/ dir or one checkpoints/<step> dir",
                 )
-            if self.load_params_only:
-                self._source = source  # loaded into the initialised state at on_train_start
-            else:
-                self._restore(trainer, source, "started from", self._from_steps)
-                source.close()
+            self._restore(trainer, source, "started from", steps)
+            source.close()
 
     def _path(self, event: SetupEvent) -> str:
         return os.path.join(event.run_dir, self.directory or "checkpoints")
 
-    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
-        if self._source is not None and trainer.state is not None:
-            params = self._restore(
-                trainer, self._source, "took the parameters of", self._from_steps
-            )
-            trainer.state = dataclasses.replace(trainer.state, params=params)
-
-    def _restore(self, trainer: TrainerView, mngr: Any, verb: str, steps: Any = None) -> Any:
-        t0, params_only = time.perf_counter(), mngr is self._source
+    def _restore(self, trainer: TrainerView, mngr: Any, verb: str, steps: Any = None) -> None:
+        t0 = time.perf_counter()
         step, state, meta, diff = cio.restore_latest(
             mngr,
             mngr.all_steps() if steps is None else steps,
             trainer.abstract_state,
             self._config,
-            params_only=params_only,
+            params_only=False,
             fallback=self.fallback,
             key=f"callbacks.{self.name}.fallback",
             warn=lambda text: self._say(trainer, f"warning: {text}"),
@@ -143,8 +132,6 @@ class Checkpointer(Callback):
         self._say(trainer, f"{verb} step {step} ({where}) in {time.perf_counter() - t0:.2f} s")
         if diff:
             self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
-        if params_only:
-            return state
         trainer.state = state
         self._last_step = step
         saved = meta.get("callbacks", {})
@@ -153,7 +140,6 @@ class Checkpointer(Callback):
                 cb.load_state_dict(saved[cb.name])
         if meta.get("dataset") is not None and hasattr(trainer.dataset, "load_state_dict"):
             trainer.dataset.load_state_dict(meta["dataset"])
-        return state
 
     # -- save ----------------------------------------------------------------------------
 
@@ -186,10 +172,9 @@ class Checkpointer(Callback):
 
     def teardown(self, trainer: TrainerView) -> None:
         self._finish(trainer)
-        for mngr in (self._mngr, self._source):
-            if mngr is not None:
-                mngr.close()
-        self._mngr = self._source = None
+        if self._mngr is not None:
+            self._mngr.close()
+        self._mngr = None
         self._lock.release()
 
     def _save(self, trainer: TrainerView, step: int) -> None:

@@ -183,6 +183,12 @@ def validate(cfg: Config) -> Config:
     ):
         if steps < 0:
             raise ConfigError(key, f"must be >= 0, got {steps}", f"set {key} to 0 or more")
+    if not 0 <= o.warmup_fraction < 1:
+        raise ConfigError(
+            "optim.warmup_fraction",
+            f"must be in [0, 1), got {o.warmup_fraction}",
+            "use a fraction such as 0.03, or 0 to use optim.warmup_steps",
+        )
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(
             "optim.min_lr_ratio",

@@ -8,6 +8,7 @@ ConfigStore; a typo anywhere then fails at compose time naming the key. After co
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, TypeVar
 
@@ -71,12 +72,18 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def from_omegaconf(cfg: DictConfig) -> Config:
-    """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped)."""
+def from_omegaconf(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
+    """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped);
+    `overrides` (the command line's) tell which model keys run.init_from must not change."""
     data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert isinstance(data, dict)
     data = {k: v for k, v in data.items() if k in GROUPS or k == "callbacks"}
-    return validate(from_dict(Config, typing.cast(dict[str, Any], data)))
+    config = from_dict(Config, typing.cast(dict[str, Any], data))
+    if config.run.init_from:  # the model's shape from PATH, before the checks
+        from nnxtrain.config.init_from import resolve  # (imports nnxtrain.hf: only if used)
+
+        config = resolve(config, overrides)
+    return validate(config)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
@@ -89,4 +96,4 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="nnxtrain.conf", version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    return from_omegaconf(cfg)
+    return from_omegaconf(cfg, list(overrides or []))

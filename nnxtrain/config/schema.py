@@ -104,6 +104,9 @@ class RunConfig:
     preempt_check_every: int = setting(
         10, "steps between multi-process stop agreements (1 process: every)"
     )
+    init_from: str = setting(
+        "", "start from these weights: an HF dir or a run dir (step 0, fresh optimizer)"
+    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ class DataConfig:
         0.1, "share of path's tokens (jsonl: records) held out from its end (no val_path)"
     )
     tokenizer: str = setting(
-        "", 'byte, char, a tokenizer.json or a SentencePiece .model; text, jsonl: ""=byte'
+        "",
+        'byte, char, a tokenizer.json or a SentencePiece .model; ""=run.init_from\'s, else byte',
     )
     vocab_size_from_tokenizer: bool = setting(
         True, "model.vocab_size := the tokenizer's; false: keep"
@@ -161,6 +165,9 @@ class OptimConfig:
     name: str = setting("adamw", "optimizer: adamw")
     lr: float = setting(3e-3, "peak learning rate")
     warmup_steps: int = setting(20, "linear warmup from 0 to lr, in steps")
+    warmup_fraction: float = setting(
+        0.0, "warmup as a fraction of run.steps (rounded up); > 0 replaces warmup_steps"
+    )
     decay_steps: int = setting(0, "cosine decay length after warmup, in steps; 0 = until run.steps")
     min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of lr")
     b1: float = setting(0.9, "Adam first-moment decay")

@@ -88,6 +88,13 @@ def resolve_vocab(cfg: Config, dataset: Any) -> Config:
         return cfg
     if cfg.data.vocab_size_from_tokenizer:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+    if cfg.model.vocab_size < vocab and cfg.run.init_from:  # the weights fix the vocabulary
+        raise ConfigError(
+            "data.tokenizer",
+            f"has {vocab} tokens, more than the {cfg.model.vocab_size} of the model of "
+            f"run.init_from={cfg.run.init_from}",
+            "give the tokenizer that model was trained with, or leave data.tokenizer empty",
+        )
     if cfg.model.vocab_size < vocab:
         raise ConfigError(
             "model.vocab_size",

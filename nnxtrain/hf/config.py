@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from nnxtrain.config import DTYPES, ModelConfig
+from nnxtrain.config.schema import DTYPES, ModelConfig
 from nnxtrain.errors import UserError, first_line
 
 MODEL_TYPES = ("llama", "mistral")

@@ -4,6 +4,7 @@
 object, gives it weights large enough that attention is sharp and every norm scale
 differs (so a rotary or norm mix-up moves the logits), and `save_pretrained`s it.
 `hf_logits(path, tokens)` is what transformers computes from that directory, in float32.
+`word_tokenizer(path, text)` writes a small word-level tokenizer.json for `text`.
 """
 
 from pathlib import Path
@@ -90,3 +91,14 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
             for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 out[name] = f.get_tensor(name)
     return out
+
+
+def word_tokenizer(path: Path, text: str) -> Path:
+    """A word-level tokenizer.json of the words of `text`, with [UNK] and </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    tok.save(str(path))
+    return path

@@ -13,23 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli_env, run_cli
-from hf_models import TOLERANCE, hf_model, tensors
+from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
 from nnxtrain.hf.export import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
 TEXT = "the cat sat on the mat . the dog sat on the log . a cat and a dog met . " * 20
-
-
-def _tokenizer(path: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
-    tok.save(str(path))
-    return path
 
 
 def export(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +36,7 @@ def export(*args: str) -> subprocess.CompletedProcess[str]:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("run")
     (tmp / "corpus.txt").write_text(TEXT)
-    tokenizer = _tokenizer(tmp / "tokenizer.json")
+    tokenizer = word_tokenizer(tmp / "tokenizer.json", TEXT)
     args = ["model=tiny", "mesh=single", "run.steps=4", "run.batch_size=2", "run.seq_len=16"]
     args += ["run.eval_every=0", "data=text", f"data.path={tmp}/corpus.txt"]
     args += [f"data.tokenizer={tokenizer}", f"run.dir={tmp}/run"]

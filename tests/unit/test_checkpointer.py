@@ -170,18 +170,16 @@ def test_load_from_a_mid_run_step_continues_exactly(reference, tmp_path):
     assert [losses.losses[s] for s in range(13, 21)] == [ref.losses[s] for s in range(13, 21)]
 
 
-def test_load_params_only_starts_at_step_0_with_those_parameters(reference, tmp_path):
-    ref_dir, ref = reference
-    final = ref.end_state
-    probe = Losses()
-    ck = Checkpointer(load_from=str(ref_dir), load_params_only=True)
-    _, text = fit(tmp_path, ck, probe, overrides=("run.steps=2",))
-    assert "took the parameters of step 20" in text
-    start = probe.start_state
-    assert int(start.step) == 0
-    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(final.params), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert all(not np.any(x) for x in jax.tree.leaves(start.opt_state[1][0].mu))
+def test_load_params_only_is_replaced_by_run_init_from(reference, tmp_path):
+    """Starting from a run's weights alone is `run.init_from` (tests/unit/test_init_from.py)."""
+    ck = Checkpointer(load_from=str(reference[0]), load_params_only=True)
+    with pytest.raises(ConfigError) as err:
+        fit(tmp_path, ck)
+    assert str(err.value).startswith(
+        "callbacks.Checkpointer.load_params_only: is replaced by run.init_from"
+    )
+    assert "set run.init_from=PATH" in str(err.value)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_a_different_model_shape_is_refused_naming_parameter_and_key(reference, tmp_path):
@@ -403,7 +401,7 @@ def test_a_run_stopped_right_after_a_non_finite_step_makes_no_final_save(tmp_pat
         ("keep_every", "often"),
         ("if_busy", "block"),
         ("fallback", "maybe"),
-        ("load_params_only", "true"),  # without load_from
+        ("load_params_only", "true"),  # replaced by run.init_from
     ],
 )
 def test_bad_options_fail_in_one_line_naming_the_key(tmp_path, option, value):

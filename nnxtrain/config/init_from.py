@@ -1,0 +1,137 @@
+"""`run.init_from=PATH` as the config is composed: the model's shape and the tokenizer of
+PATH, before the model is built (the weights are read by `nnxtrain.init_from`).
+
+`source(PATH)` tells what PATH holds: a Hugging Face directory (config.json and
+safetensors), or an nnxtrain run dir, its checkpoints/ dir or one `<step>` dir
+(`nnxtrain.checkpoint_reader`). `resolve(config, overrides)` takes the model's shape from
+PATH, and the tokenizer (PATH's tokenizer.json or tokenizer.model, or the run's
+data.tokenizer) unless data.tokenizer is set. A `model.*` shape key given in `overrides`
+(the command line's) that differs from PATH's is an error naming it; the keys of how the
+model runs (USER_KEYS) stay the user's. Reads files only and touches no JAX device, so it runs
+before JAX starts.
+"""
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nnxtrain import checkpoint_reader
+from nnxtrain.config.checks import validate
+from nnxtrain.config.schema import Config, ModelConfig
+from nnxtrain.errors import ConfigError, UserError
+from nnxtrain.hf.config import read_config, to_model_config
+
+KEY = "run.init_from"
+# How the model runs, not what it is: always the user's.
+USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention")
+# Not the weights' shape: PATH's unless given on the command line.
+SOFT_KEYS = ("name", "max_len", "init_std")
+HF_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What `run.init_from` points at."""
+
+    path: str
+    kind: str  # "hf" (a Hugging Face directory) or "run" (an nnxtrain checkpoint)
+    model: ModelConfig  # its shape (param_dtype as stored, or float32)
+    tokenizer: str | None  # the tokenizer file it was trained with, when known
+    checkpoint: checkpoint_reader.Checkpoint | None = None  # kind "run"
+
+
+def _looks_like_run(path: str) -> bool:
+    names = os.listdir(path)
+    return (
+        any(n in names for n in ("checkpoints", "config.yaml", "run_info.json"))
+        or any(n.isdigit() for n in names)
+        or checkpoint_reader.is_step_dir(path)
+    )
+
+
+def source(path: str) -> Source:
+    """The model at `path`; a one-line error naming run.init_from if there is none."""
+    what = (
+        "give a Hugging Face model directory (config.json and safetensors) or an nnxtrain run dir"
+    )
+    if not os.path.exists(path):
+        raise ConfigError(KEY, f"{path} does not exist", what)
+    if not os.path.isdir(path):
+        raise ConfigError(KEY, f"{path} is a file, not a directory", what)
+    try:
+        if os.path.isfile(os.path.join(path, "config.json")):
+            model = to_model_config(read_config(path), path, param_dtype="float32")
+            found = (os.path.join(path, n) for n in HF_TOKENIZERS)
+            tokenizer = next((os.path.abspath(f) for f in found if os.path.isfile(f)), None)
+            return Source(path, "hf", model, tokenizer)
+        if not _looks_like_run(path):
+            raise ConfigError(
+                KEY,
+                f"{path} holds neither config.json (a Hugging Face model) nor checkpoints "
+                "(an nnxtrain run)",
+                what,
+            )
+        ckpt = checkpoint_reader.locate(path)
+        model = _model_config(ckpt.config["model"])
+    except ConfigError:
+        raise
+    except UserError as e:
+        raise UserError(f"{KEY}: {e}") from e
+    return Source(path, "run", model, _run_tokenizer(ckpt), ckpt)
+
+
+def _model_config(saved: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a checkpoint recorded (keys this version lacks are left out)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def _run_tokenizer(ckpt: checkpoint_reader.Checkpoint) -> str | None:
+    """The tokenizer file of the run a checkpoint came from (None: byte or unknown)."""
+    spec = str(ckpt.config.get("data", {}).get("tokenizer", ""))
+    run_dir = os.path.dirname(ckpt.directory)
+    if spec == "char":  # the vocabulary the run built, kept in its run dir
+        spec = os.path.join(run_dir, "char_vocab.json")
+    if spec in ("", "byte"):
+        return None
+    candidates = [spec, os.path.join(run_dir, spec)]
+    return next((os.path.abspath(p) for p in candidates if os.path.isfile(p)), None)
+
+
+def _overridden(overrides: Sequence[str]) -> set[str]:
+    """The model keys set by command-line overrides (`model.emb_dim=64` -> emb_dim)."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
+    return {k.split(".")[1] for k in keys if k.startswith("model.") and k.count(".") == 1}
+
+
+def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
+    """`config` with the model's shape and tokenizer of `run.init_from` (unchanged without
+    one). `overrides` are the command line's: a model shape key among them that differs
+    from PATH's is an error. Without them (a Config built in Python) the config's own
+    name, max_len and init_std stay."""
+    if not config.run.init_from:
+        return config
+    src = source(config.run.init_from)
+    given = _overridden(overrides) if overrides is not None else set(SOFT_KEYS)
+    changes = {}
+    for f in dataclasses.fields(ModelConfig):
+        key, ours, theirs = f.name, getattr(config.model, f.name), getattr(src.model, f.name)
+        if key in USER_KEYS or ours == theirs:
+            continue
+        if key in given and key not in SOFT_KEYS:
+            raise ConfigError(
+                f"model.{key}",
+                f"{ours} conflicts with {KEY}={src.path}, whose model has {theirs}",
+                f"drop model.{key} (the model's shape comes from {KEY})",
+            )
+        if key not in given:
+            changes[key] = theirs
+    data = config.data
+    if data.name in ("text", "tokens") and not data.tokenizer and src.tokenizer:
+        data = dataclasses.replace(data, tokenizer=src.tokenizer)
+    # The weights fix the vocabulary: a tokenizer with more tokens is an error, not a resize.
+    data = dataclasses.replace(data, vocab_size_from_tokenizer=False)
+    model = dataclasses.replace(config.model, **changes)
+    return validate(dataclasses.replace(config, model=model, data=data))

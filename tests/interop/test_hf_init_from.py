@@ -1,0 +1,87 @@
+"""`run.init_from` with a Hugging Face directory, through the CLI: a random LlamaForCausalLM
+fine-tuned 20 steps on a text file with its own tokenizer, exported with
+`nnxtrain-export`, loads in transformers with nnxtrain's logits, which moved away from the
+starting weights'. Bad input is one line and exit 2. (A run dir as the source, resuming,
+and the shape rules: tests/unit/test_init_from.py.)
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import cli_env, run_cli
+from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
+
+from nnxtrain.hf.export import read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TEXT = "the cat sat on the mat . the dog sat on the log . a cat and a dog met . " * 20
+VOCAB = 32  # the model's; the tokenizer has fewer tokens (a padded vocabulary, as on the Hub)
+ARGS = ["mesh=single", "run.batch_size=2", "run.seq_len=16", "run.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random Llama saved by transformers, with a tokenizer.json of TEXT's words."""
+    tmp = tmp_path_factory.mktemp("hf")
+    (tmp / "corpus.txt").write_text(TEXT)
+    make_hf(tmp / "model", vocab_size=VOCAB, max_position_embeddings=64)
+    tokenizer = word_tokenizer(tmp / "model" / "tokenizer.json", TEXT)
+    assert len(json.loads(tokenizer.read_text())["model"]["vocab"]) < VOCAB
+    return tmp / "model"
+
+
+def test_finetune_from_hf_exports_to_transformers_with_nnxtrains_logits(hf_dir, tmp_path):
+    corpus = hf_dir.parent / "corpus.txt"
+    args = [f"run.init_from={hf_dir}", "+experiment=finetune", "data=text"]
+    args += [f"data.path={corpus}", "run.steps=20", f"run.dir={tmp_path}/run", *ARGS]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"init_from: took the parameters of {hf_dir} in" in done.stdout
+    assert "; tokenizer Hugging Face tokenizer.json (" in done.stdout  # PATH's, not bytes
+
+    out = tmp_path / "hf"
+    export = [sys.executable, "-m", "nnxtrain.hf.export", str(tmp_path / "run"), str(out)]
+    done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    reference, info = hf_model(out)
+    assert all(not v for v in info.values()), info
+
+    step, cfg, model = read_checkpoint(str(tmp_path / "run"))
+    assert step == 20 and cfg.model.vocab_size == VOCAB and cfg.model.emb_dim == 64
+    toks = np.random.default_rng(0).integers(0, VOCAB, (2, 16), dtype=np.int32)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - theirs)))
+    moved = float(np.max(np.abs(theirs - hf_logits(hf_dir, toks))))
+    print(f"init_from HF, 20 steps, export: parity {diff:.2e}; moved from the start {moved:.2e}")
+    assert diff <= TOLERANCE
+    assert moved > 10 * TOLERANCE
+
+
+def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_info.json").write_text("{}")
+    cases = {
+        "model.emb_dim: 32 conflicts with run.init_from=": [
+            f"run.init_from={hf_dir}",
+            "model.emb_dim=32",
+        ],
+        "run.init_from: ": [f"run.init_from={tmp_path}/nope"],
+        "holds neither config.json": [f"run.init_from={tmp_path}/empty"],
+        "has no complete checkpoint": [f"run.init_from={tmp_path}/run"],
+    }
+    for expected, args in cases.items():
+        done = run_cli([*args, *ARGS, f"run.dir={tmp_path}/out"], cwd=tmp_path)
+        assert done.returncode == 2, (expected, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (expected, done.stderr)
+    assert not (tmp_path / "out").exists()
