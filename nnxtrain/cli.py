@@ -8,10 +8,14 @@
 
 Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
 a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
-4, naming it in one line; SIGTERM/SIGINT save and exit 143/130. Overrides are checked
-against the schemas before Hydra composes, so a typo is reported in one line too. JAX is
-imported only after composition, so that settings which must precede JAX's start can be
-applied first.
+4, naming it in one line; SIGTERM/SIGINT save and exit 143/130, and a second Ctrl-C ends
+the process at once (130, one line). The command line is checked before Hydra composes
+(`nnxtrain.overrides`), and what Hydra itself refuses is put into one line too: Hydra
+raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
+A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
+(the Hydra job's directory when the run dir does not exist yet). A crash of nnxtrain
+itself prints its traceback and exits 1. JAX is imported only after composition, so
+that settings which must precede JAX's start can be applied first.
 """
 
 import contextlib
@@ -21,99 +25,30 @@ import os
 import sys
 import time
 import traceback
-import typing
-from importlib import resources
 from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ValidationError
 
-from nnxtrain.config import GROUPS, from_omegaconf, register_schemas
-from nnxtrain.errors import ConfigError, LostProcessError, UserError, first_line
+from nnxtrain.config import from_omegaconf, register_schemas
+from nnxtrain.errors import (
+    EXIT_BAD_INPUT,
+    LostProcessError,
+    PluginError,
+    UserError,
+    first_line,
+    log_traceback,
+)
+from nnxtrain.overrides import check_command_line, explain
+from nnxtrain.preemption import on_second_interrupt
 from nnxtrain.sweep import write_status
 
-EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
 EXIT_LOST_PROCESS = 4
 EXIT_PREEMPTED = {"SIGTERM": 143, "SIGINT": 130}  # as a shell reports death by that signal
-SELECTABLE = (*GROUPS, "callbacks", "experiment", "hparams_search")
-
-
-def _options(group: str) -> list[str]:
-    folder = resources.files("nnxtrain.conf").joinpath(group)
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def check_overrides(args: list[str]) -> None:
-    """Fails in one line on an unknown group option or an unknown key of a group schema."""
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # Hydra reports the grammar error itself, in full
-        del e
-        return
-    for o in parsed:
-        key = o.key_or_group
-        if key.startswith("hydra") or o.is_delete():
-            continue
-        if key in SELECTABLE and "." not in key:
-            options = _options(key)
-            values = (
-                list(o.sweep_string_iterator())
-                if o.is_sweep_override()
-                else [o.get_value_element_as_str()]
-            )
-            for value in values:
-                if value not in options:
-                    raise ConfigError(
-                        key,
-                        f"unknown {key} {value!r} (available: {', '.join(options)})",
-                        f"use {key}=<one of those>",
-                    )
-            continue
-        group, _, rest = key.partition(".")
-        if group in GROUPS and rest and not o.is_add():
-            field = rest.split(".")[0]
-            names = [f.name for f in dataclasses.fields(GROUPS[group])]
-            if field not in names:
-                raise ConfigError(
-                    key, f"no such key in {group}/", f"use one of {group}.{{{', '.join(names)}}}"
-                )
-            if rest == field and not o.is_delete():
-                _check_type(group, field, key, o)
-        elif group not in (*SELECTABLE, "") and not o.is_add():
-            raise ConfigError(
-                key,
-                "no such config group",
-                f"top-level keys are {', '.join(SELECTABLE)}; prefix new keys with +",
-            )
-
-
-def _check_type(group: str, field: str, key: str, override: Any) -> None:
-    """A value of the wrong type (`run.steps=abc`, `run.log_every=2.5`) fails in one line
-    here; Hydra would stop composing with a multi-line report and exit 1."""
-    try:
-        values = (
-            list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-        )
-    except Exception:  # a sweep that is not a list of values (an interval): Hydra checks it
-        return
-    node = OmegaConf.structured(GROUPS[group])
-    OmegaConf.set_readonly(node, False)
-    for value in values:
-        try:
-            node[field] = value
-        except ValidationError as e:
-            expected = typing.get_type_hints(GROUPS[group])[field]
-            raise ConfigError(
-                key,
-                first_line(e).removeprefix("ValidationError: "),
-                f"give {key} a value of type {getattr(expected, '__name__', expected)}",
-            ) from e
+EXIT_CRASH = 1
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")
@@ -125,7 +60,7 @@ def _run(cfg: DictConfig) -> float:
     job_dir = hc.runtime.output_dir
     status: dict[str, Any] = {
         "job": hc.job.num if sweeping else 0,
-        "overrides": list(hc.overrides.task),
+        "overrides": OmegaConf.to_container(hc.overrides.task),  # unresolved: as typed
         "pid": os.getpid(),
         "run_dir": job_dir,
     }
@@ -141,13 +76,12 @@ def _run(cfg: DictConfig) -> float:
         result = trainer.fit()
     except UserError as e:
         code = EXIT_LOST_PROCESS if isinstance(e, LostProcessError) else EXIT_BAD_INPUT
-        return _failed(status, job_dir, f"error: {e}", t0, sweeping and not fail_fast, code)
+        line = f"error: {e}{_traceback_note(e, job_dir)}"
+        return _failed(status, job_dir, line, t0, sweeping and not fail_fast, code)
     except Exception as e:
         if not sweeping or fail_fast:
-            if not _distributed():
-                raise
             traceback.print_exc()
-            _exit(1)
+            _exit(EXIT_CRASH)
         return _failed(status, job_dir, f"job failed: {first_line(e, 300)}", t0, True)
     final_eval = result.eval_metrics.get("eval/loss")
     status.update(
@@ -211,15 +145,60 @@ def _exit(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _traceback_note(e: UserError, job_dir: str) -> str:
+    """For a plugin's exception that no errors.log holds yet (it was raised before the run
+    dir existed): writes it to the Hydra job's directory, and says where. Not for a module
+    that cannot be imported: the quoted error names the module (or file and line)."""
+    cause = e.__cause__
+    if not isinstance(e, PluginError) or e.log or cause is None:
+        return ""
+    if isinstance(cause, UserError | ImportError):
+        return ""
+    log = log_traceback(job_dir, cause, str(e))
+    return f" The traceback is in {log}." if log else ""
+
+
+def _interrupted(what: str = "Ctrl-C") -> NoReturn:
+    """A second Ctrl-C, or one outside the run's handler: one line, exit 130 now.
+
+    Not through the interpreter's exit: that would wait for a checkpoint still being
+    written, which is what a second Ctrl-C asks not to do. Orbax leaves such a write as a
+    temporary folder, which the next start reports and removes; nothing complete is
+    touched, and the metrics file is flushed line by line."""
+    print(
+        f"nnxtrain: interrupted ({what}): exited at once, without a final checkpoint. "
+        "Rerun the same command to resume from the last complete one.",
+        file=sys.stderr,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PREEMPTED["SIGINT"])
+
+
 def main() -> None:
     """Console-script entry point."""
     register_schemas()
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for tracebacks
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors here
+    on_second_interrupt(lambda: _interrupted("second Ctrl-C"))
+    args = sys.argv[1:]
     try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as e:
-        print(f"nnxtrain: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    _run()
+        check_command_line(args)
+        _run()
+    except UserError as e:
+        _bad_input(e)
+    except KeyboardInterrupt:
+        _interrupted()
+    except Exception as e:
+        error = None if full_error else explain(e, multirun=bool({"-m", "--multirun"} & {*args}))
+        if error is None:
+            raise
+        _bad_input(error)
+
+
+def _bad_input(e: UserError) -> NoReturn:
+    print(f"nnxtrain: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

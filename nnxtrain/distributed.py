@@ -14,18 +14,30 @@
 - `mesh.coordinator=HOST:PORT mesh.num_processes=P mesh.process_id=I` joins a multi-process
   run through `jax.distributed.initialize`; `mesh.num_processes=-1` lets JAX detect the
   cluster from the environment (SLURM, Open MPI, Kubernetes, ...). A coordinator that
-  cannot be reached within `mesh.init_timeout` seconds is a one-line error.
+  cannot be reached within `mesh.init_timeout` seconds is a one-line error, and so are
+  processes that never join: JAX's client aborts the process with a C++ stack when its
+  registration times out (its `connect()` cannot report that to Python, and the hook
+  that could replace the abort is not reachable from Python), so a watchdog thread ends
+  the process with the one line first, and JAX gets a longer deadline than the watchdog
+  (from Python too: JAX would end the process anyway). Process 0 also checks that the
+  coordinator's port is free before JAX binds it.
 """
 
 import math
 import os
 import socket
+import sys
+import threading
 import time
 
 import jax
 
-from nnxtrain.config import Config
-from nnxtrain.errors import ConfigError, UserError, first_line
+from nnxtrain.config import Config, MeshConfig
+from nnxtrain.errors import EXIT_BAD_INPUT, ConfigError, UserError, first_line
+
+# JAX's own deadline for all processes to join is this much later than mesh.init_timeout,
+# so that the watchdog, not JAX's abort, reports processes that never joined.
+JAX_DEADLINE_MARGIN = 30
 
 # Auto never asks for more CPU devices than this: each device's share of the step must stay
 # big enough to pay for its collectives (measured on 2 cores only; larger hosts untested).
@@ -83,25 +95,63 @@ def start_jax(cfg: Config) -> None:
     _use_compile_cache(cfg.run.compile_cache)
     m = cfg.mesh
     if (m.coordinator or m.num_processes != 1) and not jax.distributed.is_initialized():
-        auto = m.num_processes == -1
-        if not auto and m.process_id != 0:
-            _wait_for_coordinator(m.coordinator, m.init_timeout)
-        try:
-            jax.distributed.initialize(
-                coordinator_address=None if auto else m.coordinator,
-                num_processes=None if auto else m.num_processes,
-                process_id=None if auto else m.process_id,
-                initialization_timeout=m.init_timeout,
-                heartbeat_timeout_seconds=m.heartbeat_timeout,
-            )
-        except Exception as e:
+        _join(m)
+
+
+def _join(m: MeshConfig) -> None:
+    """jax.distributed.initialize, within mesh.init_timeout or one line and exit 2."""
+    auto = m.num_processes == -1
+    if not auto and m.process_id != 0:
+        _wait_for_coordinator(m.coordinator, m.init_timeout)
+    if not auto and m.process_id == 0:
+        _check_port_free(m.coordinator)
+    joined = threading.Event()
+    watchdog = threading.Thread(target=_give_up_unless, args=(joined, m), daemon=True)
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=None if auto else m.coordinator,
+            num_processes=None if auto else m.num_processes,
+            process_id=None if auto else m.process_id,
+            initialization_timeout=m.init_timeout + JAX_DEADLINE_MARGIN,
+            heartbeat_timeout_seconds=m.heartbeat_timeout,
+        )
+    except Exception as e:
+        if auto:
             raise UserError(
-                f"mesh.coordinator: could not join the distributed run at "
-                f"{m.coordinator or '<auto-detected>'} within {m.init_timeout} s "
-                f"({first_line(e)}). Fix: start "
-                "every process with the same mesh.coordinator, reachable from all, "
-                "and distinct mesh.process_id."
+                f"mesh.num_processes: -1 found no cluster to join ({first_line(e)}). Fix: "
+                "run under SLURM, Open MPI or another cluster JAX detects, or give "
+                "mesh.coordinator, mesh.num_processes and mesh.process_id."
             ) from e
+        raise UserError(
+            f"mesh.coordinator: could not join the distributed run at {m.coordinator} "
+            f"({first_line(e)}). Fix: start every process with the same mesh.coordinator, "
+            "reachable from all, and distinct mesh.process_id."
+        ) from e
+    finally:
+        joined.set()
+
+
+def _give_up_unless(joined: threading.Event, m: MeshConfig) -> None:
+    """Ends the process with one line unless `joined` is set within mesh.init_timeout.
+
+    The main thread is inside JAX's connect (a C++ call that releases the GIL) and cannot
+    be interrupted, so this thread exits the process itself, as the CLI would for a
+    UserError; JAX's abort would come later, with a C++ stack trace."""
+    if joined.wait(m.init_timeout):
+        return
+    who = f"process {m.process_id}" if m.num_processes != -1 else "this process"
+    of = f"all {m.num_processes}" if m.num_processes != -1 else "all"
+    print(
+        f"nnxtrain: error: mesh.num_processes: {who} waited {m.init_timeout} s at "
+        f"{m.coordinator or 'the auto-detected coordinator'} for {of} processes to join, "
+        "and some never did. Fix: start every process with the same mesh.coordinator and "
+        "mesh.num_processes and its own mesh.process_id, or raise mesh.init_timeout.",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(EXIT_BAD_INPUT)
 
 
 def _use_compile_cache(directory: str) -> None:
@@ -124,15 +174,27 @@ def _use_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _check_port_free(address: str) -> None:
+    """Process 0: another program (another run's coordinator?) must not hold the port
+    that JAX's coordination service is about to bind on every interface."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket() as s:
+        # As gRPC does: a port that a previous run's closed connections still hold
+        # (TIME_WAIT) is free; one that a program listens on is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ConfigError(
+                "mesh.coordinator",
+                f"port {port} is already in use on this host ({e.strerror})",
+                "stop what holds it (another run?) or choose another port",
+            ) from e
+
+
 def _wait_for_coordinator(address: str, timeout: int) -> None:
     """Waits until process 0 listens at `address`; JAX would abort the process instead."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(
-            "mesh.coordinator",
-            f"{address!r} is not HOST:PORT",
-            "use e.g. mesh.coordinator=127.0.0.1:29500",
-        )
     deadline = time.monotonic() + timeout
     while True:
         try:

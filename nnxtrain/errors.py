@@ -2,10 +2,24 @@
 
 Raise `ConfigError` for a bad key or value and `UserError` for anything else a user can
 fix (a file, a plugin, the run directory). `nnxtrain.cli` prints `str(error)` and exits
-with code 2 (4 for `LostProcessError`); code that catches an exception from deeper down
-re-raises it as one of these with the key or file named, quoting the cause with
-`first_line(e)`.
+with code 2 (`EXIT_BAD_INPUT`; 4 for `LostProcessError`); code that catches an exception
+from deeper down re-raises it as one of these with the key or file named, quoting the
+cause with `first_line(e)`. `unknown_key` words a misspelt key with its closest match.
+
+A plugin's own bug is a `PluginError` too (the run cannot go on, and the fix is in the
+plugin or its options), but its traceback is what its author needs: `log_traceback`
+appends it to `<run dir>/errors.log`, and the one line says where.
 """
+
+import difflib
+import os
+import socket
+import time
+import traceback
+from collections.abc import Sequence
+
+EXIT_BAD_INPUT = 2
+ERRORS_LOG = "errors.log"
 
 
 class UserError(Exception):
@@ -21,7 +35,11 @@ class ConfigError(UserError):
 
 
 class PluginError(UserError):
-    """A callback plugin failed to load or raised inside a hook; names the plugin."""
+    """A callback plugin failed to load or raised inside a hook; names the plugin.
+
+    `log` is the file that holds the traceback of the plugin's exception, once written."""
+
+    log: str | None = None
 
 
 class LostProcessError(UserError):
@@ -43,3 +61,38 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     to many lines)."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def unknown_key(key: str, known: Sequence[str], otherwise: str = "") -> ConfigError:
+    """`key` is not one of `known` (the names beside it): suggests the closest name when
+    one is close, else lists them all; `otherwise` adds a way out (such as `+key=...`)."""
+    parent, _, name = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        fix = f"use {prefix}{close[0]}, the closest key"
+    elif known:
+        fix = f"use one of {prefix}{{{', '.join(known)}}}"
+    else:
+        fix = ""
+    return ConfigError(key, "no such key", ", or ".join(p for p in (fix, otherwise) if p))
+
+
+def log_traceback(directory: str, error: BaseException, context: str) -> str | None:
+    """Appends `error`'s full traceback to `<directory>/errors.log` under a header with the
+    time, host, pid and `context`; returns the file's path, None if it cannot be written
+    (the one-line error then quotes the exception alone)."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    path = os.path.join(os.path.abspath(directory), ERRORS_LOG)
+    header = (
+        f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} host {socket.gethostname()} "
+        f"pid {os.getpid()}: {context}\n"
+    )
+    text = "".join(traceback.format_exception(error))
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(header + text + "\n")
+    except OSError:
+        return None
+    return path

@@ -6,13 +6,17 @@
     hooks.teardown(trainer)                     # always, after success or failure
 
 A callback that does not override a hook is never called for it, so unused hooks cost
-nothing in the loop.
+nothing in the loop. A plugin's exception ends the run as a one-line `PluginError` naming
+the plugin and the hook (exit 2 from the CLI: the fix is in the plugin or its options);
+its full traceback, which the plugin's author needs, is appended to
+`<run dir>/errors.log` and the line says so. Errors in `on_exception` and `teardown` are
+printed and logged the same way, never masking the error that ended the run.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
-from nnxtrain.errors import PluginError, UserError
+from nnxtrain.errors import PluginError, UserError, first_line, log_traceback
 from nnxtrain.events import HOOKS, Callback, ExceptionEvent, TrainerView, overrides
 
 
@@ -39,10 +43,12 @@ class Hooks:
             except UserError:
                 raise
             except Exception as e:
-                raise PluginError(
-                    f"callback '{cb.name}' ({type(cb).__name__}) raised in "
-                    f"{hook}: {type(e).__name__}: {e}"
-                ) from e
+                what = f"callback '{cb.name}' ({type(cb).__name__}) raised in {hook}"
+                log = log_traceback(getattr(trainer, "run_dir", ""), e, what)
+                fix = f"correct the plugin (its traceback is in {log})" if log else "correct it"
+                error = PluginError(f"{what}: {first_line(e)}. Fix: {fix}.")
+                error.log = log
+                raise error from e
 
     def fire_exception(self, trainer: TrainerView, exc: BaseException, where: str) -> None:
         """`on_exception` on every callback that listens; their own errors are printed."""
@@ -63,4 +69,11 @@ class Hooks:
 
     @staticmethod
     def _report(trainer: TrainerView, cb: Callback, hook: str, e: Exception) -> None:
-        trainer.console.print(f"[red]callback '{cb.name}' raised in {hook}: {e}[/]")
+        what = f"callback '{cb.name}' ({type(cb).__name__}) raised in {hook}"
+        log = log_traceback(getattr(trainer, "run_dir", ""), e, what)
+        trainer.console.print(
+            f"{what}: {first_line(e)}" + (f" (traceback in {log})" if log else ""),
+            markup=False,
+            highlight=False,
+            style="red",
+        )

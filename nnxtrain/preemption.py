@@ -5,17 +5,23 @@
     ...
     if (name := preemption.agreed_stop(step)) is not None: ...   # at each step boundary
 
-A signal only records its name (`signal`); a second Ctrl-C raises KeyboardInterrupt at
-once. The loop asks `agreed_stop(step)` between steps. With one process the answer is the
-flag itself, at every step and at no cost. With several, processes get a signal at
-different steps (or only one gets it), and one that stopped alone would leave the others
-in a collective that never completes. So every `check_every` steps each process posts its
-flag to JAX's coordination service (its key-value store: host-only RPCs, no device work,
-so the host stays a step ahead of the device), waits at a barrier for the others, and
-reads every flag back: all processes see the same flags at the same step and stop
-together. `jax.experimental.multihost_utils.reached_preemption_sync_point` does not fit:
-its notifier hears SIGTERM only, through a C++ handler that our Python handler replaces,
-and it must be called at every step.
+A signal only records its name (`signal`). The loop asks `agreed_stop(step)` between
+steps. With one process the answer is the flag itself, at every step and at no cost. With
+several, processes get a signal at different steps (or only one gets it), and one that
+stopped alone would leave the others in a collective that never completes. So every
+`check_every` steps each process posts its flag to JAX's coordination service (its
+key-value store: host-only RPCs, no device work, so the host stays a step ahead of the
+device), waits at a barrier for the others, and reads every flag back: all processes see
+the same flags at the same step and stop together.
+`jax.experimental.multihost_utils.reached_preemption_sync_point` does not fit: its
+notifier hears SIGTERM only, through a C++ handler that our Python handler replaces, and
+it must be called at every step.
+
+A second Ctrl-C raises KeyboardInterrupt at once. Unwinding still runs the plugins'
+teardown, which waits for a checkpoint being written: a notebook wants that, a terminal
+does not, so the CLI registers `on_second_interrupt(action)`, an action that ends the
+process there and then (an unfinished Orbax write stays a temporary folder, which the
+next start reports and removes).
 
 A process that dies (SIGKILL, a crash) breaks the next collective of the others, or
 keeps them waiting at the barrier. `lost_processes(error)` then takes a roll call through
@@ -32,7 +38,7 @@ import re
 import signal as signals
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -47,6 +53,17 @@ _INSTANCES = itertools.count()
 # peer"): a step's dispatch reports it as ValueError, a device-to-host copy as
 # JaxRuntimeError.
 _STATUS = re.compile(r"^[A-Z_]+: ")
+
+
+# Called by a second Ctrl-C before it raises KeyboardInterrupt (signals are per process).
+_second_interrupt: Callable[[], object] | None = None
+
+
+def on_second_interrupt(action: Callable[[], object] | None) -> None:
+    """Makes a second Ctrl-C call `action` (which may end the process) before it raises
+    KeyboardInterrupt; None: just raise."""
+    global _second_interrupt
+    _second_interrupt = action
 
 
 class _LateProcessError(UserError):
@@ -92,6 +109,8 @@ class Preemption:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signals.SIGINT:
+            if _second_interrupt is not None:
+                _second_interrupt()
             raise KeyboardInterrupt  # a second Ctrl-C quits at once
         self.signal = self.signal or signals.Signals(signum).name
 

@@ -113,9 +113,8 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
     ):
-        config = resolve_init_from(config)  # the model's shape and tokenizer of run.init_from
+        self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
         start_jax(config)  # before anything asks JAX for its devices
-        self.config = config
         self.hooks = Hooks(
             callbacks if callbacks is not None else build_callbacks(config.callbacks)
         )

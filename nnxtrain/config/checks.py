@@ -89,6 +89,9 @@ def validate(cfg: Config) -> Config:
         ("model.rope_original_max_len", m.rope_original_max_len),
     ]:
         _positive(key, value)
+    for key, seed in (("run.seed", r.seed), ("data.source_seed", cfg.data.source_seed)):
+        if not 0 <= seed < 2**63:  # numpy's generators take no negative seed, JAX's key no wider
+            raise ConfigError(key, f"must be in [0, 2**63), got {seed}", f"set {key} to e.g. 0")
     if r.batch_size == 0 or r.batch_size < -1:
         raise ConfigError(
             "run.batch_size",
@@ -157,6 +160,13 @@ def validate(cfg: Config) -> Config:
             "mesh.num_processes",
             "must be >= 1 with mesh.coordinator set",
             "give the number of processes",
+        )
+    host, _, port = mc.coordinator.rpartition(":")
+    if mc.coordinator and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(
+            "mesh.coordinator",
+            f"{mc.coordinator!r} is not HOST:PORT (a port in 1..65535)",
+            "use e.g. mesh.coordinator=127.0.0.1:29500",
         )
     if mc.num_processes > 1 and not mc.coordinator:
         raise ConfigError(

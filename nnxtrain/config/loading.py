@@ -13,6 +13,7 @@ from dataclasses import field
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from nnxtrain.config.checks import validate
 from nnxtrain.config.schema import GROUPS, Config
@@ -75,7 +76,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 def from_omegaconf(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
     """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped);
     `overrides` (the command line's) tell which model keys run.init_from must not change."""
-    data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(str(e.full_key), "has no value (???)", f"set {e.full_key}=VALUE") from e
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            str(getattr(e, "full_key", None) or "config"),
+            problem.rstrip("."),
+            "correct the ${...} interpolation or give a plain value",
+        ) from e
     assert isinstance(data, dict)
     data = {k: v for k, v in data.items() if k in GROUPS or k == "callbacks"}
     config = from_dict(Config, typing.cast(dict[str, Any], data))

@@ -220,6 +220,13 @@ BAD = [
     # It tried to join a run of 0 processes and said it waited 300 s, at once.
     ("mesh.num_processes", {"mesh": {"num_processes": 0}}),
     ("mesh.num_processes", {"mesh": {"num_processes": -2}}),
+    # Seeds numpy's generators or JAX's keys refuse: they failed after compiling.
+    ("run.seed", {"run": {"seed": -1}}),
+    ("run.seed", {"run": {"seed": 2**70}}),
+    ("data.source_seed", {"data": {"source_seed": -1}}),
+    # Not HOST:PORT: said "could not join within 300 s" at once, or waited for nothing.
+    ("mesh.coordinator", {"mesh": {"coordinator": "nonsense", "num_processes": 2}}),
+    ("mesh.coordinator", {"mesh": {"coordinator": "127.0.0.1:99999", "num_processes": 2}}),
 ]
 
 
@@ -266,5 +273,20 @@ def test_validate_returns_a_valid_config_unchanged():
 )
 def test_compose_validates(override, key):
     with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("run.steps=${nope}", "run.steps"),
+        ("callbacks.checkpoint.every=${run.nope}", "callbacks.checkpoint.every"),
+        ("run.dir=${oops:x}", "run.dir"),
+        ("run.dir=???", "run.dir"),
+    ],
+)
+def test_an_interpolation_that_does_not_resolve_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:  # was OmegaConf's error, a traceback in the CLI
         compose([override])
     assert err.value.key == key

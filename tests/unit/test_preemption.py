@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from nnxtrain.preemption import Preemption
+from nnxtrain.preemption import Preemption, on_second_interrupt
 
 
 def _raise(signum: signal.Signals) -> None:
@@ -48,6 +48,23 @@ def test_a_second_ctrl_c_quits_at_once():
             _raise(signal.SIGINT)
     finally:
         p.uninstall()
+
+
+def test_a_second_ctrl_c_runs_the_registered_action_first():
+    """The CLI's action ends the process there, before unwinding could wait for a write."""
+    calls: list[str] = []
+    on_second_interrupt(lambda: calls.append("second"))
+    p = Preemption()
+    p.install()
+    try:
+        _raise(signal.SIGINT)
+        assert calls == []  # the first one only marks the stop
+        with pytest.raises(KeyboardInterrupt):
+            _raise(signal.SIGINT)
+        assert calls == ["second"]
+    finally:
+        p.uninstall()
+        on_second_interrupt(None)
 
 
 def test_one_process_has_no_lost_peer():

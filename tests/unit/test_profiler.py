@@ -80,7 +80,8 @@ def test_an_exception_stops_the_trace_in_teardown(tmp_path: Path) -> None:
     error, console = fit(tmp_path, [Profiler(start_step=2, num_steps=20), boom])
     assert isinstance(error, PluginError)  # the hook's error names the plugin and the hook
     assert str(error) == (
-        "callback 'boom' (RaiseAt) raised in on_step_end: RuntimeError: boom at step 3"
+        "callback 'boom' (RaiseAt) raised in on_step_end: RuntimeError: boom at step 3. "
+        f"Fix: correct the plugin (its traceback is in {tmp_path / 'errors.log'})."
     )
     assert "profiler: traced steps 2-3" in console
     assert len(trace_files(tmp_path)) == 1
