@@ -90,9 +90,10 @@ def generate(
             prompt_lengths=prompt_lengths,
         )
     )
-    if not blocks:
-        return jnp.zeros((np.shape(prompts)[0], 0), jnp.int32)
-    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+    out = jnp.concatenate(blocks, axis=1) if blocks else jnp.zeros((len(prompts), 0), jnp.int32)
+    if out.shape[1] < max_new_tokens:  # every row stopped at its first token
+        out = jnp.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=eos_id)
+    return out
 
 
 def stream(
@@ -110,12 +111,30 @@ def stream(
 ) -> Iterator[jax.Array]:
     """`generate`'s tokens as they come: the prefill's [batch, 1], then blocks of up to
     `block` tokens from one compiled decode call each. Stops early once every row has
-    emitted eos_id (a block's end is the only place it looks)."""
+    emitted eos_id (a block's end is the only place it looks). Bad arguments raise here,
+    before anything is generated."""
     lengths = _check(model, prompts, max_new_tokens, temperature, top_k, top_p, prompt_lengths)
-    if max_new_tokens == 0:
-        return
     if block < 1:
         raise UserError(f"generate: block must be >= 1, got {block}")
+    if max_new_tokens == 0:
+        return iter(())
+    return _blocks(
+        model, prompts, lengths, max_new_tokens, block, temperature, top_k, top_p, seed, eos_id
+    )
+
+
+def _blocks(
+    model: Transformer,
+    prompts: jax.Array | np.ndarray,
+    lengths: jax.Array,
+    max_new_tokens: int,
+    block: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    eos_id: int | None,
+) -> Iterator[jax.Array]:
     rest = max_new_tokens - 1
     blocks = math.ceil(rest / block)
     sampling = Sampling(
@@ -232,8 +251,14 @@ def _prefill(
     prompts = jnp.where(jnp.arange(prompts.shape[1]) < lengths[:, None], prompts, 0)
     dtype = activation_dtype(model.cfg.dtype)
     cache = KVCache.empty(model.cfg, prompts.shape[0], cache_len, dtype)
-    logits, cache = model(prompts, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    _, cache = model(prompts, cache=cache)
+    # Each row's last prompt token again, alone, at its position (its slot gets the same
+    # keys and values): only these logits are needed, and the prefill's go unused, so XLA
+    # drops the output projection at every other position (most of the prefill of a small
+    # model with a large vocabulary).
+    last_token = jnp.take_along_axis(prompts, (lengths - 1)[:, None], axis=1)
+    logits, cache = model(last_token, (lengths - 1)[:, None], cache=cache)
+    last = logits[:, 0]
     key, sub = jax.random.split(key)
     token, done = _after_eos(
         choose(last, sampling, sub, greedy), jnp.zeros_like(lengths, bool), sampling

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nnxtrain import (
     Callback,
@@ -142,6 +143,8 @@ class Sampler(Callback):
             eos_id=eos,
             prompt_lengths=np.array([len(ids) for ids in self._ids]),
         )
+        if not new.is_fully_addressable:  # several processes, each holding some rows
+            new = multihost_utils.process_allgather(new, tiled=True)
         rows = np.asarray(jax.device_get(new)).tolist()
         samples = [
             {"prompt": p, "sample": self._decode(r)}

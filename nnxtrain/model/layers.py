@@ -4,6 +4,8 @@ attention, the SwiGLU MLP and one decoder layer.
 Parameters are stored in `param_dtype` and cast to the activation `dtype` where they are
 used. Every parameter carries logical axis names (`out_sharding` metadata, see
 `nnxtrain.sharding`); important activations are annotated with `constrain`.
+`Attention.decode` and `DecoderLayer.decode` are generation's path over a KV cache
+(`nnxtrain.model.cache`); training calls only `__call__`.
 """
 
 import math

@@ -152,6 +152,12 @@ def test_rows_stop_at_eos_and_are_filled_with_it():
         np.testing.assert_array_equal(out[row, : stop + 1], free[row, : stop + 1])
         assert (out[row, stop:] == eos).all()
     assert (out[0, 4:] == eos).all()
+    # every row stops at its first token: the loop never runs, the shape stays
+    first = int(free[0, 0])
+    alone = np.asarray(
+        generate(build(), random_tokens((2, 5))[:1], max_new_tokens=16, eos_id=first)
+    )
+    np.testing.assert_array_equal(alone, np.full((1, 16), first))
 
 
 def test_it_compiles_once_per_shape_never_per_token(caplog):

@@ -1,0 +1,89 @@
+"""`nnxtrain-generate`: streams text from a run's latest checkpoint, prints tokens/s, and
+turns bad input into one line with exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli_env
+from flax import nnx
+
+from nnxtrain import Trainer, compose, generate
+from nnxtrain.data.tokenizer import ByteTokenizer
+from nnxtrain.generate_cli import main
+
+TEXT = "the cat sat on the mat. " * 200
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer]:
+    """A tiny run on a byte-tokenized text file, checkpointed at its last step."""
+    root = tmp_path_factory.mktemp("gen")
+    (root / "corpus.txt").write_text(TEXT)
+    cfg = compose(
+        [
+            "model=tiny",
+            "data=text",
+            f"data.path={root / 'corpus.txt'}",
+            "run.steps=6",
+            "run.batch_size=4",
+            "run.seq_len=32",
+            f"run.dir={root / 'run'}",
+            "~callbacks.metrics",
+        ]
+    )
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return root / "run", trainer
+
+
+def generate_cli(*args: str) -> tuple[int, str, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnxtrain.generate_cli", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_streams_the_greedy_continuation_of_the_latest_checkpoint(run, capsys):
+    run_dir, trainer = run
+    main([str(run_dir), "--prompt", "the cat", "--max-new-tokens", "20", "--block", "4"])
+    out, err = capsys.readouterr()
+    # what generate gives on the run's final parameters, decoded
+    assert trainer.state is not None
+    model = nnx.merge(trainer.graphdef, trainer.state.params)
+    prompt = ByteTokenizer().encode(["the cat"]).astype(np.int32)[None]
+    ids = np.asarray(generate(model, prompt, max_new_tokens=20, eos_id=256))[0].tolist()
+    ids = ids[: ids.index(256)] if 256 in ids else ids
+    assert out == ByteTokenizer().decode(ids)
+    assert "tokens/s decoding" in err
+
+
+def test_the_console_script_runs(run):
+    code, _, err = generate_cli(str(run[0]), "--prompt", "", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert " tokens in " in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["{tmp}/missing"], "no such directory"),
+        (["{tmp}"], "has no complete checkpoint"),
+        (["{run}", "--prompt", "x" * 200], "the model's max_len is 128"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, args, says):
+    args = [a.format(tmp=tmp_path, run=run[0]) for a in args]
+    if "--prompt" not in args:
+        args += ["--prompt", "hi"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "\n" not in err and err.startswith("nnxtrain-generate: error: ")
