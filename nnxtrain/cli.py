@@ -66,7 +66,7 @@ def _run(cfg: DictConfig) -> float:
     }
     t0 = time.perf_counter()
     try:
-        config = from_omegaconf(cfg, list(hc.overrides.task))
+        config = from_omegaconf(cfg, status["overrides"])  # as typed, not resolved
         if not config.run.dir:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=job_dir))
         status["run_dir"] = config.run.dir
