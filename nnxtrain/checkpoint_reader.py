@@ -1,9 +1,11 @@
 """Reading a run's checkpoint read-only: which step, the config it was saved with, and its
-parameters. Used by `run.init_from` (`nnxtrain.init_from`) and `nnxtrain-export`.
+parameters. Used by `run.init_from` (`nnxtrain.init_from`), `nnxtrain-export` and
+`nnxtrain-generate`.
 
     ckpt = locate("runs/a")                   # a run dir, its checkpoints/ dir or one step's dir
     ckpt.step, ckpt.config["model"]           # the latest complete step; its saved config
     params = read_params(ckpt, abstract)      # pure dict of arrays, each in its target's shards
+    ckpt, cfg, model = read_model("runs/a")   # the Transformer of the latest checkpoint
 
 The layout is the checkpointer plugin's (plugins/checkpoint_io.py): `<dir>/<step>/state`
 (Orbax PyTree) and `<dir>/<step>/meta` (JSON). Orbax writes a step to a temporary name and
@@ -15,12 +17,19 @@ before JAX starts. Bad input is a one-line `UserError` naming the path.
 import json
 import logging
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import OmegaConf
 
 from nnxtrain.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from nnxtrain.config import Config
+    from nnxtrain.model import Transformer
 
 META_FILE = os.path.join("meta", "metadata")  # what Orbax's JSON handler writes for `meta`
 
@@ -122,31 +131,60 @@ def locate(path: str, step: int | None = None, step_key: str = "step") -> Checkp
     return Checkpoint(directory, step, tuple(steps), saved)
 
 
-def read_params(ckpt: Checkpoint, target: dict[str, Any], model: str = "") -> dict[str, Any]:
+def read_params(
+    ckpt: Checkpoint, target: dict[str, Any], warn: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """The parameters of `ckpt` as a pure dict shaped like `target` (ShapeDtypeStructs with
-    shardings: each array is read straight into its shards, in the target's dtype)."""
-    import orbax.checkpoint as ocp  # (imports JAX: only once a run reads parameters)
+    shardings: each array is read straight into its shards, in the target's dtype).
 
-    item = {"params": target}
-    args = ocp.args.PyTreeRestore(
-        item=item,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True,
-    )
+    The checkpointer's own reader does the work, so what is read is checked against the
+    digests saved with it: a damaged checkpoint is a one-line UserError, never weights.
+    """
+    from nnxtrain.plugins import checkpoint_io as cio  # (imports JAX and Orbax)
+
     absl = logging.getLogger("absl")
     level = absl.level
-    absl.setLevel(logging.ERROR)  # Orbax warns of each option read_only sets: noise here
+    absl.setLevel(logging.ERROR)  # Orbax notes each option read_only sets: noise here
     try:
-        options = ocp.CheckpointManagerOptions(read_only=True, cleanup_tmp_directories=False)
-        handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        with ocp.CheckpointManager(ckpt.directory, options=options, item_handlers=handlers) as m:
-            restored = m.restore(ckpt.step, args=ocp.args.Composite(state=args))
-    except Exception as e:
-        as_model = f" as model '{model}'" if model else ""
-        raise UserError(
-            f"checkpoint {ckpt.path}: cannot read its parameters{as_model} "
-            f"({first_line(e)}). Fix: give a checkpoint written by nnxtrain."
-        ) from e
+        mngr = cio.open_manager(ckpt.directory, read_only=True)
+        try:
+            with cio.quiet_leftover_reads():
+                params, _, _ = cio.restore(
+                    mngr,
+                    ckpt.step,
+                    SimpleNamespace(params=target),
+                    ckpt.config,
+                    params_only=True,
+                    warn=warn or _to_stderr,
+                )
+        finally:
+            mngr.close()
     finally:
         absl.setLevel(level)
-    return cast(dict[str, Any], restored["state"]["params"])
+    return cast(dict[str, Any], params)
+
+
+def read_model(
+    path: str, step: int | None = None, step_key: str = "step"
+) -> tuple[Checkpoint, "Config", "Transformer"]:
+    """(the checkpoint, its config, the model with its parameters) of `locate(path, step)`:
+    the model's shape from the config saved with it, on JAX's default device."""
+    import jax
+    from flax import nnx
+
+    from nnxtrain.config import Config, from_dict
+    from nnxtrain.model import Transformer
+
+    ckpt = locate(path, step, step_key)
+    cfg = from_dict(Config, {k: v for k, v in ckpt.config.items() if k in ("model", "data")})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state)
+    )
+    nnx.replace_by_pure_dict(state, read_params(ckpt, target))
+    return ckpt, cfg, nnx.merge(graphdef, state)
+
+
+def _to_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

@@ -19,11 +19,9 @@ than the model's max_len) ends with one line on stderr and exit code 2.
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,49 +143,22 @@ def load_source(source: str, prompt: str) -> tuple[Any, Any, list[int]]:
         raise UserError(f"SOURCE: no such directory {source!r}. Fix: give a run dir or HF dir")
     if os.path.isfile(os.path.join(path, "config.json")):
         return _load_hf(path, prompt)
-    return _load_run(path, source, prompt)
+    return _load_run(path, prompt)
 
 
-def _load_run(path: str, source: str, prompt: str) -> tuple[Any, Any, list[int]]:
-    from flax import nnx
-
-    from nnxtrain.config import Config
-    from nnxtrain.config.loading import from_dict
+def _load_run(path: str, prompt: str) -> tuple[Any, Any, list[int]]:
+    from nnxtrain.checkpoint_reader import read_model
     from nnxtrain.data import run_tokenizer
-    from nnxtrain.model import Transformer
-    from nnxtrain.plugins import checkpoint_io as cio  # the checkpointer's own reader
 
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # Orbax's notes on opening a manager read-only
-    try:
-        mngr, steps = cio.open_source(path)
-    finally:
-        absl.setLevel(level)
-    if not steps:
+    _, cfg, model = read_model(path)
+    tokenizer = run_tokenizer(cfg, path)
+    if tokenizer is None:
         raise UserError(
-            f"SOURCE: {source} has no complete checkpoint (and no config.json). "
-            "Fix: give a run dir whose checkpoints/ holds a saved step, or a Hugging Face dir"
+            f"SOURCE: the run in {path} has no tokenizer (data={cfg.data.name}), so a "
+            "text prompt cannot be encoded. Fix: generate from Python with token ids"
         )
-    try:
-        step = max(steps)
-        meta, _ = cio.read_meta(mngr, step)
-        cfg: Config = from_dict(Config, meta["config"])
-        tokenizer = run_tokenizer(cfg, path)
-        if tokenizer is None:
-            raise UserError(
-                f"SOURCE: the run in {source} has no tokenizer (data={cfg.data.name}), so a "
-                "text prompt cannot be encoded. Fix: generate from Python with token ids"
-            )
-        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
-        graphdef, params = nnx.split(abstract)
-        params, _, _ = cio.restore(
-            mngr, step, types.SimpleNamespace(params=params), meta["config"], params_only=True
-        )
-    finally:
-        mngr.close()
     ids = [int(i) for i in tokenizer.encode([prompt])] or [tokenizer.eos_id]
-    return nnx.merge(graphdef, params), tokenizer, ids
+    return model, tokenizer, ids
 
 
 def _load_hf(path: str, prompt: str) -> tuple[Any, Any, list[int]]:

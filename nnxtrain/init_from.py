@@ -44,7 +44,7 @@ def load(config: Config, state: TrainState, mesh: Mesh | None, console: Console)
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
             nnx.to_pure_dict(state.params),
         )
-        loaded = checkpoint_reader.read_params(src.checkpoint, target, config.model.name)
+        loaded = checkpoint_reader.read_params(src.checkpoint, target)
         where = f"step {src.checkpoint.step} ({src.checkpoint.path})"
     params = jax.tree.map(lambda x: x, state.params)  # a new State; `state` stays as it was
     shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(state.params))

@@ -251,7 +251,6 @@ def restore_latest(
     abstract_state: Any,
     config: dict[str, Any],
     *,
-    params_only: bool,
     fallback: bool,
     key: str,
     warn: Callable[[str], None],
@@ -262,7 +261,7 @@ def restore_latest(
     for i, step in enumerate(steps):
         try:
             with quiet_leftover_reads():
-                return (step, *restore(mngr, step, abstract_state, config, params_only, warn=warn))
+                return (step, *restore(mngr, step, abstract_state, config, warn=warn))
         except Unreadable as e:
             if not fallback or i + 1 == len(steps):
                 hint = "" if fallback else f"; set {key}=true to restore the previous one"

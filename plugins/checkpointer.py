@@ -119,7 +119,6 @@ class Checkpointer(Callback):
             mngr.all_steps() if steps is None else steps,
             trainer.abstract_state,
             self._config,
-            params_only=False,
             fallback=self.fallback,
             key=f"callbacks.{self.name}.fallback",
             warn=lambda text: self._say(trainer, f"warning: {text}"),

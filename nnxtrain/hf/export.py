@@ -16,31 +16,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-import jax
-from flax import nnx
-
-from nnxtrain.checkpoint_reader import locate, read_params
-from nnxtrain.config import Config, from_dict
+from nnxtrain.checkpoint_reader import read_model
+from nnxtrain.config import Config
 from nnxtrain.errors import UserError, first_line
 from nnxtrain.hf import save
-from nnxtrain.model import Transformer
 
 EXIT_BAD_INPUT = 2
-
-
-def read_checkpoint(run_dir: str, step: int | None = None) -> tuple[int, Config, Transformer]:
-    """(step, the run's config, the model with the checkpoint's parameters) of the latest
-    complete checkpoint of `run_dir`, or of `step`; on JAX's default device."""
-    ckpt = locate(run_dir, step, step_key="--step")
-    known = {k: v for k, v in ckpt.config.items() if k in ("model", "data")}
-    cfg = from_dict(Config, known)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state)
-    )
-    nnx.replace_by_pure_dict(state, read_params(ckpt, target, cfg.model.name))
-    return ckpt.step, cfg, nnx.merge(graphdef, state)
 
 
 def tokenizer_of(cfg: Config, run_dir: str) -> tuple[str | None, int | None, str | None]:
@@ -68,7 +49,8 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | Non
     """Writes the HF directory; returns a one-line summary."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir} is not empty. Fix: export to a new or empty directory.")
-    step, cfg, model = read_checkpoint(run_dir, step)
+    ckpt, cfg, model = read_model(run_dir, step, step_key="--step")
+    step = ckpt.step
     tokenizer, eos, warning = tokenizer_of(cfg, run_dir)
     if warning:
         print(f"nnxtrain-export: warning: {warning}", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
-from nnxtrain.hf.export import read_checkpoint
+from nnxtrain.checkpoint_reader import read_model
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,8 @@ def test_export_loads_in_transformers_with_nnxtrains_logits(run_dir, tmp_path):
 
     reference, info = hf_model(out)
     assert all(not v for v in info.values()), info
-    step, _, model = read_checkpoint(str(run_dir))
+    ckpt, _, model = read_model(str(run_dir))
+    step = ckpt.step
     assert step == 4
     toks = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 16), dtype=np.int32)
     with torch.no_grad():

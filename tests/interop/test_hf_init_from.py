@@ -17,7 +17,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
-from nnxtrain.hf.export import read_checkpoint
+from nnxtrain.checkpoint_reader import read_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,8 @@ def test_finetune_from_hf_exports_to_transformers_with_nnxtrains_logits(hf_dir, 
     reference, info = hf_model(out)
     assert all(not v for v in info.values()), info
 
-    step, cfg, model = read_checkpoint(str(tmp_path / "run"))
+    ckpt, cfg, model = read_model(str(tmp_path / "run"))
+    step = ckpt.step
     assert step == 20 and cfg.model.vocab_size == VOCAB and cfg.model.emb_dim == 64
     toks = np.random.default_rng(0).integers(0, VOCAB, (2, 16), dtype=np.int32)
     with torch.no_grad():

@@ -26,6 +26,7 @@ from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
 from nnxtrain import Trainer, UserError, compose
+from nnxtrain.checkpoint_reader import read_model
 
 BASE = ["model=tiny", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "callbacks=none"]
 FIX = "; set callbacks.Checkpointer.fallback=true to restore the previous one"
@@ -101,6 +102,23 @@ def test_a_checkpoint_saved_without_digests_restores_with_a_warning(copy):
     _, text = fit(copy, Checkpointer(), overrides=("run.steps=10",))
     assert "checkpoints/8 has no digests (saved by an older nnxtrain): not verified" in text
     assert "resumed from step 8" in text
+
+
+def test_readers_of_parameters_check_the_digests_too(copy):
+    """run.init_from, nnxtrain-export and nnxtrain-generate all read through read_params."""
+
+    def change_a_param_digest(meta: dict[str, Any]) -> None:
+        rows = meta.pop("digests")["arrays"]
+        meta.pop("crc32")
+        name = next(n for n in sorted(rows) if n.startswith("params/"))
+        rows[name] = [rows[name][0] ^ 1, rows[name][1]]
+        meta.update(digest.seal(meta, rows))  # a meta that is whole: only the array differs
+
+    _edit_meta(copy / "checkpoints" / "8", change_a_param_digest)
+    with pytest.raises(UserError, match=r"checkpoints/8 is unreadable \(corrupt data: params/"):
+        read_model(str(copy))
+    ckpt, _, model = read_model(str(copy), 4)  # the untouched step reads
+    assert ckpt.step == 4 and np.isfinite(np.asarray(model.embed[...])).all()
 
 
 def test_digests_catch_any_changed_element_and_what_linear_sums_miss():
