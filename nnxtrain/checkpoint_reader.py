@@ -5,7 +5,6 @@ parameters. Used by `run.init_from` (`nnxtrain.init_from`), `nnxtrain-export` an
     ckpt = locate("runs/a")                   # a run dir, its checkpoints/ dir or one step's dir
     ckpt.step, ckpt.config["model"]           # the latest complete step; its saved config
     params = read_params(ckpt, abstract)      # pure dict of arrays, each in its target's shards
-    ckpt, cfg, model = read_model("runs/a")   # the Transformer of the latest checkpoint
 
 The layout is the checkpointer plugin's (plugins/checkpoint_io.py): `<dir>/<step>/state`
 (Orbax PyTree) and `<dir>/<step>/meta` (JSON). Orbax writes a step to a temporary name and
@@ -21,15 +20,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
 from nnxtrain.errors import UserError, first_line
-
-if TYPE_CHECKING:
-    from nnxtrain.config import Config
-    from nnxtrain.model import Transformer
 
 META_FILE = os.path.join("meta", "metadata")  # what Orbax's JSON handler writes for `meta`
 
@@ -162,28 +157,6 @@ def read_params(
     finally:
         absl.setLevel(level)
     return cast(dict[str, Any], params)
-
-
-def read_model(
-    path: str, step: int | None = None, step_key: str = "step"
-) -> tuple[Checkpoint, "Config", "Transformer"]:
-    """(the checkpoint, its config, the model with its parameters) of `locate(path, step)`:
-    the model's shape from the config saved with it, on JAX's default device."""
-    import jax
-    from flax import nnx
-
-    from nnxtrain.config import Config, from_dict
-    from nnxtrain.model import Transformer
-
-    ckpt = locate(path, step, step_key)
-    cfg = from_dict(Config, {k: v for k, v in ckpt.config.items() if k in ("model", "data")})
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(state)
-    )
-    nnx.replace_by_pure_dict(state, read_params(ckpt, target))
-    return ckpt, cfg, nnx.merge(graphdef, state)
 
 
 def _to_stderr(message: str) -> None:

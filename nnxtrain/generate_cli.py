@@ -147,7 +147,7 @@ def load_source(source: str, prompt: str) -> tuple[Any, Any, list[int]]:
 
 
 def _load_run(path: str, prompt: str) -> tuple[Any, Any, list[int]]:
-    from nnxtrain.checkpoint_reader import read_model
+    from nnxtrain.checkpoint_model import read_model
     from nnxtrain.data import run_tokenizer
 
     _, cfg, model = read_model(path)

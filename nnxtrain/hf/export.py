@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from nnxtrain.checkpoint_reader import read_model
+from nnxtrain.checkpoint_model import read_model
 from nnxtrain.config import Config
 from nnxtrain.errors import UserError, first_line
 from nnxtrain.hf import save

@@ -15,7 +15,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
-from nnxtrain.checkpoint_reader import read_model
+from nnxtrain.checkpoint_model import read_model
 
 pytestmark = pytest.mark.slow
 

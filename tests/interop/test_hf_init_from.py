@@ -17,7 +17,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
-from nnxtrain.checkpoint_reader import read_model
+from nnxtrain.checkpoint_model import read_model
 
 pytestmark = pytest.mark.slow
 

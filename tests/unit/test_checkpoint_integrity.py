@@ -26,7 +26,7 @@ from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
 from nnxtrain import Trainer, UserError, compose
-from nnxtrain.checkpoint_reader import read_model
+from nnxtrain.checkpoint_model import read_model
 
 BASE = ["model=tiny", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "callbacks=none"]
 FIX = "; set callbacks.Checkpointer.fallback=true to restore the previous one"
