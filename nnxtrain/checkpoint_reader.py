@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
@@ -126,9 +125,7 @@ def locate(path: str, step: int | None = None, step_key: str = "step") -> Checkp
     return Checkpoint(directory, step, tuple(steps), saved)
 
 
-def read_params(
-    ckpt: Checkpoint, target: dict[str, Any], warn: Callable[[str], None] | None = None
-) -> dict[str, Any]:
+def read_params(ckpt: Checkpoint, target: dict[str, Any]) -> dict[str, Any]:
     """The parameters of `ckpt` as a pure dict shaped like `target` (ShapeDtypeStructs with
     shardings: each array is read straight into its shards, in the target's dtype).
 
@@ -150,7 +147,7 @@ def read_params(
                     SimpleNamespace(params=target),
                     ckpt.config,
                     params_only=True,
-                    warn=warn or _to_stderr,
+                    warn=_to_stderr,
                 )
         finally:
             mngr.close()
