@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from nnxtrain.accounting import FlopsReport
     from nnxtrain.compile import CompiledStep
     from nnxtrain.config import Config
+    from nnxtrain.goodput import Goodput, GoodputReport
     from nnxtrain.sharding import ActivationRecord
     from nnxtrain.step import TrainState
     from nnxtrain.timing import StepRecord
@@ -42,6 +43,7 @@ HOOKS = (
     "on_step_end",
     "on_eval_end",
     "on_train_end",
+    "on_goodput",
     "on_exception",
 )
 
@@ -70,6 +72,7 @@ class TrainerView(Protocol):
     step: int  # steps done
     run_info: dict[str, Any]  # what run_info.json holds
     preempted: str | None  # the signal all processes agreed to stop on, if any
+    goodput: "Goodput"  # the wall-time account: report(); timed("checkpoint") for a saver
 
     @property
     def nonfinite_step(self) -> int | None:
@@ -113,6 +116,9 @@ class Callback:
 
     def on_train_end(self, trainer: "TrainerView", event: "TrainEndEvent") -> None:
         """The loop ended: all steps done, a stop was requested, or a loss was not finite."""
+
+    def on_goodput(self, trainer: "TrainerView", event: "GoodputEvent") -> None:
+        """The goodput account so far: every `run.log_every` steps, and after `on_train_end`."""
 
     def on_exception(self, trainer: "TrainerView", event: "ExceptionEvent") -> None:
         """Something raised during setup or the loop; the run is about to end."""
@@ -218,6 +224,14 @@ class TrainEndEvent:
     step: int  # steps done
     reason: str  # "completed", "stopped: <why>", "preempted: SIGTERM", "not finite: <what>"
     seconds: float  # wall time of the loop
+
+
+@dataclass(frozen=True)
+class GoodputEvent:
+    """Where the run's wall time went so far (see nnxtrain.goodput and docs/goodput.md)."""
+
+    step: int  # steps done
+    report: "GoodputReport"  # seconds per bucket, wall time, goodput share, attempts
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ class MetricsLogger(Callback):
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             "tokens_per_sec_per_device": event.tokens / devices / seconds,
             **{k: m[k] for k in METRIC_NAMES},
+            "goodput": trainer.goodput.report().goodput,
             "time": time.time(),
         }
         if note:
@@ -137,8 +138,8 @@ class MetricsLogger(Callback):
             f"{record['tflops_per_sec_per_device']:.4g} TFLOP/s/dev | "
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
             f"{m['total_weights']:,.0f} | loss {m['loss']:.4f} | lm_loss {m['lm_loss']:.4f} | "
-            f"ppl {m['perplexity']:.3f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f}"
-            + (f" | note: {note}" if note else ""),
+            f"ppl {m['perplexity']:.3f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f} | "
+            f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
         )
