@@ -312,6 +312,9 @@ class Trainer:
         }
         if watcher.first is not None:  # start-up cost: setup, compile (or cache), first step
             self.run_info["seconds_to_first_step"] = watcher.first.completed_at - self._fit_started
+        # The account so far, for plugins reading run_info in on_train_end; completed after
+        # teardown (the checkpointer's last write) by _report_goodput.
+        self.run_info["goodput"] = self.goodput.state(self.step)
         write_run_info(self.run_dir, self.run_info)
         self.hooks.fire("on_train_end", self, TrainEndEvent(self.step, reason, seconds))
         self.hooks.fire("on_goodput", self, GoodputEvent(self.step, self.goodput.report()))
