@@ -26,13 +26,16 @@ kept in run_info.json, over every attempt of the run dir.
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
 from nnxtrain.accounting import FlopsReport, step_flops
@@ -78,7 +81,7 @@ from nnxtrain.rundir import (
 )
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord, merge_rules
-from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.step import GUARD_OFF, METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.timing import StepRecord, StepWatcher
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
@@ -159,6 +162,8 @@ class Trainer:
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
         self._watcher: StepWatcher | None = None
+        self._stop_failed = False  # request_failure_stop: the run ends as failed (exit 3)
+        self._guard: Any = None  # the skip guard the train step gets (step.GUARD_OFF: off)
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
 
@@ -168,6 +173,20 @@ class Trainer:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def request_failure_stop(self, reason: str) -> None:
+        """Ends the loop before the next step as a failed run: `on_train_end` reports
+        "diverged: <reason>" and the CLI exits 3 (as for a non-finite loss)."""
+        if self.stop_reason is None:
+            self.stop_reason, self._stop_failed = reason, True
+
+    def skip_bad_steps(self, loss_limit: float = math.inf, grad_norm_limit: float = math.inf):
+        """From the next step on, a step whose loss or gradient norm is not finite or above
+        its limit leaves the parameters and optimizer state as they were (`skipped` = 1
+        in its metrics). Takes effect without recompiling; the limits are the same on
+        every process (they come from the global metrics)."""
+        guard = np.asarray([1.0, loss_limit, grad_norm_limit], np.float32)
+        self._guard = jax.device_put(guard, self._replicated())
 
     def request_save(self) -> None:
         """Asks the checkpointing plugin to save after the current step."""
@@ -289,6 +308,8 @@ class Trainer:
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
         self._looped = True
+        if self._guard is None:
+            self._guard = jax.device_put(np.asarray(GUARD_OFF, np.float32), self._replicated())
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
         with self.goodput.timed("step"):
@@ -342,12 +363,13 @@ class Trainer:
                 self.preempted = signal_name
                 return f"preempted: {signal_name}", eval_metrics
             if self.stop_reason is not None:
-                return f"stopped: {self.stop_reason}", eval_metrics
+                verdict = "diverged" if self._stop_failed else "stopped"
+                return f"{verdict}: {self.stop_reason}", eval_metrics
             if watcher.nonfinite is not None:
                 return nonfinite_reason(watcher.nonfinite), eval_metrics
             watcher.throttle(self.step + 1)
             t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, batch)
+            self.state, metrics = self.compiled(self.state, batch, self._guard)
             self.step = step = self.step + 1
             watcher.submit(step, t, metrics)
             if step < num_steps:
@@ -363,6 +385,10 @@ class Trainer:
             if log_every and step % log_every == 0:
                 self.hooks.fire("on_goodput", self, GoodputEvent(step, account.report()))
         return "completed", eval_metrics
+
+    def _replicated(self) -> NamedSharding:
+        assert self.mesh is not None, "the mesh is built in fit()"
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def _wait_for(self, watcher: StepWatcher, step: int) -> StepRecord:
         """A step's record; waiting for it is the step's time, whoever asks (a plugin)."""
