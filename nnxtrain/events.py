@@ -86,6 +86,14 @@ class TrainerView(Protocol):
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
 
+    def request_failure_stop(self, reason: str) -> None:
+        """Ends the loop as a failed run: `on_train_end` reports "diverged: <reason>" and
+        the CLI exits 3."""
+
+    def skip_bad_steps(self, loss_limit: float = ..., grad_norm_limit: float = ...) -> None:
+        """From the next step on, a step whose loss or gradient norm is not finite or above
+        its limit keeps the parameters and optimizer state (no recompiling)."""
+
     def request_save(self) -> None:
         """Asks the checkpointing plugin to save after the current step."""
 
