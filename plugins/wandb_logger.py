@@ -59,8 +59,7 @@ class WandbLogger(Tracker):
             group = self.sweep["dir"][-GROUP_LIMIT:]
         name = self.run_name or os.path.basename(self.run_dir)
         if self.sweep is not None and self.run_name is None:
-            swept = " ".join(f"{k}={v}" for k, v in self.sweep["overrides"].items())
-            name = f"job {self.sweep['job']}: {swept}"[:128]
+            name = f"job {self.sweep['job']}"  # its overrides are in the config: sweep.<key>
         # W&B reads WANDB_DIR itself; without it, its files belong with the run's.
         directory = self.dir or (None if os.environ.get("WANDB_DIR") else self.run_dir)
         self._run = self._wandb.init(

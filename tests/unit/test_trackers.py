@@ -150,3 +150,22 @@ def test_a_required_tracker_that_fails_stops_the_run_before_anything_is_saved(
 def test_a_bad_every_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"callbacks.tracker.every: must be >= 0"):
         fit(tmp_path / "run", MlflowLogger(every=-1))
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path: Path) -> None:
+    from nnxtrain.plugins.checkpointer import Checkpointer
+
+    def run(steps: int) -> None:
+        checkpointer, tracker = Checkpointer(every=2), MlflowLogger()
+        checkpointer.name, tracker.name = "checkpoint", "tracker"
+        config = compose([*BASE, f"run.dir={tmp_path / 'run'}", f"run.steps={steps}"])
+        assert Trainer(config, [checkpointer, tracker]).fit().reason == "completed"
+
+    run(4)
+    run(6)  # restores step 4, and with it the tracker's run id
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (only,) = mlflow_runs(uri)
+    logged = history(uri, only.info.run_id, "train/loss")
+    print(f"one MLflow run {only.info.run_id} across the resume: train/loss steps {sorted(logged)}")
+    assert sorted(logged) == [2, 4, 6] and only.info.status == "FINISHED"
+    assert only.data.params["run.steps"] == "4"  # MLflow params keep their first value
