@@ -28,6 +28,7 @@ from nnxtrain.plugins.tracking import Tracker, flatten, numeric
 
 # MLflow's limits: values of params (MLflow 3), and entries of one log_batch call.
 PARAM_VALUE_LIMIT, BATCH_PARAMS, BATCH_METRICS = 6000, 100, 1000
+STATUS = {"completed": "FINISHED", "preempted": "KILLED", "failed": "FAILED"}  # MLflow's words
 
 
 class MlflowLogger(Tracker):
@@ -115,9 +116,7 @@ class MlflowLogger(Tracker):
             if info_path is not None:
                 self._client.log_artifact(self.run_id, info_path)
         finally:
-            self._client.set_terminated(
-                self.run_id, status="FINISHED" if status == "completed" else "FAILED"
-            )
+            self._client.set_terminated(self.run_id, status=STATUS.get(status, "FAILED"))
 
     def fix(self) -> str:
         return (

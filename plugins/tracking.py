@@ -127,7 +127,8 @@ class Tracker(Callback):
         raise NotImplementedError
 
     def finish(self, info: dict[str, Any], info_path: str | None, status: str) -> None:
-        """Logs run_info (flattened) and its file, ends the run ('completed' | 'failed')."""
+        """Logs run_info (flattened) and its file, ends the run with `status`: 'completed',
+        'preempted' (a rerun resumes it) or 'failed'."""
         raise NotImplementedError
 
     def fix(self) -> str:
@@ -191,7 +192,13 @@ class Tracker(Callback):
     def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
         # Here rather than in teardown: run_info.json is complete, and a required
         # tracker's failure can still end the run with an error (teardown only reports).
-        self._status = "failed" if event.reason.startswith("not finite") else "completed"
+        self._status = (
+            "failed"
+            if event.reason.startswith("not finite")
+            else "preempted"
+            if event.reason.startswith("preempted")
+            else "completed"
+        )
         self._end(trainer)
 
     def on_exception(self, trainer: TrainerView, event: ExceptionEvent) -> None:

@@ -91,6 +91,8 @@ class WandbLogger(Tracker):
             if info_path is not None:  # a copy, as it is now, in the run's files
                 copy = shutil.copy(info_path, os.path.join(run.dir, os.path.basename(info_path)))
                 run.save(copy, base_path=run.dir, policy="now")
+            if status == "preempted":
+                run.mark_preempting()  # W&B's word for a run that a rerun resumes
         finally:
             run.finish(exit_code=0 if status == "completed" else 1)
 
