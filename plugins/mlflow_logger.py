@@ -19,9 +19,12 @@ file into the run's artifacts. What happens when MLflow fails is said in
 `plugins/tracking.py`, the base this shares with wandb_logger.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from nnxtrain.plugins.tracking import Tracker, flatten, numeric
@@ -55,7 +58,13 @@ class MlflowLogger(Tracker):
 
         # get_tracking_uri(): MLFLOW_TRACKING_URI, else MLflow's default store.
         self.uri = self.tracking_uri or mlflow.get_tracking_uri()
-        self._client = client = MlflowClient(tracking_uri=self.uri)
+        with _one_at_a_time(self.uri):
+            self._client = MlflowClient(tracking_uri=self.uri)
+            self._experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        """The id of the run's experiment, created when it is new."""
+        client = self._client
         name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "nnxtrain"
         if self.sweep is not None and not (
             self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
@@ -64,13 +73,12 @@ class MlflowLogger(Tracker):
         found = client.get_experiment_by_name(name)  # also checks that the store answers
         if found is None:
             try:
-                self._experiment_id = client.create_experiment(name)
-                return
-            except Exception:  # another job of the sweep created it first
+                return str(client.create_experiment(name))
+            except Exception:  # another job of the sweep, on another host, created it first
                 found = client.get_experiment_by_name(name)
                 if found is None:
                     raise
-        self._experiment_id = found.experiment_id
+        return str(found.experiment_id)
 
     def start(self, params: dict[str, Any], resume: bool) -> str:
         from mlflow.entities import Param, RunTag
@@ -123,6 +131,22 @@ class MlflowLogger(Tracker):
             f"check callbacks.{self.name}.tracking_uri or MLFLOW_TRACKING_URI and that the "
             "store answers"
         )
+
+
+@contextlib.contextmanager
+def _one_at_a_time(uri: str) -> Iterator[None]:
+    """Holds `<db>.lock` beside a SQLite store while the block runs: the jobs of a parallel
+    sweep that open one new store at once would race to create its tables (MLflow does
+    not guard that: "table ... already exists"), and to create the sweep's experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _text(value: Any) -> str:
