@@ -1,0 +1,119 @@
+"""The tracker plugins through the real CLI: a 2-job multirun (jobs in turn, and at once) is
+one MLflow experiment and one W&B group, each job tagged with its number and swept value;
+a required tracker that cannot connect exits 2 in one line, before anything is saved. No
+network."""
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import cli_env, run_cli
+from tracker_records import history, mlflow_runs, wandb_runs
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model=tiny",
+    "run.steps=4",
+    "run.batch_size=4",
+    "run.seq_len=16",
+    "run.log_every=2",
+    "run.eval_every=0",
+]
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    env = cli_env() | {"WANDB_MODE": "offline", "WANDB_PROJECT": "nnxtrain-tests"}
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp_path / "home" / var.lower())
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_DIR", "WANDB_RUN_GROUP"):
+        env.pop(var, None)
+    return env
+
+
+# Hydra's basic launcher runs the jobs one after the other in one process (each tool starts
+# a second run there); joblib runs them at once in two (both open one new MLflow store).
+LAUNCHERS = {
+    "basic": [],
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mesh=single"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(
+    tmp_path: Path, launcher: str
+) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *LAUNCHERS[launcher],
+            *TINY,
+            "~callbacks.checkpoint",
+            "+callbacks.wandb._target_=wandb_logger",
+            "+callbacks.mlflow._target_=mlflow_logger",
+            "optim.lr=0.001,0.003",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning:" not in proc.stdout, proc.stdout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's default store, in the cwd
+    runs = mlflow_runs(uri)
+    assert len(runs) == 2
+    assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}  # one
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment(runs[0].info.experiment_id)
+    assert experiment.name == f"nnxtrain sweep {sweep}"
+    for job, (run, lr) in enumerate(zip(runs, ("0.001", "0.003"), strict=True)):
+        print(
+            f"MLflow job {run.data.tags['nnxtrain.job']}: {run.info.run_name}, "
+            f"optim.lr={run.data.params['optim.lr']}, experiment {experiment.name!r}, "
+            f"train/loss {history(uri, run.info.run_id, 'train/loss')}"
+        )
+        assert run.data.tags["nnxtrain.job"] == str(job)
+        assert run.data.tags["nnxtrain.sweep_dir"] == str(sweep)
+        assert run.data.params["sweep.optim.lr"] == lr and run.data.params["optim.lr"] == lr
+        assert sorted(history(uri, run.info.run_id, "train/loss")) == [2, 4]
+
+    wandb = [r for job in ("0", "1") for r in wandb_runs(sweep / job / "wandb")]
+    for job, (run, lr) in enumerate(zip(wandb, (0.001, 0.003), strict=True)):
+        print(
+            f"W&B job {run.config['sweep.job']}: {run.name!r}, group {run.group!r}, "
+            f"history steps {sorted(run.history)}"
+        )
+        assert run.group == str(sweep)  # one group per sweep
+        assert run.config["sweep.job"] == job and run.config["optim.lr"] == lr
+        assert run.config["sweep.optim.lr"] == str(lr)  # the override, as typed
+        assert sorted(run.history) == [2, 4] and run.exit_code == 0
+
+
+def test_a_required_tracker_that_cannot_connect_exits_2_in_one_line(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        [
+            *TINY,
+            f"run.dir={run_dir}",
+            "+callbacks.mlflow._target_=mlflow_logger",
+            "+callbacks.mlflow.tracking_uri=bogus://nowhere",
+            "+callbacks.mlflow.required=true",
+        ],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+    )
+    print(proc.stderr)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        "nnxtrain: error: callbacks.mlflow.required: is true and MLflow could not set up"
+    ), line
+    assert line.endswith("or set callbacks.mlflow.required=false to train without it."), line
+    # It stopped in on_setup: nothing compiled, trained or saved (the checkpointer, set up
+    # before it, made its folder, and left it empty).
+    assert not list((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert not os.path.exists(tmp_path / "mlflow.db")
