@@ -7,7 +7,14 @@ models); `remat` picks the rematerialisation policy of the layer body.
 
     model = Transformer(ModelConfig(), rngs=nnx.Rngs(0))
     logits = model(tokens)            # tokens [batch, length] -> [batch, length, vocab]
+    logits = model(tokens, positions, segment_ids)   # packed documents, see below
     logits, cache = model(tokens, positions, cache=cache)   # generation (nnxtrain.generate)
+
+Packed rows hold several documents: `segment_ids` [batch, length] number them (1, 2, ...;
+0 marks padding) and `positions` restart at 0 in each. With segment ids, attention is
+causal within each document only: a token never sees another document, so a packed
+document's logits are those it has alone. Without them the forward is the plain causal
+one, traced exactly as before.
 
 The cache path is separate code (`_cached_layers`, `DecoderLayer.decode`): a call without
 a cache, the one the train and eval steps make, traces exactly the plain forward.
@@ -37,6 +44,16 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [batch, length] that restart at 0 wherever the segment id changes."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=1,
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 class Transformer(nnx.Module):
@@ -70,33 +87,53 @@ class Transformer(nnx.Module):
             )
 
     @overload
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array: ...
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array: ...
 
     @overload
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: None = None,
+        *,
+        cache: KVCache,
     ) -> tuple[jax.Array, KVCache]: ...
 
     def __call__(
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         *,
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [batch, length, vocab] in the activation dtype for tokens [batch, length].
+
+        `segment_ids` [batch, length] confine attention to each document (see the module
+        docstring); without `positions`, they restart at each document then.
 
         With a `cache` (generation only, see `nnxtrain.model.cache`), the tokens' keys and
         values are written into it at their positions (consecutive per row) and attention
         reads the cached slots; returns (logits, the updated cache).
         """
         cfg, dt = self.cfg, activation_dtype(self.cfg.dtype)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for training's packed rows, not a KV cache")
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = (
+                jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                if segment_ids is None
+                else document_positions(segment_ids)
+            )
         x = jnp.take(self.embed[...].astype(dt), tokens, axis=0)
         x = constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
         if cache is None:
-            x = self._layers(x, positions)
+            x = self._layers(x, positions, segment_ids)
         else:
             x, cache = self._cached_layers(x, positions, cache)
 
@@ -111,13 +148,15 @@ class Transformer(nnx.Module):
         scan = self.cfg.scan_layers
         return scan if scan is not None else jax.default_backend() != "cpu"
 
-    def _layers(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def _layers(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    ) -> jax.Array:
         """The training forward through the stacked layers, scanned or unrolled."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_state)(h, positions), None
+            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
