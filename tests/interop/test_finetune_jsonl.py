@@ -50,6 +50,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = " ".join(r["prompt"] + r["completion"] for r in records(50, 0))
     tokenizer = word_tokenizer(tmp / "model" / "tokenizer.json", text)
     assert len(json.loads(tokenizer.read_text())["model"]["vocab"]) < VOCAB
+    (tmp / "model" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     return tmp / "model"
 
 
@@ -111,6 +112,8 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     export = [sys.executable, "-m", "nnxtrain.hf.export", str(run), str(out)]
     done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer, and its EOS
+        assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
     end = reference_loss(out, out / "tokenizer.json", val_records)
     print(f"step {STEPS} eval loss: nnxtrain {losses[STEPS]:.6f}, exported {end:.6f}")
     assert abs(losses[STEPS] - end) <= 2 * TOLERANCE
