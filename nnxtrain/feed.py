@@ -3,6 +3,7 @@
     feed = Feed(dataset, mesh, batch_size=16, seq_len=128)
     batch = feed.train(step)            # dict of global jax.Arrays, split over data x fsdp
     feed.spec()                         # their ShapeDtypeStructs, to compile the steps for
+    feed.count_tokens(step)             # its non-padding tokens (for tokens/s)
 
 Each process asks the dataset only for the global rows its own devices hold
 (`process_rows`), so a multi-host run reads each row once. Reading ahead is the dataset's
@@ -51,6 +52,15 @@ class Feed:
             k: jax.ShapeDtypeStruct(self.shape, dtype, sharding=self.sharding)
             for k, dtype in self.dtypes.items()
         }
+
+    def count_tokens(self, step: int) -> int:
+        """Non-padding tokens of train step `step`'s global batch (tokens/s counts these):
+        the dataset's `count_tokens`, else every place. Host-side, and reads no batch. The
+        FLOPs and MFU stay per full row: the device computes the padding too."""
+        count = getattr(self.dataset, "count_tokens", None)
+        if count is None:  # a dataset handed in from Python without the method
+            return self.shape[0] * self.shape[1]
+        return int(count(step, *self.shape))
 
     def train(self, step: int) -> dict[str, jax.Array]:
         """The batch of train step `step` (0-based), placed on the mesh."""

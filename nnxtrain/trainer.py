@@ -323,22 +323,12 @@ class Trainer:
             if step < num_steps:
                 batch = feed.train(step)  # overlaps with the device's work
             record = functools.partial(watcher.wait, step)
-            tokens = self._count_tokens(step - 1)
+            tokens = feed.count_tokens(step - 1)  # non-padding: tokens/s counts these
             event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
             self.hooks.fire("on_step_end", self, event)
             if eval_every and (step % eval_every == 0 or step == num_steps):
                 eval_metrics = self.evaluate()
         return "completed", eval_metrics
-
-    def _count_tokens(self, step: int) -> int:
-        """Non-padding tokens of the batch of 0-based `step` (tokens/s counts these): the
-        dataset's `count_tokens`, else every place. FLOPs and MFU stay per full row: the
-        device computes the padding too."""
-        count = getattr(self.dataset, "count_tokens", None)
-        assert self.flops is not None
-        if count is None:  # a dataset handed in from Python without the method
-            return self.flops.tokens_per_step
-        return int(count(step, self.config.run.batch_size, self.config.run.seq_len))
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""

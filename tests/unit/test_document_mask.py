@@ -171,6 +171,13 @@ def test_the_feed_spec_has_segments_only_with_the_mask_on():
         assert set(spec) == set(batch) == keys
         for k in keys:
             assert batch[k].dtype == spec[k].dtype and batch[k].shape == spec[k].shape
+    # tokens/s: the non-padding places, as the batch itself shows them
+    docs = packed_docs(documents())
+    feed = Feed(docs, mesh, batch_size=2, seq_len=SEQ)
+    for step in range(3):
+        real = int((np.asarray(feed.train(step)["segment_ids"]) > 0).sum())
+        assert feed.count_tokens(step) == real < 2 * SEQ
+    assert Feed(object(), mesh, batch_size=2, seq_len=SEQ).count_tokens(0) == 2 * SEQ
 
 
 # -- the steps on packed documents ---------------------------------------------------------
