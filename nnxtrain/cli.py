@@ -89,11 +89,7 @@ def _run(cfg: DictConfig) -> float:
         final_loss=result.metrics.get("loss"),
         final_eval_loss=final_eval,
         best_eval_loss=result.best_eval_loss,
-        tokens_per_sec=(
-            result.step * config.run.batch_size * config.run.seq_len / result.seconds
-            if result.seconds
-            else None
-        ),
+        tokens_per_sec=result.tokens / result.seconds if result.seconds else None,  # non-padding
         wall_seconds=time.perf_counter() - t0,
     )
     write_status(job_dir, status)

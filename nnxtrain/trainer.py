@@ -91,6 +91,7 @@ class FitResult:
     run_dir: str
     seconds: float = 0.0  # wall time of the loop
     best_eval_loss: float | None = None  # lowest eval/loss of the run (None without eval)
+    tokens: int = 0  # non-padding tokens of the steps this fit() ran (tokens/s counts these)
 
 
 class Trainer:
@@ -149,6 +150,7 @@ class Trainer:
         self.best_eval_loss: float | None = None
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
+        self.tokens_trained = 0  # non-padding tokens of the steps this fit() ran
         self._watcher: StepWatcher | None = None
 
     # -- control, for plugins ------------------------------------------------------------
@@ -299,6 +301,7 @@ class Trainer:
             self.run_dir,
             seconds,
             self.best_eval_loss,
+            self.tokens_trained,
         )
 
     def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
@@ -324,6 +327,7 @@ class Trainer:
                 batch = feed.train(step)  # overlaps with the device's work
             record = functools.partial(watcher.wait, step)
             tokens = feed.count_tokens(step - 1)  # non-padding: tokens/s counts these
+            self.tokens_trained += tokens
             event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
             self.hooks.fire("on_step_end", self, event)
             if eval_every and (step % eval_every == 0 or step == num_steps):
