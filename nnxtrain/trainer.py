@@ -126,8 +126,7 @@ class Trainer:
         self.model_factory: ModelFactory = model_factory or (
             lambda rngs: Transformer(config.model, rngs=rngs)
         )
-        self._optimizer = optimizer
-        self._devices = devices
+        self._optimizer, self._devices = optimizer, devices
         self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
@@ -142,9 +141,8 @@ class Trainer:
         self.eval_step: CompiledStep | None = None
         self.feed: Feed | None = None
         self.state: TrainState | None = None  # a plugin may set it in on_setup (restore)
-        self.step = 0
+        self.step, self.save_requested = 0, False
         self.stop_reason: str | None = None
-        self.save_requested = False
         self.preempted: str | None = None  # the signal every process agreed to stop on
         self.run_info: dict[str, Any] = {}
         self.best_eval_loss: float | None = None
@@ -307,7 +305,7 @@ class Trainer:
     def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
         """Steps until done or stopped; returns (reason, the last eval metrics)."""
         num_steps, eval_every, feed = self.config.run.steps, self.config.run.eval_every, self.feed
-        assert feed is not None and self.flops is not None
+        assert feed is not None
         eval_metrics: dict[str, float] = {}
         batch = feed.train(self.step) if self.step < num_steps else None
         while self.step < num_steps:
@@ -326,8 +324,7 @@ class Trainer:
             if step < num_steps:
                 batch = feed.train(step)  # overlaps with the device's work
             record = functools.partial(watcher.wait, step)
-            tokens = feed.count_tokens(step - 1)  # non-padding: tokens/s counts these
-            self.tokens_trained += tokens
+            self.tokens_trained += (tokens := feed.count_tokens(step - 1))  # non-padding
             event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
             self.hooks.fire("on_step_end", self, event)
             if eval_every and (step % eval_every == 0 or step == num_steps):
