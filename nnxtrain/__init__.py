@@ -19,6 +19,7 @@ from nnxtrain.events import (
     CompileEvent,
     EvalEndEvent,
     ExceptionEvent,
+    GoodputEvent,
     LazyMetrics,
     SetupEvent,
     StepEndEvent,
@@ -27,6 +28,7 @@ from nnxtrain.events import (
     TrainStartEvent,
 )
 from nnxtrain.generation import generate
+from nnxtrain.goodput import Goodput, GoodputReport
 from nnxtrain.records import drop_records_after
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord
@@ -50,6 +52,9 @@ __all__ = [
     "ExceptionEvent",
     "FitResult",
     "FlopsReport",
+    "Goodput",
+    "GoodputEvent",
+    "GoodputReport",
     "LazyMetrics",
     "LostProcessError",
     "PluginError",

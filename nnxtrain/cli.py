@@ -96,7 +96,7 @@ def _run(cfg: DictConfig) -> float:
     if result.reason.startswith("preempted"):  # stops a whole sweep too
         print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
-    if result.reason.startswith("not finite"):
+    if result.reason.startswith(("not finite", "diverged")):
         print(f"nnxtrain: {result.reason}", file=sys.stderr)
         if not sweeping or fail_fast:
             _exit(EXIT_NOT_FINITE)

@@ -23,7 +23,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from nnxtrain.sharding import ActivationRecord, state_shardings, use_rules
-from nnxtrain.step import TrainState, make_eval_step, make_train_step, pack_metrics, zero_sums
+from nnxtrain.step import (
+    GUARD_OFF,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    pack_metrics,
+    zero_sums,
+)
 from nnxtrain.units import format_bytes
 
 Rules = Mapping[str, tuple[str, ...] | None]
@@ -134,26 +141,30 @@ def compile_steps(
     grad_accum: int,
     with_eval: bool,
 ) -> tuple[CompiledStep, CompiledStep | None]:
-    """The train step `(state, batch) -> (state, metrics vector)`, state donated, and (when
+    """The train step `(state, batch, guard) -> (state, metrics vector)`, state donated
+    (guard: float32 [on, loss limit, grad-norm limit], see `step.GUARD_OFF`), and (when
     `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
     for `batch`'s shapes and shardings on `mesh` under `rules`."""
     step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[Any, jax.Array]:
-        state, metrics = step_fn(state, batch)
+    def train_step(
+        state: TrainState, batch: dict[str, jax.Array], guard: jax.Array
+    ) -> tuple[Any, jax.Array]:
+        state, metrics = step_fn(state, batch, guard)
         return state, pack_metrics(metrics)
 
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     train = jax.jit(
         train_step,
-        in_shardings=(plan.shardings, batch_shardings),
+        in_shardings=(plan.shardings, batch_shardings, replicated),
         out_shardings=(plan.shardings, None),
         donate_argnums=0,
     )
-    compiled_train = _compile("train", mesh, rules, train, plan.abstract, batch)
+    guard = jax.ShapeDtypeStruct((len(GUARD_OFF),), jnp.float32, sharding=replicated)
+    compiled_train = _compile("train", mesh, rules, train, plan.abstract, batch, guard)
     if not with_eval:
         return compiled_train, None
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     totals = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
         for k, v in zero_sums().items()

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from nnxtrain.accounting import FlopsReport
     from nnxtrain.compile import CompiledStep
     from nnxtrain.config import Config
+    from nnxtrain.goodput import Goodput, GoodputReport
     from nnxtrain.sharding import ActivationRecord
     from nnxtrain.step import TrainState
     from nnxtrain.timing import StepRecord
@@ -42,6 +43,7 @@ HOOKS = (
     "on_step_end",
     "on_eval_end",
     "on_train_end",
+    "on_goodput",
     "on_exception",
 )
 
@@ -70,6 +72,7 @@ class TrainerView(Protocol):
     step: int  # steps done
     run_info: dict[str, Any]  # what run_info.json holds
     preempted: str | None  # the signal all processes agreed to stop on, if any
+    goodput: "Goodput"  # the wall-time account: report(); timed("checkpoint") for a saver
 
     @property
     def nonfinite_step(self) -> int | None:
@@ -82,6 +85,14 @@ class TrainerView(Protocol):
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
+
+    def request_failure_stop(self, reason: str) -> None:
+        """Ends the loop as a failed run: `on_train_end` reports "diverged: <reason>" and
+        the CLI exits 3."""
+
+    def skip_bad_steps(self, loss_limit: float = ..., grad_norm_limit: float = ...) -> None:
+        """From the next step on, a step whose loss or gradient norm is not finite or above
+        its limit keeps the parameters and optimizer state (no recompiling)."""
 
     def request_save(self) -> None:
         """Asks the checkpointing plugin to save after the current step."""
@@ -113,6 +124,9 @@ class Callback:
 
     def on_train_end(self, trainer: "TrainerView", event: "TrainEndEvent") -> None:
         """The loop ended: all steps done, a stop was requested, or a loss was not finite."""
+
+    def on_goodput(self, trainer: "TrainerView", event: "GoodputEvent") -> None:
+        """The goodput account so far: every `run.log_every` steps, and after `on_train_end`."""
 
     def on_exception(self, trainer: "TrainerView", event: "ExceptionEvent") -> None:
         """Something raised during setup or the loop; the run is about to end."""
@@ -218,6 +232,14 @@ class TrainEndEvent:
     step: int  # steps done
     reason: str  # "completed", "stopped: <why>", "preempted: SIGTERM", "not finite: <what>"
     seconds: float  # wall time of the loop
+
+
+@dataclass(frozen=True)
+class GoodputEvent:
+    """Where the run's wall time went so far (see nnxtrain.goodput and docs/goodput.md)."""
+
+    step: int  # steps done
+    report: "GoodputReport"  # seconds per bucket, wall time, goodput share, attempts
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Calling the plugins: each hook goes to the callbacks that override it, in config order.
 
-    hooks = Hooks(callbacks)
+    hooks = Hooks(callbacks, goodput)         # time in a plugin: goodput's callbacks/NAME
     hooks.fire("on_step_end", trainer, event)   # an error names the plugin and the hook
     hooks.fire_exception(trainer, exc, "loop")  # never masks the original error
     hooks.teardown(trainer)                     # always, after success or failure
@@ -14,17 +14,20 @@ printed and logged the same way, never masking the error that ended the run.
 """
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from nnxtrain.errors import PluginError, UserError, first_line, log_traceback
 from nnxtrain.events import HOOKS, Callback, ExceptionEvent, TrainerView, overrides
+from nnxtrain.goodput import Goodput
 
 
 class Hooks:
     """The run's callbacks, and the calls of their hooks."""
 
-    def __init__(self, callbacks: Sequence[Callback]):
+    def __init__(self, callbacks: Sequence[Callback], goodput: Goodput | None = None):
         self.callbacks = list(callbacks)
+        self.goodput = goodput
         for cb in self.callbacks:
             cb.name = cb.name or type(cb).__name__
         names = [cb.name for cb in self.callbacks]
@@ -39,7 +42,8 @@ class Hooks:
         """Calls `hook` on every callback that overrides it; a plugin's error names it."""
         for cb in self._by_hook[hook]:
             try:
-                getattr(cb, hook)(trainer, event)
+                with self._timed(cb):
+                    getattr(cb, hook)(trainer, event)
             except UserError:
                 raise
             except Exception as e:
@@ -55,7 +59,8 @@ class Hooks:
         event = ExceptionEvent(trainer.step, exc, where)
         for cb in self._by_hook["on_exception"]:
             try:
-                cb.on_exception(trainer, event)
+                with self._timed(cb):
+                    cb.on_exception(trainer, event)
             except Exception as e:  # never mask the original error
                 self._report(trainer, cb, "on_exception", e)
 
@@ -63,9 +68,13 @@ class Hooks:
         """Every callback's `teardown`, each one whatever the others raised."""
         for cb in self.callbacks:
             try:
-                cb.teardown(trainer)
+                with self._timed(cb):
+                    cb.teardown(trainer)
             except Exception as e:
                 self._report(trainer, cb, "teardown", e)
+
+    def _timed(self, cb: Callback) -> AbstractContextManager[None]:
+        return nullcontext() if self.goodput is None else self.goodput.timed(f"callbacks/{cb.name}")
 
     @staticmethod
     def _report(trainer: TrainerView, cb: Callback, hook: str, e: Exception) -> None:

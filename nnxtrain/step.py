@@ -12,6 +12,7 @@ Loss (per step, over all unmasked targets of the global batch)::
     loss    = lm_loss + z_loss * sum(w * lse**2) / sum(w)   # lse: log-partition of logits
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,22 @@ from nnxtrain.config import OptimConfig
 Metrics = dict[str, jax.Array]
 
 # The scalars every train step reports, in the order of `pack_metrics`.
-METRIC_NAMES = ("loss", "lm_loss", "z_loss", "perplexity", "total_weights", "grad_norm", "lr")
+METRIC_NAMES = (
+    "loss",
+    "lm_loss",
+    "z_loss",
+    "perplexity",
+    "total_weights",
+    "grad_norm",
+    "lr",
+    "skipped",
+)
+
+# The skip guard a train step honours: [on, loss limit, gradient-norm limit]. With `on`
+# set, a step whose loss or gradient norm is not finite or above its limit keeps the
+# parameters and optimizer state bitwise as they were (the step counter still advances:
+# the batch is consumed). An input, not a constant: limits change without recompiling.
+GUARD_OFF = (0.0, math.inf, math.inf)
 
 
 def pack_metrics(metrics: Metrics) -> jax.Array:
@@ -140,8 +156,9 @@ def make_train_step(
     schedule: optax.Schedule,
     z_loss: float,
     grad_accum: int,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]:
-    """The train step: forward, backward (over `grad_accum` micro-batches), update."""
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """The train step: forward, backward (over `grad_accum` micro-batches), update; with a
+    `guard` ([on, loss limit, grad-norm limit], see GUARD_OFF) a bad step is skipped."""
 
     def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -152,7 +169,9 @@ def make_train_step(
         (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
         return sums, grads
 
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    def step(
+        state: TrainState, batch: dict[str, jax.Array], guard: jax.Array | None = None
+    ) -> tuple[TrainState, Metrics]:
         if grad_accum == 1:
             sums, grads = sums_and_grads(state.params, batch)
         else:
@@ -179,6 +198,15 @@ def make_train_step(
         metrics = summarize(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
+        skip = jnp.asarray(False)
+        if guard is not None:
+            loss, norm = metrics["loss"], metrics["grad_norm"]
+            bad = ~jnp.isfinite(loss) | ~jnp.isfinite(norm) | (loss > guard[1]) | (norm > guard[2])
+            skip = (guard[0] > 0) & bad
+            keep = functools.partial(jnp.where, skip)
+            params = jax.tree.map(keep, state.params, params)
+            opt_state = jax.tree.map(keep, state.opt_state, opt_state)
+        metrics["skipped"] = skip
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step

@@ -84,8 +84,13 @@ class StepWatcher:
                 dict(zip(self.names, host.tolist(), strict=True)),
             )
             self._last_completed = now
-            if self.nonfinite is None and not all(
-                math.isfinite(record.metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
+            skipped = record.metrics.get("skipped", 0.0) > 0  # the guard kept the state
+            if (
+                self.nonfinite is None
+                and not skipped
+                and not all(
+                    math.isfinite(record.metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
+                )
             ):
                 self.nonfinite = record
             with self._done:

@@ -19,18 +19,23 @@ device for a step nothing reads; `nnxtrain.timing` measures true step times from
 completions. It ends when the steps are done, a plugin asked to stop, every process
 agreed to stop on a signal (`nnxtrain.preemption`), or a loss or gradient norm is not
 finite; `on_train_end` fires, then every callback's `teardown`, also after an exception
-(which fires `on_exception` first).
+(which fires `on_exception` first). Every second from the Trainer's creation is charged to
+one bucket of the goodput account (`nnxtrain.goodput`), printed as a table at the end and
+kept in run_info.json, over every attempt of the run dir.
 """
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
 from nnxtrain.accounting import FlopsReport, step_flops
@@ -49,6 +54,7 @@ from nnxtrain.events import (
     Callback,
     CompileEvent,
     EvalEndEvent,
+    GoodputEvent,
     LazyMetrics,
     SetupEvent,
     StepEndEvent,
@@ -56,6 +62,8 @@ from nnxtrain.events import (
     TrainStartEvent,
 )
 from nnxtrain.feed import Feed
+from nnxtrain.goodput import Goodput, cache_hits
+from nnxtrain.goodput import table as goodput_table
 from nnxtrain.hooks import Hooks
 from nnxtrain.init_from import load as load_init_from
 from nnxtrain.init_from import resolve as resolve_init_from
@@ -66,13 +74,14 @@ from nnxtrain.registry import build_callbacks
 from nnxtrain.rundir import (
     final_record,
     make_run_dir,
+    read_run_info,
     run_info,
     write_config,
     write_run_info,
 )
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord, merge_rules
-from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.step import GUARD_OFF, METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.timing import StepRecord, StepWatcher
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
@@ -114,20 +123,24 @@ class Trainer:
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
     ):
-        self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
-        start_jax(config)  # before anything asks JAX for its devices
-        self.hooks = Hooks(
-            callbacks if callbacks is not None else build_callbacks(config.callbacks)
-        )
-        self.callbacks: Sequence[Callback] = self.hooks.callbacks
-        self.dataset = dataset if dataset is not None else build_dataset(config)
-        # model.vocab_size from the tokenizer, before the model is built
-        config = self.config = resolve_vocab(config, self.dataset)
-        self.model_factory: ModelFactory = model_factory or (
-            lambda rngs: Transformer(config.model, rngs=rngs)
-        )
-        self._optimizer, self._devices = optimizer, devices
-        self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
+        self.goodput = Goodput()  # the run's wall time starts here (nnxtrain.goodput)
+        with self.goodput.timed("init"):
+            self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
+            start_jax(config)  # before anything asks JAX for its devices
+            self.hooks = Hooks(
+                callbacks if callbacks is not None else build_callbacks(config.callbacks),
+                self.goodput,
+            )
+            self.callbacks: Sequence[Callback] = self.hooks.callbacks
+            self.dataset = dataset if dataset is not None else build_dataset(config)
+            # model.vocab_size from the tokenizer, before the model is built
+            config = self.config = resolve_vocab(config, self.dataset)
+            self.model_factory: ModelFactory = model_factory or (
+                lambda rngs: Transformer(config.model, rngs=rngs)
+            )
+            self._optimizer = optimizer
+            self._devices = devices
+            self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
         self.mesh: jax.sharding.Mesh | None = None
@@ -150,6 +163,10 @@ class Trainer:
         self._fit_started = 0.0
         self.tokens_trained = 0  # non-padding tokens of the steps this fit() ran
         self._watcher: StepWatcher | None = None
+        self._stop_failed = False  # request_failure_stop: the run ends as failed (exit 3)
+        self._guard: Any = None  # the skip guard the train step gets (step.GUARD_OFF: off)
+        self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
+        self._looped = False  # whether the loop started (then the account is written)
 
     # -- control, for plugins ------------------------------------------------------------
 
@@ -157,6 +174,20 @@ class Trainer:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def request_failure_stop(self, reason: str) -> None:
+        """Ends the loop before the next step as a failed run: `on_train_end` reports
+        "diverged: <reason>" and the CLI exits 3 (as for a non-finite loss)."""
+        if self.stop_reason is None:
+            self.stop_reason, self._stop_failed = reason, True
+
+    def skip_bad_steps(self, loss_limit: float = math.inf, grad_norm_limit: float = math.inf):
+        """From the next step on, a step whose loss or gradient norm is not finite or above
+        its limit leaves the parameters and optimizer state as they were (`skipped` = 1
+        in its metrics). Takes effect without recompiling; the limits are the same on
+        every process (they come from the global metrics)."""
+        guard = np.asarray([1.0, loss_limit, grad_norm_limit], np.float32)
+        self._guard = jax.device_put(guard, self._replicated())
 
     def request_save(self) -> None:
         """Asks the checkpointing plugin to save after the current step."""
@@ -184,10 +215,14 @@ class Trainer:
         self._fit_started = time.perf_counter()
         self.preemption.install()
         try:
-            self._setup()
+            with self.goodput.timed("init"):
+                self._setup()
             if self.step >= self.config.run.steps:  # a plugin restored a finished run
                 return nothing_to_do(self, self.config.run.steps)
-            self._compile()
+            with self.goodput.timed("compile"):
+                hits = cache_hits()
+                self._compile()
+                self.goodput.cache_hits = cache_hits() - hits
             if self.config.run.dry_run:
                 self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
@@ -206,6 +241,8 @@ class Trainer:
                 watcher.close()
             try:
                 self.hooks.teardown(self)  # the checkpointer's last write ends here
+                if self._looped:
+                    self._report_goodput()
             finally:
                 self.run_lock.release()
 
@@ -215,6 +252,7 @@ class Trainer:
         self.run_dir = make_run_dir(cfg)
         self.run_lock.take(self.run_dir, cfg.mesh.init_timeout)  # before any file is written
         rules = merge_rules(cfg.mesh.rules)
+        self._earlier_goodput = read_run_info(self.run_dir).get("goodput")  # before it's rewritten
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
         tx, _ = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
         plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
@@ -251,6 +289,7 @@ class Trainer:
         )
         self.compiled, self.activations = train.compiled, train.activations
         steps = [step for step in (train, self.eval_step) if step is not None]
+        self.goodput.compiles = len(steps)
         for step in steps:
             self.console.print(step.summary())
         self.run_info = run_info(cfg, self.mesh, self.flops, plan.num_params, floor, steps)
@@ -262,15 +301,22 @@ class Trainer:
         cfg = self.config
         assert self.plan is not None
         if self.state is None:
-            self.state = self.plan.initialize()
-            if cfg.run.init_from:  # only when nothing was restored: a rerun resumes the fine-tune
-                self.state = load_init_from(cfg, self.state, self.mesh, self.console)
+            with self.goodput.timed("init"):
+                self.state = self.plan.initialize()
+                if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
+                    self.state = load_init_from(cfg, self.state, self.mesh, self.console)
         self.step = start_step = int(jax.device_get(self.state.step))
+        if start_step > 0:  # resumed: the earlier attempts' seconds count too
+            self.goodput.resume(self._earlier_goodput, start_step)
+        self._looped = True
+        if self._guard is None:
+            self._guard = jax.device_put(np.asarray(GUARD_OFF, np.float32), self._replicated())
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
-        reason, eval_metrics = self._loop(watcher)
-        # A run stopped before its first step (a signal, a plugin) has nothing to wait for.
-        final = watcher.wait(self.step).metrics if self.step > start_step else {}
+        with self.goodput.timed("step"):
+            reason, eval_metrics = self._loop(watcher)
+            # A run stopped before its first step (a signal, a plugin) has nothing to wait for.
+            final = watcher.wait(self.step).metrics if self.step > start_step else {}
         if reason == "completed" and watcher.nonfinite is not None:
             reason = nonfinite_reason(watcher.nonfinite)
         seconds = time.perf_counter() - t_start
@@ -288,8 +334,12 @@ class Trainer:
         }
         if watcher.first is not None:  # start-up cost: setup, compile (or cache), first step
             self.run_info["seconds_to_first_step"] = watcher.first.completed_at - self._fit_started
+        # The account so far, for plugins reading run_info in on_train_end; completed after
+        # teardown (the checkpointer's last write) by _report_goodput.
+        self.run_info["goodput"] = self.goodput.state(self.step)
         write_run_info(self.run_dir, self.run_info)
         self.hooks.fire("on_train_end", self, TrainEndEvent(self.step, reason, seconds))
+        self.hooks.fire("on_goodput", self, GoodputEvent(self.step, self.goodput.report()))
         return FitResult(
             self.state,
             self.step,
@@ -307,38 +357,63 @@ class Trainer:
         num_steps, eval_every, feed = self.config.run.steps, self.config.run.eval_every, self.feed
         assert feed is not None
         eval_metrics: dict[str, float] = {}
-        batch = feed.train(self.step) if self.step < num_steps else None
+        log_every, account = self.config.run.log_every, self.goodput
+        with account.timed("data"):
+            batch = feed.train(self.step) if self.step < num_steps else None
         while self.step < num_steps:
             if (signal_name := self.preemption.agreed_stop(self.step)) is not None:
                 self.preempted = signal_name
                 return f"preempted: {signal_name}", eval_metrics
             if self.stop_reason is not None:
-                return f"stopped: {self.stop_reason}", eval_metrics
+                verdict = "diverged" if self._stop_failed else "stopped"
+                return f"{verdict}: {self.stop_reason}", eval_metrics
             if watcher.nonfinite is not None:
                 return nonfinite_reason(watcher.nonfinite), eval_metrics
             watcher.throttle(self.step + 1)
             t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, batch)
+            self.state, metrics = self.compiled(self.state, batch, self._guard)
             self.step = step = self.step + 1
             watcher.submit(step, t, metrics)
             if step < num_steps:
-                batch = feed.train(step)  # overlaps with the device's work
-            record = functools.partial(watcher.wait, step)
+                with account.timed("data"):
+                    batch = feed.train(step)  # overlaps with the device's work
+            record = functools.partial(self._wait_for, watcher, step)
             self.tokens_trained += (tokens := feed.count_tokens(step - 1))  # non-padding
             event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
             self.hooks.fire("on_step_end", self, event)
             if eval_every and (step % eval_every == 0 or step == num_steps):
                 eval_metrics = self.evaluate()
+            account.step_done(step)
+            if log_every and step % log_every == 0:
+                self.hooks.fire("on_goodput", self, GoodputEvent(step, account.report()))
         return "completed", eval_metrics
+
+    def _replicated(self) -> NamedSharding:
+        assert self.mesh is not None, "the mesh is built in fit()"
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def _wait_for(self, watcher: StepWatcher, step: int) -> StepRecord:
+        """A step's record; waiting for it is the step's time, whoever asks (a plugin)."""
+        with self.goodput.timed("step"):
+            return watcher.wait(step)
+
+    def _report_goodput(self) -> None:
+        """Prints the account and keeps it in run_info.json (also after an error)."""
+        report = self.goodput.report()
+        self.run_info["goodput"] = self.goodput.state(self.step)
+        write_run_info(self.run_dir, self.run_info)
+        self.console.print(goodput_table(report))
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
         assert self.state is not None and self.feed is not None and self.eval_step is not None
         num_batches, t0 = self.config.run.eval_batches, time.perf_counter()
         totals, means = zero_sums(), {}
-        for i in range(num_batches):
-            totals, means = self.eval_step.compiled(self.state.params, self.feed.eval(i), totals)
-        metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(means).items()}
+        with self.goodput.timed("eval"):
+            for i in range(num_batches):
+                batch = self.feed.eval(i)
+                totals, means = self.eval_step.compiled(self.state.params, batch, totals)
+            metrics = {f"eval/{k}": float(v) for k, v in jax.device_get(means).items()}
         if self.best_eval_loss is None or metrics["eval/loss"] < self.best_eval_loss:
             self.best_eval_loss = metrics["eval/loss"]
         event = EvalEndEvent(self.step, metrics, num_batches, time.perf_counter() - t0)

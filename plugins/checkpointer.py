@@ -113,6 +113,10 @@ class Checkpointer(Callback):
         return os.path.join(event.run_dir, self.directory or "checkpoints")
 
     def _restore(self, trainer: TrainerView, mngr: Any, verb: str, steps: Any = None) -> None:
+        with trainer.goodput.timed("restore"):
+            self._read(trainer, mngr, verb, steps)
+
+    def _read(self, trainer: TrainerView, mngr: Any, verb: str, steps: Any) -> None:
         t0 = time.perf_counter()
         step, state, meta, diff = cio.restore_latest(
             mngr,
@@ -177,6 +181,10 @@ class Checkpointer(Callback):
         self._lock.release()
 
     def _save(self, trainer: TrainerView, step: int) -> None:
+        with trainer.goodput.timed("checkpoint"):  # the time the loop is held
+            self._start_save(trainer, step)
+
+    def _start_save(self, trainer: TrainerView, step: int) -> None:
         if not self._finite(trainer, step):
             return
         t0 = time.perf_counter()
@@ -233,7 +241,8 @@ class Checkpointer(Callback):
 
     def _finish(self, trainer: TrainerView) -> None:
         if self._mngr is not None:
-            self._mngr.wait_until_finished()
+            with trainer.goodput.timed("checkpoint"):
+                self._mngr.wait_until_finished()
             self._report(trainer)
 
     def _say(self, trainer: TrainerView, text: str) -> None:

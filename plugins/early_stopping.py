@@ -29,7 +29,7 @@ from nnxtrain import (
 )
 
 # An evaluation reports the train step's loss metrics; it takes no update (no grad_norm, lr).
-EVAL_METRICS = tuple(f"eval/{k}" for k in METRIC_NAMES if k not in ("grad_norm", "lr"))
+EVAL_METRICS = tuple(f"eval/{k}" for k in METRIC_NAMES if k not in ("grad_norm", "lr", "skipped"))
 
 
 class EarlyStopping(Callback):

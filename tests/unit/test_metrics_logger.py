@@ -22,6 +22,7 @@ from rich.console import Console
 
 from nnxtrain import (
     EvalEndEvent,
+    Goodput,
     LazyMetrics,
     StepEndEvent,
     StepRecord,
@@ -57,7 +58,7 @@ def log(
     """Runs the logger's hooks over `recs` in a run that starts at step `start`; returns
     metrics.jsonl as step -> record."""
     console = Console(file=open(tmp_path / "console.txt", "a"), width=300)  # noqa: SIM115
-    trainer = types.SimpleNamespace(console=console)
+    trainer = types.SimpleNamespace(console=console, goodput=Goodput())
     flops = step_flops(TINY, batch_size=4, seq_len=16, num_devices=1)
     logger = MetricsLogger(log_every=log_every, tensorboard=tensorboard, progress=False)
     logger.on_setup(trainer, types.SimpleNamespace(flops=flops, run_dir=str(tmp_path)))  # type: ignore[arg-type]
@@ -190,7 +191,7 @@ def test_a_resumed_logger_writes_each_step_once(tmp_path):
 
 
 def test_eval_records_after_the_restored_step_are_dropped(tmp_path):
-    trainer = types.SimpleNamespace(console=Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    trainer = types.SimpleNamespace(console=Console(file=open(os.devnull, "w")), goodput=Goodput())  # noqa: SIM115
     flops = step_flops(TINY, batch_size=4, seq_len=16, num_devices=1)
     for start, evals in ((0, (2, 4)), (2, (4,))):
         logger = MetricsLogger(tensorboard=False, progress=False)
