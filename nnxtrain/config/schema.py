@@ -134,7 +134,7 @@ class DataConfig:
     eos_token: str = setting(
         "",
         'end-of-document token of a tokenizer file; "" = its own (or a new id); '
-        "jsonl: tokenizer_config.json's first",
+        "jsonl: tokenizer_config.json's first; tokens with no tokenizer or meta: its id",
     )
     doc_separator: str = setting("", 'text: string between documents in a file; "" = a file is one')
     token_dtype: str = setting(
