@@ -4,6 +4,7 @@
     write_config(path, cfg)               # config.yaml, once there is something to do
     write_run_info(path, run_info(cfg, mesh, flops, num_params, floor, compiled_steps))
     final_record(path, step)              # run_info.json's "final" record of that step
+    console.print(header(cfg, mesh, flops, num_params, floor))  # the run's first lines
     write_json(path_of_any_file, obj)     # atomic: never half-written
 
 The trainer locks the directory (`nnxtrain.runlock`) before writing anything into it,
@@ -12,6 +13,7 @@ finished run leaves the records of the run that trained there unchanged. In a
 multi-process run every process gets the path, and only process 0 writes files.
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -153,3 +155,20 @@ def write_run_info(run_dir: str, info: dict[str, Any]) -> None:
     """Writes run_info.json (process 0 only)."""
     if jax.process_index() == 0:
         write_json(os.path.join(run_dir, RUN_INFO), info)
+
+
+def header(
+    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
+) -> str:
+    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
+    platform = jax.devices()[0].platform
+    lines = [
+        f"nnxtrain: model {cfg.model.name} | mesh "
+        + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
+        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
+        dataclasses.replace(flops, num_params=num_params).summary(),
+    ]
+    if floor is not None:
+        lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
+    return "\n".join(lines)

@@ -128,3 +128,12 @@ class StepWatcher:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
+
+
+def nonfinite_reason(record: StepRecord) -> str:
+    """The reason a run stops on a non-finite loss or gradient norm, with the fix."""
+    m = record.metrics
+    return (
+        f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
+        f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
+    )

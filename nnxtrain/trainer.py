@@ -24,18 +24,14 @@ one bucket of the goodput account (`nnxtrain.goodput`), printed as a table at th
 kept in run_info.json, over every attempt of the run dir.
 """
 
-import dataclasses
 import functools
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 from rich.console import Console
 
 from nnxtrain.accounting import FlopsReport, step_flops
@@ -48,6 +44,7 @@ from nnxtrain.compile import (
     plan_state,
 )
 from nnxtrain.config import Config
+from nnxtrain.controls import RunControls
 from nnxtrain.data import build_dataset, resolve_vocab
 from nnxtrain.distributed import start_jax
 from nnxtrain.events import (
@@ -73,6 +70,7 @@ from nnxtrain.preemption import Preemption
 from nnxtrain.registry import build_callbacks
 from nnxtrain.rundir import (
     final_record,
+    header,
     make_run_dir,
     read_run_info,
     run_info,
@@ -81,8 +79,8 @@ from nnxtrain.rundir import (
 )
 from nnxtrain.runlock import RunLock
 from nnxtrain.sharding import ActivationRecord, merge_rules
-from nnxtrain.step import GUARD_OFF, METRIC_NAMES, TrainState, make_optimizer, zero_sums
-from nnxtrain.timing import StepRecord, StepWatcher
+from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.timing import StepRecord, StepWatcher, nonfinite_reason
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
 
@@ -100,10 +98,9 @@ class FitResult:
     run_dir: str
     seconds: float = 0.0  # wall time of the loop
     best_eval_loss: float | None = None  # lowest eval/loss of the run (None without eval)
-    tokens: int = 0  # non-padding tokens of the steps this fit() ran (tokens/s counts these)
 
 
-class Trainer:
+class Trainer(RunControls):
     """Trains a decoder LM from a `Config`, firing events to callbacks in order.
 
     Parts can be swapped from Python: `callbacks` (default: built from `config.callbacks`),
@@ -124,6 +121,7 @@ class Trainer:
         console: Console | None = None,
     ):
         self.goodput = Goodput()  # the run's wall time starts here (nnxtrain.goodput)
+        RunControls.__init__(self)  # stop, save, skip bad steps (nnxtrain.controls)
         with self.goodput.timed("init"):
             self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
             start_jax(config)  # before anything asks JAX for its devices
@@ -138,8 +136,7 @@ class Trainer:
             self.model_factory: ModelFactory = model_factory or (
                 lambda rngs: Transformer(config.model, rngs=rngs)
             )
-            self._optimizer = optimizer
-            self._devices = devices
+            self._optimizer, self._devices = optimizer, devices
             self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
@@ -154,49 +151,18 @@ class Trainer:
         self.eval_step: CompiledStep | None = None
         self.feed: Feed | None = None
         self.state: TrainState | None = None  # a plugin may set it in on_setup (restore)
-        self.step, self.save_requested = 0, False
-        self.stop_reason: str | None = None
+        self.step = 0
         self.preempted: str | None = None  # the signal every process agreed to stop on
         self.run_info: dict[str, Any] = {}
         self.best_eval_loss: float | None = None
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
-        self.tokens_trained = 0  # non-padding tokens of the steps this fit() ran
+        self.tokens_trained = 0  # non-padding tokens of this fit()'s steps (the sweep's tokens/s)
         self._watcher: StepWatcher | None = None
-        self._stop_failed = False  # request_failure_stop: the run ends as failed (exit 3)
-        self._guard: Any = None  # the skip guard the train step gets (step.GUARD_OFF: off)
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
 
-    # -- control, for plugins ------------------------------------------------------------
-
-    def request_stop(self, reason: str) -> None:
-        """Ends the loop before the next step; `on_train_end` then reports the reason."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-
-    def request_failure_stop(self, reason: str) -> None:
-        """Ends the loop before the next step as a failed run: `on_train_end` reports
-        "diverged: <reason>" and the CLI exits 3 (as for a non-finite loss)."""
-        if self.stop_reason is None:
-            self.stop_reason, self._stop_failed = reason, True
-
-    def skip_bad_steps(self, loss_limit: float = math.inf, grad_norm_limit: float = math.inf):
-        """From the next step on, a step whose loss or gradient norm is not finite or above
-        its limit leaves the parameters and optimizer state as they were (`skipped` = 1
-        in its metrics). Takes effect without recompiling; the limits are the same on
-        every process (they come from the global metrics)."""
-        guard = np.asarray([1.0, loss_limit, grad_norm_limit], np.float32)
-        self._guard = jax.device_put(guard, self._replicated())
-
-    def request_save(self) -> None:
-        """Asks the checkpointing plugin to save after the current step."""
-        self.save_requested = True
-
-    def consume_save_request(self) -> bool:
-        """For the checkpointing plugin: whether a save was requested; clears the request."""
-        requested, self.save_requested = self.save_requested, False
-        return requested
+    # -- for plugins (the controls are nnxtrain.controls.RunControls) ---------------------
 
     @property
     def nonfinite_step(self) -> int | None:  # see TrainerView
@@ -309,8 +275,6 @@ class Trainer:
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
         self._looped = True
-        if self._guard is None:
-            self._guard = jax.device_put(np.asarray(GUARD_OFF, np.float32), self._replicated())
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
         with self.goodput.timed("step"):
@@ -349,7 +313,6 @@ class Trainer:
             self.run_dir,
             seconds,
             self.best_eval_loss,
-            self.tokens_trained,
         )
 
     def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
@@ -364,14 +327,13 @@ class Trainer:
             if (signal_name := self.preemption.agreed_stop(self.step)) is not None:
                 self.preempted = signal_name
                 return f"preempted: {signal_name}", eval_metrics
-            if self.stop_reason is not None:
-                verdict = "diverged" if self._stop_failed else "stopped"
-                return f"{verdict}: {self.stop_reason}", eval_metrics
+            if (stopped := self.stopped()) is not None:
+                return stopped, eval_metrics
             if watcher.nonfinite is not None:
                 return nonfinite_reason(watcher.nonfinite), eval_metrics
             watcher.throttle(self.step + 1)
             t = time.perf_counter()
-            self.state, metrics = self.compiled(self.state, batch, self._guard)
+            self.state, metrics = self.compiled(self.state, batch, self.guard())
             self.step = step = self.step + 1
             watcher.submit(step, t, metrics)
             if step < num_steps:
@@ -387,10 +349,6 @@ class Trainer:
             if log_every and step % log_every == 0:
                 self.hooks.fire("on_goodput", self, GoodputEvent(step, account.report()))
         return "completed", eval_metrics
-
-    def _replicated(self) -> NamedSharding:
-        assert self.mesh is not None, "the mesh is built in fit()"
-        return NamedSharding(self.mesh, PartitionSpec())
 
     def _wait_for(self, watcher: StepWatcher, step: int) -> StepRecord:
         """A step's record; waiting for it is the step's time, whoever asks (a plugin)."""
@@ -440,29 +398,3 @@ def nothing_to_do(trainer: Trainer, steps: int) -> FitResult:
         run_dir,
         best_eval_loss=final.get("best_eval_loss"),
     )
-
-
-def nonfinite_reason(record: StepRecord) -> str:
-    """The reason a run stops on a non-finite loss or gradient norm, with the fix."""
-    m = record.metrics
-    return (
-        f"not finite: loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g} at step "
-        f"{record.step}; lower optim.lr or keep optim.clip_norm > 0"
-    )
-
-
-def header(
-    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
-) -> str:
-    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
-    platform = jax.devices()[0].platform
-    lines = [
-        f"nnxtrain: model {cfg.model.name} | mesh "
-        + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
-        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
-        dataclasses.replace(flops, num_params=num_params).summary(),
-    ]
-    if floor is not None:
-        lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
-    return "\n".join(lines)

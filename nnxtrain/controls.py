@@ -1,0 +1,79 @@
+"""What plugins may ask of a run: stop it (as done or as failed), save now, and skip the
+update of bad steps. The `Trainer` holds these controls; the loop reads them.
+
+    trainer.request_stop("enough")              # reason "stopped: enough", exit 0
+    trainer.request_failure_stop("diverged")    # reason "diverged: ...", the CLI exits 3
+    trainer.request_save()                      # the checkpointer saves at its next step
+    trainer.skip_bad_steps(loss_limit=9.0)      # the step's guard input (step.GUARD_OFF)
+
+The skip guard is an input of the compiled train step (a float32 vector replicated over
+the mesh), so changing the limits never recompiles.
+"""
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nnxtrain.step import GUARD_OFF
+
+
+class RunControls:
+    """The controls' state, and the calls plugins make (see the module docstring)."""
+
+    mesh: Mesh | None
+
+    def __init__(self) -> None:
+        self.stop_reason: str | None = None
+        self.save_requested = False
+        self._stop_failed = False  # request_failure_stop: the run ends as failed
+        self._guard: Any = None  # the train step's skip guard; None: GUARD_OFF
+
+    def request_stop(self, reason: str) -> None:
+        """Ends the loop before the next step; `on_train_end` then reports the reason."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def request_failure_stop(self, reason: str) -> None:
+        """Ends the loop before the next step as a failed run: `on_train_end` reports
+        "diverged: <reason>" and the CLI exits 3 (as for a non-finite loss)."""
+        if self.stop_reason is None:
+            self.stop_reason, self._stop_failed = reason, True
+
+    def stopped(self) -> str | None:
+        """The loop's end reason once a stop was requested ("stopped: ..." or
+        "diverged: ..."), else None."""
+        if self.stop_reason is None:
+            return None
+        return f"{'diverged' if self._stop_failed else 'stopped'}: {self.stop_reason}"
+
+    def request_save(self) -> None:
+        """Asks the checkpointing plugin to save after the current step."""
+        self.save_requested = True
+
+    def consume_save_request(self) -> bool:
+        """For the checkpointing plugin: whether a save was requested; clears the request."""
+        requested, self.save_requested = self.save_requested, False
+        return requested
+
+    def skip_bad_steps(
+        self, loss_limit: float = math.inf, grad_norm_limit: float = math.inf
+    ) -> None:
+        """From the next step on, a step whose loss or gradient norm is not finite or above
+        its limit leaves the parameters and optimizer state as they were (`skipped` = 1
+        in its metrics). The limits must be the same on every process (they come from
+        the global metrics)."""
+        self._guard = self._place([1.0, loss_limit, grad_norm_limit])
+
+    def guard(self) -> jax.Array:
+        """The skip guard the next step gets."""
+        if self._guard is None:
+            self._guard = self._place(list(GUARD_OFF))
+        return self._guard
+
+    def _place(self, values: list[float]) -> jax.Array:
+        assert self.mesh is not None, "the mesh is built in fit()"
+        sharding = NamedSharding(self.mesh, PartitionSpec())
+        return jax.device_put(np.asarray(values, np.float32), sharding)
