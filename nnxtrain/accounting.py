@@ -48,7 +48,9 @@ class FlopsReport:
     learnable_flops: float  # weight matmul FLOPs of one step, whole batch
     attention_flops: float  # attention score/value FLOPs of one step, whole batch
     num_devices: int  # devices the step is spread over
-    tokens_per_step: int  # batch_size * seq_len
+    # batch_size * seq_len: the FLOPs count every place of every row, padding included
+    # (the device computes it); tokens/s counts only non-padding (StepEndEvent.tokens)
+    tokens_per_step: int
 
     @property
     def flops_per_step_per_device(self) -> float:

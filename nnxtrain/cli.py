@@ -89,11 +89,8 @@ def _run(cfg: DictConfig) -> float:
         final_loss=result.metrics.get("loss"),
         final_eval_loss=final_eval,
         best_eval_loss=result.best_eval_loss,
-        tokens_per_sec=(
-            result.step * config.run.batch_size * config.run.seq_len / result.seconds
-            if result.seconds
-            else None
-        ),
+        # non-padding tokens of this run's steps (not those of a restored checkpoint)
+        tokens_per_sec=trainer.tokens_trained / result.seconds if result.seconds else None,
         wall_seconds=time.perf_counter() - t0,
     )
     write_status(job_dir, status)

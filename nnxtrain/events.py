@@ -210,7 +210,7 @@ class StepEndEvent:
 
     step: int  # steps done, counting this one (1-based)
     num_steps: int  # run.steps
-    tokens: int  # tokens in this step's global batch (padding included)
+    tokens: int  # non-padding tokens in this step's global batch (tokens/s counts these)
     metrics: LazyMetrics  # loss, lm_loss, z_loss, perplexity, total_weights, grad_norm, lr
     record: Callable[[], "StepRecord"]  # completion time, seconds, host gap (waits)
 

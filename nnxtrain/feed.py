@@ -3,11 +3,17 @@
     feed = Feed(dataset, mesh, batch_size=16, seq_len=128)
     batch = feed.train(step)            # dict of global jax.Arrays, split over data x fsdp
     feed.spec()                         # their ShapeDtypeStructs, to compile the steps for
+    feed.count_tokens(step)             # its non-padding tokens (for tokens/s)
 
 Each process asks the dataset only for the global rows its own devices hold
 (`process_rows`), so a multi-host run reads each row once. Reading ahead is the dataset's
 job (its prefetch thread); the loop asks for step N+1's batch while the device runs step
 N, so placing it overlaps with the device's work.
+
+With the dataset's document mask on (`dataset.document_mask`, from data.document_mask)
+batches also carry `segment_ids` and `positions`, and `spec()` lists them, so the steps are
+compiled to keep packed documents apart; with it off they hold exactly the three keys of
+BATCH_DTYPES (the compiled steps are then the same as without documents).
 """
 
 from typing import Any
@@ -21,9 +27,12 @@ from nnxtrain.data import process_rows
 from nnxtrain.mesh import batch_sharding
 
 # What every batch holds: inputs and targets [batch, length], and the targets' weights
-# (0 marks padding that the loss ignores). Other keys a dataset returns (jsonl's
-# segment_ids and positions) are not placed: the steps are compiled for these only.
+# (0 marks padding that the loss ignores).
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
+# What a batch also holds with the document mask on: each place's document (1, 2, ... per
+# row; 0 = padding) and its position in that document. Other keys a dataset returns (the
+# segments of a jsonl run with the mask off) are not placed.
+DOCUMENT_DTYPES = {"segment_ids": jnp.int32, "positions": jnp.int32}
 
 
 class Feed:
@@ -33,13 +42,25 @@ class Feed:
         self.dataset, self.shape = dataset, (batch_size, seq_len)
         self.sharding = batch_sharding(mesh)
         self.rows = process_rows(self.sharding, batch_size)  # None: this process holds all
+        self.dtypes = dict(BATCH_DTYPES)
+        if getattr(dataset, "document_mask", False):
+            self.dtypes.update(DOCUMENT_DTYPES)
 
     def spec(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The batch's shapes, dtypes and shardings (what the steps are compiled for)."""
         return {
             k: jax.ShapeDtypeStruct(self.shape, dtype, sharding=self.sharding)
-            for k, dtype in BATCH_DTYPES.items()
+            for k, dtype in self.dtypes.items()
         }
+
+    def count_tokens(self, step: int) -> int:
+        """Non-padding tokens of train step `step`'s global batch (tokens/s counts these):
+        the dataset's `count_tokens`, else every place. Host-side, and reads no batch. The
+        FLOPs and MFU stay per full row: the device computes the padding too."""
+        count = getattr(self.dataset, "count_tokens", None)
+        if count is None:  # a dataset handed in from Python without the method
+            return self.shape[0] * self.shape[1]
+        return int(count(step, *self.shape))
 
     def train(self, step: int) -> dict[str, jax.Array]:
         """The batch of train step `step` (0-based), placed on the mesh."""
@@ -52,7 +73,8 @@ class Feed:
     def _put(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         # `host` holds only this process's rows; the global array is assembled from them.
         return {
-            k: jax.make_array_from_process_local_data(self.sharding, v, self.shape)
-            for k, v in host.items()
-            if k in BATCH_DTYPES
+            k: jax.make_array_from_process_local_data(
+                self.sharding, np.asarray(host[k], dtype), self.shape
+            )
+            for k, dtype in self.dtypes.items()
         }

@@ -2,7 +2,9 @@
 
 Nothing here touches the host: the trainer jits and compiles these functions once, with
 the state donated. Batches are dicts of `inputs`, `targets` and `weights` ([batch, length];
-weight 0 marks a padding target that the loss ignores).
+weight 0 marks a padding target that the loss ignores), and with the document mask on also
+`segment_ids` and `positions` (packed documents: `forward` hands them to the model, so
+attention stays inside each document and positions restart).
 
 Loss (per step, over all unmasked targets of the global batch)::
 
@@ -70,6 +72,17 @@ def all_finite(tree: Any) -> bool:
     """Whether every float in `tree` (e.g. a TrainState) is finite. One pass over the
     arrays on their devices, and one scalar back: cheap next to a checkpoint's copy."""
     return bool(_all_finite(tree))
+
+
+def forward(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """The model's logits for a batch: the one call of the model that train and eval share.
+    Without segment ids this is `model(inputs)` alone, so the compiled steps of batches
+    without documents stay as they were."""
+    if "segment_ids" in batch:
+        return model(
+            batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
+        )
+    return model(batch["inputs"])
 
 
 def loss_sums(
@@ -149,7 +162,7 @@ def make_train_step(
 
     def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-            logits = nnx.merge(graphdef, p)(batch["inputs"])
+            logits = forward(nnx.merge(graphdef, p), batch)
             sums = loss_sums(logits, batch["targets"], batch["weights"], z_loss)
             return sums["ce"] + sums["z"], sums
 
@@ -163,7 +176,8 @@ def make_train_step(
             sums, grads = sums_and_grads(state.params, batch)
         else:
             # [B, L] -> [A, B/A, L]: row i goes to micro-batch i % A, which keeps each
-            # micro-batch spread over the data-parallel devices like the full batch.
+            # micro-batch spread over the data-parallel devices like the full batch. Every
+            # key goes the same way (segment ids and positions stay with their rows).
             micro = jax.tree.map(
                 lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch
             )
@@ -210,7 +224,7 @@ def make_eval_step(graphdef: nnx.GraphDef, z_loss: float) -> Callable[..., Any]:
     def eval_step(
         params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array]
     ) -> tuple[dict[str, jax.Array], Metrics]:
-        logits = nnx.merge(graphdef, params)(batch["inputs"])
+        logits = forward(nnx.merge(graphdef, params), batch)
         sums = loss_sums(logits, batch["targets"], batch["weights"], z_loss)
         totals = jax.tree.map(jnp.add, totals, sums)
         return totals, summarize(totals)

@@ -136,8 +136,7 @@ class Trainer(RunControls):
             self.model_factory: ModelFactory = model_factory or (
                 lambda rngs: Transformer(config.model, rngs=rngs)
             )
-            self._optimizer = optimizer
-            self._devices = devices
+            self._optimizer, self._devices = optimizer, devices
             self.console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
         self.preemption = Preemption(config.run.preempt_check_every, config.mesh.heartbeat_timeout)
         # Filled in by fit(); public so that plugins can read them (see events.TrainerView).
@@ -158,6 +157,7 @@ class Trainer(RunControls):
         self.best_eval_loss: float | None = None
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
+        self.tokens_trained = 0  # non-padding tokens of this fit()'s steps (the sweep's tokens/s)
         self._watcher: StepWatcher | None = None
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
@@ -318,7 +318,7 @@ class Trainer(RunControls):
     def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
         """Steps until done or stopped; returns (reason, the last eval metrics)."""
         num_steps, eval_every, feed = self.config.run.steps, self.config.run.eval_every, self.feed
-        assert feed is not None and self.flops is not None
+        assert feed is not None
         eval_metrics: dict[str, float] = {}
         log_every, account = self.config.run.log_every, self.goodput
         with account.timed("data"):
@@ -340,7 +340,7 @@ class Trainer(RunControls):
                 with account.timed("data"):
                     batch = feed.train(step)  # overlaps with the device's work
             record = functools.partial(self._wait_for, watcher, step)
-            tokens = self.flops.tokens_per_step
+            self.tokens_trained += (tokens := feed.count_tokens(step - 1))  # non-padding
             event = StepEndEvent(step, num_steps, tokens, LazyMetrics(record), record)
             self.hooks.fire("on_step_end", self, event)
             if eval_every and (step % eval_every == 0 or step == num_steps):

@@ -1,8 +1,9 @@
 """Metrics logger: a console line per logged step, metrics.jsonl, TensorBoard, a progress bar.
 
 Every `log_every` steps (and on the last) it prints, for the steps since the previous
-line: step, seconds per step, TFLOP/s and tokens/s per device, total weights (unmasked
-target tokens), loss, lm_loss, perplexity, learning rate and gradient norm. The same
+line: step, seconds per step, TFLOP/s and tokens/s per device (non-padding tokens; the
+FLOPs count whole rows), total weights (unmasked target tokens), loss, lm_loss,
+perplexity, learning rate and gradient norm. The same
 record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
 installed. On a terminal a rich progress bar runs below the lines.
 
@@ -67,6 +68,7 @@ class MetricsLogger(Callback):
         self._progress: Progress | None = None
         self._task: Any = None
         self._window: list[Callable[[], StepRecord]] = []
+        self._window_tokens = 0  # non-padding tokens of the window's steps
         self._last_completed: float | None = None
         self._window_seconds: list[float] = []
         self._tb_import: threading.Thread | None = None
@@ -118,12 +120,13 @@ class MetricsLogger(Callback):
 
     def on_step_end(self, trainer: TrainerView, event: StepEndEvent) -> None:
         self._window.append(event.record)  # a callable: nothing waits here
+        self._window_tokens += event.tokens
         if self._progress is not None:
             self._progress.update(self._task, completed=event.step)
         if event.step % self.log_every and event.step != event.num_steps:
             return
         records = [get() for get in self._window]  # the last one waits for this step
-        self._window = []
+        tokens, self._window, self._window_tokens = self._window_tokens, [], 0
         last = records[-1]
         start = (
             self._last_completed if self._last_completed is not None else (records[0].dispatched_at)
@@ -138,7 +141,8 @@ class MetricsLogger(Callback):
             "step": event.step,
             "seconds": seconds,
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
-            "tokens_per_sec_per_device": event.tokens / devices / seconds,
+            # packed rows differ in padding: the window's own non-padding tokens per step
+            "tokens_per_sec_per_device": tokens / len(records) / devices / seconds,
             **{k: m[k] for k in METRIC_NAMES},
             "goodput": trainer.goodput.report().goodput,
             "time": time.time(),

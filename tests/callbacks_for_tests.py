@@ -90,3 +90,11 @@ class SleepAt(Callback):
         if event.step == self.at:
             time.sleep(self.seconds)
             LOG.append((self.name, "slept until", time.perf_counter()))
+
+
+class EvalAtStart(Callback):
+    """Evaluates once before the first step: the eval loss of the starting weights (the
+    metrics logger records it as step 0)."""
+
+    def on_train_start(self, trainer: Any, event: Any) -> None:
+        trainer.evaluate()

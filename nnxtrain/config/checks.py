@@ -228,7 +228,18 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
                 f"must be a path or a list of paths, got {value!r}",
                 f"give a file, a glob or a list of them, e.g. {key}=corpus.txt",
             )
+    mask = d.document_mask
+    if not (isinstance(mask, bool) or mask == "auto"):
+        raise ConfigError(
+            "data.document_mask", f"unknown value {mask!r}", "use auto, true or false"
+        )
     if d.name == "synthetic":
+        if mask is True:
+            raise ConfigError(
+                "data.document_mask",
+                "true needs documents, and data=synthetic is one endless stream",
+                "set data.document_mask=auto (or false), or use data=text, tokens or jsonl",
+            )
         return
     if not d.path:
         raise ConfigError(

@@ -129,7 +129,8 @@ def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
         if key not in given:
             changes[key] = theirs
     data = config.data
-    if data.name in ("text", "tokens") and not data.tokenizer and src.tokenizer:
+    # every kind that tokenizes (jsonl too: it once fell back to byte, ids the model never saw)
+    if data.name in ("text", "tokens", "jsonl") and not data.tokenizer and src.tokenizer:
         data = dataclasses.replace(data, tokenizer=src.tokenizer)
     # The weights fix the vocabulary: a tokenizer with more tokens is an error, not a resize.
     data = dataclasses.replace(data, vocab_size_from_tokenizer=False)

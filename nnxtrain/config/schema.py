@@ -14,6 +14,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
 DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
 TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a row
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
+DOCUMENT_MASKS = ("auto", True, False)  # data.document_mask
 
 
 def setting(default: Any, help: str) -> Any:
@@ -133,7 +134,7 @@ class DataConfig:
     eos_token: str = setting(
         "",
         'end-of-document token of a tokenizer file; "" = its own (or a new id); '
-        "jsonl: tokenizer_config.json's first",
+        "jsonl: tokenizer_config.json's first; tokens with no tokenizer or meta: its id",
     )
     doc_separator: str = setting("", 'text: string between documents in a file; "" = a file is one')
     token_dtype: str = setting(
@@ -153,6 +154,12 @@ class DataConfig:
     completion_field: str = setting("completion", "jsonl: field of the completion (the loss)")
     messages_field: str = setting(
         "messages", "jsonl: field of a conversation (the loss: assistant turns)"
+    )
+    # Any, not bool: it also takes "auto" (OmegaConf structured configs have no unions).
+    document_mask: Any = setting(
+        "auto",
+        "packed documents attend only within themselves, positions restart; auto = on for "
+        "jsonl, text, tokens with a known EOS",
     )
     shuffle: bool = setting(True, "shuffle training sequences each epoch, seeded by run.seed")
     prefetch: int = setting(2, "training batches prepared ahead on a background thread; 0 = none")

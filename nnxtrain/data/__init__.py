@@ -12,7 +12,10 @@ files tokenized at start-up, `text.py` + `tokenizer.py`), `tokens` (pre-tokenize
 held-out split by `packing.PackedData`; jsonl records are packed whole into rows, with
 segment ids and positions, by `documents.DocumentData`. Every dataset's
 `batch(step, ...)` is a pure function of (run.seed, step), so a resumed run reads exactly
-the batches the uninterrupted run would have; see docs/data.md. `run_tokenizer(cfg,
+the batches the uninterrupted run would have; see docs/data.md. `document_mask(cfg, ...)`
+resolves data.document_mask per kind: a dataset whose `document_mask` is true also gives
+`segment_ids` and `positions`, so that packed documents never attend to each other; its
+`count_tokens(step, ...)` counts a batch's non-padding places (tokens/s). `run_tokenizer(cfg,
 run_dir)` gives back the tokenizer of a run's text (to generate from the model).
 """
 
@@ -58,6 +61,7 @@ __all__ = [
     "SyntheticData",
     "TokenStream",
     "build_dataset",
+    "document_mask",
     "process_rows",
     "resolve_vocab",
     "run_tokenizer",
@@ -78,6 +82,25 @@ def build_dataset(cfg: Config) -> Any:
     if jax.process_index() == 0:
         print(data.describe(), flush=True)
     return data
+
+
+def document_mask(cfg: Config, eos_known: bool = True) -> bool:
+    """Whether data.document_mask is on for this run: `auto` is on where the documents are
+    known (jsonl; text; tokens whose EOS id is known: `eos_known`), never for synthetic."""
+    d, mask = cfg.data, cfg.data.document_mask
+    if mask is False or d.name == "synthetic":  # (synthetic with true: refused by the checks)
+        return False
+    if not eos_known:
+        if mask is True:
+            raise ConfigError(
+                "data.document_mask",
+                "true needs the end-of-document id, and these token files come with no "
+                "meta.json and no tokenizer",
+                "give data.tokenizer, data.eos_token=ID, or the corpus's meta.json; "
+                "or set data.document_mask=auto",
+            )
+        return False
+    return True
 
 
 def resolve_vocab(cfg: Config, dataset: Any) -> Config:
@@ -153,6 +176,7 @@ def _packed(
     vocab_size: int | None,
     tokenizer: str,
     digest: str,
+    eos_known: bool = True,
 ) -> PackedData:
     d = cfg.data
     if val is None and d.val_fraction > 0:
@@ -171,6 +195,8 @@ def _packed(
         tokenizer_digest=digest,
         prefetch=d.prefetch,
         val_key="data.val_path" if as_list(d.val_path) else "data.val_fraction",
+        document_mask=document_mask(cfg, eos_known),
+        seq_len=cfg.run.seq_len,
     )
 
 
@@ -229,6 +255,7 @@ def _build_jsonl(cfg: Config) -> DocumentData:
         prefetch=d.prefetch,
         summary=reader.report(),
         val_key="data.val_path" if val_files else "data.val_fraction",
+        document_mask=document_mask(cfg),
     )
 
 
@@ -270,5 +297,20 @@ def _build_tokens(cfg: Config) -> PackedData:
         vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
         name, digest = str(meta.get("tokenizer", "")), str(meta.get("tokenizer_digest", ""))
     else:  # no tokenizer known: keep model.vocab_size and check ids against it
-        vocab, eos, name, digest = None, 0, "", ""
-    return _packed(cfg, train, val, eos, vocab, name, digest)
+        vocab, name, digest = None, "", ""
+        eos = _eos_id(d.eos_token)
+    # padding is id 0 where no EOS is known (it is never a target: weight 0)
+    return _packed(cfg, train, val, max(eos, 0), vocab, name, digest, eos_known=eos >= 0)
+
+
+def _eos_id(eos_token: str) -> int:
+    """data=tokens without a tokenizer or meta.json: data.eos_token as an id (-1: none)."""
+    if not eos_token:
+        return -1
+    if not eos_token.isdigit():
+        raise ConfigError(
+            "data.eos_token",
+            f"{eos_token!r} is not a token id, and these token files have no tokenizer",
+            "give the id (data.eos_token=2), or data.tokenizer",
+        )
+    return int(eos_token)

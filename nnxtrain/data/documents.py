@@ -17,6 +17,9 @@ The packing is fixed at start-up (it depends on the data and seq_len only). Trai
 of step s is the packed row at global index g = s*B + j of a seeded per-epoch permutation
 (`IndexShuffle`, as for text), so a batch is a pure function of (seed, step); evaluation
 batch i holds held-out rows i*B .. i*B+B-1 in order, rows past the end all padding.
+`count_tokens(step, ...)` gives a batch's non-padding places from the packing alone.
+Batches always hold segment_ids and positions; `document_mask` (data.document_mask) says
+whether the trainer hands them to the model (`nnxtrain.feed`).
 """
 
 import hashlib
@@ -118,6 +121,12 @@ class Packed:
         return len(self.row_starts) - 1
 
     @property
+    def row_places(self) -> np.ndarray:
+        """Places each row's documents fill (the rest of the row is padding)."""
+        filled = np.concatenate([[0], np.cumsum((self.docs.lengths - 1)[self.order])])
+        return np.diff(filled[self.row_starts])
+
+    @property
     def efficiency(self) -> float:
         """The share of places that hold a document (not padding)."""
         used = int((self.docs.lengths - 1).sum())
@@ -156,13 +165,18 @@ class DocumentData(StepBatches):
         kind: str = "jsonl",
         summary: str = "",
         val_key: str = "data.val_fraction",
+        document_mask: bool = True,
     ):
         super().__init__(seed, shuffle, prefetch)
+        # Batches always hold segment_ids and positions; whether the steps get them (and
+        # attention stays inside each document) is this switch (nnxtrain.feed reads it).
+        self.document_mask = document_mask
         self.train = Packed.of(train, seq_len)
         self.val = Packed.of(val, seq_len) if val is not None and len(val) else None
         self.seq_len, self.eos_id, self.vocab_size = seq_len, eos_id, vocab_size
         self.kind, self.tokenizer, self.tokenizer_digest = kind, tokenizer, tokenizer_digest
         self.summary, self.val_key = summary, val_key
+        self._train_places = self.train.row_places  # count_tokens runs every step
         self.loss_floor: float | None = None
         self._fingerprint: dict[str, Any] | None = None
 
@@ -179,9 +193,11 @@ class DocumentData(StepBatches):
                 "raise data.val_fraction, give data.val_path, or set run.eval_every=0",
             )
 
-    def _make(
+    def _rows(
         self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
-    ) -> Batch:
+    ) -> tuple[Packed, np.ndarray, np.ndarray]:
+        """The packing, and for each asked batch row its packed row and whether it is real
+        (eval rows past the end of the held-out split are all padding)."""
         self.check(batch_size, seq_len, evaluate=split != "train")
         r = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
         g = step * batch_size + r
@@ -197,7 +213,19 @@ class DocumentData(StepBatches):
             which = np.where(real, g, 0)
         else:
             raise ValueError(f"unknown split {split!r}")
-        shape = (len(r), seq_len)
+        return packed, which, real
+
+    def count_tokens(self, step: int, batch_size: int, seq_len: int, split: str = "train") -> int:
+        """Non-padding places of the global batch `step`: tokens/s counts these."""
+        packed, which, real = self._rows(step, batch_size, seq_len, split, None)
+        places = self._train_places if packed is self.train else packed.row_places
+        return int(np.sum(places[which] * real))
+
+    def _make(
+        self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
+    ) -> Batch:
+        packed, which, real = self._rows(step, batch_size, seq_len, split, rows)
+        shape = (len(which), seq_len)
         out = {
             "inputs": np.full(shape, self.eos_id, np.int32),
             "targets": np.full(shape, self.eos_id, np.int32),
@@ -229,5 +257,6 @@ class DocumentData(StepBatches):
         return (
             f"data: {self.kind}, {self.summary}; packed into {t.rows:,} rows of "
             f"{self.seq_len}: packing efficiency {t.efficiency:.3f} (non-padding share); "
-            f"held-out {held}; tokenizer {self.tokenizer}"
+            f"held-out {held}; document mask {'on' if self.document_mask else 'off'}; "
+            f"tokenizer {self.tokenizer}"
         )

@@ -19,6 +19,13 @@ thread read exactly what the uninterrupted run reads. Evaluation batch i holds h
 windows i*B .. i*B+B-1 in order (rows past the end are all padding, weight 0), so every
 evaluation scores the same tokens, each once.
 
+With the document mask on (`document_mask=True`, data.document_mask), each batch also
+holds `segment_ids` and `positions` [batch, seq_len] computed from the row's inputs: a new
+segment starts after each EOS input (the EOS belongs to the document it ends), so a
+document cut by a window boundary starts again at segment 1, position 0 in the next
+window; padding places (past the stream's end) get segment 0. `count_tokens(step, ...)`
+counts the non-padding places of a batch without reading it.
+
 A background thread prepares the next `prefetch` training batches while the device runs
 the step, and `state_dict()` / `load_state_dict()` keep the position across a resume
 (`nnxtrain.data.stepped.StepBatches`); the fingerprint holds the token counts and a hash
@@ -107,9 +114,13 @@ class PackedData(StepBatches):
         prefetch: int = 2,
         train_key: str = "data.path",
         val_key: str = "data.val_fraction",
+        document_mask: bool = False,
+        seq_len: int = 0,
     ):
         super().__init__(seed, shuffle, prefetch)
         self.train, self.val = train, val
+        self.document_mask = document_mask  # emit segment_ids and positions
+        self.seq_len = seq_len  # the run's (0: unknown), for describe()
         self.kind = kind
         self.eos_id = eos_id
         self.vocab_size = vocab_size  # the tokenizer's; None: ids are only checked
@@ -150,9 +161,11 @@ class PackedData(StepBatches):
 
     # -- batches -------------------------------------------------------------------------
 
-    def _make(
+    def _windows(
         self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
-    ) -> Batch:
+    ) -> tuple[TokenStream, np.ndarray, np.ndarray]:
+        """The stream, and for each asked row its window and whether it is real (eval rows
+        past the end of the held-out split are all padding)."""
         r = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
         g = step * batch_size + r
         if split == "train":
@@ -171,6 +184,19 @@ class PackedData(StepBatches):
             windows = np.where(real, g, 0)
         else:
             raise ValueError(f"unknown split {split!r}")
+        return stream, windows, real
+
+    def count_tokens(self, step: int, batch_size: int, seq_len: int, split: str = "train") -> int:
+        """Non-padding places of the global batch `step` (inputs whose target is a real
+        token): tokens/s counts these. Reads no token."""
+        stream, windows, real = self._windows(step, batch_size, seq_len, split, None)
+        targets = np.clip(len(stream) - windows * seq_len - 1, 0, seq_len)
+        return int(np.sum(targets * real))
+
+    def _make(
+        self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
+    ) -> Batch:
+        stream, windows, real = self._windows(step, batch_size, seq_len, split, rows)
         tokens, valid = stream.read(windows * seq_len, seq_len + 1, self.eos_id)
         top, bottom = int(tokens.max(initial=0)), int(tokens.min(initial=0))
         if top >= self.id_limit:
@@ -188,11 +214,15 @@ class PackedData(StepBatches):
             )
         tokens = tokens.astype(np.int32)  # every id is in [0, id_limit): nothing wraps
         weights = (np.arange(seq_len)[None, :] < (valid[:, None] - 1)) & real[:, None]
-        return {
+        batch = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "weights": weights.astype(np.float32),
         }
+        if self.document_mask:
+            inside = (np.arange(seq_len)[None, :] < valid[:, None]) & real[:, None]
+            batch.update(segments_after_eos(batch["inputs"], self.eos_id, inside))
+        return batch
 
     # -- state ---------------------------------------------------------------------------
 
@@ -208,9 +238,40 @@ class PackedData(StepBatches):
             }
         return self._fingerprint
 
+    def efficiency(self, seq_len: int) -> float:
+        """The non-padding share of the training windows' places (only the last is padded)."""
+        n = self.num_windows(len(self.train), seq_len)
+        return (len(self.train) - 1) / (n * seq_len) if n else 0.0
+
     def describe(self) -> str:
         val = f"{len(self.val):,}" if self.val is not None else "none"
+        packing = ""
+        if self.seq_len:
+            eff = self.efficiency(self.seq_len)
+            packing = f"; packing efficiency {eff:.3f} (non-padding share)"
+        mask = "on" if self.document_mask else "off"
         return (
-            f"data: {self.kind}, {len(self.train):,} training tokens, held-out {val}; "
-            f"tokenizer {self.tokenizer or 'none'}"
+            f"data: {self.kind}, {len(self.train):,} training tokens, held-out {val}{packing}; "
+            f"document mask {mask}; tokenizer {self.tokenizer or 'none'}"
         )
+
+
+def segments_after_eos(
+    inputs: np.ndarray, eos_id: int, inside: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Segment ids (1, 2, ... per row; 0 where `inside` is false: padding) and positions
+    (0 at each segment's first place) of rows of `inputs`: a segment ends with, and
+    includes, each EOS; the next starts after it."""
+    length = inputs.shape[1]
+    is_eos = inputs == eos_id
+    # EOS strictly before each place: its segment's number, less one
+    before = np.cumsum(is_eos, axis=1) - is_eos
+    place = np.arange(length)[None, :]
+    # the first place of each place's segment: one past the last EOS before it (else 0)
+    after_eos = np.where(is_eos, place + 1, 0)
+    shifted = np.concatenate([np.zeros_like(after_eos[:, :1]), after_eos[:, :-1]], axis=1)
+    start = np.maximum.accumulate(shifted, axis=1)
+    return {
+        "segment_ids": np.where(inside, before + 1, 0).astype(np.int32),
+        "positions": np.where(inside, place - start, 0).astype(np.int32),
+    }

@@ -85,6 +85,11 @@ class SyntheticData:
         self.source = MarkovSource.create(vocab_size, branching, source_seed)
         self.seed = seed
         self.loss_floor = self.source.entropy_rate()
+        self.document_mask = False  # one endless stream: no documents to keep apart
+
+    def count_tokens(self, step: int, batch_size: int, seq_len: int, split: str = "train") -> int:
+        """Non-padding places of a batch: all of them (synthetic rows are never padded)."""
+        return batch_size * seq_len
 
     def batch(
         self,

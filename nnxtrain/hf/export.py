@@ -6,13 +6,16 @@
 Reads only the parameters of `<run>/checkpoints/<step>/state` (Orbax, as the checkpointer
 plugin writes it; `nnxtrain.checkpoint_reader`), and the model's shape from that step's
 meta (the run's config.yaml if the meta has none); the tokenizer file of `data.tokenizer`
-(a tokenizer.json or a SentencePiece .model) is copied, and its end-of-text id written to
-config.json. The checkpoint is opened read-only. Bad input is one line on stderr and exit code 2.
+(a tokenizer.json or a SentencePiece .model) is copied, with the tokenizer_config.json,
+special_tokens_map.json and chat_template.jinja beside it (a chat model keeps its
+template), and its end-of-text id written to config.json. The checkpoint is opened
+read-only. Bad input is one line on stderr and exit code 2.
 """
 
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +48,27 @@ def tokenizer_of(cfg: Config, run_dir: str) -> tuple[str | None, int | None, str
     return path, eos, None
 
 
+# Read by transformers beside a tokenizer file: its special tokens and chat template. They
+# travel with it, so that a model fine-tuned on chat keeps the template it was trained with.
+COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _copy_companions(tokenizer: str | None, out_dir: str) -> list[str]:
+    """Copies the COMPANIONS beside a tokenizer.json / tokenizer.model; their names."""
+    if tokenizer is None or os.path.basename(tokenizer) not in (
+        "tokenizer.json",
+        "tokenizer.model",
+    ):
+        return []
+    copied = []
+    for name in COMPANIONS:
+        src = os.path.join(os.path.dirname(tokenizer), name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> str:
     """Writes the HF directory; returns a one-line summary."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -55,6 +79,7 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | Non
     if warning:
         print(f"nnxtrain-export: warning: {warning}", file=sys.stderr)
     files = save(model, out_dir, tokenizer_dir=tokenizer, dtype=dtype, eos_token_id=eos)
+    files += _copy_companions(tokenizer, out_dir)
     return f"exported step {step} of {run_dir} to {out_dir}: {', '.join(files)}"
 
 

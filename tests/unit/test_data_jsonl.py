@@ -232,15 +232,17 @@ def test_val_path_and_bad_settings(tmp_path):
         build_dataset(cfg)
 
 
-def test_the_feed_places_only_the_keys_the_step_is_compiled_for(tmp_path):
+def test_the_feed_places_segments_only_with_the_document_mask_on(tmp_path):
     import jax
 
-    from nnxtrain.feed import BATCH_DTYPES, Feed
+    from nnxtrain.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
     from nnxtrain.mesh import build_mesh
 
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD] * 4)
     data = dataset(reader().read([path], "data.path"), seq_len=8)
     mesh = build_mesh(compose(["mesh=single"]).mesh, jax.devices()[:1])
     batch = Feed(data, mesh, batch_size=2, seq_len=8).train(0)
-    assert set(batch) == set(BATCH_DTYPES)  # segment_ids, positions: not yet consumed
+    assert set(batch) == set(BATCH_DTYPES) | set(DOCUMENT_DTYPES)
     assert np.asarray(batch["weights"]).sum() > 0
+    data.document_mask = False  # data.document_mask=false: the three keys only
+    assert set(Feed(data, mesh, batch_size=2, seq_len=8).train(0)) == set(BATCH_DTYPES)
