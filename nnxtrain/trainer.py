@@ -5,23 +5,18 @@
     result = Trainer(compose(["run.steps=50"])).fit()
     result.metrics["loss"], result.state
 
-`fit()` reads as the run goes: build the mesh and check the config against it; create and
-lock the run dir (`nnxtrain.runlock`: one run per dir, until fit() returns); plan the
-state abstractly (no parameter memory) and fire `on_setup` (a plugin may restore
-`trainer.state` here). A state restored at run.steps has nothing to do: fit() says so and
-returns, writing nothing. Else write config.yaml, compile the train and eval steps ahead
-of time under the logical-axis rules (`nnxtrain.compile`), write `run_info.json` (a dry
-run keeps a trained run's) and fire `on_compile`; stop here on a dry run. Otherwise
-initialise the state already sharded (unless restored), fire `on_train_start`, and loop:
-place a batch (`nnxtrain.feed`), dispatch a step, fire `on_step_end`, evaluate every
-`run.eval_every` steps. The loop keeps at most two steps in flight and never waits on the
-device for a step nothing reads; `nnxtrain.timing` measures true step times from
-completions. It ends when the steps are done, a plugin asked to stop, every process
-agreed to stop on a signal (`nnxtrain.preemption`), or a loss or gradient norm is not
-finite; `on_train_end` fires, then every callback's `teardown`, also after an exception
-(which fires `on_exception` first). Every second from the Trainer's creation is charged to
-one bucket of the goodput account (`nnxtrain.goodput`), printed as a table at the end and
-kept in run_info.json, over every attempt of the run dir.
+`fit()` reads as the run goes: build the mesh; create and lock the run dir
+(`nnxtrain.runlock`); plan the state abstractly and fire `on_setup` (a plugin may restore
+`trainer.state`; restored at run.steps, there is nothing to do and nothing is written).
+Write config.yaml, compile the steps ahead of time (`nnxtrain.compile`), write
+run_info.json, fire `on_compile` (a dry run stops here). Initialise the state sharded
+(unless restored), fire `on_train_start`, and loop: dispatch a step with at most two in
+flight (`nnxtrain.timing` times completions), place the next batch (`nnxtrain.feed`), fire
+`on_step_end`, evaluate every `run.eval_every` steps. The loop ends when the steps are
+done, a plugin asked to stop (`nnxtrain.controls`), every process agreed on a signal
+(`nnxtrain.preemption`), or a loss is not finite; then `on_train_end`, and `teardown`
+(also after an exception, which fires `on_exception` first). Every second from the
+Trainer's creation is charged to a bucket of the goodput account (`nnxtrain.goodput`).
 """
 
 import functools
@@ -283,37 +278,7 @@ class Trainer(RunControls):
             final = watcher.wait(self.step).metrics if self.step > start_step else {}
         if reason == "completed" and watcher.nonfinite is not None:
             reason = nonfinite_reason(watcher.nonfinite)
-        seconds = time.perf_counter() - t_start
-        self.console.print(
-            f"done: step {self.step}/{cfg.run.steps} in {seconds:.1f} s ({reason})"
-            + (f"; final loss {final['loss']:.4f}" if final else "")
-        )
-        self.run_info["final"] = {
-            "step": self.step,
-            "reason": reason,
-            "seconds": seconds,
-            "metrics": dict(final),
-            "eval_metrics": eval_metrics,
-            "best_eval_loss": self.best_eval_loss,
-        }
-        if watcher.first is not None:  # start-up cost: setup, compile (or cache), first step
-            self.run_info["seconds_to_first_step"] = watcher.first.completed_at - self._fit_started
-        # The account so far, for plugins reading run_info in on_train_end; completed after
-        # teardown (the checkpointer's last write) by _report_goodput.
-        self.run_info["goodput"] = self.goodput.state(self.step)
-        write_run_info(self.run_dir, self.run_info)
-        self.hooks.fire("on_train_end", self, TrainEndEvent(self.step, reason, seconds))
-        self.hooks.fire("on_goodput", self, GoodputEvent(self.step, self.goodput.report()))
-        return FitResult(
-            self.state,
-            self.step,
-            reason,
-            dict(final),
-            eval_metrics,
-            self.run_dir,
-            seconds,
-            self.best_eval_loss,
-        )
+        return end_of_run(self, reason, final, eval_metrics, time.perf_counter() - t_start)
 
     def _loop(self, watcher: StepWatcher) -> tuple[str, dict[str, float]]:
         """Steps until done or stopped; returns (reason, the last eval metrics)."""
@@ -397,4 +362,38 @@ def nothing_to_do(trainer: Trainer, steps: int) -> FitResult:
         final.get("eval_metrics", {}),
         run_dir,
         best_eval_loss=final.get("best_eval_loss"),
+    )
+
+
+def end_of_run(
+    trainer: Trainer,
+    reason: str,
+    final: Mapping[str, float],
+    eval_metrics: dict[str, float],
+    seconds: float,
+) -> FitResult:
+    """After the loop: the done line, run_info.json's "final" record (and the goodput
+    account so far, for plugins that read run_info in on_train_end; _report_goodput
+    completes it after teardown), `on_train_end`, `on_goodput`; the FitResult."""
+    t, step, watcher = trainer, trainer.step, trainer._watcher
+    t.console.print(
+        f"done: step {step}/{t.config.run.steps} in {seconds:.1f} s ({reason})"
+        + (f"; final loss {final['loss']:.4f}" if final else "")
+    )
+    t.run_info["final"] = {
+        "step": step,
+        "reason": reason,
+        "seconds": seconds,
+        "metrics": dict(final),
+        "eval_metrics": eval_metrics,
+        "best_eval_loss": t.best_eval_loss,
+    }
+    if watcher is not None and watcher.first is not None:  # start-up: setup, compile, step 1
+        t.run_info["seconds_to_first_step"] = watcher.first.completed_at - t._fit_started
+    t.run_info["goodput"] = t.goodput.state(step)
+    write_run_info(t.run_dir, t.run_info)
+    t.hooks.fire("on_train_end", t, TrainEndEvent(step, reason, seconds))
+    t.hooks.fire("on_goodput", t, GoodputEvent(step, t.goodput.report()))
+    return FitResult(
+        t.state, step, reason, dict(final), eval_metrics, t.run_dir, seconds, t.best_eval_loss
     )

@@ -33,7 +33,7 @@ from nnxtrain import (
 )
 
 METRICS = dict(loss=2.0, lm_loss=1.9, z_loss=0.1, perplexity=6.7, total_weights=64.0)
-METRICS |= dict(grad_norm=1.0, lr=1e-3)
+METRICS |= dict(grad_norm=1.0, lr=1e-3, skipped=0.0)
 
 
 def records(times: list[tuple[float, float]], first: int = 1) -> list[StepRecord]:
