@@ -62,7 +62,8 @@ def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(
     assert "warning:" not in proc.stdout, proc.stdout
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's default store, in the cwd
-    runs = mlflow_runs(uri)
+    # Jobs may run in parallel (joblib): their runs are taken in job order, not start order.
+    runs = sorted(mlflow_runs(uri), key=lambda r: int(r.data.tags["nnxtrain.job"]))
     assert len(runs) == 2
     assert {r.info.experiment_id for r in runs} == {runs[0].info.experiment_id}  # one
     from mlflow.tracking import MlflowClient
