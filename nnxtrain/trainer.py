@@ -322,10 +322,11 @@ class Trainer(RunControls):
 
     def _report_goodput(self) -> None:
         """Prints the account and keeps it in run_info.json (also after an error)."""
-        report = self.goodput.report()
+        self.console.print(goodput_table(self.goodput.report()))
+        # Written after the table is printed, so that run_info.json's wall time is all of
+        # fit() but this write.
         self.run_info["goodput"] = self.goodput.state(self.step)
         write_run_info(self.run_dir, self.run_info)
-        self.console.print(goodput_table(report))
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""

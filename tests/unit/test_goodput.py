@@ -96,7 +96,7 @@ def test_lost_steps_older_than_the_ledger_are_costed_at_the_mean_step_time(
 
 # -- a real run with injected delays -----------------------------------------------------
 
-DATA_SLEEP, PLUGIN_SLEEP, SAVE_SLEEP = 0.05, 0.1, 0.3
+DATA_SLEEP, PLUGIN_SLEEP, SAVE_SLEEP = 0.05, 0.2, 0.3
 
 
 class SlowData(SyntheticData):
@@ -165,8 +165,8 @@ def test_every_second_lands_in_its_bucket(tmp_path: Path, slow_saves: None):
     steps = 8
     goodput, elapsed = train(tmp_path, steps, plugin)
     seconds = goodput["seconds"]
-    # The buckets are the wall time, and the wall time is the Trainer's (to 1%: what runs
-    # outside it here is two clock reads and a JSON read).
+    # The buckets are the wall time, and the wall time is the Trainer's (to 1% of ~4 s:
+    # outside the account are only the last write of run_info.json and the lock's release).
     assert sum(seconds.values()) == pytest.approx(goodput["wall_seconds"], rel=1e-9)
     assert goodput["wall_seconds"] == pytest.approx(elapsed, rel=0.01)
     # Each injected delay is in its own bucket (the loop fetches steps + 1 train batches:
