@@ -8,6 +8,10 @@
   tests pass `compile_cache_override()` to keep the cache inside the session's tmp dir.
 - `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
+- `run_cli_in_process(args, cwd)`: the same `main()` in this process, for bad input that
+  the CLI refuses before any training: no interpreter or JAX start per case (seconds
+  each). A few cases stay real subprocesses to prove the exit code and the output end to
+  end. `assert_one_line_error(proc, key)`: exit 2 and one line naming the key and the fix.
 - `assert_equal_to_rounding`: float32 results of the same sums in another order (another
   mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
 - `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
@@ -15,6 +19,9 @@
   checkpoint, its index untouched.
 """
 
+import contextlib
+import io
+import logging
 import os
 import random
 import socket
@@ -98,6 +105,81 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`nnxtrain.cli.main()` with `args` as its command line, run in this process from `cwd`:
+    its exit status (SystemExit's code) and what it printed. An exception that escapes
+    `main()` (a crash the real CLI would print as a traceback) propagates to the test.
+
+    What `main()` changes in the process is put back: the working directory, os.environ
+    (it sets HYDRA_FULL_ERROR), logging (Hydra's job logging replaces the root logger's
+    handlers by a console handler and a file handler for <job dir>/cli.log), the
+    second-Ctrl-C action, and Hydra's global state (so that `compose` and the next case
+    start afresh). Hydra configures logging with `logging.config.dictConfig`, which closes
+    every handler that exists (`logging.shutdown`), pytest's capture handlers too: that
+    call is made a no-op while `main()` runs, and the handlers it would close are kept."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nnxtrain import cli, preemption
+
+    if not any(a.startswith("run.compile_cache=") for a in args):
+        args = [*args, compile_cache_override()]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = dict(logging._handlers)  # type: ignore[attr-defined]
+    handler_list = list(logging._handlerList)  # type: ignore[attr-defined]
+    environ, argv, here = dict(os.environ), sys.argv, os.getcwd()
+    second_interrupt = preemption._second_interrupt
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["nnxtrain", *args]
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            pytest.MonkeyPatch.context() as mp,
+        ):
+            mp.setattr(logging, "shutdown", lambda *_, **__: None)
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        logging._handlers.clear()  # type: ignore[attr-defined]
+        logging._handlers.update(named)  # type: ignore[attr-defined]
+        logging._handlerList[:] = handler_list  # type: ignore[attr-defined]
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv = argv
+        os.chdir(here)
+        preemption.on_second_interrupt(second_interrupt)
+        GlobalHydra.instance().clear()
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(
+        ["nnxtrain", *args], returncode, out.getvalue(), err.getvalue()
+    )
+
+
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str],
+    key: str,
+    prefixes: tuple[str, ...] = ("nnxtrain: error: ",),
+) -> None:
+    """Bad input: exit 2, no traceback, and one line on stderr that starts with one of
+    `prefixes`, names `key` and says the fix."""
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(prefixes), lines[0]
+    assert key in lines[0], lines[0]
+    assert "Fix:" in lines[0], lines[0]
 
 
 def shardings_table(text: str) -> dict[str, list[str]]:
