@@ -4,8 +4,10 @@
   dotted path, in-process and in CLI subprocesses) imports as a top-level module.
 - A session-wide persistent compilation cache in a fresh temporary directory: the many
   small `Trainer` runs compile the same step, and XLA on CPU takes seconds per compile.
-  The trainer points JAX at `run.compile_cache` (default: under the home directory), so
-  tests pass `compile_cache_override()` to keep the cache inside the session's tmp dir.
+  The trainer points JAX at `run.compile_cache` (default `auto`: under $XDG_CACHE_HOME,
+  which is set to a fresh temporary directory below). The session's cache is that same
+  `auto` directory, so runs with the default (in-process, and CLI subprocesses, which
+  inherit the environment) and runs given `compile_cache_override()` share one cache.
 - `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
 - `run_cli_in_process(args, cwd)`: the same `main()` in this process, for bad input that
@@ -69,9 +71,10 @@ _CACHE: list[Path] = []  # the session's compilation cache directory, once creat
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _compilation_cache() -> None:
     """Caches compiled programs for this session only (identical steps compile once)."""
-    _CACHE.append(tmp_path_factory.mktemp("jax_cache"))
+    _CACHE.append(Path(os.environ["XDG_CACHE_HOME"]) / "nnxtrain" / "jax")
+    _CACHE[0].mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(_CACHE[0]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
