@@ -14,6 +14,9 @@
   the CLI refuses before any training: no interpreter or JAX start per case (seconds
   each). A few cases stay real subprocesses to prove the exit code and the output end to
   end. `assert_one_line_error(proc, key)`: exit 2 and one line naming the key and the fix.
+- `short_run`: one short CLI run of the tiny model for the session (its process and run
+  dir), shared by the tests that read a finished run (test_cli.py) or damage a copy of its
+  checkpoint (test_checkpoint_integrity_cli.py).
 - `assert_equal_to_rounding`: float32 results of the same sums in another order (another
   mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
 - `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
@@ -183,6 +186,22 @@ def assert_one_line_error(
     assert lines[0].startswith(prefixes), lines[0]
     assert key in lines[0], lines[0]
     assert "Fix:" in lines[0], lines[0]
+
+
+SHORT_RUN = ["model=tiny", "run.steps=20", "run.log_every=5", "run.batch_size=4", "run.seq_len=16"]
+
+
+@pytest.fixture(scope="session")
+def short_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """SHORT_RUN (20 steps, a line every 5, the final checkpoint at step 20) through the
+    CLI, run from an unrelated directory: its process and its run dir. Read-only: a test
+    that changes files works on a copy."""
+    root = tmp_path_factory.mktemp("short")
+    run_dir = root / "run"
+    proc = run_cli([*SHORT_RUN, f"hydra.run.dir={run_dir}"], cwd=root)
+    return proc, run_dir
 
 
 def shardings_table(text: str) -> dict[str, list[str]]:
