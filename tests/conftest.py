@@ -4,10 +4,19 @@
   dotted path, in-process and in CLI subprocesses) imports as a top-level module.
 - A session-wide persistent compilation cache in a fresh temporary directory: the many
   small `Trainer` runs compile the same step, and XLA on CPU takes seconds per compile.
-  The trainer points JAX at `run.compile_cache` (default: under the home directory), so
-  tests pass `compile_cache_override()` to keep the cache inside the session's tmp dir.
+  The trainer points JAX at `run.compile_cache` (default `auto`: under $XDG_CACHE_HOME,
+  which is set to a fresh temporary directory below). The session's cache is that same
+  `auto` directory, so runs with the default (in-process, and CLI subprocesses, which
+  inherit the environment) and runs given `compile_cache_override()` share one cache.
 - `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
+- `run_cli_in_process(args, cwd)`: the same `main()` in this process, for bad input that
+  the CLI refuses before any training: no interpreter or JAX start per case (seconds
+  each). A few cases stay real subprocesses to prove the exit code and the output end to
+  end. `assert_one_line_error(proc, key)`: exit 2 and one line naming the key and the fix.
+- `short_run`: one short CLI run of the tiny model for the session (its process and run
+  dir), shared by the tests that read a finished run (test_cli.py) or damage a copy of its
+  checkpoint (test_checkpoint_integrity_cli.py).
 - `assert_equal_to_rounding`: float32 results of the same sums in another order (another
   mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
 - `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
@@ -15,6 +24,9 @@
   checkpoint, its index untouched.
 """
 
+import contextlib
+import io
+import logging
 import os
 import random
 import socket
@@ -62,9 +74,10 @@ _CACHE: list[Path] = []  # the session's compilation cache directory, once creat
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _compilation_cache() -> None:
     """Caches compiled programs for this session only (identical steps compile once)."""
-    _CACHE.append(tmp_path_factory.mktemp("jax_cache"))
+    _CACHE.append(Path(os.environ["XDG_CACHE_HOME"]) / "nnxtrain" / "jax")
+    _CACHE[0].mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(_CACHE[0]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
@@ -98,6 +111,97 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`nnxtrain.cli.main()` with `args` as its command line, run in this process from `cwd`:
+    its exit status (SystemExit's code) and what it printed. An exception that escapes
+    `main()` (a crash the real CLI would print as a traceback) propagates to the test.
+
+    What `main()` changes in the process is put back: the working directory, os.environ
+    (it sets HYDRA_FULL_ERROR), logging (Hydra's job logging replaces the root logger's
+    handlers by a console handler and a file handler for <job dir>/cli.log), the
+    second-Ctrl-C action, and Hydra's global state (so that `compose` and the next case
+    start afresh). Hydra configures logging with `logging.config.dictConfig`, which closes
+    every handler that exists (`logging.shutdown`), pytest's capture handlers too: that
+    call is made a no-op while `main()` runs, and the handlers it would close are kept."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nnxtrain import cli, preemption
+
+    if not any(a.startswith("run.compile_cache=") for a in args):
+        args = [*args, compile_cache_override()]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    named = dict(logging._handlers)  # type: ignore[attr-defined]
+    handler_list = list(logging._handlerList)  # type: ignore[attr-defined]
+    environ, argv, here = dict(os.environ), sys.argv, os.getcwd()
+    second_interrupt = preemption._second_interrupt
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["nnxtrain", *args]
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            pytest.MonkeyPatch.context() as mp,
+        ):
+            mp.setattr(logging, "shutdown", lambda *_, **__: None)
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        logging._handlers.clear()  # type: ignore[attr-defined]
+        logging._handlers.update(named)  # type: ignore[attr-defined]
+        logging._handlerList[:] = handler_list  # type: ignore[attr-defined]
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv = argv
+        os.chdir(here)
+        preemption.on_second_interrupt(second_interrupt)
+        GlobalHydra.instance().clear()
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(
+        ["nnxtrain", *args], returncode, out.getvalue(), err.getvalue()
+    )
+
+
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str],
+    key: str,
+    prefixes: tuple[str, ...] = ("nnxtrain: error: ",),
+) -> None:
+    """Bad input: exit 2, no traceback, and one line on stderr that starts with one of
+    `prefixes`, names `key` and says the fix."""
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(prefixes), lines[0]
+    assert key in lines[0], lines[0]
+    assert "Fix:" in lines[0], lines[0]
+
+
+SHORT_RUN = ["model=tiny", "run.steps=20", "run.log_every=5", "run.batch_size=4", "run.seq_len=16"]
+
+
+@pytest.fixture(scope="session")
+def short_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """SHORT_RUN (20 steps, a line every 5, the final checkpoint at step 20) through the
+    CLI, run from an unrelated directory: its process and its run dir. Read-only: a test
+    that changes files works on a copy."""
+    root = tmp_path_factory.mktemp("short")
+    run_dir = root / "run"
+    proc = run_cli([*SHORT_RUN, f"hydra.run.dir={run_dir}"], cwd=root)
+    return proc, run_dir
 
 
 def shardings_table(text: str) -> dict[str, list[str]]:

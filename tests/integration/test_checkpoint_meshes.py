@@ -3,6 +3,10 @@
 Runs in a subprocess with 8 simulated CPU devices (XLA_FLAGS must precede JAX's start).
 The restored arrays must equal the saved ones exactly, carry the new mesh's shardings,
 and train on from there.
+
+The runs are test_multidevice's (same config, fsdp8 and single meshes): in one session
+the compilation cache then serves their train steps, and only data2_fsdp4 compiles. The
+checkpoint restored is step 5's, so the restored runs train to the same step 10.
 """
 
 import json
@@ -13,8 +17,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_multidevice import TINY
 
 pytestmark = pytest.mark.slow
+
+SAVED = 5  # the checkpoint step restored; the runs go on to test_multidevice's 10 steps
 
 SCRIPT = textwrap.dedent(
     """
@@ -29,20 +36,29 @@ SCRIPT = textwrap.dedent(
             self.host = jax.device_get(trainer.state)
             self.targets = trainer.state_shardings
 
-    root = sys.argv[1]
-    base = ["model=tiny", "run.batch_size=8", "run.seq_len=16", "run.eval_every=0",
-            "callbacks=none"]
-    saved = Trainer(compose([*base, "run.steps=3", "mesh=fsdp", f"run.dir={root}/fsdp8"]),
-                    [Checkpointer()]).fit()
+    class AtStep(Callback):
+        \"\"\"The state after step `step` on the host: what that step's checkpoint holds.\"\"\"
+        def __init__(self, step):
+            self.step = step
+        def on_step_end(self, trainer, event):
+            if event.step == self.step:
+                self.host = jax.device_get(trainer.state)
+
+    overrides, root, saved_step = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    base = [*overrides, "callbacks=none"]
+    at = AtStep(saved_step)
+    saved = Trainer(compose([*base, "mesh=fsdp", f"run.dir={root}/fsdp8"]),
+                    [Checkpointer(every=saved_step), at]).fit()
     embed = saved.state.params["embed"].value
     out = {"saved_devices": len(embed.sharding.device_set), "saved_spec": str(embed.sharding.spec)}
-    reference = jax.tree.leaves(jax.device_get(saved.state))
+    reference = jax.tree.leaves(at.host)
     for name, mesh, devices in [("data2_fsdp4", ["mesh=data_fsdp"], None),
                                 ("single", ["mesh=single"], jax.devices()[:1])]:
         probe = AtStart()
         trainer = Trainer(
-            compose([*base, "run.steps=4", *mesh, f"run.dir={root}/{name}"]),
-            [Checkpointer(load_from=f"{root}/fsdp8"), probe], devices=devices)
+            compose([*base, *mesh, f"run.dir={root}/{name}"]),
+            [Checkpointer(load_from=f"{root}/fsdp8/checkpoints/{saved_step}"), probe],
+            devices=devices)
         result = trainer.fit()
         leaves = jax.tree.leaves(probe.state)
         out[name] = {
@@ -64,7 +80,7 @@ def test_fsdp8_checkpoint_restores_on_data2_fsdp4_and_on_one_device(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", SCRIPT, json.dumps(TINY), str(tmp_path), str(SAVED)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -72,7 +88,7 @@ def test_fsdp8_checkpoint_restores_on_data2_fsdp4_and_on_one_device(tmp_path: Pa
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("checkpoint: started from step 3 ") == 2
+    assert proc.stdout.count(f"checkpoint: started from step {SAVED} ") == 2
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT="))
     out = json.loads(line.removeprefix("RESULT="))
     assert out["saved_devices"] == 8 and "fsdp" in out["saved_spec"]
@@ -81,4 +97,4 @@ def test_fsdp8_checkpoint_restores_on_data2_fsdp4_and_on_one_device(tmp_path: Pa
     for name, devices in (("data2_fsdp4", 8), ("single", 1)):
         got = out[name]
         assert got["equal"] and got["shardings"], got
-        assert got["devices"] == devices and got["step"] == 4 and got["loss"] > 0
+        assert got["devices"] == devices and got["step"] == 10 and got["loss"] > 0

@@ -150,6 +150,10 @@ def test_signal_saves_exits_with_its_code_and_rerun_resumes_exactly(tmp_path, re
     assert f"preempted: {sig.name}" in stderr and "Traceback" not in stderr
     assert f"checkpoint: saved step {stopped} |" in stdout  # written before the exit
     assert (run_dir / "checkpoints" / str(stopped) / "state").is_dir()
+    if sig == signal.SIGINT:
+        # The save is the same whichever signal asked for it (the signal only names the
+        # reason and the exit code): one rerun, after SIGTERM, shows that it resumes exactly.
+        return
 
     again = run_cli(args, tmp_path, env)
     assert again.returncode == 0, again.stderr[-3000:]

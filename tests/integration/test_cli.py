@@ -29,24 +29,9 @@ METRIC_KEYS = {
     "grad_norm",
 }
 
-
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """20 steps of the tiny model, a line every 5 steps; run from an unrelated directory."""
-    root = tmp_path_factory.mktemp("short")
-    run_dir = root / "run"
-    proc = run_cli(
-        [
-            "model=tiny",
-            "run.steps=20",
-            "run.log_every=5",
-            "run.batch_size=4",
-            "run.seq_len=16",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=root,
-    )
-    return proc, run_dir
+# `short_run` (tests/conftest.py): 20 steps of the tiny model through the CLI, a line every 5
+# steps, batch 4 x 16 tokens; tests/integration/test_checkpoint_integrity_cli.py damages a
+# copy of its checkpoint.
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:

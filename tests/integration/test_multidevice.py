@@ -64,17 +64,25 @@ MESHES_SCRIPT = textwrap.dedent(
 )
 
 
-def test_same_losses_on_every_mesh(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def mesh_losses(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """[steps, (loss, grad_norm)] of the same run on each mesh, in one process with 8 CPU
+    devices. Its fsdp8 run is also the one-process reference of the two-process run."""
     proc = subprocess.run(
-        [sys.executable, "-c", MESHES_SCRIPT, json.dumps(TINY), str(tmp_path)],
+        [sys.executable, "-c", MESHES_SCRIPT, json.dumps(TINY), str(tmp_path_factory.mktemp("m"))],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES="))
-    losses = {name: np.array(x) for name, x in json.loads(line.removeprefix("LOSSES=")).items()}
-    assert_same_math(losses.pop("single"), losses)
+    return {name: np.array(x) for name, x in json.loads(line.removeprefix("LOSSES=")).items()}
+
+
+def test_same_losses_on_every_mesh(mesh_losses: dict[str, np.ndarray]) -> None:
+    others = {name: x for name, x in mesh_losses.items() if name != "single"}
+    assert others.keys() == {"data8", "fsdp8", "d2f2t2"}
+    assert_same_math(mesh_losses["single"], others)
 
 
 def assert_same_math(reference: np.ndarray, others: dict[str, np.ndarray]) -> None:
@@ -106,14 +114,10 @@ def _losses(run_dir: Path) -> np.ndarray:
     return np.array([[r["loss"], r["grad_norm"]] for r in map(json.loads, lines) if "loss" in r])
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+def test_two_processes_match_one(tmp_path: Path, mesh_losses: dict[str, np.ndarray]) -> None:
+    """2 processes x 4 devices against the same fsdp run in one process with 8 devices
+    (`mesh_losses`' fsdp8: the same config, the trainer in-process instead of the CLI)."""
     common = [*TINY, "run.log_every=1", "mesh=fsdp"]
-    one = _cli(
-        *common, "run.host_devices=8", f"run.dir={tmp_path}/one", f"hydra.run.dir={tmp_path}/h1"
-    )
-    out, _ = one.communicate(timeout=300)
-    assert one.returncode == 0, out[-3000:]
-
     port = free_port()
     procs = [
         _cli(
@@ -133,7 +137,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         assert p.returncode == 0, o[-3000:]
     # Console lines come from process 0 only.
     assert "step 10/10" in outs[0] and "step 10/10" not in outs[1]
-    assert_same_math(_losses(tmp_path / "one"), {"two processes": _losses(tmp_path / "two")})
+    assert_same_math(mesh_losses["fsdp8"], {"two processes": _losses(tmp_path / "two")})
 
 
 def test_unreachable_coordinator_is_one_line(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ from test_checkpoint_signals import env_with_plugins, logged, start, wait_until
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40
+# Long enough for the stop (step 6) and two agreement intervals after the resume; every
+# step is a collective across the processes, so more steps only add time.
+STEPS = 12
 CHECK_EVERY = 3  # processes agree on a stop at multiples of 3 steps
 HOLD_AT = 5  # the signal arrives here: the agreed stop is the next multiple of CHECK_EVERY
 
