@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from callbacks_for_tests import StopAt
-from conftest import TINY
+from conftest import TINY, run_cli_in_process
 from flax import nnx
 from nnxtrain.plugins.checkpointer import Checkpointer
 from nnxtrain.plugins.spike_guard import SKIPPED_FILE, SpikeGuard
@@ -167,3 +167,18 @@ def test_a_resumed_run_skips_the_same_batches_and_ends_bitwise_equal(tmp_path: P
 def test_options_are_checked(tmp_path: Path):
     with pytest.raises(Exception, match=r"callbacks\.spike_guard\.window"):
         run(tmp_path, 4, guard=SpikeGuard(window=0))
+
+
+def test_the_cli_exits_3_when_the_guard_gives_up(tmp_path: Path):
+    # lr 1e6: step 2's update makes every later loss NaN; the guard (on by default) skips
+    # them and ends the run after max_consecutive in a row, as a failure.
+    args = [*BASE[:-1], "run.steps=20", f"run.dir={tmp_path / 'run'}", "optim.lr=1e6"]
+    args += [
+        "optim.warmup_steps=0",
+        "~callbacks.checkpoint",
+        "callbacks.spike_guard.max_consecutive=3",
+    ]
+    proc = run_cli_in_process(args, tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnxtrain: diverged: spike_guard skipped 3 steps in a row"), last
