@@ -215,6 +215,9 @@ class Tracker(Callback):
         self._started = False
         path = os.path.join(self.run_dir, RUN_INFO)
         info = json.loads(json.dumps(trainer.run_info, default=str))  # plain values only
+        # The goodput ledger (seconds of each of the last 4096 steps, to cost lost work on a
+        # resume) stays in the file: as values it would be thousands of metrics.
+        info.get("goodput", {}).pop("step_seconds", None)
         exists = os.path.isfile(path)
         self._call(
             trainer,

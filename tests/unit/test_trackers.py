@@ -97,6 +97,8 @@ def test_mlflow_logs_config_metrics_and_run_info(tmp_path: Path) -> None:
     assert saved == on_disk
     assert set(logged_goodput["seconds"]) == set(final_goodput["seconds"])
     assert 0 < logged_goodput["wall_seconds"] <= final_goodput["wall_seconds"]
+    assert history(uri, run_id, "run_info.goodput.wall_seconds")  # the account's values, ...
+    assert not history(uri, run_id, "run_info.goodput.step_seconds.1")  # not its ledger
     assert saved["final"]["reason"] == "completed"
 
 
