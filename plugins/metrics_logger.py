@@ -242,5 +242,8 @@ class MetricsLogger(Callback):
 
 
 def _import_tensorboardx() -> None:
-    with contextlib.suppress(ImportError):  # on_train_start says so
+    # Silent whatever happens: a missing package is reported by on_train_start, and a run
+    # that ends while this thread still imports (a bad option of a later plugin, exit 2)
+    # must print its one line only, not this thread's traceback.
+    with contextlib.suppress(BaseException):
         import tensorboardX  # noqa: F401

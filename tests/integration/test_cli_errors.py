@@ -168,7 +168,11 @@ class HoldInInit(Callback):
 
     def __init__(self, held: str):
         open(held, "w").close()
-        time.sleep(600)
+        # Short sleeps: the kernel may hand SIGINT to one of JAX's threads, and then only
+        # the main thread's next return to Python runs the handler (one long sleep would
+        # not wake for it).
+        for _ in range(6000):
+            time.sleep(0.1)
 """
 )
 

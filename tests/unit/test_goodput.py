@@ -165,10 +165,12 @@ def test_every_second_lands_in_its_bucket(tmp_path: Path, slow_saves: None):
     steps = 8
     goodput, elapsed = train(tmp_path, steps, plugin)
     seconds = goodput["seconds"]
-    # The buckets are the wall time, and the wall time is the Trainer's (to 1% of ~4 s:
-    # outside the account are only the last write of run_info.json and the lock's release).
+    # The buckets are the wall time, and the wall time is the Trainer's: to 1%, plus what
+    # the account cannot hold, a fixed tail of milliseconds (the last write of
+    # run_info.json, the run lock's release), which on a loaded 2-core machine measured up
+    # to 45 ms of this ~4 s run (0.1 s allowed).
     assert sum(seconds.values()) == pytest.approx(goodput["wall_seconds"], rel=1e-9)
-    assert goodput["wall_seconds"] == pytest.approx(elapsed, rel=0.01)
+    assert 0 < elapsed - goodput["wall_seconds"] <= 0.01 * elapsed + 0.1
     # Each injected delay is in its own bucket (the loop fetches steps + 1 train batches:
     # the first, then one after each step but the last).
     assert seconds["data"] >= steps * DATA_SLEEP
