@@ -20,11 +20,9 @@ metrics.jsonl: whatever the run dir held came from steps this run redoes. Only p
 writes.
 """
 
-import contextlib
 import json
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from typing import IO, Any
@@ -71,18 +69,10 @@ class MetricsLogger(Callback):
         self._window_tokens = 0  # non-padding tokens of the window's steps
         self._last_completed: float | None = None
         self._window_seconds: list[float] = []
-        self._tb_import: threading.Thread | None = None
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         self.flops = event.flops
         self.run_dir = event.run_dir
-        if not trainer.console.quiet and self.use_tb:
-            # Importing tensorboardX takes seconds (the goodput account showed 4.7 s on a
-            # busy 2-core machine); it overlaps with compilation on a thread of its own.
-            self._tb_import = threading.Thread(
-                target=_import_tensorboardx, name="nnxtrain-tensorboardx-import", daemon=True
-            )
-            self._tb_import.start()
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         # The files are opened here, not in on_setup: only now is the restored step known
@@ -90,8 +80,6 @@ class MetricsLogger(Callback):
         if not trainer.console.quiet and self.use_jsonl:
             self._file = self._open_jsonl(trainer, event.step)
         if not trainer.console.quiet and self.use_tb:
-            if self._tb_import is not None:
-                self._tb_import.join()
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
@@ -239,11 +227,3 @@ class MetricsLogger(Callback):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def _import_tensorboardx() -> None:
-    # Silent whatever happens: a missing package is reported by on_train_start, and a run
-    # that ends while this thread still imports (a bad option of a later plugin, exit 2)
-    # must print its one line only, not this thread's traceback.
-    with contextlib.suppress(BaseException):
-        import tensorboardX  # noqa: F401
