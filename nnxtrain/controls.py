@@ -30,6 +30,7 @@ class RunControls:
         self.save_requested = False
         self._stop_failed = False  # request_failure_stop: the run ends as failed
         self._guard: Any = None  # the train step's skip guard; None: GUARD_OFF
+        self._guard_values: tuple[float, ...] = ()  # what _guard holds
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""
@@ -65,7 +66,9 @@ class RunControls:
         its limit leaves the parameters and optimizer state as they were (`skipped` = 1
         in its metrics). The limits must be the same on every process (they come from
         the global metrics)."""
-        self._guard = self._place([1.0, loss_limit, grad_norm_limit])
+        values = (1.0, float(loss_limit), float(grad_norm_limit))
+        if values != self._guard_values:  # a plugin may call this every step: place on change
+            self._guard, self._guard_values = self._place(list(values)), values
 
     def guard(self) -> jax.Array:
         """The skip guard the next step gets."""
