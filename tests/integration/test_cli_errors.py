@@ -139,11 +139,19 @@ def test_bad_input_is_one_line_naming_the_key(case, results):
     assert_one_line_error(results[case], CASES[case][1])
 
 
+# `python -m nnxtrain.cli`, with Ctrl-C's default action as in a terminal: a suite started
+# in the background (`make test &` in a script) ignores SIGINT, and children inherit that.
+AS_IN_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'nnxtrain'; runpy.run_module('nnxtrain.cli', run_name='__main__')"
+)
+
+
 def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """The CLI in the background, its output in files (a full pipe would stall it)."""
     out, err = (cwd / "stdout.txt").open("wb"), (cwd / "stderr.txt").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "nnxtrain.cli", *args, compile_cache_override()],
+        [sys.executable, "-c", AS_IN_A_TERMINAL, *args, compile_cache_override()],
         cwd=cwd,
         env=env,
         stdout=out,
@@ -168,10 +176,7 @@ class HoldInInit(Callback):
 
     def __init__(self, held: str):
         open(held, "w").close()
-        # Short sleeps: the kernel may hand SIGINT to one of JAX's threads, and then only
-        # the main thread's next return to Python runs the handler (one long sleep would
-        # not wake for it).
-        for _ in range(6000):
+        for _ in range(6000):  # short sleeps: the handler runs at the next wake-up at worst
             time.sleep(0.1)
 """
 )
