@@ -13,7 +13,8 @@
 - `run_cli_in_process(args, cwd)`: the same `main()` in this process, for bad input that
   the CLI refuses before any training: no interpreter or JAX start per case (seconds
   each). A few cases stay real subprocesses to prove the exit code and the output end to
-  end. `assert_one_line_error(proc, key)`: exit 2 and one line naming the key and the fix.
+  end; `run_cli_cases` runs a table of cases both ways at once. `assert_one_line_error(proc,
+  key)`: exit 2 and one line naming the key and the fix.
 - `short_run`: one short CLI run of the tiny model for the session (its process and run
   dir), shared by the tests that read a finished run (test_cli.py) or damage a copy of its
   checkpoint (test_checkpoint_integrity_cli.py).
@@ -33,6 +34,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,28 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_cases(
+    cases: Iterable[str],
+    args_of: Callable[[str], tuple[list[str], Path]],
+    in_subprocess: Collection[str],
+) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Each case's CLI run, `args_of(case)` giving (command line, cwd): the cases in
+    `in_subprocess` as the real command (two at a time, in the background), the others
+    in this process meanwhile, one after another (`run_cli_in_process`)."""
+    # The environment is copied before the in-process cases run: main() sets variables
+    # (HYDRA_FULL_ERROR) while it runs, which the subprocesses must not inherit.
+    env = cli_env()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started: dict[str, Future[subprocess.CompletedProcess[str]]] = {
+            case: pool.submit(run_cli, *args_of(case), env)
+            for case in cases
+            if case in in_subprocess
+        }
+        done = {case: run_cli_in_process(*args_of(case)) for case in cases if case not in started}
+        done |= {case: future.result() for case, future in started.items()}
+    return done
 
 
 def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from conftest import (
     compile_cache_override,
     free_port,
     run_cli,
-    run_cli_in_process,
+    run_cli_cases,
 )
 from test_checkpoint_signals import PLUGINS as CHECKPOINT_PLUGINS
 
@@ -122,16 +121,7 @@ def results(tmp_path_factory, busy_port) -> dict[str, subprocess.CompletedProces
         )
         return [*flags, *BASE, *overrides, *hydra_dir], tmp
 
-    # The environment is copied before the in-process cases run: main() sets variables
-    # (HYDRA_FULL_ERROR) while it runs, which the subprocesses must not inherit.
-    env = cli_env()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started: dict[str, Future[subprocess.CompletedProcess[str]]] = {
-            case: pool.submit(run_cli, *args(case), env) for case in CASES if case in IN_SUBPROCESS
-        }
-        done = {case: run_cli_in_process(*args(case)) for case in CASES if case not in started}
-        done |= {case: future.result() for case, future in started.items()}
-    return done
+    return run_cli_cases(CASES, args, IN_SUBPROCESS)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -7,11 +7,10 @@ subprocesses, concurrently, to prove the exit code and the one line end to end."
 
 import json
 import subprocess
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, cli_env, run_cli, run_cli_in_process
+from conftest import assert_one_line_error, run_cli, run_cli_cases
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +72,7 @@ def results(tmp_path_factory) -> dict[str, subprocess.CompletedProcess[str]]:
         overrides = [o.replace("{tmp}", str(tmp)) for o in CASES[case][0]]
         return [*BASE, *overrides, f"hydra.run.dir={tmp / 'hydra'}"], tmp
 
-    # The environment is copied before the in-process cases run: main() sets variables
-    # (HYDRA_FULL_ERROR) while it runs, which the subprocesses must not inherit.
-    env = cli_env()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started: dict[str, Future[subprocess.CompletedProcess[str]]] = {
-            case: pool.submit(run_cli, *args(case), env) for case in CASES if case in IN_SUBPROCESS
-        }
-        done = {case: run_cli_in_process(*args(case)) for case in CASES if case not in started}
-        done |= {case: future.result() for case, future in started.items()}
-    return done
+    return run_cli_cases(CASES, args, IN_SUBPROCESS)
 
 
 @pytest.mark.parametrize("case", list(CASES))
