@@ -24,7 +24,7 @@ from flax import nnx
 
 from nnxtrain import compose
 from nnxtrain.model import Transformer
-from nnxtrain.step import loss_sums
+from nnxtrain.train.step import loss_sums
 
 
 def packed_segments(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:

@@ -27,11 +27,11 @@ from typing import Any
 from unittest import mock
 
 import jax
-from nnxtrain.plugins import checkpoint_digest as digest
-from nnxtrain.plugins import checkpoint_io as cio
 from rich.console import Console
 
 from nnxtrain import Trainer, compose
+from nnxtrain.checkpoint import digest
+from nnxtrain.checkpoint import storage as cio
 
 MODEL = ["model.emb_dim=384", "model.num_layers=6", "model.mlp_dim=1152"]
 

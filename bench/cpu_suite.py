@@ -30,7 +30,7 @@ import jax
 from bench.matmul_peak import DEFAULT_LAYOUTS, peak_flops
 from bench.trainer_vs_bare import bare_loop, trainer_loop
 from nnxtrain import Callback, StepEndEvent, Trainer, compose
-from nnxtrain.distributed import start_jax
+from nnxtrain.parallel.distributed import start_jax
 
 CHAR_MODEL = [
     "model.name=char",

@@ -2,7 +2,7 @@
 
 The same small Llama (4 layers, 256 wide, GQA 4 query / 2 kv heads, float32) continues a
 128-token prompt by 128 greedy tokens, at batch 1 and 8. The Hugging Face model is built
-from a `LlamaConfig` with random weights; nnxtrain loads it with `nnxtrain.hf.load` when
+from a `LlamaConfig` with random weights; nnxtrain loads it with `nnxtrain.interop.hf.load` when
 that module exists, else builds its own random model of the same shape (speed does not
 depend on the weights). Each side is warmed up once (nnxtrain compiles there), then the
 repetitions alternate between the two sides; medians are reported. Prints tokens/s (new
@@ -62,10 +62,10 @@ def nnx_model(hf: LlamaForCausalLM, vocab: int) -> tuple[Transformer, str]:
             max_len=PROMPT + NEW,
             dtype="float32",
         )
-        return Transformer(cfg, rngs=nnx.Rngs(0)), "own random weights (no nnxtrain.hf)"
+        return Transformer(cfg, rngs=nnx.Rngs(0)), "own random weights (no nnxtrain.interop.hf)"
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        return interop.load(d), "the same weights, via nnxtrain.hf.load"
+        return interop.load(d), "the same weights, via nnxtrain.interop.hf.load"
 
 
 def timed(fn: Callable[[], object]) -> float:

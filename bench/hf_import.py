@@ -1,4 +1,4 @@
-"""Importing a Hugging Face checkpoint: the time of `nnxtrain.hf.load` and its peak memory.
+"""Importing a Hugging Face checkpoint: the time of `nnxtrain.interop.hf.load` and its peak memory.
 
 Writes a random checkpoint of the llama1b shape (conf/model/llama1b.yaml: 16 layers, 2048
 wide, vocab 32000, untied; about 2.2 GB of bfloat16 safetensors, one file as transformers
@@ -41,8 +41,8 @@ def write_checkpoint(path: str) -> int:
     from flax import nnx
 
     from nnxtrain.config import ModelConfig
-    from nnxtrain.hf.config import from_model_config
-    from nnxtrain.hf.weights import hf_names, hf_shape, weights_of, write_shards
+    from nnxtrain.interop.hf.config import from_model_config
+    from nnxtrain.interop.hf.weights import hf_names, hf_shape, weights_of, write_shards
     from nnxtrain.model import Transformer
 
     cfg = ModelConfig(name="llama1b", param_dtype="bfloat16", **MODEL)
@@ -80,7 +80,7 @@ def child(path: str, param_dtype: str | None) -> None:
     """Loads `path` once and prints {seconds, peak_growth_bytes} as JSON."""
     import jax
 
-    import nnxtrain.hf as hf
+    import nnxtrain.interop.hf as hf
 
     jax.device_put(np.zeros(4)).block_until_ready()  # the runtime exists before the baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

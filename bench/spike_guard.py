@@ -27,7 +27,7 @@ from rich.console import Console
 from nnxtrain import Trainer, compose
 from nnxtrain.data import build_dataset
 from nnxtrain.model import Transformer
-from nnxtrain.step import TrainState, make_optimizer, make_train_step
+from nnxtrain.train.step import TrainState, make_optimizer, make_train_step
 
 
 def step_seconds(fn: Any, state: Any, batch: Any, guard: Any, steps: int) -> tuple[float, Any]:

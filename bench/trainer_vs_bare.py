@@ -23,11 +23,11 @@ from flax import nnx
 
 from nnxtrain import Callback, Trainer, compose
 from nnxtrain.data import build_dataset
-from nnxtrain.distributed import start_jax
-from nnxtrain.mesh import batch_sharding, build_mesh
 from nnxtrain.model import Transformer
-from nnxtrain.sharding import merge_rules, state_shardings, use_rules
-from nnxtrain.step import make_optimizer
+from nnxtrain.parallel.distributed import start_jax
+from nnxtrain.parallel.mesh import batch_sharding, build_mesh
+from nnxtrain.parallel.sharding import merge_rules, state_shardings, use_rules
+from nnxtrain.train.step import make_optimizer
 
 
 def bare_loop(cfg: Any, steps: int) -> float:
@@ -82,7 +82,7 @@ class _LoopClock(Callback):
 def trainer_loop(overrides: list[str], steps: int, run_dir: str) -> float:
     """Seconds per step of Trainer.fit() with the config's plugins plus a loop clock."""
     cfg = compose([*overrides, f"run.steps={steps}", f"run.dir={run_dir}", "run.eval_every=0"])
-    from nnxtrain.registry import build_callbacks
+    from nnxtrain.train.registry import build_callbacks
 
     clock = _LoopClock()
     # The clock comes first so that it stops at the last step's completion, before the other

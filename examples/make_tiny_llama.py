@@ -12,7 +12,7 @@ The tokenizer is a byte-level BPE (the `tokenizers` package: `pip install 'nnxtr
 trained on the records, with `<|endoftext|>` as EOS and `<|user|>`, `<|assistant|>` and
 `<|system|>` as single tokens. Its chat template marks each assistant reply (and its EOS)
 with `{% generation %}`, so `data=jsonl` trains on the replies only. The weights are
-nnxtrain's own random initialisation, written by `nnxtrain.hf.save` as a
+nnxtrain's own random initialisation, written by `nnxtrain.interop.hf.save` as a
 `LlamaForCausalLM` directory (transformers reads it; torch is not needed here).
 """
 
@@ -26,7 +26,7 @@ import tempfile
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
-from nnxtrain.hf import save
+from nnxtrain.interop.hf import save
 from nnxtrain.model import Transformer
 
 EOS = "<|endoftext|>"

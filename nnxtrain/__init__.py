@@ -1,6 +1,8 @@
 """nnxtrain: a language-model trainer for JAX built on Flax NNX.
 
-The public API for plugin authors and Python users:
+The public API for plugin authors and Python users: the names below, and the packages
+`nnxtrain.hf` (Hugging Face in and out) and `nnxtrain.checkpoint` (the checkpoint format).
+docs/architecture.md maps the rooms behind them.
 
     from nnxtrain import Callback, Trainer, compose
     Trainer(compose(["run.steps=50"])).fit()
@@ -9,12 +11,17 @@ The public API for plugin authors and Python users:
 """
 
 from nnxtrain import hf
-from nnxtrain.accounting import FlopsReport, count_params, step_flops
-from nnxtrain.compile import CompiledMemory, CompiledStep
-from nnxtrain.config import Config, compose
+from nnxtrain.config import Config
 from nnxtrain.data import run_tokenizer
 from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
-from nnxtrain.events import (
+from nnxtrain.interop.init_from import compose
+from nnxtrain.model.generation import generate
+from nnxtrain.parallel.sharding import ActivationRecord
+from nnxtrain.run.lock import RunLock
+from nnxtrain.run.records import drop_records_after
+from nnxtrain.train.accounting import FlopsReport, count_params, step_flops
+from nnxtrain.train.compile import CompiledMemory, CompiledStep
+from nnxtrain.train.events import (
     Callback,
     CompileEvent,
     EvalEndEvent,
@@ -27,14 +34,10 @@ from nnxtrain.events import (
     TrainerView,
     TrainStartEvent,
 )
-from nnxtrain.generation import generate
-from nnxtrain.goodput import Goodput, GoodputReport
-from nnxtrain.records import drop_records_after
-from nnxtrain.runlock import RunLock
-from nnxtrain.sharding import ActivationRecord
-from nnxtrain.step import METRIC_NAMES, all_finite
-from nnxtrain.timing import StepRecord
-from nnxtrain.trainer import FitResult, Trainer
+from nnxtrain.train.goodput import Goodput, GoodputReport
+from nnxtrain.train.step import METRIC_NAMES, all_finite
+from nnxtrain.train.timing import StepRecord
+from nnxtrain.train.trainer import FitResult, Trainer
 from nnxtrain.units import format_bytes
 
 __version__ = "0.1.0"

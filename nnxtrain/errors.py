@@ -1,7 +1,7 @@
 """User-facing errors: bad input that the CLI reports as one line, with no traceback.
 
 Raise `ConfigError` for a bad key or value and `UserError` for anything else a user can
-fix (a file, a plugin, the run directory). `nnxtrain.cli` prints `str(error)` and exits
+fix (a file, a plugin, the run directory). `nnxtrain.cli.train` prints `str(error)` and exits
 with code 2 (`EXIT_BAD_INPUT`; 4 for `LostProcessError`); code that catches an exception
 from deeper down re-raises it as one of these with the key or file named, quoting the
 cause with `first_line(e)`. `unknown_key` words a misspelt key with its closest match.

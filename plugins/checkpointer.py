@@ -11,8 +11,8 @@ save is due while the previous write still runs (`skip` with a warning, or `wait
 setup it checks that `directory` can be written (not at the first save, after training),
 then restores the latest complete checkpoint onto the current mesh, or starts from
 `load_from` (a whole state; weights alone come with `run.init_from`). docs/checkpointing.md
-is the manual; `checkpoint_io` owns the Orbax side and `checkpoint_checks` the one-line
-errors. Uses only the public API of `nnxtrain`.
+is the manual; `nnxtrain.checkpoint` owns the format on disk, this plugin decides when to
+save and restore. Uses only the public API of `nnxtrain`.
 """
 
 import dataclasses
@@ -30,9 +30,7 @@ from nnxtrain import (
     TrainerView,
     all_finite,
 )
-
-from . import checkpoint_checks as checks
-from . import checkpoint_io as cio
+from nnxtrain import checkpoint as cio
 
 
 class Checkpointer(Callback):
@@ -63,10 +61,10 @@ class Checkpointer(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "name"}
-        checks.check_options(f"callbacks.{self.name}", opts)
+        cio.check_options(f"callbacks.{self.name}", opts)
         if event.config.run.dry_run:
             return  # nothing is allocated, restored or saved
-        self._config = checks.jsonable(dataclasses.asdict(event.config))
+        self._config = cio.jsonable(dataclasses.asdict(event.config))
         self.path = self._path(event)
         for cb in trainer.callbacks:  # two savers on one directory would delete each other's
             if cb is not self and isinstance(cb, Checkpointer) and cb._path(event) == self.path:
@@ -76,7 +74,7 @@ class Checkpointer(Callback):
                     f"drop one (~callbacks.{cb.name}) or give each its own directory",
                 )
         key = f"callbacks.{self.name}.directory"
-        checks.check_directory(key, self.path)
+        cio.check_directory(key, self.path)
         run_dir = os.path.realpath(event.run_dir)  # whose lock covers only what lies under it
         if os.path.commonpath([os.path.realpath(self.path), run_dir]) != run_dir:
             self._lock.take(self.path, event.config.mesh.init_timeout, key)
@@ -191,18 +189,11 @@ class Checkpointer(Callback):
         self._mngr.wait_until_finished()  # no-op unless if_busy=wait (or the final save)
         waited = time.perf_counter() - t0
         self._report(trainer)
-        meta = {
-            "format": cio.FORMAT,
-            "step": step,
-            "rng": {"seed": trainer.config.run.seed},
-            "config": self._config,
-            "callbacks": checks.plugin_states(trainer.callbacks),
-            "dataset": (
-                trainer.dataset.state_dict() if hasattr(trainer.dataset, "state_dict") else None
-            ),
-        }
+        meta = cio.make_meta(
+            step, trainer.config.run.seed, self._config, trainer.callbacks, trainer.dataset
+        )
         self._written_at = None
-        cio.save(self._mngr, step, trainer.state, checks.jsonable(meta))
+        cio.save(self._mngr, step, trainer.state, meta)
         self._pending = (step, t0, time.perf_counter() - t0, waited)
         self._last_step = step
 

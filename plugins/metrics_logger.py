@@ -7,7 +7,7 @@ perplexity, learning rate and gradient norm. The same
 record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
 installed. On a terminal a rich progress bar runs below the lines.
 
-Seconds are true device time: measured between step completions (see `nnxtrain.timing`),
+Seconds are true device time: measured between step completions (see `nnxtrain.train.timing`),
 averaged over the window since the previous line. A window more than 1.5x away from the
 run's median so far carries a `note` saying why (the margin allows for the median still
 moving). It waits on the device only at the steps it logs. Uses only the public plugin API.

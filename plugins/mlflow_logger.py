@@ -16,7 +16,7 @@ experiment is `nnxtrain`, except in a multirun given no experiment: `nnxtrain sw
 params, the sweep's identity and the run dir into its tags, metrics into their
 histories at their steps, run_info's numbers into metrics named `run_info.<key>` and the
 file into the run's artifacts. What happens when MLflow fails is said in
-`plugins/tracking.py`, the base this shares with wandb_logger.
+`plugins/_tracking.py`, the base this shares with wandb_logger.
 """
 
 import contextlib
@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from nnxtrain.plugins.tracking import Tracker, flatten, numeric
+from nnxtrain.plugins._tracking import Tracker, flatten, numeric
 
 # MLflow's limits: values of params (MLflow 3), and entries of one log_batch call.
 PARAM_VALUE_LIMIT, BATCH_PARAMS, BATCH_METRICS = 6000, 100, 1000

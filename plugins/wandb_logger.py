@@ -11,7 +11,7 @@ option given here wins over its variable. Without `WANDB_DIR` W&B's files go und
 run dir (`<run.dir>/wandb`), beside the run's other records, rather than into the
 working directory. Without a project anywhere the project is `nnxtrain`. In a multirun
 the group is the sweep dir, so a sweep is one W&B group. What is logged, and what happens
-when W&B fails, is said in `plugins/tracking.py` (the base it shares with mlflow_logger):
+when W&B fails, is said in `plugins/_tracking.py` (the base it shares with mlflow_logger):
 the flattened config goes into the run's config, the metrics into its history at their
 steps, run_info into its summary (as `run_info.<key>`) and the file into its files.
 """
@@ -20,7 +20,7 @@ import os
 import shutil
 from typing import Any
 
-from nnxtrain.plugins.tracking import Tracker, flatten
+from nnxtrain.plugins._tracking import Tracker, flatten
 
 GROUP_LIMIT = 128  # W&B refuses longer group names
 

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from nnxtrain import Callback
-from nnxtrain.events import HOOKS
+from nnxtrain.train.events import HOOKS
 
 LOG: list[tuple[str, str, Any]] = []
 

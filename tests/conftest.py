@@ -8,7 +8,7 @@
   which is set to a fresh temporary directory below). The session's cache is that same
   `auto` directory, so runs with the default (in-process, and CLI subprocesses, which
   inherit the environment) and runs given `compile_cache_override()` share one cache.
-- `run_cli(args, cwd)` runs `python -m nnxtrain.cli` in a subprocess, from a directory
+- `run_cli(args, cwd)` runs `python -m nnxtrain.cli.train` in a subprocess, from a directory
   that is not the repository, so nothing depends on the working directory.
 - `run_cli_in_process(args, cwd)`: the same `main()` in this process, for bad input that
   the CLI refuses before any training: no interpreter or JAX start per case (seconds
@@ -103,11 +103,11 @@ def cli_env() -> dict[str, str]:
 def run_cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the real `nnxtrain` CLI (`python -m nnxtrain.cli ARGS`) in `cwd`."""
+    """Runs the real `nnxtrain` CLI (`python -m nnxtrain.cli.train ARGS`) in `cwd`."""
     if not any(a.startswith("run.compile_cache=") for a in args):
         args = [*args, compile_cache_override()]
     return subprocess.run(
-        [sys.executable, "-m", "nnxtrain.cli", *args],
+        [sys.executable, "-m", "nnxtrain.cli.train", *args],
         cwd=cwd,
         env=env or cli_env(),
         capture_output=True,
@@ -139,7 +139,7 @@ def run_cli_cases(
 
 
 def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """`nnxtrain.cli.main()` with `args` as its command line, run in this process from `cwd`:
+    """`nnxtrain.cli.train.main()` with `args` as its command line, run in this process from `cwd`:
     its exit status (SystemExit's code) and what it printed. An exception that escapes
     `main()` (a crash the real CLI would print as a traceback) propagates to the test.
 
@@ -152,7 +152,8 @@ def run_cli_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProces
     call is made a no-op while `main()` runs, and the handlers it would close are kept."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from nnxtrain import cli, preemption
+    from nnxtrain.cli import train as cli
+    from nnxtrain.parallel import preemption
 
     if not any(a.startswith("run.compile_cache=") for a in args):
         args = [*args, compile_cache_override()]

@@ -1,6 +1,6 @@
 """The config's checks that need no device and no file, each naming its key and the fix.
 
-Device checks live in `nnxtrain.mesh`, and checks of a file's contents where
+Device checks live in `nnxtrain.parallel.mesh`, and checks of a file's contents where
 `nnxtrain.data` reads it.
 """
 

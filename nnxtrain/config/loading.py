@@ -8,7 +8,6 @@ ConfigStore; a typo anywhere then fails at compose time naming the key. After co
 
 import dataclasses
 import typing
-from collections.abc import Sequence
 from dataclasses import field
 from typing import Any, TypeVar
 
@@ -73,9 +72,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def from_omegaconf(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
-    """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped);
-    `overrides` (the command line's) tell which model keys run.init_from must not change."""
+def from_omegaconf(cfg: DictConfig) -> Config:
+    """Resolves a composed Hydra config into the frozen `Config` (hydra keys dropped), and
+    validates it. With run.init_from the checks wait for `nnxtrain.interop.init_from.resolve`,
+    which takes the model's shape from PATH: a config reads no model files."""
     try:
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
@@ -90,15 +90,14 @@ def from_omegaconf(cfg: DictConfig, overrides: Sequence[str] = ()) -> Config:
     assert isinstance(data, dict)
     data = {k: v for k, v in data.items() if k in GROUPS or k == "callbacks"}
     config = from_dict(Config, typing.cast(dict[str, Any], data))
-    if config.run.init_from:  # the model's shape from PATH, before the checks
-        from nnxtrain.config.init_from import resolve  # (imports nnxtrain.hf: only if used)
-
-        config = resolve(config, overrides)
+    if config.run.init_from:  # checked once PATH gave the model's shape (interop.init_from)
+        return config
     return validate(config)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
-    """Composes the shipped configs with overrides, as the CLI would, without running."""
+    """Composes the shipped configs with overrides, without running. run.init_from is left
+    as given: `nnxtrain.compose` (`nnxtrain.interop.init_from.compose`) also resolves it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -107,4 +106,4 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="nnxtrain.conf", version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    return from_omegaconf(cfg, list(overrides or []))
+    return from_omegaconf(cfg)

@@ -27,11 +27,12 @@ import jax
 import numpy as np
 
 from nnxtrain.config import Config
+from nnxtrain.data.batch import Batch
 from nnxtrain.data.chat import special_token, tokenizer_config
 from nnxtrain.data.documents import DocumentData
 from nnxtrain.data.jsonl import Fields, RecordReader
 from nnxtrain.data.packing import PackedData, TokenStream
-from nnxtrain.data.synthetic import Batch, MarkovSource, SyntheticData
+from nnxtrain.data.synthetic import MarkovSource, SyntheticData
 from nnxtrain.data.text import (
     as_list,
     encode_files,

@@ -19,7 +19,7 @@ of step s is the packed row at global index g = s*B + j of a seeded per-epoch pe
 batch i holds held-out rows i*B .. i*B+B-1 in order, rows past the end all padding.
 `count_tokens(step, ...)` gives a batch's non-padding places from the packing alone.
 Batches always hold segment_ids and positions; `document_mask` (data.document_mask) says
-whether the trainer hands them to the model (`nnxtrain.feed`).
+whether the trainer hands them to the model (`nnxtrain.train.feed`).
 """
 
 import hashlib
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from nnxtrain.data.batch import Batch
 from nnxtrain.data.shuffle import IndexShuffle
 from nnxtrain.data.stepped import StepBatches
-from nnxtrain.data.synthetic import Batch
 from nnxtrain.errors import ConfigError
 
 
@@ -169,7 +169,7 @@ class DocumentData(StepBatches):
     ):
         super().__init__(seed, shuffle, prefetch)
         # Batches always hold segment_ids and positions; whether the steps get them (and
-        # attention stays inside each document) is this switch (nnxtrain.feed reads it).
+        # attention stays inside each document) is this switch (nnxtrain.train.feed reads it).
         self.document_mask = document_mask
         self.train = Packed.of(train, seq_len)
         self.val = Packed.of(val, seq_len) if val is not None and len(val) else None

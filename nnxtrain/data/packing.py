@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from nnxtrain.data.batch import Batch
 from nnxtrain.data.shuffle import IndexShuffle
 from nnxtrain.data.stepped import StepBatches
-from nnxtrain.data.synthetic import Batch
 from nnxtrain.errors import ConfigError, UserError
 
 

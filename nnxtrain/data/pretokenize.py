@@ -32,7 +32,7 @@ from nnxtrain.data.text import (
 from nnxtrain.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from nnxtrain.data.tokens import META_FORMAT, META_NAME
 from nnxtrain.errors import UserError
-from nnxtrain.rundir import write_json
+from nnxtrain.jsonio import write_json
 
 COPY_TOKENS = 1 << 24  # tokens copied at a time when splitting or converting
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nnxtrain.data.synthetic import Batch
+from nnxtrain.data.batch import Batch
 from nnxtrain.data.text import log
 
 STATE_FORMAT = 1

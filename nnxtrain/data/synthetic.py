@@ -14,7 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]
+from nnxtrain.data.batch import Batch
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nnxtrain.errors import ConfigError, first_line
-from nnxtrain.rundir import write_json
+from nnxtrain.jsonio import write_json
 
 KEY = "data.tokenizer"
 CHAR_TYPE = "nnxtrain-char"

@@ -3,7 +3,7 @@ attention, the SwiGLU MLP and one decoder layer.
 
 Parameters are stored in `param_dtype` and cast to the activation `dtype` where they are
 used. Every parameter carries logical axis names (`out_sharding` metadata, see
-`nnxtrain.sharding`); important activations are annotated with `constrain`.
+`nnxtrain.parallel.sharding`); important activations are annotated with `constrain`.
 `Attention.decode` and `DecoderLayer.decode` are generation's path over a KV cache
 (`nnxtrain.model.cache`); training calls only `__call__`.
 """
@@ -20,7 +20,7 @@ from flax import nnx
 
 from nnxtrain.config import ModelConfig
 from nnxtrain.model.cache import KVCache, cached_attention, write
-from nnxtrain.sharding import constrain
+from nnxtrain.parallel.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
 

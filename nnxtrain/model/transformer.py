@@ -37,7 +37,7 @@ from nnxtrain.model.layers import (
     param,
     project,
 )
-from nnxtrain.sharding import constrain
+from nnxtrain.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass

@@ -106,7 +106,11 @@ def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[b
     """The CLI in the background, its output in files (a full pipe would stall it)."""
     out, err = (cwd / "stdout.txt").open("wb"), (cwd / "stderr.txt").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "nnxtrain.cli", *args], cwd=cwd, env=env, stdout=out, stderr=err
+        [sys.executable, "-m", "nnxtrain.cli.train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=out,
+        stderr=err,
     )
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, run_cli
 
-from nnxtrain.accounting import count_params
-from nnxtrain.config import compose
-from nnxtrain.distributed import auto_host_devices
+from nnxtrain import compose
+from nnxtrain.parallel.distributed import auto_host_devices
+from nnxtrain.train.accounting import count_params
 
 pytestmark = pytest.mark.slow
 

@@ -129,11 +129,11 @@ def test_bad_input_is_one_line_naming_the_key(case, results):
     assert_one_line_error(results[case], CASES[case][1])
 
 
-# `python -m nnxtrain.cli`, with Ctrl-C's default action as in a terminal: a suite started
+# `python -m nnxtrain.cli.train`, with Ctrl-C's default action as in a terminal: a suite started
 # in the background (`make test &` in a script) ignores SIGINT, and children inherit that.
 AS_IN_A_TERMINAL = (
     "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "sys.argv[0] = 'nnxtrain'; runpy.run_module('nnxtrain.cli', run_name='__main__')"
+    "sys.argv[0] = 'nnxtrain'; runpy.run_module('nnxtrain.cli.train', run_name='__main__')"
 )
 
 

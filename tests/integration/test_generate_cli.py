@@ -11,8 +11,8 @@ from conftest import cli_env
 from flax import nnx
 
 from nnxtrain import Trainer, compose, generate
+from nnxtrain.cli.generate import main
 from nnxtrain.data.tokenizer import ByteTokenizer
-from nnxtrain.generate_cli import main
 
 TEXT = "the cat sat on the mat. " * 200
 
@@ -41,7 +41,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer]:
 
 def generate_cli(*args: str) -> tuple[int, str, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "nnxtrain.generate_cli", *args],
+        [sys.executable, "-m", "nnxtrain.cli.generate", *args],
         capture_output=True,
         text=True,
         env=cli_env(),

@@ -2,7 +2,7 @@
 token, for 32 new tokens, on a batch of prompts of different lengths (issue 14).
 
 A small random `LlamaForCausalLM` is built from a `LlamaConfig` (no download), saved with
-`save_pretrained` and read back with `nnxtrain.hf.load`. nnxtrain generates the whole batch
+`save_pretrained` and read back with `nnxtrain.interop.hf.load`. nnxtrain generates the whole batch
 at once, right-padded; transformers generates each row alone (its batched generation
 left-pads, which moves positions: comparing row by row keeps both sides exact).
 """
@@ -10,7 +10,9 @@ left-pads, which moves positions: comparing row by row keeps both sides exact).
 import numpy as np
 import pytest
 
-hf = pytest.importorskip("nnxtrain.hf", reason="nnxtrain.hf (HF weights in/out) is not here")
+hf = pytest.importorskip(
+    "nnxtrain.interop.hf", reason="nnxtrain.interop.hf (HF weights in/out) is not here"
+)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

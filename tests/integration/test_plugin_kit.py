@@ -21,8 +21,8 @@ from callbacks_for_tests import Recorder
 from conftest import cli_env
 
 from nnxtrain import PluginError, Trainer, compose
-from nnxtrain.plugin_catalog import describe
-from nnxtrain.registry import build_callbacks
+from nnxtrain.cli.plugins import describe
+from nnxtrain.train.registry import build_callbacks
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "nnxtrain-plugin-example"
@@ -112,8 +112,10 @@ def test_what_is_importable_from_where(site: Path, tmp_path: Path) -> None:
         "No module named 'my_callbacks'). Fix: check the dotted path and that its package is "
         "installed."
     )
-    # ... `python -m nnxtrain.cli` does (a dry run builds the callbacks and compiles) ...
-    proc = run([sys.executable, "-m", "nnxtrain.cli", *args, *csv, "run.dry_run=true"], tmp_path)
+    # ... `python -m nnxtrain.cli.train` does (a dry run builds the callbacks and compiles) ...
+    proc = run(
+        [sys.executable, "-m", "nnxtrain.cli.train", *args, *csv, "run.dry_run=true"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # ... and a short name is known only where its package is installed.
     summary = ["+callbacks.summary._target_=run_summary"]

@@ -35,7 +35,7 @@ def test_debug_callbacks_on_an_fsdp8_mesh(tmp_path: Path) -> None:
         "+callbacks.split.file=split.txt",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "nnxtrain.cli", *args],
+        [sys.executable, "-m", "nnxtrain.cli.train", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,

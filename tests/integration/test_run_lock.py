@@ -62,7 +62,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
 
 
 def test_every_process_of_a_refused_multi_process_run_exits_2(tmp_path: Path) -> None:
-    from nnxtrain.runlock import RunLock
+    from nnxtrain.run.lock import RunLock
 
     run_dir, port = tmp_path / "run", free_port()
     run_dir.mkdir()

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-import nnxtrain.hf as hf
+import nnxtrain.interop.hf as hf
 from nnxtrain.config import MeshConfig
-from nnxtrain.mesh import batch_sharding, build_mesh
-from nnxtrain.sharding import DEFAULT_RULES, use_rules
+from nnxtrain.parallel.mesh import batch_sharding, build_mesh
+from nnxtrain.parallel.sharding import DEFAULT_RULES, use_rules
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, toks: jax.Array) -> jax.Array:

@@ -109,7 +109,7 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     assert losses[STEPS] < losses[0] - 0.5, losses  # learned the completions
 
     out = tmp_path / "hf"
-    export = [sys.executable, "-m", "nnxtrain.hf.export", str(run), str(out)]
+    export = [sys.executable, "-m", "nnxtrain.cli.export", str(run), str(out)]
     done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer, and its EOS

@@ -15,7 +15,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
-from nnxtrain.checkpoint_model import read_model
+from nnxtrain.checkpoint.model import read_model
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ TEXT = "the cat sat on the mat . the dog sat on the log . a cat and a dog met . 
 
 def export(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nnxtrain.hf.export", *args],
+        [sys.executable, "-m", "nnxtrain.cli.export", *args],
         env=cli_env(),
         capture_output=True,
         text=True,
@@ -76,7 +76,7 @@ def test_export_in_bfloat16(run_dir, tmp_path):
 
 def test_the_console_script_is_registered():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert scripts["nnxtrain-export"] == "nnxtrain.hf.export:main"
+    assert scripts["nnxtrain-export"] == "nnxtrain.cli.export:main"
 
 
 def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
-from nnxtrain.checkpoint_model import read_model
+from nnxtrain.checkpoint.model import read_model
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_finetune_from_hf_exports_to_transformers_with_nnxtrains_logits(hf_dir, 
     assert "; tokenizer Hugging Face tokenizer.json (" in done.stdout  # PATH's, not bytes
 
     out = tmp_path / "hf"
-    export = [sys.executable, "-m", "nnxtrain.hf.export", str(tmp_path / "run"), str(out)]
+    export = [sys.executable, "-m", "nnxtrain.cli.export", str(tmp_path / "run"), str(out)]
     done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()

@@ -1,7 +1,7 @@
 """Bad Hugging Face directories are one-line errors naming the config.json key or the file;
 and importing nnxtrain (hf included) never imports torch or transformers.
 
-The directories are written by nnxtrain.hf.save from a tiny model, then spoiled: these
+The directories are written by nnxtrain.interop.hf.save from a tiny model, then spoiled: these
 tests need neither torch nor transformers.
 """
 
@@ -17,7 +17,7 @@ from conftest import TINY, cli_env
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import nnxtrain.hf as hf
+import nnxtrain.interop.hf as hf
 from nnxtrain.errors import UserError
 from nnxtrain.model import Transformer
 
@@ -128,7 +128,7 @@ def test_save_never_overwrites_a_model(model, tmp_path):
 
 def test_importing_nnxtrain_does_not_import_torch_or_transformers():
     code = (
-        "import sys, nnxtrain, nnxtrain.hf, nnxtrain.hf.export; "
+        "import sys, nnxtrain, nnxtrain.interop.hf, nnxtrain.cli.export; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(

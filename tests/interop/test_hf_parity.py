@@ -1,4 +1,4 @@
-"""nnxtrain.hf against transformers: float32 logits within 1e-4 of transformers' for every
+"""nnxtrain.interop.hf against transformers: float32 logits within 1e-4 of transformers' for every
 supported variant, bitwise round trips, and exports transformers loads without a warning.
 
 Run with `-s` to see the max abs diff of each case (the closing note's parity figures).
@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 from hf_models import LLAMA3, TOLERANCE, hf_logits, hf_model, make_hf, tensors, tokens
 
-import nnxtrain.hf as hf
+import nnxtrain.interop.hf as hf
 from nnxtrain.config import ModelConfig
 from nnxtrain.model import Transformer
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nnxtrain.accounting import count_params, matmul_params, step_flops
-from nnxtrain.config import ModelConfig, compose
+from nnxtrain import compose
+from nnxtrain.config import ModelConfig
 from nnxtrain.model import Transformer
+from nnxtrain.train.accounting import count_params, matmul_params, step_flops
 
 # vocab 16, width 8, 2 layers, 4 query heads sharing 2 kv heads of 4 features, MLP 12.
 HAND = ModelConfig(

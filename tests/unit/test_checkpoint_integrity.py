@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import flip_one_bit_in_the_largest_data_file
-from nnxtrain.plugins import checkpoint_digest as digest
 from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
 from nnxtrain import Trainer, UserError, compose
-from nnxtrain.checkpoint_model import read_model
+from nnxtrain.checkpoint import digest
+from nnxtrain.checkpoint.model import read_model
 
 BASE = ["model=tiny", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "callbacks=none"]
 FIX = "; set callbacks.Checkpointer.fallback=true to restore the previous one"
@@ -149,7 +149,7 @@ SHARDINGS = textwrap.dedent(
     import json
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from nnxtrain.plugins.checkpoint_digest import digests
+    from nnxtrain.checkpoint.digest import digests
 
     mesh = jax.make_mesh((2, 2), ("a", "b"))
     x = jax.random.normal(jax.random.key(0), (64, 48))

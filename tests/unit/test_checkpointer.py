@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from nnxtrain.plugins.checkpoint_checks import config_diff
 from nnxtrain.plugins.checkpointer import Checkpointer
 from nnxtrain.plugins.metrics_logger import MetricsLogger
 from rich.console import Console
 
 from nnxtrain import Callback, ConfigError, PluginError, Trainer, UserError, compose
+from nnxtrain.checkpoint.checks import config_diff
 
 BASE = [
     "model=tiny",

@@ -17,7 +17,7 @@ from nnxtrain.config import (
     validate,
 )
 from nnxtrain.errors import ConfigError, UserError
-from nnxtrain.rundir import make_run_dir
+from nnxtrain.run.directory import make_run_dir
 
 CONF = resources.files("nnxtrain.conf")
 

@@ -235,8 +235,8 @@ def test_val_path_and_bad_settings(tmp_path):
 def test_the_feed_places_segments_only_with_the_document_mask_on(tmp_path):
     import jax
 
-    from nnxtrain.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
-    from nnxtrain.mesh import build_mesh
+    from nnxtrain.parallel.mesh import build_mesh
+    from nnxtrain.train.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
 
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD] * 4)
     data = dataset(reader().read([path], "data.path"), seq_len=8)

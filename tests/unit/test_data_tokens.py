@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnxtrain.config import compose
+from nnxtrain import compose
 from nnxtrain.data import CHAR_VOCAB, PackedData, build_dataset, resolve_vocab
 from nnxtrain.data.pretokenize import main as pretokenize_main
 from nnxtrain.data.pretokenize import pretokenize

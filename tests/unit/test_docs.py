@@ -13,7 +13,7 @@ def test_config_reference_matches_the_schemas() -> None:
 
 
 def test_every_event_is_documented() -> None:
-    from nnxtrain.events import HOOKS
+    from nnxtrain.train.events import HOOKS
 
     doc = (ROOT / "docs" / "events.md").read_text()
     for hook in (*HOOKS, "teardown"):

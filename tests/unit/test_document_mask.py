@@ -18,7 +18,7 @@ import pytest
 from conftest import TINY, assert_equal_to_rounding, rounding_tolerance
 from flax import nnx
 
-from nnxtrain.config import compose
+from nnxtrain import compose
 from nnxtrain.data import (
     DocumentData,
     PackedData,
@@ -29,10 +29,10 @@ from nnxtrain.data import (
 )
 from nnxtrain.data.documents import Documents
 from nnxtrain.errors import ConfigError
-from nnxtrain.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
-from nnxtrain.mesh import build_mesh
 from nnxtrain.model import Transformer
-from nnxtrain.step import TrainState, forward, loss_sums, make_train_step
+from nnxtrain.parallel.mesh import build_mesh
+from nnxtrain.train.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
+from nnxtrain.train.step import TrainState, forward, loss_sums, make_train_step
 
 EOS = 0
 SEQ = 16

@@ -17,7 +17,7 @@ from nnxtrain import (
     Trainer,
     compose,
 )
-from nnxtrain.registry import build_callbacks
+from nnxtrain.train.registry import build_callbacks
 
 # Every run here compiles the same train step (same model, batch, steps and schedule), so
 # the session's compilation cache makes all but the first compile cheap.

@@ -26,10 +26,10 @@ from nnxtrain import (
     TrainStartEvent,
     compose,
 )
-from nnxtrain.accounting import count_params, step_flops
 from nnxtrain.data import SyntheticData
 from nnxtrain.errors import PluginError
-from nnxtrain.registry import build_callbacks, registered
+from nnxtrain.train.accounting import count_params, step_flops
+from nnxtrain.train.registry import build_callbacks, registered
 
 STEPS = 5
 MOD = "callbacks_for_tests"

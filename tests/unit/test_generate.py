@@ -16,9 +16,9 @@ from flax import nnx
 
 from nnxtrain import UserError, generate
 from nnxtrain.config import ModelConfig
-from nnxtrain.generation import Sampling, choose
 from nnxtrain.model import Transformer
 from nnxtrain.model.cache import KVCache
+from nnxtrain.model.generation import Sampling, choose
 
 # init_std 0.5 makes the logits depend strongly on the context (with the default 0.02 a
 # random model's next token barely depends on its prompt, and any generation test passes).

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nnxtrain.plugins import checkpoint_io
 from nnxtrain.plugins.checkpointer import Checkpointer
 from nnxtrain.plugins.metrics_logger import MetricsLogger
 from rich.console import Console
 
 from nnxtrain import Callback, Goodput, GoodputEvent, Trainer, compose
-from nnxtrain import goodput as goodput_module
+from nnxtrain import checkpoint as checkpoint_io
 from nnxtrain.data import SyntheticData
+from nnxtrain.train import goodput as goodput_module
 
 BASE = [
     "model=tiny",

@@ -18,7 +18,7 @@ from flax import nnx
 
 from nnxtrain.config import OptimConfig
 from nnxtrain.model import Transformer
-from nnxtrain.step import TrainState, make_optimizer, make_train_step
+from nnxtrain.train.step import TrainState, make_optimizer, make_train_step
 
 BATCH, LENGTH = 4, 8
 

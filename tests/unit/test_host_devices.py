@@ -3,7 +3,7 @@
 import pytest
 
 from nnxtrain import compose
-from nnxtrain.distributed import AUTO_MAX_CPU_DEVICES, auto_host_devices
+from nnxtrain.parallel.distributed import AUTO_MAX_CPU_DEVICES, auto_host_devices
 
 
 def auto(*overrides: str, cores: int = 2) -> int:

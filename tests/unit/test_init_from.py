@@ -15,8 +15,8 @@ from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
 from nnxtrain import Callback, ConfigError, Trainer, UserError, compose
-from nnxtrain.checkpoint_reader import locate
-from nnxtrain.step import make_schedule
+from nnxtrain.checkpoint.reader import locate
+from nnxtrain.train.step import make_schedule
 
 # No model=...: the shape must come from run.init_from (the default model is `small`).
 BASE = ["mesh=single", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "callbacks=none"]

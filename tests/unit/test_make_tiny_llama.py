@@ -1,5 +1,5 @@
 """examples/make_tiny_llama.py (docs/finetune.md's first step) writes a Hugging Face
-directory that `run.init_from` and `nnxtrain.hf.load` read, with a tokenizer whose chat
+directory that `run.init_from` and `nnxtrain.interop.hf.load` read, with a tokenizer whose chat
 template marks the assistant's replies, and records `data=jsonl` reads with it."""
 
 import json
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnxtrain.config import compose
+from nnxtrain import compose
 from nnxtrain.data import build_dataset
-from nnxtrain.hf import load
+from nnxtrain.interop.hf import load
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "make_tiny_llama.py"
 

@@ -7,8 +7,8 @@ from jax.sharding import PartitionSpec
 
 from nnxtrain.config import MeshConfig
 from nnxtrain.errors import ConfigError
-from nnxtrain.mesh import batch_sharding, build_mesh, data_parallel_size, mesh_shape
-from nnxtrain.sharding import DEFAULT_RULES, merge_rules
+from nnxtrain.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, mesh_shape
+from nnxtrain.parallel.sharding import DEFAULT_RULES, merge_rules
 
 
 @pytest.mark.parametrize(

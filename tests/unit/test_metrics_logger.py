@@ -38,7 +38,7 @@ METRICS |= dict(grad_norm=1.0, lr=1e-3, skipped=0.0)
 
 def records(times: list[tuple[float, float]], first: int = 1) -> list[StepRecord]:
     """StepRecords of steps first, first + 1, ... dispatched and completed at the given
-    (fake) times, with seconds and host gap worked out as `nnxtrain.timing.StepWatcher` does."""
+    (fake) times, with seconds and host gap worked out as `timing.StepWatcher` does."""
     out, last = [], None
     for step, (dispatched, completed) in enumerate(times, start=first):
         start = dispatched if last is None else last

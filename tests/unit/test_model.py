@@ -12,8 +12,8 @@ from flax import nnx
 
 from nnxtrain.config import ModelConfig
 from nnxtrain.model import Transformer
-from nnxtrain.sharding import DEFAULT_RULES
-from nnxtrain.step import loss_sums
+from nnxtrain.parallel.sharding import DEFAULT_RULES
+from nnxtrain.train.step import loss_sums
 
 B, L = 2, 6
 

@@ -8,9 +8,9 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from nnxtrain.config import compose
+from nnxtrain import compose
+from nnxtrain.cli.overrides import check_command_line, explain
 from nnxtrain.errors import ConfigError, UserError, log_traceback, unknown_key
-from nnxtrain.overrides import check_command_line, explain
 
 
 def composition_error(overrides: list[str]) -> Exception:

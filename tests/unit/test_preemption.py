@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from nnxtrain.preemption import Preemption, on_second_interrupt
+from nnxtrain.parallel.preemption import Preemption, on_second_interrupt
 
 
 def _raise(signum: signal.Signals) -> None:

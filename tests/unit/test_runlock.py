@@ -14,7 +14,7 @@ from callbacks_for_tests import RaiseAt
 from nnxtrain.plugins.checkpointer import Checkpointer
 
 from nnxtrain import Callback, PluginError, Trainer, UserError, compose
-from nnxtrain.rundir import make_run_dir
+from nnxtrain.run.directory import make_run_dir
 
 BASE = ["model=tiny", "run.steps=3", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0"]
 IN_USE = (

@@ -22,7 +22,7 @@ from nnxtrain import Trainer, compose
 from nnxtrain.config import OptimConfig
 from nnxtrain.data import SyntheticData
 from nnxtrain.model import Transformer
-from nnxtrain.step import GUARD_OFF, TrainState, make_optimizer, make_train_step
+from nnxtrain.train.step import GUARD_OFF, TrainState, make_optimizer, make_train_step
 
 # -- the compiled step honours the guard ---------------------------------------------------
 

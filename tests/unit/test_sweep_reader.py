@@ -3,7 +3,7 @@ whatever a kill or an older logger left in the file."""
 
 import json
 
-from nnxtrain.sweep import _loss_curve
+from nnxtrain.cli.sweep import _loss_curve
 
 
 def test_loss_curve_skips_a_torn_line_and_keeps_the_last_record_of_a_step(tmp_path):

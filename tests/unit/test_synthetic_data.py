@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nnxtrain.config import compose
+from nnxtrain import compose
 from nnxtrain.data import MarkovSource, SyntheticData, build_dataset
 
 VOCAB, BRANCHING = 8, 3

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nnxtrain.plugins._tracking import Tracker
 from nnxtrain.plugins.metrics_logger import MetricsLogger
 from nnxtrain.plugins.mlflow_logger import MlflowLogger
-from nnxtrain.plugins.tracking import Tracker
 from nnxtrain.plugins.wandb_logger import WandbLogger
 from tracker_records import history, mlflow_runs, wandb_runs
 

@@ -1,24 +1,24 @@
 """The `Trainer`: the training loop, and the events plugins hear along the way.
 
-    from nnxtrain import Trainer
-    from nnxtrain.config import compose
+    from nnxtrain import Trainer, compose
     result = Trainer(compose(["run.steps=50"])).fit()
     result.metrics["loss"], result.state
 
 `fit()` reads as the run goes: build the mesh; create and lock the run dir
-(`nnxtrain.runlock`); plan the state abstractly and fire `on_setup` (a plugin may restore
+(`nnxtrain.run.lock`); plan the state abstractly and fire `on_setup` (a plugin may restore
 `trainer.state`; restored at run.steps, there is nothing to do and nothing is written).
-Write config.yaml, compile the steps ahead of time (`nnxtrain.compile`), write
+Write config.yaml, compile the steps ahead of time (`compile`), write
 run_info.json, fire `on_compile` (a dry run stops here). Initialise the state sharded
 (unless restored), fire `on_train_start`, and loop: dispatch a step with at most two in
-flight (`nnxtrain.timing` times completions), place the next batch (`nnxtrain.feed`), fire
+flight (`timing` times completions), place the next batch (`feed`), fire
 `on_step_end`, evaluate every `run.eval_every` steps. The loop ends when the steps are
-done, a plugin asked to stop (`nnxtrain.controls`), every process agreed on a signal
-(`nnxtrain.preemption`), or a loss is not finite; then `on_train_end`, and `teardown`
+done, a plugin asked to stop (`controls`), every process agreed on a signal
+(`nnxtrain.parallel.preemption`), or a loss is not finite; then `on_train_end`, and `teardown`
 (also after an exception, which fires `on_exception` first). Every second from the
-Trainer's creation is charged to a bucket of the goodput account (`nnxtrain.goodput`).
+Trainer's creation is charged to a bucket of the goodput account (`nnxtrain.train.goodput`).
 """
 
+import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -29,8 +29,25 @@ import jax
 import optax
 from rich.console import Console
 
-from nnxtrain.accounting import FlopsReport, step_flops
-from nnxtrain.compile import (
+from nnxtrain.config import Config
+from nnxtrain.data import build_dataset, resolve_vocab
+from nnxtrain.interop.init_from import load_params as load_init_from
+from nnxtrain.interop.init_from import resolve as resolve_init_from
+from nnxtrain.model import Transformer
+from nnxtrain.parallel.distributed import start_jax
+from nnxtrain.parallel.mesh import build_mesh, resolve_batch
+from nnxtrain.parallel.preemption import Preemption
+from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
+from nnxtrain.run.directory import (
+    final_record,
+    make_run_dir,
+    read_run_info,
+    write_config,
+    write_run_info,
+)
+from nnxtrain.run.lock import RunLock
+from nnxtrain.train.accounting import FlopsReport, step_flops
+from nnxtrain.train.compile import (
     CompiledMemory,
     CompiledStep,
     ModelFactory,
@@ -38,11 +55,8 @@ from nnxtrain.compile import (
     compile_steps,
     plan_state,
 )
-from nnxtrain.config import Config
-from nnxtrain.controls import RunControls
-from nnxtrain.data import build_dataset, resolve_vocab
-from nnxtrain.distributed import start_jax
-from nnxtrain.events import (
+from nnxtrain.train.controls import RunControls
+from nnxtrain.train.events import (
     Callback,
     CompileEvent,
     EvalEndEvent,
@@ -53,29 +67,14 @@ from nnxtrain.events import (
     TrainEndEvent,
     TrainStartEvent,
 )
-from nnxtrain.feed import Feed
-from nnxtrain.goodput import Goodput, cache_hits
-from nnxtrain.goodput import table as goodput_table
-from nnxtrain.hooks import Hooks
-from nnxtrain.init_from import load as load_init_from
-from nnxtrain.init_from import resolve as resolve_init_from
-from nnxtrain.mesh import build_mesh, resolve_batch
-from nnxtrain.model import Transformer
-from nnxtrain.preemption import Preemption
-from nnxtrain.registry import build_callbacks
-from nnxtrain.rundir import (
-    final_record,
-    header,
-    make_run_dir,
-    read_run_info,
-    run_info,
-    write_config,
-    write_run_info,
-)
-from nnxtrain.runlock import RunLock
-from nnxtrain.sharding import ActivationRecord, merge_rules
-from nnxtrain.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
-from nnxtrain.timing import StepRecord, StepWatcher, nonfinite_reason
+from nnxtrain.train.feed import Feed
+from nnxtrain.train.goodput import Goodput, cache_hits
+from nnxtrain.train.goodput import table as goodput_table
+from nnxtrain.train.hooks import Hooks
+from nnxtrain.train.registry import build_callbacks
+from nnxtrain.train.report import header, run_info
+from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
 
@@ -115,8 +114,8 @@ class Trainer(RunControls):
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
     ):
-        self.goodput = Goodput()  # the run's wall time starts here (nnxtrain.goodput)
-        RunControls.__init__(self)  # stop, save, skip bad steps (nnxtrain.controls)
+        self.goodput = Goodput()  # the run's wall time starts here (nnxtrain.train.goodput)
+        RunControls.__init__(self)  # stop, save, skip bad steps (nnxtrain.train.controls)
         with self.goodput.timed("init"):
             self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
             start_jax(config)  # before anything asks JAX for its devices
@@ -157,7 +156,7 @@ class Trainer(RunControls):
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
 
-    # -- for plugins (the controls are nnxtrain.controls.RunControls) ---------------------
+    # -- for plugins (the controls are nnxtrain.train.controls.RunControls) ---------------------
 
     @property
     def nonfinite_step(self) -> int | None:  # see TrainerView
@@ -265,7 +264,8 @@ class Trainer(RunControls):
             with self.goodput.timed("init"):
                 self.state = self.plan.initialize()
                 if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
-                    self.state = load_init_from(cfg, self.state, self.mesh, self.console)
+                    params = load_init_from(cfg, self.state.params, self.mesh, self.console)
+                    self.state = dataclasses.replace(self.state, params=params)
         self.step = start_step = int(jax.device_get(self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)

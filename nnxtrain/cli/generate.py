@@ -5,7 +5,7 @@
 
 SOURCE is an nnxtrain run directory (the parameters of its latest checkpoint; the model's
 shape and the tokenizer from the config saved with that checkpoint) or a Hugging Face
-directory holding config.json (read by `nnxtrain.hf.load`, with its tokenizer.json or
+directory holding config.json (read by `nnxtrain.interop.hf.load`, with its tokenizer.json or
 tokenizer.model). An empty prompt starts a new document: the end-of-sequence token for a
 run (documents are separated by it in training), the BOS token for a Hugging Face model.
 
@@ -59,7 +59,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.block < 1:
         raise UserError("--max-new-tokens and --block must be >= 1. Fix: give positive counts")
     model, tokenizer, ids = load_source(args.source, args.prompt)
-    from nnxtrain.generation import stream
+    from nnxtrain.model.generation import stream
 
     max_len = model.cfg.max_len
     if len(ids) >= max_len:
@@ -147,7 +147,7 @@ def load_source(source: str, prompt: str) -> tuple[Any, Any, list[int]]:
 
 
 def _load_run(path: str, prompt: str) -> tuple[Any, Any, list[int]]:
-    from nnxtrain.checkpoint_model import read_model
+    from nnxtrain.checkpoint.model import read_model
     from nnxtrain.data import run_tokenizer
 
     _, cfg, model = read_model(path)
@@ -166,7 +166,7 @@ def _load_hf(path: str, prompt: str) -> tuple[Any, Any, list[int]]:
         from nnxtrain import hf  # type: ignore[attr-defined]
     except ImportError as e:
         raise UserError(
-            f"SOURCE: {path} is a Hugging Face dir, but this nnxtrain has no nnxtrain.hf "
+            f"SOURCE: {path} is a Hugging Face dir, but this nnxtrain has no nnxtrain.interop.hf "
             f"({first_line(e)}). Fix: install an nnxtrain with Hugging Face support"
         ) from e
     from nnxtrain.data.tokenizer import load_tokenizer

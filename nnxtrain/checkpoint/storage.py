@@ -1,4 +1,4 @@
-"""Orbax plumbing for the checkpointer plugin: the layout on disk, saving and restoring.
+"""The checkpoint format on disk, and saving and restoring it with Orbax.
 
 A checkpoint directory holds one folder per saved step, written by an Orbax
 `CheckpointManager` with two items:
@@ -33,10 +33,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nnxtrain import UserError, first_line
-
-from . import checkpoint_digest as digest
-from .checkpoint_checks import check_fits, config_diff
+from nnxtrain.checkpoint import digest
+from nnxtrain.checkpoint.checks import check_fits, config_diff, jsonable, plugin_states
+from nnxtrain.errors import UserError, first_line
 
 FORMAT = 1
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
@@ -140,6 +139,24 @@ def saving(mngr: ocp.CheckpointManager) -> bool:
     if jax.process_count() > 1:  # processes must agree on skipping, or saves deadlock
         busy = bool(multihost_utils.broadcast_one_to_all(busy))
     return busy
+
+
+def make_meta(
+    step: int, seed: int, config: dict[str, Any], callbacks: Any, dataset: Any
+) -> dict[str, Any]:
+    """The meta JSON of a save (before its digests): the format, the step, the run's seed
+    and config (`jsonable`), every callback's state_dict() by name, and the dataset's
+    state_dict() (None for a dataset without one)."""
+    state_dict = getattr(dataset, "state_dict", None)
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "rng": {"seed": seed},
+        "config": config,
+        "callbacks": plugin_states(callbacks),
+        "dataset": state_dict() if state_dict is not None else None,
+    }
+    return jsonable(meta)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from nnxtrain.errors import PluginError
-from nnxtrain.registry import ENTRY_POINT_GROUP, registered, resolve
+from nnxtrain.train.registry import ENTRY_POINT_GROUP, registered, resolve
 
 
 def options(cls: type) -> list[str]:

@@ -4,7 +4,7 @@
     nnxtrain-export runs/a hf/a --step 200 --dtype bfloat16
 
 Reads only the parameters of `<run>/checkpoints/<step>/state` (Orbax, as the checkpointer
-plugin writes it; `nnxtrain.checkpoint_reader`), and the model's shape from that step's
+plugin writes it; `nnxtrain.checkpoint.reader`), and the model's shape from that step's
 meta (the run's config.yaml if the meta has none); the tokenizer file of `data.tokenizer`
 (a tokenizer.json or a SentencePiece .model) is copied, with the tokenizer_config.json,
 special_tokens_map.json and chat_template.jinja beside it (a chat model keeps its
@@ -19,10 +19,10 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from nnxtrain.checkpoint_model import read_model
+from nnxtrain.checkpoint.model import read_model
 from nnxtrain.config import Config
 from nnxtrain.errors import UserError, first_line
-from nnxtrain.hf import save
+from nnxtrain.interop.hf import save
 
 EXIT_BAD_INPUT = 2
 

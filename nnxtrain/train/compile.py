@@ -22,8 +22,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from nnxtrain.sharding import ActivationRecord, state_shardings, use_rules
-from nnxtrain.step import (
+from nnxtrain.parallel.sharding import ActivationRecord, state_shardings, use_rules
+from nnxtrain.train.step import (
     GUARD_OFF,
     TrainState,
     make_eval_step,

@@ -28,13 +28,13 @@ if TYPE_CHECKING:
     from jax.sharding import Mesh
     from rich.console import Console
 
-    from nnxtrain.accounting import FlopsReport
-    from nnxtrain.compile import CompiledStep
     from nnxtrain.config import Config
-    from nnxtrain.goodput import Goodput, GoodputReport
-    from nnxtrain.sharding import ActivationRecord
-    from nnxtrain.step import TrainState
-    from nnxtrain.timing import StepRecord
+    from nnxtrain.parallel.sharding import ActivationRecord
+    from nnxtrain.train.accounting import FlopsReport
+    from nnxtrain.train.compile import CompiledStep
+    from nnxtrain.train.goodput import Goodput, GoodputReport
+    from nnxtrain.train.step import TrainState
+    from nnxtrain.train.timing import StepRecord
 
 HOOKS = (
     "on_setup",
@@ -236,7 +236,7 @@ class TrainEndEvent:
 
 @dataclass(frozen=True)
 class GoodputEvent:
-    """Where the run's wall time went so far (see nnxtrain.goodput and docs/goodput.md)."""
+    """Where the run's wall time went so far (see nnxtrain.train.goodput and docs/goodput.md)."""
 
     step: int  # steps done
     report: "GoodputReport"  # seconds per bucket, wall time, goodput share, attempts

@@ -1,4 +1,4 @@
-"""Checks of the checkpointer plugin: its options, and whether a checkpoint fits this run.
+"""Checks of checkpoints: the checkpointer's options, and whether a checkpoint fits this run.
 
 All fail with one line: a bad option, or a checkpoint directory that cannot be written,
 names `callbacks.<name>.<option>`; a checkpoint that does not fit names the first
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax.traverse_util import flatten_dict
 
-from nnxtrain import ConfigError, PluginError, UserError, first_line
+from nnxtrain.errors import ConfigError, PluginError, UserError, first_line
 
 
 def _count(low: int) -> Callable[[Any], bool]:

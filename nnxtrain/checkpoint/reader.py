@@ -1,12 +1,12 @@
 """Reading a run's checkpoint read-only: which step, the config it was saved with, and its
-parameters. Used by `run.init_from` (`nnxtrain.init_from`), `nnxtrain-export` and
+parameters. Used by `run.init_from` (`nnxtrain.interop.init_from`), `nnxtrain-export` and
 `nnxtrain-generate`.
 
     ckpt = locate("runs/a")                   # a run dir, its checkpoints/ dir or one step's dir
     ckpt.step, ckpt.config["model"]           # the latest complete step; its saved config
     params = read_params(ckpt, abstract)      # pure dict of arrays, each in its target's shards
 
-The layout is the checkpointer plugin's (plugins/checkpoint_io.py): `<dir>/<step>/state`
+The layout is the checkpointer plugin's (nnxtrain/checkpoint/storage.py): `<dir>/<step>/state`
 (Orbax PyTree) and `<dir>/<step>/meta` (JSON). Orbax writes a step to a temporary name and
 renames it when every file is written, so a folder named by a step number is a complete
 save. `locate` reads only files, never a JAX device: it runs while the config is composed,
@@ -132,16 +132,16 @@ def read_params(ckpt: Checkpoint, target: dict[str, Any]) -> dict[str, Any]:
     The checkpointer's own reader does the work, so what is read is checked against the
     digests saved with it: a damaged checkpoint is a one-line UserError, never weights.
     """
-    from nnxtrain.plugins import checkpoint_io as cio  # (imports JAX and Orbax)
+    from nnxtrain.checkpoint import storage  # (imports JAX and Orbax)
 
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # Orbax notes each option read_only sets: noise here
     try:
-        mngr = cio.open_manager(ckpt.directory, read_only=True)
+        mngr = storage.open_manager(ckpt.directory, read_only=True)
         try:
-            with cio.quiet_leftover_reads():
-                params, _, _ = cio.restore(
+            with storage.quiet_leftover_reads():
+                params, _, _ = storage.restore(
                     mngr,
                     ckpt.step,
                     SimpleNamespace(params=target),

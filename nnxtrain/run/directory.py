@@ -2,45 +2,29 @@
 
     path = make_run_dir(cfg)              # run.dir, or a new runs/<time>; checks it
     write_config(path, cfg)               # config.yaml, once there is something to do
-    write_run_info(path, run_info(cfg, mesh, flops, num_params, floor, compiled_steps))
+    write_run_info(path, info)            # run_info.json (what it holds: nnxtrain.train.report)
     final_record(path, step)              # run_info.json's "final" record of that step
-    console.print(header(cfg, mesh, flops, num_params, floor))  # the run's first lines
-    write_json(path_of_any_file, obj)     # atomic: never half-written
 
-The trainer locks the directory (`nnxtrain.runlock`) before writing anything into it,
+The trainer locks the directory (`nnxtrain.run.lock`) before writing anything into it,
 and writes config.yaml only once it knows there is something to do: a rerun of a
 finished run leaves the records of the run that trained there unchanged. In a
 multi-process run every process gets the path, and only process 0 writes files.
 """
 
-import dataclasses
 import itertools
 import json
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 from omegaconf import OmegaConf
 
-from nnxtrain.accounting import FlopsReport
-from nnxtrain.compile import CompiledStep
 from nnxtrain.config import Config
 from nnxtrain.errors import UserError
+from nnxtrain.jsonio import write_json
 
 RUN_INFO = "run_info.json"
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes `obj` as indented JSON through a temporary file and a rename, so a reader
-    (or a crash) never sees a half-written file. The temporary file is this process's
-    own: processes that race to write one file each rename a whole one. Values JSON
-    lacks are written as str()."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def make_run_dir(cfg: Config) -> str:
@@ -77,36 +61,6 @@ def _new_dir(stem: str) -> str:
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
-
-
-def run_info(
-    cfg: Config,
-    mesh: jax.sharding.Mesh,
-    flops: FlopsReport,
-    num_params: int,
-    floor: float | None,
-    steps: Sequence[CompiledStep],
-) -> dict[str, Any]:
-    """What run_info.json holds until the run ends (then also "final"): the model, its
-    FLOPs, the mesh, the compiled steps' memory and compile times."""
-    info = {
-        "dry_run": cfg.run.dry_run,
-        "model": cfg.model.name,
-        **flops.as_dict(),
-        "num_params": num_params,
-        "loss_floor": floor,
-        "mesh": dict(mesh.shape),
-        "backend": jax.default_backend(),
-        "batch_size": cfg.run.batch_size,
-        "seq_len": cfg.run.seq_len,
-        "jax_version": jax.__version__,
-    }
-    for step in steps:
-        prefix = "" if step.name == "train" else f"{step.name}_"
-        info[f"{prefix}compiled_memory"] = step.memory.as_dict()
-        info[f"{prefix}lower_seconds"] = step.lower_seconds
-        info[f"{prefix}compile_seconds"] = step.compile_seconds
-    return info
 
 
 def write_config(run_dir: str, cfg: Config) -> bool:
@@ -155,20 +109,3 @@ def write_run_info(run_dir: str, info: dict[str, Any]) -> None:
     """Writes run_info.json (process 0 only)."""
     if jax.process_index() == 0:
         write_json(os.path.join(run_dir, RUN_INFO), info)
-
-
-def header(
-    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
-) -> str:
-    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
-    platform = jax.devices()[0].platform
-    lines = [
-        f"nnxtrain: model {cfg.model.name} | mesh "
-        + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
-        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
-        dataclasses.replace(flops, num_params=num_params).summary(),
-    ]
-    if floor is not None:
-        lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
-    return "\n".join(lines)

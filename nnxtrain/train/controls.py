@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nnxtrain.step import GUARD_OFF
+from nnxtrain.train.step import GUARD_OFF
 
 
 class RunControls:

@@ -1,27 +1,45 @@
-"""`run.init_from=PATH` as the config is composed: the model's shape and the tokenizer of
-PATH, before the model is built (the weights are read by `nnxtrain.init_from`).
+"""`run.init_from=PATH`: training starts from pretrained weights, those of a Hugging Face
+directory or of an nnxtrain run's checkpoint; the step and the optimizer start fresh.
+
+    nnxtrain run.init_from=hf/TinyLlama data=text data.path=corpus.txt +experiment=finetune
+    nnxtrain run.init_from=runs/a run.dir=runs/b   # the parameters of a's latest checkpoint
+
+Two moments, one owner:
+- as the config is composed, `resolve(config, overrides)` takes the model's shape from PATH,
+  and the tokenizer (PATH's tokenizer.json or tokenizer.model, or the run's data.tokenizer)
+  unless data.tokenizer is set. A `model.*` shape key given in `overrides` (the command
+  line's) that differs from PATH's is an error naming it; the keys of how the model runs
+  (USER_KEYS) stay the user's. It reads files only and touches no JAX device, so it runs
+  before JAX starts. `compose(overrides)` is `nnxtrain.config.compose` followed by it (the
+  public `nnxtrain.compose`).
+- after the state is initialised, `load_params(config, params, mesh, console)` reads the
+  weights straight into the run's shards, in model.param_dtype. The Trainer calls it only
+  when nothing was restored: a rerun of an interrupted fine-tune resumes the fine-tune.
 
 `source(PATH)` tells what PATH holds: a Hugging Face directory (config.json and
 safetensors), or an nnxtrain run dir, its checkpoints/ dir or one `<step>` dir
-(`nnxtrain.checkpoint_reader`). `resolve(config, overrides)` takes the model's shape from
-PATH, and the tokenizer (PATH's tokenizer.json or tokenizer.model, or the run's
-data.tokenizer) unless data.tokenizer is set. A `model.*` shape key given in `overrides`
-(the command line's) that differs from PATH's is an error naming it; the keys of how the
-model runs (USER_KEYS) stay the user's. Reads files only and touches no JAX device, so it runs
-before JAX starts.
+(`nnxtrain.checkpoint.reader`).
 """
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nnxtrain import checkpoint_reader
-from nnxtrain.config.checks import validate
-from nnxtrain.config.schema import Config, ModelConfig
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+from rich.console import Console
+
+from nnxtrain.checkpoint import reader as checkpoint_reader
+from nnxtrain.config import Config, ModelConfig, validate
+from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
-from nnxtrain.hf.config import read_config, to_model_config
+from nnxtrain.interop.hf import load as load_hf
+from nnxtrain.interop.hf.config import read_config, to_model_config
+from nnxtrain.parallel.sharding import merge_rules
 
 KEY = "run.init_from"
 # How the model runs, not what it is: always the user's.
@@ -136,3 +154,40 @@ def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
     data = dataclasses.replace(data, vocab_size_from_tokenizer=False)
     model = dataclasses.replace(config.model, **changes)
     return validate(dataclasses.replace(config, model=model, data=data))
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> Config:
+    """Composes the shipped configs with overrides, as the CLI would, without running; with
+    run.init_from, the model's shape and tokenizer come from PATH (`resolve`)."""
+    config = compose_config(overrides, config_name)
+    return resolve(config, list(overrides or []))
+
+
+def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console) -> Any:
+    """A copy of the model's `params` (an nnx.State) holding the weights of `run.init_from`,
+    each array in the shards (and the dtype) of the one it replaces."""
+    t0, src = time.perf_counter(), source(config.run.init_from)
+    if src.kind == "hf":
+        rules = merge_rules(config.mesh.rules)
+        dtype = config.model.param_dtype
+        model = load_hf(src.path, param_dtype=dtype, mesh=mesh, rules=rules)
+        loaded = nnx.to_pure_dict(nnx.state(model))
+        where = src.path
+    else:
+        assert src.checkpoint is not None
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+            nnx.to_pure_dict(params),
+        )
+        loaded = checkpoint_reader.read_params(src.checkpoint, target)
+        where = f"step {src.checkpoint.step} ({src.checkpoint.path})"
+    fresh = jax.tree.map(lambda x: x, params)  # a new State; `params` stays as it was
+    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(fresh, jax.device_put(loaded, shardings))
+    console.print(
+        f"init_from: took the parameters of {where} in {time.perf_counter() - t0:.2f} s "
+        "(step 0, a fresh optimizer)",
+        markup=False,
+        highlight=False,
+    )
+    return fresh

@@ -9,7 +9,7 @@ The parameters are read by `checkpoint_reader.read_params`, which checks their d
 import jax
 from flax import nnx
 
-from nnxtrain.checkpoint_reader import Checkpoint, locate, read_params
+from nnxtrain.checkpoint.reader import Checkpoint, locate, read_params
 from nnxtrain.config import Config, from_dict
 from nnxtrain.model import Transformer
 

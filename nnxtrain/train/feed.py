@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from nnxtrain.data import process_rows
-from nnxtrain.mesh import batch_sharding
+from nnxtrain.parallel.mesh import batch_sharding
 
 # What every batch holds: inputs and targets [batch, length], and the targets' weights
 # (0 marks padding that the loss ignores).

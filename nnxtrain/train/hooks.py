@@ -18,8 +18,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from nnxtrain.errors import PluginError, UserError, first_line, log_traceback
-from nnxtrain.events import HOOKS, Callback, ExceptionEvent, TrainerView, overrides
-from nnxtrain.goodput import Goodput
+from nnxtrain.train.events import HOOKS, Callback, ExceptionEvent, TrainerView, overrides
+from nnxtrain.train.goodput import Goodput
 
 
 class Hooks:

@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from nnxtrain.config import Config, MeshConfig
 from nnxtrain.errors import ConfigError
-from nnxtrain.sharding import MESH_AXES
+from nnxtrain.parallel.sharding import MESH_AXES
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from typing import Any
 import hydra.utils
 
 from nnxtrain.errors import PluginError, UserError, first_line
-from nnxtrain.events import Callback
+from nnxtrain.train.events import Callback
 
 ENTRY_POINT_GROUP = "nnxtrain.callbacks"
 

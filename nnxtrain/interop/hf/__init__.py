@@ -25,8 +25,8 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
 from nnxtrain.config import DTYPES
 from nnxtrain.errors import UserError
-from nnxtrain.hf.config import from_model_config, read_config, to_model_config
-from nnxtrain.hf.weights import (
+from nnxtrain.interop.hf.config import from_model_config, read_config, to_model_config
+from nnxtrain.interop.hf.weights import (
     Reader,
     Weight,
     hf_names,
@@ -37,7 +37,7 @@ from nnxtrain.hf.weights import (
     write_shards,
 )
 from nnxtrain.model import Transformer
-from nnxtrain.sharding import DEFAULT_RULES, state_shardings
+from nnxtrain.parallel.sharding import DEFAULT_RULES, state_shardings
 
 __all__ = ["TOKENIZER_FILES", "load", "save"]
 

@@ -10,7 +10,7 @@ Bad input ends with one line on stderr that names the key and the fix, and exit 
 a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
 4, naming it in one line; SIGTERM/SIGINT save and exit 143/130, and a second Ctrl-C ends
 the process at once (130, one line). The command line is checked before Hydra composes
-(`nnxtrain.overrides`), and what Hydra itself refuses is put into one line too: Hydra
+(`nnxtrain.cli.overrides`), and what Hydra itself refuses is put into one line too: Hydra
 raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
 A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
 (the Hydra job's directory when the run dir does not exist yet). A crash of nnxtrain
@@ -32,6 +32,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from nnxtrain.cli.overrides import check_command_line, explain
+from nnxtrain.cli.sweep import write_status
 from nnxtrain.config import from_omegaconf, register_schemas
 from nnxtrain.errors import (
     EXIT_BAD_INPUT,
@@ -41,9 +43,8 @@ from nnxtrain.errors import (
     first_line,
     log_traceback,
 )
-from nnxtrain.overrides import check_command_line, explain
-from nnxtrain.preemption import on_second_interrupt
-from nnxtrain.sweep import write_status
+from nnxtrain.interop.init_from import resolve as resolve_init_from
+from nnxtrain.parallel.preemption import on_second_interrupt
 
 EXIT_NOT_FINITE = 3
 EXIT_LOST_PROCESS = 4
@@ -66,11 +67,12 @@ def _run(cfg: DictConfig) -> float:
     }
     t0 = time.perf_counter()
     try:
-        config = from_omegaconf(cfg, status["overrides"])  # as typed, not resolved
+        # the overrides as typed (not resolved) tell which model keys init_from must keep
+        config = resolve_init_from(from_omegaconf(cfg), status["overrides"])
         if not config.run.dir:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=job_dir))
         status["run_dir"] = config.run.dir
-        from nnxtrain.trainer import Trainer  # imports JAX
+        from nnxtrain.train.trainer import Trainer  # imports JAX
 
         trainer = Trainer(config)
         result = trainer.fit()

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from nnxtrain.rundir import write_json
+from nnxtrain.jsonio import write_json
 
 STATUS_FILE = "job_status.json"
 COLUMNS = (

@@ -1,0 +1,49 @@
+"""Checkpoints: the one owner of their format on disk (public API, used by the
+checkpointer plugin, `run.init_from`, `nnxtrain-export` and `nnxtrain-generate`).
+
+- `storage`: the layout (`<dir>/<step>/state` Orbax arrays, `<dir>/<step>/meta` JSON),
+  async saves and restores onto any mesh, with `Unreadable` for damaged files;
+- `digest`: the per-array digests that prove a restore read what was saved;
+- `checks`: whether a checkpoint fits this run, and the checkpointer's options;
+- `reader`: a run's checkpoint read-only (`locate`, `read_params`), before JAX starts;
+- `model`: `read_model`, the Transformer of a run's checkpoint.
+
+docs/checkpointing.md is the manual.
+"""
+
+from nnxtrain.checkpoint.checks import check_directory, check_options, config_diff, jsonable
+from nnxtrain.checkpoint.model import read_model
+from nnxtrain.checkpoint.reader import Checkpoint, locate, read_params
+from nnxtrain.checkpoint.storage import (
+    FORMAT,
+    Unreadable,
+    make_meta,
+    open_manager,
+    open_source,
+    partial_saves,
+    restore_latest,
+    save,
+    saving,
+    set_aside,
+)
+
+__all__ = [
+    "FORMAT",
+    "Checkpoint",
+    "Unreadable",
+    "check_directory",
+    "check_options",
+    "config_diff",
+    "jsonable",
+    "locate",
+    "make_meta",
+    "open_manager",
+    "open_source",
+    "partial_saves",
+    "read_model",
+    "read_params",
+    "restore_latest",
+    "save",
+    "saving",
+    "set_aside",
+]

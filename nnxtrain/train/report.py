@@ -1,0 +1,65 @@
+"""The run report: the header a run prints first, and what run_info.json holds.
+
+    console.print(header(cfg, mesh, flops, num_params, floor))   # the run's first lines
+    info = run_info(cfg, mesh, flops, num_params, floor, compiled_steps)
+
+The run directory writes it (`nnxtrain.run.directory.write_run_info`); the trainer adds the
+"final" record and the goodput account as the run ends.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from nnxtrain.config import Config
+from nnxtrain.train.accounting import FlopsReport
+from nnxtrain.train.compile import CompiledStep
+
+
+def run_info(
+    cfg: Config,
+    mesh: jax.sharding.Mesh,
+    flops: FlopsReport,
+    num_params: int,
+    floor: float | None,
+    steps: Sequence[CompiledStep],
+) -> dict[str, Any]:
+    """What run_info.json holds until the run ends (then also "final"): the model, its
+    FLOPs, the mesh, the compiled steps' memory and compile times."""
+    info = {
+        "dry_run": cfg.run.dry_run,
+        "model": cfg.model.name,
+        **flops.as_dict(),
+        "num_params": num_params,
+        "loss_floor": floor,
+        "mesh": dict(mesh.shape),
+        "backend": jax.default_backend(),
+        "batch_size": cfg.run.batch_size,
+        "seq_len": cfg.run.seq_len,
+        "jax_version": jax.__version__,
+    }
+    for step in steps:
+        prefix = "" if step.name == "train" else f"{step.name}_"
+        info[f"{prefix}compiled_memory"] = step.memory.as_dict()
+        info[f"{prefix}lower_seconds"] = step.lower_seconds
+        info[f"{prefix}compile_seconds"] = step.compile_seconds
+    return info
+
+
+def header(
+    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
+) -> str:
+    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
+    platform = jax.devices()[0].platform
+    lines = [
+        f"nnxtrain: model {cfg.model.name} | mesh "
+        + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
+        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
+        dataclasses.replace(flops, num_params=num_params).summary(),
+    ]
+    if floor is not None:
+        lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
+    return "\n".join(lines)
