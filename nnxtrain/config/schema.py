@@ -52,7 +52,9 @@ class ModelConfig:
         None, "scan stacked layers; null = auto: unrolled on CPU only"
     )
     remat: str = setting("none", "rematerialisation: none, full, dots or dots_no_batch")
-    param_dtype: str = setting("float32", "dtype parameters are stored and updated in")
+    param_dtype: str = setting(
+        "float32", "dtype parameters are stored in; optimizer state stays float32 (performance.md)"
+    )
     dtype: str = setting("auto", "activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     attention: str = setting(
         "auto", "kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice"
