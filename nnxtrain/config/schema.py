@@ -93,6 +93,9 @@ class RunConfig:
     seed: int = setting(0, "seed for parameters and data")
     dir: str = setting("", "run directory; the CLI uses Hydra's output dir, Python ./runs/<time>")
     log_every: int = setting(10, "steps between metric lines")
+    goodput_every: float = setting(
+        10.0, "seconds between keeping the goodput account in run_info.json (kills); 0 = every step"
+    )
     dry_run: bool = setting(False, "build abstractly, compile the step, print accounting, exit")
     grad_accum: int = setting(1, "micro-batches per step, accumulated inside the compiled step")
     eval_every: int = setting(100, "steps between evaluations on held-out batches; 0 = never")
