@@ -35,9 +35,10 @@ from nnxtrain.train.events import (
     TrainStartEvent,
 )
 from nnxtrain.train.goodput import Goodput, GoodputReport
+from nnxtrain.train.result import FitResult
 from nnxtrain.train.step import METRIC_NAMES, all_finite
 from nnxtrain.train.timing import StepRecord
-from nnxtrain.train.trainer import FitResult, Trainer
+from nnxtrain.train.trainer import Trainer
 from nnxtrain.units import format_bytes
 
 __version__ = "0.1.0"

@@ -5,7 +5,9 @@ names, physical mesh axes (the PartitionSpec, one entry per dimension) and the s
 one device's shard, then a one-line summary of the optimizer state (leaves and bytes per
 device). At `on_compile` it prints every annotated activation of the traced step: name,
 shape, logical and physical axes. Everything printed also goes, as plain text, to
-`<run_dir>/shardings.txt`.
+`<run_dir>/shardings.txt`, written at `on_compile`: a rerun of a finished run (restored at
+run.steps: nothing to do, never compiled) leaves the file it finds as it is. When setup or
+compilation raises, the parameter table is written then, for the post-mortem.
 
     nnxtrain +callbacks.shardings._target_=sharding_printer \
         +callbacks.shardings.only_sharded=true +callbacks.shardings.filter=attn
@@ -31,7 +33,14 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from nnxtrain import Callback, CompileEvent, SetupEvent, TrainerView, format_bytes
+from nnxtrain import (
+    Callback,
+    CompileEvent,
+    ExceptionEvent,
+    SetupEvent,
+    TrainerView,
+    format_bytes,
+)
 
 Row = tuple[str, ...]
 
@@ -82,6 +91,9 @@ class ShardingPrinter(Callback):
         except re.error:
             self._regex = None  # not a regex: match as a plain substring
         self._path = ""
+        # The file's text, held from on_setup: only on_compile knows there is a run to
+        # describe (the checkpointer may restore a finished run after on_setup).
+        self._pending: list[str] = []
 
     def _keep(self, name: str, spec: PartitionSpec, mesh: Mesh) -> bool:
         if self.only_sharded and not is_split(spec, mesh):
@@ -121,7 +133,7 @@ class ShardingPrinter(Callback):
                 f"optimizer state: {len(leaves)} leaves, {format_bytes(opt_bytes)} per device"
             )
         self._path = os.path.join(event.run_dir, self.file)
-        self._emit(trainer, title, headers, rows, lines, mode="w")
+        self._pending = [self._emit(trainer, title, headers, rows, lines)]
 
     def on_compile(self, trainer: TrainerView, event: CompileEvent) -> None:
         mesh = trainer.mesh
@@ -145,7 +157,19 @@ class ShardingPrinter(Callback):
                 "scanned layers the layer axis is not part of the shape)"
             )
             headers = ("name", "shape", "logical axes", "mesh axes")
-            self._emit(trainer, title, headers, rows, [], mode="a")
+            self._pending.append(self._emit(trainer, title, headers, rows, []))
+        self._write(trainer)
+
+    def on_exception(self, trainer: TrainerView, event: ExceptionEvent) -> None:
+        if event.where == "setup":  # a failed compile: its layout is what one looks at
+            self._write(trainer)
+
+    def _write(self, trainer: TrainerView) -> None:
+        """Writes what is pending to the file (process 0 only), once."""
+        if not trainer.console.quiet and self._path and self._pending:
+            with open(self._path, "w") as f:
+                f.write("".join(text + "\n\n" for text in self._pending))
+        self._pending = []
 
     def _emit(
         self,
@@ -154,8 +178,8 @@ class ShardingPrinter(Callback):
         headers: Sequence[str],
         rows: Sequence[Row],
         lines: list[str],
-        mode: str,
-    ) -> None:
+    ) -> str:
+        """Prints a table (with its title and lines) and returns it as plain text."""
         table = Table(box=box.MINIMAL)
         for header in headers:
             table.add_column(header, overflow="fold")
@@ -174,6 +198,4 @@ class ShardingPrinter(Callback):
                 trainer.console.print(line, markup=False, highlight=False)
         elif self.use_console:
             trainer.console.print(text, markup=False, highlight=False, soft_wrap=True)
-        if not trainer.console.quiet and self._path:
-            with open(self._path, mode) as f:
-                f.write(text + "\n\n")
+        return text

@@ -98,3 +98,32 @@ class EvalAtStart(Callback):
 
     def on_train_start(self, trainer: Any, event: Any) -> None:
         trainer.evaluate()
+
+
+class Unchecked(Callback):
+    """Options whose annotations the registry's type check leaves to the plugin: a class of
+    its own, `Any`, none at all, and one that does not resolve at run time."""
+
+    def __init__(
+        self,
+        where: "Path | None" = None,  # noqa: F821  # not imported: the hints do not resolve
+        **extra: Any,
+    ):
+        self.where, self.extra = where, extra
+
+
+class Tagged(Callback):
+    """A user's plugin with annotated options of every kind the registry checks."""
+
+    def __init__(
+        self,
+        every: int = 1,
+        label: str | None = None,
+        loud: bool = False,
+        scale: float = 1.0,
+        tags: list[str] | None = None,
+        anything: Any = None,
+        unannotated=None,  # no annotation: not checked
+    ):
+        self.every, self.label, self.loud, self.scale = every, label, loud, scale
+        self.tags, self.anything, self.unannotated = tags, anything, unannotated

@@ -16,6 +16,10 @@ A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.
 (the Hydra job's directory when the run dir does not exist yet). A crash of nnxtrain
 itself prints its traceback and exits 1. JAX is imported only after composition, so
 that settings which must precede JAX's start can be applied first.
+
+The goodput account of a run covers its whole process: the Trainer is given the process's
+start (`process_started`), so Python's start, the imports and Hydra's composition are its
+`startup` bucket; each later job of a multirun starts its own where the job before ended.
 """
 
 import contextlib
@@ -51,10 +55,45 @@ EXIT_LOST_PROCESS = 4
 EXIT_PREEMPTED = {"SIGTERM": 143, "SIGINT": 130}  # as a shell reports death by that signal
 EXIT_CRASH = 1
 
+# The earliest time nnxtrain's code sees: the console script's module, once the nnxtrain
+# package it sits in (and JAX with it) is imported.
+_IMPORTED = time.perf_counter()
+
+
+def process_started() -> float:
+    """The `time.perf_counter()` at which this process started. From /proc/self/stat's
+    start time (clock ticks since boot) against CLOCK_BOOTTIME, the clock it counts on;
+    where that cannot be read (not Linux), or gives a start after this module's import,
+    the import itself, which misses the interpreter's start and the imports before it."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        # Field 22; the command name (field 2) may hold spaces and parentheses, so the
+        # fields are counted after its closing one, from field 3.
+        ticks = int(stat.rsplit(")", 1)[1].split()[22 - 3])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+    started = time.perf_counter() - age
+    tick = 1 / os.sysconf("SC_CLK_TCK")  # the start time's resolution
+    return started if started <= _IMPORTED + tick else _IMPORTED
+
+
+_job_started = [process_started()]  # when the next job's time began (a multirun's jobs follow)
+
 
 @hydra.main(version_base="1.3", config_path="pkg://nnxtrain.conf", config_name="config")
 def _run(cfg: DictConfig) -> float:
     """One job: returns the objective a sweeper minimises (final eval loss, else train loss)."""
+    try:
+        return _job(cfg, _job_started[0])
+    finally:
+        # A multirun's next job counts its start-up (Hydra composing it) from here.
+        _job_started[0] = time.perf_counter()
+
+
+def _job(cfg: DictConfig, started: float) -> float:
+    """`_run`'s job, whose time began at `started` (perf_counter)."""
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     fail_fast = bool(OmegaConf.select(cfg, "run.fail_fast", default=False))
@@ -74,7 +113,7 @@ def _run(cfg: DictConfig) -> float:
         status["run_dir"] = config.run.dir
         from nnxtrain.train.trainer import Trainer  # imports JAX
 
-        trainer = Trainer(config)
+        trainer = Trainer(config, started=started)
         result = trainer.fit()
     except UserError as e:
         code = EXIT_LOST_PROCESS if isinstance(e, LostProcessError) else EXIT_BAD_INPUT
@@ -91,8 +130,11 @@ def _run(cfg: DictConfig) -> float:
         final_loss=result.metrics.get("loss"),
         final_eval_loss=final_eval,
         best_eval_loss=result.best_eval_loss,
-        # non-padding tokens of this run's steps (not those of a restored checkpoint)
-        tokens_per_sec=trainer.tokens_trained / result.seconds if result.seconds else None,
+        # non-padding tokens of this run's steps (not those of a restored checkpoint, nor
+        # its first) over the device's time on them: no compilation, evaluation or saves
+        tokens_per_sec=result.tokens_per_sec,
+        timed_tokens=result.timed_tokens,
+        timed_seconds=result.timed_seconds,
         wall_seconds=time.perf_counter() - t0,
     )
     write_status(job_dir, status)

@@ -39,8 +39,9 @@ def _check_floats(cfg: Config) -> None:
                 raise ConfigError(
                     f"{group}.{f.name}", f"must be a finite number, got {value}", "give a number"
                 )
-    m, o = cfg.model, cfg.optim
+    m, o, r = cfg.model, cfg.optim, cfg.run
     ranges: list[tuple[str, float, bool, str]] = [
+        ("run.goodput_every", r.goodput_every, r.goodput_every >= 0, ">= 0 (0: every step)"),
         ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
         ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0"),
         ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0"),

@@ -52,7 +52,9 @@ class ModelConfig:
         None, "scan stacked layers; null = auto: unrolled on CPU only"
     )
     remat: str = setting("none", "rematerialisation: none, full, dots or dots_no_batch")
-    param_dtype: str = setting("float32", "dtype parameters are stored and updated in")
+    param_dtype: str = setting(
+        "float32", "dtype parameters are stored in; optimizer state stays float32 (performance.md)"
+    )
     dtype: str = setting("auto", "activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     attention: str = setting(
         "auto", "kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice"
@@ -91,6 +93,9 @@ class RunConfig:
     seed: int = setting(0, "seed for parameters and data")
     dir: str = setting("", "run directory; the CLI uses Hydra's output dir, Python ./runs/<time>")
     log_every: int = setting(10, "steps between metric lines")
+    goodput_every: float = setting(
+        10.0, "seconds between keeping the goodput account in run_info.json (kills); 0 = every step"
+    )
     dry_run: bool = setting(False, "build abstractly, compile the step, print accounting, exit")
     grad_accum: int = setting(1, "micro-batches per step, accumulated inside the compiled step")
     eval_every: int = setting(100, "steps between evaluations on held-out batches; 0 = never")

@@ -1,6 +1,7 @@
 """The training loop and the plugin API it fires.
 
-- the loop: `trainer` (the `Trainer`), `step` (the compiled train and eval steps),
+- the loop: `trainer` (the `Trainer`), `result` (what `fit()` returns: `FitResult`),
+  `step` (the compiled train and eval steps),
   `compile` (planning the state and compiling ahead of time), `feed` (placing batches),
   `timing` (step completions), `goodput` (where the wall time went), `accounting`
   (parameters and FLOPs), `report` (the header and run_info.json);

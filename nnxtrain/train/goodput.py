@@ -1,6 +1,6 @@
 """The goodput account: every second of a run's wall time, charged to exactly one bucket.
 
-    account = Goodput()                      # the clock starts: the Trainer's creation
+    account = Goodput(started=t0)            # t0: the process's start (None: now)
     with account.timed("compile"):           # time inside goes to "compile" ...
         with account.timed("callbacks/x"):   # ... except what a nested bucket takes
             ...
@@ -12,6 +12,8 @@ time by construction, and a plugin's wait for a step's metrics (`step`) or a che
 blocking save (`checkpoint`) inside its hook is charged to what it waited for, not to the
 plugin. The buckets:
 
+    startup     before the account existed: from `started` (the CLI: the process's start,
+                Python's imports, Hydra composing the config) to the Trainer's creation
     init        JAX start-up, the dataset, the mesh, planning and initialising the state
     compile     tracing and compiling the train and eval steps (cache hits counted)
     restore     reading a checkpoint (the checkpointer charges it)
@@ -26,8 +28,10 @@ plugin. The buckets:
 Across restarts of one run dir the totals accumulate (`resume`): an earlier attempt's
 seconds are added, and its productive time on the steps after the restored one moves to
 `lost`. The productive seconds of each loop iteration are kept for its last `LEDGER`
-steps; before those, lost steps are costed at its mean. An attempt killed without a
-chance to write its account (SIGKILL, a lost machine) is missing from the totals.
+steps; before those, lost steps are costed at its mean. The trainer keeps the account in
+run_info.json while it trains (every `run.goodput_every` seconds, `keep_due`), so an
+attempt killed without a chance to write it at its end (SIGKILL, a lost machine) is
+counted up to the last time it was kept; its seconds after that are missing.
 """
 
 import time
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUCKETS = (
+    "startup",
     "init",
     "compile",
     "restore",
@@ -133,11 +138,16 @@ class _Earlier:
 class Goodput:
     """The account of one attempt (plus earlier ones, after `resume`); see the module."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self, clock: Callable[[], float] = time.perf_counter, started: float | None = None
+    ):
+        """`started`: when the run began before the account (on `clock`'s timeline); the
+        time since is `startup`. None: the run begins now."""
         self._clock = clock
         self._stack = ["other"]
-        self._seconds: dict[str, float] = {}
-        self._last = clock()
+        self._last = self._kept_at = clock()
+        startup = self._last - started if started is not None else 0.0
+        self._seconds: dict[str, float] = {"startup": max(startup, 0.0)}
         self._earlier = _Earlier()
         self._ledger: dict[int, float] = {}  # step -> productive seconds of its iteration
         self._ledger_total = 0.0  # the step bucket when the last iteration was recorded
@@ -171,6 +181,11 @@ class Goodput:
         self._ledger_total = total
         while len(self._ledger) > LEDGER:
             del self._ledger[next(iter(self._ledger))]  # the oldest
+
+    def keep_due(self, every: float) -> bool:
+        """Whether `every` seconds have passed since the account was last kept (`state()`)
+        or began: the trainer then writes it to run_info.json, for a killed attempt."""
+        return self._clock() - self._kept_at >= every
 
     def resume(self, earlier: Mapping[str, Any] | None, restored_step: int) -> None:
         """Adds the earlier attempts' account (run_info.json's "goodput" as `state()` wrote
@@ -214,6 +229,7 @@ class Goodput:
         mean."""
         if self._ledger and last_step not in self._ledger:  # the loop ended inside its iteration
             self.step_done(last_step)
+        self._kept_at = self._clock()
         recent = self._ledger
         mean = sum(recent.values()) / len(recent) if recent else 0.0
         return {

@@ -133,10 +133,36 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+def _float32(tree: Any) -> Any:
+    """`tree` with its floating-point leaves in float32 (others as they are)."""
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def in_float32(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` seeing float32 parameters and gradients, whatever the parameters' dtype: its
+    state (Adam's moments) is created and kept in float32, and its updates are float32
+    (`optax.apply_updates` casts each back to its parameter's dtype). Left to itself,
+    optax makes the moments in the parameters' dtype: a bfloat16 second moment cannot
+    take an increment below 2^-9 of itself (b2 = 0.999: every one), and the first moment
+    turns float32 on the first update (the gradients are float32), so the state changes
+    dtype under the compiled step. With float32 parameters this is the identity."""
+
+    def init(params: Any) -> Any:
+        return tx.init(_float32(params))
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        return tx.update(_float32(updates), state, None if params is None else _float32(params))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(
     cfg: OptimConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with the schedule and global-norm clipping; weight decay on matrices only."""
+    """AdamW with the schedule and global-norm clipping; weight decay on matrices only. Its
+    state is float32 whatever `model.param_dtype` (`in_float32`)."""
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
         schedule,
@@ -147,7 +173,7 @@ def make_optimizer(
         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
     )
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    return optax.chain(*chain, adamw), schedule
+    return in_float32(optax.chain(*chain, adamw)), schedule
 
 
 def make_train_step(
@@ -194,7 +220,11 @@ def make_train_step(
         # Gradients of sums over tokens -> gradient of the mean over unmasked tokens.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(state.params, updates)  # in the parameters' dtypes
+        # The compiled step's output is its next input: a transformation whose state comes
+        # out in other dtypes than it went in (optax's moments follow the gradients' dtype)
+        # is kept in the dtypes its init chose.
+        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
         metrics = summarize(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)

@@ -6,7 +6,8 @@ after dispatch; a
 daemon thread waits for them to be ready, stamps the completion time and copies them to
 the host. Step seconds are then the time between consecutive completions, which is what
 the device really spent, and the loop itself never waits on the device except to keep at
-most `max_in_flight` steps queued.
+most `max_in_flight` steps queued. `busy_seconds` adds up each step's seconds less its
+host gap: the device's time on the train steps alone (a sweep's tokens/s is timed by it).
 """
 
 import math
@@ -46,6 +47,9 @@ class StepWatcher:
         self._last_step = -1
         self._submitted = self._completed = 0  # throttle counts steps: a resumed run starts at N
         self._error: BaseException | None = None
+        # The device's time on the recorded steps: each step's seconds less its host gap,
+        # so evaluation, saves and slow hooks between steps are not in it.
+        self.busy_seconds = 0.0
         self.first: StepRecord | None = None  # the first step's record, kept for good
         self.nonfinite: StepRecord | None = None  # first step whose loss or grad norm is not finite
         self._thread = threading.Thread(target=self._run, name="nnxtrain-step-watcher", daemon=True)
@@ -97,6 +101,7 @@ class StepWatcher:
                 self.first = self.first or record
                 self._records[step] = record
                 self._last_step = step
+                self.busy_seconds += record.seconds - record.host_gap
                 self._completed += 1
                 self._records.pop(step - self.keep, None)
                 self._done.notify_all()

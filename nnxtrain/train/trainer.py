@@ -15,14 +15,15 @@ flight (`timing` times completions), place the next batch (`feed`), fire
 done, a plugin asked to stop (`controls`), every process agreed on a signal
 (`nnxtrain.parallel.preemption`), or a loss is not finite; then `on_train_end`, and `teardown`
 (also after an exception, which fires `on_exception` first). Every second from the
-Trainer's creation is charged to a bucket of the goodput account (`nnxtrain.train.goodput`).
+Trainer's creation (or `started`) is charged to a bucket of the goodput account
+(`nnxtrain.train.goodput`), kept in run_info.json as the loop goes. `fit()` returns a
+`FitResult` (`nnxtrain.train.result`).
 """
 
 import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -38,13 +39,7 @@ from nnxtrain.parallel.distributed import start_jax
 from nnxtrain.parallel.mesh import build_mesh, resolve_batch
 from nnxtrain.parallel.preemption import Preemption
 from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
-from nnxtrain.run.directory import (
-    final_record,
-    make_run_dir,
-    read_run_info,
-    write_config,
-    write_run_info,
-)
+from nnxtrain.run.directory import make_run_dir, read_run_info, write_config, write_run_info
 from nnxtrain.run.lock import RunLock
 from nnxtrain.train.accounting import FlopsReport, step_flops
 from nnxtrain.train.compile import (
@@ -73,25 +68,11 @@ from nnxtrain.train.goodput import table as goodput_table
 from nnxtrain.train.hooks import Hooks
 from nnxtrain.train.registry import build_callbacks
 from nnxtrain.train.report import header, run_info
+from nnxtrain.train.result import FitResult, nothing_to_do
 from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What `Trainer.fit()` returns. `reason`: completed | stopped: ... | preempted: SIG |
-    not finite: ... | dry run | nothing to do (a state restored at run.steps)."""
-
-    state: TrainState | None  # final state (None after a dry run)
-    step: int  # steps done
-    reason: str  # why fit() returned (above)
-    metrics: dict[str, float]  # the last step's metrics
-    eval_metrics: dict[str, float]  # the last evaluation's metrics (empty if none)
-    run_dir: str
-    seconds: float = 0.0  # wall time of the loop
-    best_eval_loss: float | None = None  # lowest eval/loss of the run (None without eval)
 
 
 class Trainer(RunControls):
@@ -100,7 +81,9 @@ class Trainer(RunControls):
     Parts can be swapped from Python: `callbacks` (default: built from `config.callbacks`),
     `model_factory` (rngs -> nnx.Module returning logits), `dataset` (an object with
     `batch(step, batch_size, seq_len, split, rows)` and `loss_floor`), `optimizer` (an optax
-    transformation and its learning-rate schedule), `devices`.
+    transformation and its learning-rate schedule), `devices`. `started`: the
+    `time.perf_counter()` at which the run began before the Trainer (the CLI passes its
+    process's start): the goodput account charges the time since to `startup`.
     """
 
     def __init__(
@@ -113,8 +96,9 @@ class Trainer(RunControls):
         optimizer: tuple[optax.GradientTransformation, optax.Schedule] | None = None,
         devices: Sequence[jax.Device] | None = None,
         console: Console | None = None,
+        started: float | None = None,
     ):
-        self.goodput = Goodput()  # the run's wall time starts here (nnxtrain.train.goodput)
+        self.goodput = Goodput(started=started)  # the run's wall time (nnxtrain.train.goodput)
         RunControls.__init__(self)  # stop, save, skip bad steps (nnxtrain.train.controls)
         with self.goodput.timed("init"):
             self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
@@ -151,7 +135,7 @@ class Trainer(RunControls):
         self.best_eval_loss: float | None = None
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
-        self.tokens_trained = 0  # non-padding tokens of this fit()'s steps (the sweep's tokens/s)
+        self.tokens_trained = 0  # non-padding tokens of this fit()'s steps
         self._watcher: StepWatcher | None = None
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
@@ -178,7 +162,8 @@ class Trainer(RunControls):
             with self.goodput.timed("init"):
                 self._setup()
             if self.step >= self.config.run.steps:  # a plugin restored a finished run
-                return nothing_to_do(self, self.config.run.steps)
+                steps, console = self.config.run.steps, self.console
+                return nothing_to_do(self.run_dir, self.step, steps, self.state, console)
             with self.goodput.timed("compile"):
                 hits = cache_hits()
                 self._compile()
@@ -201,8 +186,9 @@ class Trainer(RunControls):
                 watcher.close()
             try:
                 self.hooks.teardown(self)  # the checkpointer's last write ends here
-                if self._looped:
-                    self._report_goodput()
+                if self._looped:  # the account, also after an error
+                    self.console.print(goodput_table(self.goodput.report()))
+                    keep_account(self)  # after the table: run_info's wall is all but this
             finally:
                 self.run_lock.release()
 
@@ -311,6 +297,8 @@ class Trainer(RunControls):
             if eval_every and (step % eval_every == 0 or step == num_steps):
                 eval_metrics = self.evaluate()
             account.step_done(step)
+            if account.keep_due(self.config.run.goodput_every):  # for an attempt killed later
+                keep_account(self)
             if log_every and step % log_every == 0:
                 self.hooks.fire("on_goodput", self, GoodputEvent(step, account.report()))
         return "completed", eval_metrics
@@ -319,14 +307,6 @@ class Trainer(RunControls):
         """A step's record; waiting for it is the step's time, whoever asks (a plugin)."""
         with self.goodput.timed("step"):
             return watcher.wait(step)
-
-    def _report_goodput(self) -> None:
-        """Prints the account and keeps it in run_info.json (also after an error)."""
-        self.console.print(goodput_table(self.goodput.report()))
-        # Written after the table is printed, so that run_info.json's wall time is all of
-        # fit() but this write.
-        self.run_info["goodput"] = self.goodput.state(self.step)
-        write_run_info(self.run_dir, self.run_info)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
@@ -345,27 +325,6 @@ class Trainer(RunControls):
         return metrics
 
 
-def nothing_to_do(trainer: Trainer, steps: int) -> FitResult:
-    """The result of a run restored at a step >= run.steps: nothing is trained or written,
-    and the records of the run that trained there (config.yaml, run_info.json, metrics)
-    stay as they are; its final metrics come from run_info.json."""
-    run_dir, step = trainer.run_dir, trainer.step
-    trainer.console.print(
-        f"nothing to do: {run_dir} already holds step {step} (run.steps={steps}); "
-        "raise run.steps to train further"
-    )
-    final = final_record(run_dir, step)
-    return FitResult(
-        trainer.state,
-        step,
-        "nothing to do",
-        final.get("metrics", {}),
-        final.get("eval_metrics", {}),
-        run_dir,
-        best_eval_loss=final.get("best_eval_loss"),
-    )
-
-
 def end_of_run(
     trainer: Trainer,
     reason: str,
@@ -374,8 +333,8 @@ def end_of_run(
     seconds: float,
 ) -> FitResult:
     """After the loop: the done line, run_info.json's "final" record (and the goodput
-    account so far, for plugins that read run_info in on_train_end; _report_goodput
-    completes it after teardown), `on_train_end`, `on_goodput`; the FitResult."""
+    account so far, for plugins that read run_info in on_train_end; fit() completes it
+    after teardown), `on_train_end`, `on_goodput`; the FitResult."""
     t, step, watcher = trainer, trainer.step, trainer._watcher
     t.console.print(
         f"done: step {step}/{t.config.run.steps} in {seconds:.1f} s ({reason})"
@@ -391,10 +350,32 @@ def end_of_run(
     }
     if watcher is not None and watcher.first is not None:  # start-up: setup, compile, step 1
         t.run_info["seconds_to_first_step"] = watcher.first.completed_at - t._fit_started
-    t.run_info["goodput"] = t.goodput.state(step)
-    write_run_info(t.run_dir, t.run_info)
+    keep_account(t)  # with the final record
     t.hooks.fire("on_train_end", t, TrainEndEvent(step, reason, seconds))
     t.hooks.fire("on_goodput", t, GoodputEvent(step, t.goodput.report()))
+    tokens, busy = 0, 0.0  # the steps tokens/s is timed over: all but the first
+    first = watcher.first if watcher is not None else None
+    if watcher is not None and first is not None and t.feed is not None and step > first.step:
+        tokens = t.tokens_trained - t.feed.count_tokens(first.step - 1)
+        busy = watcher.busy_seconds - first.seconds
     return FitResult(
-        t.state, step, reason, dict(final), eval_metrics, t.run_dir, seconds, t.best_eval_loss
+        t.state,
+        step,
+        reason,
+        dict(final),
+        eval_metrics,
+        t.run_dir,
+        seconds,
+        t.best_eval_loss,
+        timed_tokens=tokens,
+        timed_seconds=busy,
     )
+
+
+def keep_account(trainer: Trainer) -> None:
+    """Writes the goodput account so far into run_info.json (process 0), charged to
+    `other`: at the end of fit(), and as the loop goes, so that an attempt killed without
+    an end (SIGKILL) leaves its time to the account of the attempt that resumes it."""
+    with trainer.goodput.timed("other"):
+        trainer.run_info["goodput"] = trainer.goodput.state(trainer.step)
+        write_run_info(trainer.run_dir, trainer.run_info)

@@ -200,12 +200,14 @@ def test_sigkill_during_a_save_leaves_the_last_complete_checkpoint(tmp_path, ref
 
 def test_sigkill_mid_run_then_resume_logs_each_step_once(tmp_path, reference):
     """metrics.jsonl after a kill and a resume: steps 1-10 as the killed run logged them
-    (its checkpoint is step 10), 11-40 as the resumed run did, each step once."""
+    (its checkpoint is step 10), 11-40 as the resumed run did, each step once. The goodput
+    account counts both attempts: the killed one up to the last time it kept its account."""
     run_dir, env = tmp_path / "run", env_with_plugins(tmp_path)
     metrics = run_dir / "metrics.jsonl"
     ckpt = ["callbacks.checkpoint.every=5", "callbacks.checkpoint.if_busy=wait"]
     args = [a for a in cli_args(run_dir, *ckpt) if "eval_every" not in a]
     args += ["run.eval_every=4", "run.eval_batches=1"]  # eval records at 4, 8, 12, ...
+    args += ["run.goodput_every=0"]  # the account kept after every step
     held = tmp_path / "held"
     hold = ["+callbacks.hold._target_=ckpt_plugins.HoldAt", "+callbacks.hold.at=13"]
     hold += [f"+callbacks.hold.held={held}", f"+callbacks.hold.release={tmp_path / 'never'}"]
@@ -219,6 +221,9 @@ def test_sigkill_mid_run_then_resume_logs_each_step_once(tmp_path, reference):
     assert [r["step"] for r in killed if "loss" in r] == list(range(1, 14))
     with metrics.open("a") as f:
         f.write('{"step": 14, "loss": 2.')  # as if the kill had torn the next line
+    # Held in step 13's hooks: the account was last kept after step 12.
+    killed_account = json.loads((run_dir / "run_info.json").read_text())["goodput"]
+    assert killed_account["last_step"] == 12 and killed_account["attempts"] == 1
 
     again = run_cli(args, tmp_path, env)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -234,3 +239,15 @@ def test_sigkill_mid_run_then_resume_logs_each_step_once(tmp_path, reference):
     redone = {r["step"]: r["time"] for r in killed if r["step"] > 10 and "loss" in r}
     assert all(r["time"] != redone[r["step"]] for r in train if r["step"] in redone)
     assert "metrics: dropped 5 record(s) after step 10" in again.stdout  # 11-13, eval 12, torn
+    account = json.loads((run_dir / "run_info.json").read_text())["goodput"]
+    assert account["attempts"] == 2 and account["lost_steps"] == 2  # 11 and 12, as kept
+    lost = sum(killed_account["step_seconds"][str(s)] for s in (11, 12))
+    assert account["seconds"]["lost"] == pytest.approx(lost)
+    # Every bucket holds at least the killed attempt's seconds (lost work moved out of its
+    # steps), start-up and compilation twice over: each attempt had its own.
+    for bucket, seconds in killed_account["seconds"].items():
+        moved = lost if bucket == "step" else -lost if bucket == "lost" else 0.0
+        assert account["seconds"][bucket] >= seconds - moved - 1e-9, bucket
+    for bucket in ("startup", "compile"):
+        assert account["seconds"][bucket] > killed_account["seconds"][bucket] > 0, bucket
+    assert account["wall_seconds"] > killed_account["wall_seconds"]

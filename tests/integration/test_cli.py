@@ -84,6 +84,15 @@ def test_short_run_writes_run_info(short_run):
     assert (run_dir / "config.yaml").exists()
 
 
+def test_short_run_accounts_for_its_process_start_up(short_run):
+    """The goodput account covers the whole process: Python's start, the imports and
+    Hydra's composition, before the Trainer existed, are its `startup` bucket."""
+    _, run_dir = short_run
+    goodput = json.loads((run_dir / "run_info.json").read_text())["goodput"]
+    assert goodput["seconds"]["startup"] > 0
+    assert sum(goodput["seconds"].values()) == pytest.approx(goodput["wall_seconds"])
+
+
 def test_every_line_without_a_note_is_near_the_median_so_far(short_run):
     """The first window includes compilation and says so; a later line without a note is
     within 1.5x of the median of the lines before it (without the first). The rule itself is

@@ -46,6 +46,11 @@ CASES: dict[str, tuple[list[str], str] | tuple[list[str], str, list[str]]] = {
     "kv-heads-3-of-4": (["model.num_kv_heads=3"], "model.num_kv_heads"),
     "bad-dtype": (["model.dtype=float8"], "model.dtype"),
     "bad-plugin-target": (["+callbacks.x._target_=no.such.Module"], "callbacks.x._target_"),
+    # A plugin's option of the wrong type reached its code: a TypeError with a traceback.
+    "plugin-option-not-an-int": (
+        ["callbacks.metrics.log_every=abc"],
+        "callbacks.metrics.log_every",
+    ),
     "run-dir-in-proc": (["run.dir=/proc/nope"], "run.dir"),
     "run-dir-under-a-file": (["run.dir={tmp}/a_file/run"], "run.dir"),
     "run-dir-is-a-file": (["run.dir={tmp}/a_file"], "run.dir"),

@@ -101,6 +101,37 @@ def test_sequential_jobs_match_fresh_runs(
     assert _losses(sweep / str(job)) == _losses(tmp_path)
 
 
+def test_tokens_per_sec_counts_the_train_steps_time_only(tmp_path: Path) -> None:
+    """The summary's tokens/s is the job's non-padding tokens over the device's time on its
+    train steps after the first (whose time holds the compiled program's one-time start):
+    not compilation, evaluation (after steps 4 and 8) or a plugin holding the host for
+    `sleep` seconds after step 3 (the device idles)."""
+    sleep = 1.0
+    plugin = ["+callbacks.sleep._target_=callbacks_for_tests.SleepAt", "+callbacks.sleep.at=3"]
+    proc = _nnxtrain(
+        "-m", *TINY, *plugin, f"+callbacks.sleep.seconds={sleep}", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "summary.json").read_text())
+    status = _status(tmp_path / "0")
+    # The same floats through JSON: equal to rounding.
+    tokens, timed = status["timed_tokens"], status["timed_seconds"]
+    assert row["tokens_per_sec"] == pytest.approx(tokens / timed, rel=1e-12)
+    assert tokens == 7 * 4 * 16  # steps 2-8, 4 x 16 targets each, none padding
+    # metrics.jsonl, a line a step: each line's seconds run from the step before's
+    # completion (the first: from its dispatch, after compilation) to its own, so those of
+    # steps 2-8 add up to their span, the sleep and the evaluations included.
+    lines = (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()
+    seconds = {r["step"]: r["seconds"] for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(seconds) == list(range(1, 9))
+    span = sum(seconds[s] for s in range(2, 9))
+    assert 0 < timed <= span
+    # The device was idle during the sleep but for steps 2 and 3 (at most two in flight),
+    # so the step time leaves out at least `sleep` less their seconds.
+    assert timed <= span - sleep + seconds[2] + seconds[3]
+    assert row["tokens_per_sec"] >= tokens / span
+
+
 def test_unknown_override_in_a_sweep_is_one_line(tmp_path: Path) -> None:
     proc = _nnxtrain("-m", *TINY, "optim.lrr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from nnxtrain.plugins.checkpointer import Checkpointer
 from nnxtrain.plugins.metrics_logger import MetricsLogger
+from nnxtrain.plugins.sharding_printer import ShardingPrinter
 from rich.console import Console
 
 from nnxtrain import Callback, ConfigError, PluginError, Trainer, UserError, compose
@@ -79,11 +80,13 @@ def steps_on_disk(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Losses]:
-    """20 uninterrupted steps saving every 4 (waiting for writes), keeping all five."""
+    """20 uninterrupted steps saving every 4 (waiting for writes), keeping all five; with
+    the sharding printer's shardings.txt."""
     run_dir = tmp_path_factory.mktemp("reference")
     losses = Losses()
-    fit(run_dir, Checkpointer(every=4, keep=5, if_busy="wait"), losses)
+    fit(run_dir, ShardingPrinter(), Checkpointer(every=4, keep=5, if_busy="wait"), losses)
     assert steps_on_disk(run_dir) == [4, 8, 12, 16, 20]
+    assert "train step activations" in (run_dir / "shardings.txt").read_text()
     return run_dir, losses
 
 
@@ -122,6 +125,10 @@ def test_rerunning_a_finished_run_has_nothing_to_do_and_keeps_its_records(
     shutil.copytree(ref_dir, run_dir)
     (run_dir / "metrics.jsonl").write_text('{"step": 20, "loss": 1.0}\n')
     before = {name: (run_dir / name).read_bytes() for name in RECORDS}
+    # The sharding printer's file, dated in the past: a rewrite shows in its time too.
+    shardings = run_dir / "shardings.txt"
+    os.utime(shardings, ns=(10**18, 10**18))
+    shardings_before = shardings.read_bytes()
     final = json.loads(before["run_info.json"])["final"]
     assert final["step"] == 20 and final["metrics"]
     losses, compiled, done = Losses(), Compiled(), []
@@ -130,7 +137,13 @@ def test_rerunning_a_finished_run_has_nothing_to_do_and_keeps_its_records(
     worker = threading.Thread(
         target=lambda: done.append(
             fit(
-                run_dir, logger, Checkpointer(), losses, compiled, overrides=(f"run.steps={steps}",)
+                run_dir,
+                ShardingPrinter(),  # before the checkpointer: its on_setup precedes the restore
+                logger,
+                Checkpointer(),
+                losses,
+                compiled,
+                overrides=(f"run.steps={steps}",),
             )
         ),
         daemon=True,
@@ -144,6 +157,8 @@ def test_rerunning_a_finished_run_has_nothing_to_do_and_keeps_its_records(
     assert result.metrics == final["metrics"]  # the records of the run that trained there
     assert not compiled.compiled and losses.losses == {}
     assert {name: (run_dir / name).read_bytes() for name in RECORDS} == before
+    assert shardings.read_bytes() == shardings_before
+    assert shardings.stat().st_mtime_ns == 10**18
     assert steps_on_disk(run_dir) == [4, 8, 12, 16, 20] and "saved step" not in text
 
 

@@ -208,6 +208,7 @@ BAD = [
     ("optim.clip_norm", {"optim": {"clip_norm": -1.0}}),
     ("optim.min_lr_ratio", {"optim": {"min_lr_ratio": -0.5}}),
     ("optim.z_loss", {"optim": {"z_loss": -1e-4}}),
+    ("run.goodput_every", {"run": {"goodput_every": -1.0}}),
     ("optim.lr", {"optim": {"lr": float("nan")}}),
     ("optim.b2", {"optim": {"b2": float("nan")}}),
     ("model.init_std", {"model": {"init_std": float("inf")}}),

@@ -27,7 +27,7 @@ from nnxtrain import (
     compose,
 )
 from nnxtrain.data import SyntheticData
-from nnxtrain.errors import PluginError
+from nnxtrain.errors import ConfigError, PluginError
 from nnxtrain.train.accounting import count_params, step_flops
 from nnxtrain.train.registry import build_callbacks, registered
 
@@ -127,6 +127,50 @@ def test_missing_target_and_bad_arguments_name_the_callback():
         build_callbacks({"x": {"log_every": 2}})
     with pytest.raises(PluginError, match=r"^callbacks\.x: .*'when'"):
         build_callbacks({"x": {"_target_": f"{MOD}.StopAt", "when": 3}})
+
+
+# Options of the wrong type for their constructor parameter's annotation, for built-in and
+# user plugins: a one-line ConfigError naming the option and what it takes.
+WRONG_TYPES = [
+    ("metrics_logger", "log_every", "abc", "an integer"),
+    ("metrics_logger", "jsonl", 1, "true or false"),  # an int is not a bool
+    ("sharding_printer", "only_sharded", "yes", "true or false"),
+    ("sharding_printer", "filter", 5, "a string or null"),  # str | None given a number
+    ("spike_guard", "k", True, "a number"),  # a bool is not a float
+    ("spike_guard", "window", 2.5, "an integer"),
+    (f"{MOD}.RaiseAt", "at", "one", "an integer"),
+    (f"{MOD}.Tagged", "label", [1], "a string or null"),
+    (f"{MOD}.Tagged", "tags", "a", "a list or null"),
+]
+
+
+@pytest.mark.parametrize(("target", "option", "value", "wanted"), WRONG_TYPES)
+def test_an_option_of_the_wrong_type_is_one_line_naming_it(target, option, value, wanted):
+    with pytest.raises(ConfigError) as err:
+        build_callbacks({"x": {"_target_": target, option: value}})
+    message = str(err.value)
+    assert message.startswith(f"callbacks.x.{option}: {value!r} is not {wanted} ("), message
+    assert f"Fix: give callbacks.x.{option} {wanted}" in message and "\n" not in message
+
+
+def test_options_of_the_right_type_and_unchecked_ones_reach_the_plugin():
+    options = {
+        "every": 3,
+        "label": None,
+        "loud": True,
+        "scale": 2,  # an int is a number
+        "tags": ["a"],
+        "anything": {"k": object()},
+        "unannotated": "whatever",
+    }
+    (tagged,) = build_callbacks({"t": {"_target_": f"{MOD}.Tagged", **options}})
+    assert (tagged.every, tagged.label, tagged.loud, tagged.scale) == (3, None, True, 2)
+    assert tagged.tags == ["a"] and tagged.unannotated == "whatever"
+    (printer,) = build_callbacks({"p": {"_target_": "sharding_printer", "filter": "attn"}})
+    assert printer.filter == "attn"
+    # Annotations that do not resolve: the plugin gets its options as given.
+    (unchecked,) = build_callbacks({"u": {"_target_": f"{MOD}.Unchecked", "where": 5, "z": 1}})
+    assert unchecked.where == 5 and unchecked.extra == {"z": 1}
 
 
 # -- the sequence of hooks ------------------------------------------------------------

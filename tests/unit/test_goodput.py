@@ -3,6 +3,9 @@ totals that accumulate across a crash and a resume (lost steps costed from the r
 
 import io
 import json
+import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,49 @@ def test_lost_steps_older_than_the_ledger_are_costed_at_the_mean_step_time(
     second.resume(earlier, restored_step=5)  # step 6 is no longer in the ledger: the mean
     assert second.report().seconds["lost"] == pytest.approx(2.0 + 1.0 + 3.0)
     assert second.report().seconds["step"] == pytest.approx(10 - 6)
+
+
+def test_the_time_before_the_account_is_startup_and_keeping_it_is_due_every_n_seconds():
+    clock = FakeClock()
+    account = Goodput(clock, started=clock.now - 2.5)  # the process started 2.5 s ago
+    clock.now += 1
+    report = account.report()
+    assert report.seconds["startup"] == 2.5 and report.seconds["other"] == 1
+    assert report.wall == 3.5 and report.rows()[0][0] == "startup"
+    assert Goodput(clock).report().seconds["startup"] == 0  # from Python: the run starts now
+    # Kept (state()) once `every` seconds passed since it began, or was last kept.
+    assert not account.keep_due(5.0) and account.keep_due(1.0) and account.keep_due(0.0)
+    clock.now += 4
+    assert account.keep_due(5.0)
+    account.state(last_step=0)
+    assert not account.keep_due(5.0) and account.keep_due(0.0)
+
+
+def test_the_process_start_is_read_from_proc_with_a_fallback(monkeypatch: pytest.MonkeyPatch):
+    from nnxtrain.cli import train as cli
+
+    started = cli.process_started()
+    assert started <= cli._IMPORTED  # the process started before it imported the CLI
+    if Path("/proc/self/stat").exists() and shutil.which("ps"):
+        # Linux: the process's age as ps counts it, in whole seconds (rounded down), read
+        # between two readings of ours; the start time itself has a resolution of a tick.
+        before = time.perf_counter() - started
+        etimes = subprocess.run(
+            ["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True, text=True
+        )
+        after = time.perf_counter() - cli.process_started()
+        tick = 1 / os.sysconf("SC_CLK_TCK")
+        assert int(etimes.stdout) - tick <= after and before <= int(etimes.stdout) + 1 + tick
+    # /proc unreadable (not Linux), or a start time after the import (a wrong clock): the
+    # import's own time.
+    monkeypatch.setattr(time, "clock_gettime", lambda clock: 0.0)  # "booted just now"
+    assert cli.process_started() == cli._IMPORTED
+
+    def no_proc(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError("/proc/self/stat")
+
+    monkeypatch.setattr(cli, "open", no_proc, raising=False)
+    assert cli.process_started() == cli._IMPORTED
 
 
 # -- a real run with injected delays -----------------------------------------------------

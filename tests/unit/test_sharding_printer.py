@@ -13,7 +13,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from nnxtrain.plugins.sharding_printer import ShardingPrinter, format_physical, is_split
 from rich.console import Console
 
-from nnxtrain import Callback, CompileEvent, SetupEvent, Trainer, compose
+from nnxtrain import Callback, CompileEvent, ExceptionEvent, SetupEvent, Trainer, compose
 
 OVERRIDES = ["model=tiny", "run.steps=1", "run.batch_size=4", "run.seq_len=16"]
 OVERRIDES += ["callbacks=none", "run.eval_every=0"]
@@ -125,3 +125,21 @@ def test_quiet_console_writes_no_file(run: Any, tmp_path: Path) -> None:
     printer.on_setup(stub, dataclasses.replace(keep.setup, run_dir=str(tmp_path)))
     printer.on_compile(stub, keep.compile)
     assert not (tmp_path / "shardings.txt").exists()
+
+
+def test_the_file_is_written_at_compile_or_when_setup_fails(run: Any, tmp_path: Path) -> None:
+    """Not at on_setup: a rerun of a finished run stops after it, and keeps the file it has."""
+    trainer, keep = run[0], run[1]
+    stub: Any = types.SimpleNamespace(
+        mesh=trainer.mesh, activations=trainer.activations, console=Console(file=io.StringIO())
+    )
+    for where, written in (("setup", True), ("loop", False)):
+        out = tmp_path / where
+        out.mkdir()
+        printer = ShardingPrinter(console=False)
+        printer.on_setup(stub, dataclasses.replace(keep.setup, run_dir=str(out)))
+        assert not (out / "shardings.txt").exists()
+        printer.on_exception(stub, ExceptionEvent(0, RuntimeError("compile failed"), where))
+        assert (out / "shardings.txt").exists() == written, where
+    text = (tmp_path / "setup" / "shardings.txt").read_text()
+    assert "embed" in shardings_table(text) and "activations" not in text
