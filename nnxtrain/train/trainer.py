@@ -72,7 +72,7 @@ from nnxtrain.train.goodput import Goodput, cache_hits
 from nnxtrain.train.goodput import table as goodput_table
 from nnxtrain.train.hooks import Hooks
 from nnxtrain.train.registry import build_callbacks
-from nnxtrain.train.report import header, run_info
+from nnxtrain.train.report import header, results, run_info
 from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
 
@@ -202,7 +202,7 @@ class Trainer(RunControls):
             try:
                 self.hooks.teardown(self)  # the checkpointer's last write ends here
                 if self._looped:
-                    self._report_goodput()
+                    self._report_end()
             finally:
                 self.run_lock.release()
 
@@ -320,13 +320,13 @@ class Trainer(RunControls):
         with self.goodput.timed("step"):
             return watcher.wait(step)
 
-    def _report_goodput(self) -> None:
-        """Prints the account and keeps it in run_info.json (also after an error)."""
+    def _report_end(self) -> None:
+        """Prints the account, keeps it in run_info.json, then where the results are."""
         self.console.print(goodput_table(self.goodput.report()))
-        # Written after the table is printed, so that run_info.json's wall time is all of
-        # fit() but this write.
+        # after the table: run_info.json's wall time is then all of fit() but this write
         self.run_info["goodput"] = self.goodput.state(self.step)
         write_run_info(self.run_dir, self.run_info)
+        self.console.print(results(self.run_dir), markup=False, highlight=False)
 
     def evaluate(self) -> dict[str, float]:
         """Mean loss over `run.eval_batches` held-out batches; fires `on_eval_end`."""
@@ -374,7 +374,7 @@ def end_of_run(
     seconds: float,
 ) -> FitResult:
     """After the loop: the done line, run_info.json's "final" record (and the goodput
-    account so far, for plugins that read run_info in on_train_end; _report_goodput
+    account so far, for plugins that read run_info in on_train_end; _report_end
     completes it after teardown), `on_train_end`, `on_goodput`; the FitResult."""
     t, step, watcher = trainer, trainer.step, trainer._watcher
     t.console.print(

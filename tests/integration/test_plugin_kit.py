@@ -21,7 +21,7 @@ from callbacks_for_tests import Recorder
 from conftest import cli_env
 
 from nnxtrain import PluginError, Trainer, compose
-from nnxtrain.cli.plugins import describe
+from nnxtrain.cli.plugins import default_keys, describe
 from nnxtrain.train.registry import build_callbacks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,14 +195,31 @@ def test_the_catalog_lists_a_plugin_that_cannot_load(
 ) -> None:
     (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no GPU here')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    lines, ok = describe("gone", "no_such_module_xyz:Thing")
+    lines, ok = describe("gone", "no_such_module_xyz:Thing", {})
     assert not ok and lines[0] == "gone  (no_such_module_xyz:Thing)"
     assert lines[1].startswith("    cannot load: entry point 'gone': cannot import")
-    lines, ok = describe("bad", "raises_on_import:Thing")
+    lines, ok = describe("bad", "raises_on_import:Thing", {})
     assert not ok
     assert lines[1].startswith(
         "    cannot load: entry point 'bad': cannot import 'raises_on_import:Thing' "
         "(RuntimeError: no GPU here)"
     )
-    lines, ok = describe("stop", "nnxtrain.plugins.early_stopping:EarlyStopping")
+    lines, ok = describe("stop", "nnxtrain.plugins.early_stopping:EarlyStopping", {})
     assert ok and "    patience: int = 3" in lines
+
+
+def test_the_catalog_says_how_to_change_a_plugin_that_is_on_by_default() -> None:
+    """A second checkpointer beside the default one fails at setup (both save to one
+    directory): for a plugin a plain `nnxtrain` runs, the catalog names the key it runs
+    under, and the way to drop it, instead of suggesting another copy."""
+    defaults = default_keys()
+    lines, ok = describe("checkpointer", "nnxtrain.plugins.checkpointer:Checkpointer", defaults)
+    assert ok and lines[-1] == (
+        "    on by default as callbacks.checkpoint "
+        "(set: callbacks.checkpoint.OPTION=VALUE; off: ~callbacks.checkpoint)"
+    )
+    assert "checkpoint" in compose([]).callbacks
+    assert "checkpoint" not in compose(["~callbacks.checkpoint"]).callbacks
+    assert compose(["callbacks.checkpoint.every=7"]).callbacks["checkpoint"]["every"] == 7
+    lines, ok = describe("memstats", "nnxtrain.plugins.memstats:MemStats", defaults)
+    assert ok and lines[-1] == "    use: +callbacks.memstats._target_=memstats"
