@@ -76,8 +76,8 @@ def test_docs_plugins_and_the_example_package_through_the_cli(site: Path, tmp_pa
     args += ["+callbacks.best._target_=my_callbacks.KeepBest"]
     args += ["+callbacks.norm._target_=my_callbacks.ParamNorm", "+callbacks.norm.every=2"]
     args += ["+callbacks.summary._target_=run_summary"]  # the example package's short name
-    # As docs/plugins.md says: the console script needs PYTHONPATH=. for my_callbacks.py.
-    proc = run([str(BIN / "nnxtrain"), *args], tmp_path, str(site), ".")
+    # As docs/plugins.md says: the console script finds my_callbacks.py in the working dir.
+    proc = run([str(BIN / "nnxtrain"), *args], tmp_path, str(site))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
 
@@ -104,19 +104,20 @@ def test_what_is_importable_from_where(site: Path, tmp_path: Path) -> None:
     args = [*TINY, "callbacks=none", "hydra.run.dir=run"]
     csv = ["+callbacks.csv._target_=my_callbacks.LossToCsv"]
 
-    # The console script does not see the working directory ...
-    proc = run([str(BIN / "nnxtrain"), *args, *csv], tmp_path)
+    # A module neither installed, nor on PYTHONPATH, nor in the working directory ...
+    (tmp_path / "elsewhere").mkdir()
+    proc = run([str(BIN / "nnxtrain"), *args, *csv], tmp_path / "elsewhere")
     assert proc.returncode == 2
     assert last_line(proc).endswith(
         "callbacks.csv._target_: cannot import 'my_callbacks.LossToCsv' (ModuleNotFoundError: "
         "No module named 'my_callbacks'). Fix: check the dotted path and that its package is "
         "installed."
     )
-    # ... `python -m nnxtrain.cli.train` does (a dry run builds the callbacks and compiles) ...
-    proc = run(
-        [sys.executable, "-m", "nnxtrain.cli.train", *args, *csv, "run.dry_run=true"], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # ... is found from the working directory, by the console script as by `python -m
+    # nnxtrain.cli.train` (a dry run builds the callbacks and compiles) ...
+    for cmd in ([str(BIN / "nnxtrain")], [sys.executable, "-m", "nnxtrain.cli.train"]):
+        proc = run([*cmd, *args, *csv, "run.dry_run=true"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     # ... and a short name is known only where its package is installed.
     summary = ["+callbacks.summary._target_=run_summary"]
     proc = run([str(BIN / "nnxtrain"), *args, *summary], tmp_path)
