@@ -238,7 +238,8 @@ def test_without_tensorboardx_the_logger_says_how_to_install_it(tmp_path, monkey
     """rich took `[tensorboard]` for markup: the line read `pip install 'nnxtrain'`."""
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # its import fails
     log(tmp_path, records([(0.0, 1.0)]), tensorboard=True)
-    assert "TensorBoard logging off (pip install 'nnxtrain[tensorboard]')" in (
-        tmp_path / "console.txt"
-    ).read_text()
+    assert (
+        "TensorBoard logging off (pip install 'nnxtrain[tensorboard]')"
+        in (tmp_path / "console.txt").read_text()
+    )
     assert not (tmp_path / "tensorboard").exists()
