@@ -17,6 +17,7 @@ nnxtrain's own random initialisation, written by `nnxtrain.interop.hf.save` as a
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="a new or empty directory")
     args = p.parse_args(argv)
+    if importlib.util.find_spec("tokenizers") is None:  # checked before anything is written
+        sys.exit("make_tiny_llama: needs the tokenizers package. Fix: pip install -e '.[data]'")
     if os.path.isdir(args.out) and os.listdir(args.out):
         sys.exit(f"make_tiny_llama: {args.out} is not empty. Fix: give a new or empty directory.")
     model_dir = os.path.join(args.out, "model")

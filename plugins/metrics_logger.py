@@ -85,7 +85,8 @@ class MetricsLogger(Callback):
             except ImportError:
                 trainer.console.print(
                     "tensorboardX is not installed: TensorBoard logging off "
-                    "(pip install 'nnxtrain[tensorboard]')"
+                    "(pip install 'nnxtrain[tensorboard]')",
+                    markup=False,  # [tensorboard] is text, not a rich style
                 )
             else:
                 # TensorBoard hides the events at steps >= purge_step of earlier files.

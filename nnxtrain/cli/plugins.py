@@ -6,15 +6,18 @@
 For each short name registered through the `nnxtrain.callbacks` entry-point group (the
 built-ins and those of installed packages) it prints the class path, the first line of
 the class docstring, and the constructor's options with their types and defaults, which
-are the keys accepted under `callbacks.<name>`. A plugin that cannot be imported is
-listed with the one-line reason, and the command then exits with code 1.
+are the keys accepted under `callbacks.<name>`, then how to switch it on, or, for a plugin
+a plain `nnxtrain` runs already, the key it runs under (adding a second copy would clash
+with the first). A plugin that cannot be imported is listed with the one-line reason, and
+the command then exits with code 1.
 """
 
 import argparse
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from nnxtrain.config import compose
 from nnxtrain.errors import PluginError
 from nnxtrain.train.registry import ENTRY_POINT_GROUP, registered, resolve
 
@@ -42,7 +45,29 @@ def summary(cls: type) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def describe(name: str, value: str) -> tuple[list[str], bool]:
+def default_keys() -> dict[type, str]:
+    """Plugin class -> its key in the callbacks a plain `nnxtrain` runs (the shipped
+    config's defaults, `callbacks: default`)."""
+    keys: dict[type, str] = {}
+    for key, spec in compose([]).callbacks.items():
+        if isinstance(spec, Mapping) and "_target_" in spec:
+            try:
+                keys.setdefault(resolve(str(spec["_target_"]), key), key)
+            except PluginError:  # listed below with its own error, if registered
+                continue
+    return keys
+
+
+def usage(name: str, cls: type, defaults: Mapping[type, str]) -> str:
+    """How to switch the plugin on, or to change or drop it when it is on by default."""
+    key = defaults.get(cls)
+    if key is None:
+        return f"use: +callbacks.{name}._target_={name}"
+    key = f"callbacks.{key}"
+    return f"on by default as {key} (set: {key}.OPTION=VALUE; off: ~{key})"
+
+
+def describe(name: str, value: str, defaults: Mapping[type, str]) -> tuple[list[str], bool]:
     """Lines about one registered plugin, and whether it could be loaded."""
     lines = [f"{name}  ({value})"]
     try:
@@ -53,7 +78,7 @@ def describe(name: str, value: str) -> tuple[list[str], bool]:
     lines.append(f"    {summary(cls) or '(no docstring)'}")
     opts = options(cls)
     lines += [f"    {o}" for o in opts] if opts else ["    (no options)"]
-    lines.append(f"    use: +callbacks.{name}._target_={name}")
+    lines.append(f"    {usage(name, cls, defaults)}")
     return lines, True
 
 
@@ -75,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    ok = True
+    ok, defaults = True, default_keys()
     for i, name in enumerate(sorted(args.names or found)):
-        lines, loaded = describe(name, found[name])
+        lines, loaded = describe(name, found[name], defaults)
         ok = ok and loaded
         print(("\n" if i else "") + "\n".join(lines))
     if not ok:

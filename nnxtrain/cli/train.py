@@ -13,9 +13,15 @@ the process at once (130, one line). The command line is checked before Hydra co
 (`nnxtrain.cli.overrides`), and what Hydra itself refuses is put into one line too: Hydra
 raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
 A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
-(the Hydra job's directory when the run dir does not exist yet). A crash of nnxtrain
-itself prints its traceback and exits 1. JAX is imported only after composition, so
-that settings which must precede JAX's start can be applied first.
+(in the Hydra job's directory if it raised before the run dir existed, which happens only
+when `hydra.run.dir` is given apart from `run.dir`). A crash of nnxtrain itself prints
+its traceback and exits 1. JAX is imported only after composition, so that settings
+which must precede JAX's start can be applied first.
+
+A run given `run.dir` writes only there (`RunDirIsJobDir`); without it the run dir is
+Hydra's job dir, `outputs/<date>/<time>/`. Each job of a multirun also writes
+`job_status.json` for the sweep's summary. A plugin module in the working directory is
+found, as with `python -m`.
 
 The goodput account of a run covers its whole process: the Trainer is given the process's
 start (`process_started`), so Python's start, the imports and Hydra's composition are its
@@ -33,14 +39,16 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from nnxtrain.cli.overrides import check_command_line, explain
 from nnxtrain.cli.sweep import write_status
 from nnxtrain.config import from_omegaconf, register_schemas
 from nnxtrain.errors import (
     EXIT_BAD_INPUT,
+    ConfigError,
     LostProcessError,
     PluginError,
     UserError,
@@ -118,12 +126,12 @@ def _job(cfg: DictConfig, started: float) -> float:
     except UserError as e:
         code = EXIT_LOST_PROCESS if isinstance(e, LostProcessError) else EXIT_BAD_INPUT
         line = f"error: {e}{_traceback_note(e, job_dir)}"
-        return _failed(status, job_dir, line, t0, sweeping and not fail_fast, code)
+        return _failed(status, job_dir, line, t0, sweeping, fail_fast, code)
     except Exception as e:
         if not sweeping or fail_fast:
             traceback.print_exc()
             _exit(EXIT_CRASH)
-        return _failed(status, job_dir, f"job failed: {first_line(e, 300)}", t0, True)
+        return _failed(status, job_dir, f"job failed: {first_line(e, 300)}", t0, True, False)
     final_eval = result.eval_metrics.get("eval/loss")
     status.update(
         status=result.reason,
@@ -137,7 +145,8 @@ def _job(cfg: DictConfig, started: float) -> float:
         timed_seconds=result.timed_seconds,
         wall_seconds=time.perf_counter() - t0,
     )
-    write_status(job_dir, status)
+    if sweeping:
+        write_status(job_dir, status)
     if result.reason.startswith("preempted"):  # stops a whole sweep too
         print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
@@ -155,20 +164,53 @@ def _failed(
     job_dir: str,
     line: str,
     t0: float,
-    keep_going: bool,
+    sweeping: bool,
+    fail_fast: bool,
     code: int = EXIT_BAD_INPUT,
 ) -> float:
-    """Records a failed job; in a sweep the next job runs, otherwise the process exits."""
+    """Says why a job failed; a sweep records it and runs the next job (unless
+    run.fail_fast), a single run exits."""
     print(f"nnxtrain: {line}", file=sys.stderr)
-    # The status keeps the bare message: "error: run.steps: ..." -> "run.steps: ..."
-    status.update(
-        status="failed", error=line.split(": ", 1)[1], wall_seconds=time.perf_counter() - t0
-    )
-    with contextlib.suppress(OSError):
-        write_status(job_dir, status)
-    if not keep_going:
+    if sweeping:
+        # The status keeps the bare message: "error: run.steps: ..." -> "run.steps: ..."
+        status.update(
+            status="failed", error=line.split(": ", 1)[1], wall_seconds=time.perf_counter() - t0
+        )
+        with contextlib.suppress(OSError):
+            write_status(job_dir, status)
+    if not sweeping or fail_fast:
         _exit(code)
     return math.inf
+
+
+class RunDirIsJobDir(HydraCallback):
+    """A single run given `run.dir` writes there and nowhere else: the run dir becomes
+    Hydra's job dir (unless `hydra.run.dir` is given too), and Hydra writes neither its
+    `.hydra/` copy of the config (the run dir's config.yaml holds it) nor its log file.
+    Otherwise Hydra would make `outputs/<date>/<time>/` for every run, even one that
+    fails on a typo. Switched on in conf/config.yaml; a multirun's jobs are left alone."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A run.dir that does not resolve is left for the run's own one-line error.
+        run_dir = OmegaConf.select(config, "run.dir", throw_on_resolution_failure=False)
+        given = any(o.startswith("hydra.run.dir=") for o in config.hydra.overrides.hydra)
+        if not run_dir or given:
+            return
+        try:  # before Hydra does, so that the error names run.dir, not hydra.run.dir
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                "run.dir",
+                f"cannot create {run_dir} ({e.strerror})",
+                "set run.dir to a writable directory",
+            ) from e
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
+            config.hydra.output_subdir = None
+            logging = config.hydra.job_logging
+            if "file" in logging.get("handlers", {}):
+                del logging.handlers["file"]
+                logging.root.handlers = [h for h in logging.root.handlers if h != "file"]
 
 
 def _distributed() -> bool:
@@ -222,6 +264,11 @@ def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors here
     on_second_interrupt(lambda: _interrupted("second Ctrl-C"))
+    # `python -m` puts the working directory first on the import path, a console script
+    # puts its own folder (.venv/bin): a plugin module beside the user is found either way,
+    # after anything installed (a stray file does not shadow a package).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     args = sys.argv[1:]
     try:
         check_command_line(args)

@@ -1,13 +1,16 @@
-"""The run report: the header a run prints first, and what run_info.json holds.
+"""The run report: the header a run prints first, what run_info.json holds, and the
+lines a run ends with, saying where its results are.
 
     console.print(header(cfg, mesh, flops, num_params, floor))   # the run's first lines
     info = run_info(cfg, mesh, flops, num_params, floor, compiled_steps)
+    console.print(results(run_dir))                               # its last lines
 
 The run directory writes it (`nnxtrain.run.directory.write_run_info`); the trainer adds the
 "final" record and the goodput account as the run ends.
 """
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,3 +66,16 @@ def header(
     if floor is not None:
         lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
     return "\n".join(lines)
+
+
+def results(run_dir: str) -> str:
+    """`results in RUN_DIR:` and the run dir's entries, folders first: whatever the run
+    wrote there, the trainer's records and every plugin's files alike (hidden ones, such
+    as the lock, left out)."""
+    try:
+        names = sorted(n for n in os.listdir(run_dir) if not n.startswith("."))
+    except OSError:  # gone or unreadable: the path alone still says where to look
+        return f"results in {run_dir}"
+    folders = [f"{n}/" for n in names if os.path.isdir(os.path.join(run_dir, n))]
+    files = [n for n in names if f"{n}/" not in folders]
+    return f"results in {run_dir}:\n  " + "  ".join(folders + files)

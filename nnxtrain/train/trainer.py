@@ -67,7 +67,7 @@ from nnxtrain.train.goodput import Goodput, cache_hits
 from nnxtrain.train.goodput import table as goodput_table
 from nnxtrain.train.hooks import Hooks
 from nnxtrain.train.registry import build_callbacks
-from nnxtrain.train.report import header, run_info
+from nnxtrain.train.report import header, results, run_info
 from nnxtrain.train.result import FitResult, nothing_to_do
 from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
 from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
@@ -189,6 +189,7 @@ class Trainer(RunControls):
                 if self._looped:  # the account, also after an error
                     self.console.print(goodput_table(self.goodput.report()))
                     keep_account(self)  # after the table: run_info's wall is all but this
+                    self.console.print(results(self.run_dir), markup=False, highlight=False)
             finally:
                 self.run_lock.release()
 

@@ -1,5 +1,6 @@
 """The real `nnxtrain` command in a subprocess: a short training run, its metrics and timing,
-`--cfg job`, and the llama1b dry run."""
+`--cfg job`, and the llama1b dry run; the installed console script run as a newcomer
+would, with run.dir and a plugin module in the working directory."""
 
 import json
 import statistics
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, compile_cache_override, run_cli, run_cli_in_process
 
 from nnxtrain import compose
 from nnxtrain.parallel.distributed import auto_host_devices
@@ -144,3 +145,83 @@ def test_llama1b_dry_run(tmp_path):
     )
     assert info["compiled_memory"]["total"] > 0
     assert "final" not in info  # compiled, never trained
+
+
+# A plugin module beside the user, as docs/plugins.md writes one: it leaves a file in the
+# run dir, which the run's last lines must list like any other.
+PLUGIN = """
+from nnxtrain import Callback
+
+
+class Hello(Callback):
+    def on_setup(self, trainer, event):
+        with open(f"{event.run_dir}/hello.txt", "w") as f:
+            f.write("hello")
+"""
+CONSOLE_RUN = ["model=tiny", "run.steps=2", "run.batch_size=2", "run.seq_len=8"]
+
+
+@pytest.fixture(scope="module")
+def console_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The installed `nnxtrain` script (not `python -m`, which would put the working
+    directory on the import path itself), from a directory holding my_plugin.py, with
+    `run.dir=run` and the plugin switched on as the README shows: its process and cwd."""
+    cwd = tmp_path_factory.mktemp("console")
+    (cwd / "my_plugin.py").write_text(PLUGIN)
+    env = cli_env()
+    env.pop("PYTHONPATH")  # nothing but the working directory can make my_plugin importable
+    args = [*CONSOLE_RUN, "run.dir=run", "+callbacks.hello._target_=my_plugin.Hello"]
+    script = Path(sys.executable).with_name("nnxtrain")
+    proc = subprocess.run(
+        [str(script), *args, compile_cache_override()],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, cwd
+
+
+def test_a_plugin_module_in_the_working_directory_is_found(console_run):
+    _, cwd = console_run
+    assert (cwd / "run" / "hello.txt").read_text() == "hello"
+
+
+def test_a_run_given_run_dir_writes_nothing_outside_it(console_run):
+    """Hydra wrote outputs/<date>/<time>/ (its .hydra/, a log file, job_status.json) for
+    every run; with run.dir nothing of Hydra's is written, there or in the run dir."""
+    _, cwd = console_run
+    assert sorted(p.name for p in cwd.iterdir() if p.name != "__pycache__") == [
+        "my_plugin.py",
+        "run",
+    ]
+    run = {p.name for p in (cwd / "run").iterdir()}
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "checkpoints"} <= run
+    assert not run & {".hydra", "nnxtrain.log", "train.log", "job_status.json"}
+
+
+def test_the_run_ends_saying_where_its_results_are(console_run):
+    """After the goodput table: the run dir, then what is in it, folders first."""
+    proc, cwd = console_run
+    run = cwd / "run"
+    *_, table_end, where, entries = proc.stdout.rstrip().splitlines()
+    assert table_end.startswith("└")  # the goodput table's last line
+    assert where == f"results in {run}:"
+    shown = entries.split()
+    assert shown[:1] == ["checkpoints/"] and "metrics.jsonl" in shown and "hello.txt" in shown
+    on_disk = [p.name + "/" * p.is_dir() for p in run.iterdir() if not p.name.startswith(".")]
+    assert sorted(shown) == sorted(on_disk)
+    assert (run / ".lock").exists() and ".lock" not in shown
+
+
+def test_a_run_given_run_dir_that_fails_on_a_typo_writes_no_outputs_dir(tmp_path):
+    proc = run_cli_in_process([*CONSOLE_RUN, "model.dtype=flaot32", "run.dir=run"], tmp_path)
+    assert proc.returncode == 2 and "model.dtype: unknown value 'flaot32'" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left in ([], ["run"]), left  # at most the run dir, made for the run, left empty
+    assert not any((tmp_path / "run").glob("*"))

@@ -21,7 +21,7 @@ from callbacks_for_tests import Recorder
 from conftest import cli_env
 
 from nnxtrain import PluginError, Trainer, compose
-from nnxtrain.cli.plugins import describe
+from nnxtrain.cli.plugins import default_keys, describe
 from nnxtrain.train.registry import build_callbacks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,8 +76,8 @@ def test_docs_plugins_and_the_example_package_through_the_cli(site: Path, tmp_pa
     args += ["+callbacks.best._target_=my_callbacks.KeepBest"]
     args += ["+callbacks.norm._target_=my_callbacks.ParamNorm", "+callbacks.norm.every=2"]
     args += ["+callbacks.summary._target_=run_summary"]  # the example package's short name
-    # As docs/plugins.md says: the console script needs PYTHONPATH=. for my_callbacks.py.
-    proc = run([str(BIN / "nnxtrain"), *args], tmp_path, str(site), ".")
+    # As docs/plugins.md says: the console script finds my_callbacks.py in the working dir.
+    proc = run([str(BIN / "nnxtrain"), *args], tmp_path, str(site))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
 
@@ -104,19 +104,20 @@ def test_what_is_importable_from_where(site: Path, tmp_path: Path) -> None:
     args = [*TINY, "callbacks=none", "hydra.run.dir=run"]
     csv = ["+callbacks.csv._target_=my_callbacks.LossToCsv"]
 
-    # The console script does not see the working directory ...
-    proc = run([str(BIN / "nnxtrain"), *args, *csv], tmp_path)
+    # A module neither installed, nor on PYTHONPATH, nor in the working directory ...
+    (tmp_path / "elsewhere").mkdir()
+    proc = run([str(BIN / "nnxtrain"), *args, *csv], tmp_path / "elsewhere")
     assert proc.returncode == 2
     assert last_line(proc).endswith(
         "callbacks.csv._target_: cannot import 'my_callbacks.LossToCsv' (ModuleNotFoundError: "
         "No module named 'my_callbacks'). Fix: check the dotted path and that its package is "
         "installed."
     )
-    # ... `python -m nnxtrain.cli.train` does (a dry run builds the callbacks and compiles) ...
-    proc = run(
-        [sys.executable, "-m", "nnxtrain.cli.train", *args, *csv, "run.dry_run=true"], tmp_path
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # ... is found from the working directory, by the console script as by `python -m
+    # nnxtrain.cli.train` (a dry run builds the callbacks and compiles) ...
+    for cmd in ([str(BIN / "nnxtrain")], [sys.executable, "-m", "nnxtrain.cli.train"]):
+        proc = run([*cmd, *args, *csv, "run.dry_run=true"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     # ... and a short name is known only where its package is installed.
     summary = ["+callbacks.summary._target_=run_summary"]
     proc = run([str(BIN / "nnxtrain"), *args, *summary], tmp_path)
@@ -195,14 +196,31 @@ def test_the_catalog_lists_a_plugin_that_cannot_load(
 ) -> None:
     (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('no GPU here')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    lines, ok = describe("gone", "no_such_module_xyz:Thing")
+    lines, ok = describe("gone", "no_such_module_xyz:Thing", {})
     assert not ok and lines[0] == "gone  (no_such_module_xyz:Thing)"
     assert lines[1].startswith("    cannot load: entry point 'gone': cannot import")
-    lines, ok = describe("bad", "raises_on_import:Thing")
+    lines, ok = describe("bad", "raises_on_import:Thing", {})
     assert not ok
     assert lines[1].startswith(
         "    cannot load: entry point 'bad': cannot import 'raises_on_import:Thing' "
         "(RuntimeError: no GPU here)"
     )
-    lines, ok = describe("stop", "nnxtrain.plugins.early_stopping:EarlyStopping")
+    lines, ok = describe("stop", "nnxtrain.plugins.early_stopping:EarlyStopping", {})
     assert ok and "    patience: int = 3" in lines
+
+
+def test_the_catalog_says_how_to_change_a_plugin_that_is_on_by_default() -> None:
+    """A second checkpointer beside the default one fails at setup (both save to one
+    directory): for a plugin a plain `nnxtrain` runs, the catalog names the key it runs
+    under, and the way to drop it, instead of suggesting another copy."""
+    defaults = default_keys()
+    lines, ok = describe("checkpointer", "nnxtrain.plugins.checkpointer:Checkpointer", defaults)
+    assert ok and lines[-1] == (
+        "    on by default as callbacks.checkpoint "
+        "(set: callbacks.checkpoint.OPTION=VALUE; off: ~callbacks.checkpoint)"
+    )
+    assert "checkpoint" in compose([]).callbacks
+    assert "checkpoint" not in compose(["~callbacks.checkpoint"]).callbacks
+    assert compose(["callbacks.checkpoint.every=7"]).callbacks["checkpoint"]["every"] == 7
+    lines, ok = describe("memstats", "nnxtrain.plugins.memstats:MemStats", defaults)
+    assert ok and lines[-1] == "    use: +callbacks.memstats._target_=memstats"

@@ -18,8 +18,12 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import nnxtrain.interop.hf as hf
+from nnxtrain import compose
 from nnxtrain.errors import UserError
 from nnxtrain.model import Transformer
+from nnxtrain.parallel.mesh import build_mesh
+from nnxtrain.train.accounting import step_flops
+from nnxtrain.train.report import header
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +128,33 @@ def test_save_never_overwrites_a_model(model, tmp_path):
     with pytest.raises(UserError, match="already holds a model"):
         hf.save(Transformer(TINY, rngs=nnx.Rngs(1)), str(path))
     assert (path / "model.safetensors").read_bytes() == before
+
+
+def test_saved_files_get_the_mode_of_any_new_file(model, tmp_path):
+    """safetensors writes a private temporary file and renames it: the model was 0600."""
+    (tmp_path / "reference").write_text("")  # the mode open() gives here (0o666 - umask)
+    expected = (tmp_path / "reference").stat().st_mode & 0o777
+    assert expected != 0o600, "the test needs a umask that leaves files readable by others"
+    single = _saved(model, tmp_path / "single")
+    sharded = _saved(model, tmp_path / "sharded", max_shard_bytes=4096)
+    files = [*single.iterdir(), *sharded.iterdir()]
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 2
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == dict.fromkeys(
+        (f.name for f in files), expected
+    )
+
+
+def test_a_model_is_named_by_its_path_as_given(model, tmp_path, monkeypatch):
+    """A Hugging Face folder is often just `model`: the header read "model model"."""
+    _saved(model, tmp_path / "tiny" / "model")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["run.init_from=tiny/model/", "mesh=single", "run.seq_len=16"])
+    mesh = build_mesh(cfg.mesh)
+    flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, mesh.size)
+    first = header(cfg, mesh, flops, 0, None).splitlines()[0]
+    assert first.startswith("nnxtrain: model tiny/model | mesh "), first
+    monkeypatch.chdir(tmp_path / "tiny" / "model")
+    assert hf.load(".").cfg.name == "model"  # "." names the folder
 
 
 def test_importing_nnxtrain_does_not_import_torch_or_transformers():

@@ -11,6 +11,7 @@ On a resume the records after the restored step, and a line a kill tore, leave m
 import json
 import os
 import struct
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,14 @@ def test_tensorboard_hides_the_steps_after_the_restored_one(tmp_path):
     # TensorBoard drops every earlier event at a step >= that of a SessionLog START.
     starts = [e.step for e in tensorboard_events(tmp_path) if e.session_log.status == 1]
     assert sorted(starts) == [1, 2]  # the first run from step 1, the resumed one from 2
+
+
+def test_without_tensorboardx_the_logger_says_how_to_install_it(tmp_path, monkeypatch):
+    """rich took `[tensorboard]` for markup: the line read `pip install 'nnxtrain'`."""
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # its import fails
+    log(tmp_path, records([(0.0, 1.0)]), tensorboard=True)
+    assert (
+        "TensorBoard logging off (pip install 'nnxtrain[tensorboard]')"
+        in (tmp_path / "console.txt").read_text()
+    )
+    assert not (tmp_path / "tensorboard").exists()

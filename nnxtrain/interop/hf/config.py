@@ -125,6 +125,14 @@ def _check_supported(hf: dict[str, Any], where: str) -> None:
         raise _bad(where, "hidden_act", f"is {act!r}", "only silu (SwiGLU) is supported")
 
 
+def model_name(where: str) -> str:
+    """The label of the model in directory `where`: the path as given ("tiny/model",
+    "hf/TinyLlama"), since the folder's own name is often just "model"; the folder's name
+    for "." or ".."."""
+    name = os.path.normpath(where)
+    return os.path.basename(os.path.abspath(where)) if name in (".", "..") else name
+
+
 def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> ModelConfig:
     """The ModelConfig of config.json `hf` (read from `where`, named in errors)."""
     _check_supported(hf, where)
@@ -144,7 +152,7 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
     if head_dim % 2:
         raise _bad(where, "head_dim", f"is odd ({head_dim})", "rotary embeddings need even")
     return ModelConfig(
-        name=os.path.basename(os.path.abspath(where)),
+        name=model_name(where),
         vocab_size=ints["vocab_size"],
         emb_dim=ints["hidden_size"],
         num_layers=ints["num_hidden_layers"],

@@ -229,6 +229,15 @@ class Reader:
 Producer = Callable[[], np.ndarray]
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask."""
+    # The umask can only be read by setting it: set a stricter one for that instant, so a
+    # file another thread creates meanwhile is at worst private, never more open.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_shards(
     path: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Producer]], max_bytes: int
 ) -> list[str]:
@@ -249,6 +258,9 @@ def write_shards(
     for file, shard in zip(names, shards, strict=True):
         arrays = {name: np.ascontiguousarray(produce()) for name, produce in shard}
         save_file(arrays, os.path.join(path, file), metadata={"format": "pt"})
+        # safetensors writes a private temporary file (mode 0600) and renames it: give the
+        # model the mode of any file the user writes, as transformers' own files have.
+        os.chmod(os.path.join(path, file), new_file_mode())
         weight_map.update(dict.fromkeys(arrays, file))
         del arrays
     if n > 1:
