@@ -10,7 +10,7 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # Hugging Face's rope_type names
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul", "splash")
 DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
 TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a row
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
@@ -57,7 +57,7 @@ class ModelConfig:
     )
     dtype: str = setting("auto", "activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     attention: str = setting(
-        "auto", "kernel: xla, cudnn, matmul; auto = matmul on CPU, else JAX's choice"
+        "auto", "kernel: xla, cudnn, matmul, splash (TPU); auto = matmul on CPU, else JAX's choice"
     )
     init_std: float = setting(0.02, "stddev of the normal initialiser for weight matrices")
 

@@ -1,5 +1,5 @@
 """The building blocks of the Llama-style decoder: RMSNorm, rotary embeddings, grouped-query
-attention, the SwiGLU MLP and one decoder layer.
+attention (its kernels are `nnxtrain.model.attention`), the SwiGLU MLP and one decoder layer.
 
 Parameters are stored in `param_dtype` and cast to the activation `dtype` where they are
 used. Every parameter carries logical axis names (`out_sharding` metadata, see
@@ -9,9 +9,7 @@ used. Every parameter carries logical axis names (`out_sharding` metadata, see
 """
 
 import math
-import sys
 from collections.abc import Callable
-from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
+from nnxtrain.model.attention import attend
 from nnxtrain.model.cache import KVCache, cached_attention, write
 from nnxtrain.parallel.sharding import constrain
 
@@ -106,67 +105,6 @@ def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]
     return out.astype(x.dtype)
 
 
-def same_document(segment_ids: jax.Array) -> jax.Array:
-    """[b, l, l] booleans: whether query i and key j lie in the same document (segment ids
-    [b, l], as the data packs them; padding is segment 0 and sees only padding)."""
-    return segment_ids[:, :, None] == segment_ids[:, None, :]
-
-
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
-) -> jax.Array:
-    """Causal softmax attention as two batched matmuls over [batch * heads] (the `matmul`
-    kernel). q [b, l, h, d]; k, v [b, l, kv_heads, d] with kv_heads dividing h. With
-    `segment_ids` [b, l], a query also sees only keys of its own document."""
-    b, length, h, d = q.shape
-    k, v = (jnp.repeat(t, h // t.shape[2], axis=2) for t in (k, v))
-
-    def heads_first(t: jax.Array) -> jax.Array:
-        return t.transpose(0, 2, 1, 3).reshape(b * h, length, d)
-
-    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * d**-0.5
-    mask = jnp.tril(jnp.ones((length, length), bool))
-    if segment_ids is not None:
-        # The same masked scores, seen as [b, h, l, l] so one [b, 1, l, l] mask covers all
-        # heads; a masked score's exp is exactly 0, so other documents add nothing at all.
-        mask = (mask & same_document(segment_ids))[:, None]
-        scores = scores.reshape(b, h, length, length)
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b * h, length, length)
-    out = jnp.matmul(probs, heads_first(v))
-    return out.reshape(b, h, length, d).transpose(0, 2, 1, 3)
-
-
-_warned_cudnn_fallback = False
-
-
-def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None
-) -> jax.Array:
-    """`jax.nn.dot_product_attention` (kernels `xla`, `cudnn`, or `auto`: JAX's choice),
-    causal, and within documents when `segment_ids` are given (as a boolean mask, which
-    cuDNN takes as an additive bias). Where cuDNN refuses the masked call, the `xla`
-    kernel runs instead, with one warning per process."""
-    global _warned_cudnn_fallback
-    mask = None if segment_ids is None else same_document(segment_ids)[:, None]
-    name = cast(Literal["xla", "cudnn"] | None, {"xla": "xla", "cudnn": "cudnn"}.get(impl))
-    try:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=name)
-    except (ValueError, NotImplementedError, RuntimeError) as err:
-        if name != "cudnn" or mask is None:
-            raise
-        if not _warned_cudnn_fallback:
-            _warned_cudnn_fallback = True
-            print(
-                f"nnxtrain: warning: model.attention=cudnn cannot mask attention to documents "
-                f"here ({str(err).splitlines()[0]}); the xla kernel runs instead",
-                file=sys.stderr,
-            )
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation="xla"
-        )
-
-
 class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary position embeddings."""
 
@@ -179,7 +117,8 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
         self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
-        # (cuDNN flash attention on GPU when the shapes allow it).
+        # (cuDNN flash attention on GPU when the shapes allow it). A run that knows its
+        # target platform resolves auto before the model is built (`resolve_auto`).
         cpu = jax.default_backend() == "cpu"
         self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
 
@@ -187,11 +126,7 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         q, k, v = self._qkv(x, positions)
-        if self.impl == "matmul":
-            out = causal_attention(q, k, v, segment_ids)
-        else:
-            out = fused_attention(q, k, v, self.impl, segment_ids)
-        return self._out(out)
+        return self._out(attend(self.impl, q, k, v, segment_ids))
 
     def decode(
         self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int

@@ -8,6 +8,8 @@ None: replicated); `mesh.rules` in the config overrides entries.
 Inside `use_rules(mesh, rules)`, `constrain` applies sharding constraints and records
 every annotated activation (name, shape, logical and physical axes) so that plugins can
 print them; outside it, `constrain` is the identity, so the model also runs bare.
+`active_mesh` and `active_spec` give that mesh and rules to code that must place its
+arrays itself (a Pallas kernel under `shard_map`).
 """
 
 import contextlib
@@ -159,6 +161,16 @@ def use_rules(
         yield _ctx.records
     finally:
         _ctx.mesh, _ctx.rules, _ctx.records = saved
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `use_rules` (None when the model runs bare)."""
+    return _ctx.mesh
+
+
+def active_spec(logical: tuple[str | None, ...]) -> PartitionSpec:
+    """The PartitionSpec of `logical` axes under the enclosing `use_rules`' rules."""
+    return logical_to_spec(logical, _ctx.rules)
 
 
 def constrain(x: jax.Array, name: str, logical: tuple[str | None, ...]) -> jax.Array:

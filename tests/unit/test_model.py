@@ -10,8 +10,9 @@ import pytest
 from conftest import TINY, assert_equal_to_rounding, rounding_tolerance
 from flax import nnx
 
+from nnxtrain import compose
 from nnxtrain.config import ModelConfig
-from nnxtrain.model import Transformer
+from nnxtrain.model import Transformer, resolve_auto
 from nnxtrain.parallel.sharding import DEFAULT_RULES
 from nnxtrain.train.step import loss_sums
 
@@ -262,3 +263,43 @@ def test_attention_kernels_agree(kv_heads):
     (l_xla, g_xla), (l_mm, g_mm) = outs
     np.testing.assert_allclose(l_mm, l_xla, rtol=rounding_tolerance(TERMS))
     assert_equal_to_rounding(g_mm, g_xla, TERMS, "gradients")
+
+
+# -- auto choices per platform ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "platform,attention,dtype",
+    [
+        ("tpu", "splash", "bfloat16"),
+        ("gpu", "cudnn", "bfloat16"),
+        ("cuda", "cudnn", "bfloat16"),
+        ("rocm", "xla", "bfloat16"),
+        ("cpu", "matmul", "float32"),
+    ],
+)
+def test_resolve_auto_picks_the_platforms_kernel_and_dtype(platform, attention, dtype):
+    auto = dataclasses.replace(TINY, attention="auto", dtype="auto")
+    resolved = resolve_auto(auto, platform)
+    assert (resolved.attention, resolved.dtype) == (attention, dtype)
+    assert resolved == dataclasses.replace(auto, attention=attention, dtype=dtype)
+
+
+def test_resolve_auto_keeps_concrete_choices():
+    cfg = dataclasses.replace(TINY, attention="xla", dtype="float16")
+    assert resolve_auto(cfg, "tpu") == cfg
+    # float32 by hand on a GPU: cuDNN's flash attention takes half precision only
+    f32 = resolve_auto(dataclasses.replace(TINY, attention="auto", dtype="float32"), "gpu")
+    assert (f32.attention, f32.dtype) == ("xla", "float32")
+    with pytest.raises(ValueError, match="'metal'"):
+        resolve_auto(cfg, "metal")
+
+
+def test_attention_honours_a_concrete_kernel_and_keeps_auto_as_before():
+    impls = {
+        a: build(dataclasses.replace(TINY, attention=a)).layers.attn.impl
+        for a in ("auto", "matmul", "xla", "splash")
+    }
+    auto = "matmul" if jax.default_backend() == "cpu" else "auto"
+    assert impls == {"auto": auto, "matmul": "matmul", "xla": "xla", "splash": "splash"}
+    assert compose(["model.attention=splash"]).model.attention == "splash"

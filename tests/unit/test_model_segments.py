@@ -12,13 +12,13 @@ from conftest import TINY
 from flax import nnx
 
 from nnxtrain.model import Transformer
-from nnxtrain.model import layers as layers_module
+from nnxtrain.model import attention as attention_module
 from nnxtrain.model.cache import KVCache
 from nnxtrain.model.transformer import document_positions
 
 # One row of 16: document 1 (5 tokens), document 2 (7 tokens), then 4 padding tokens.
 LENGTHS, ROW = (5, 7), 16
-KERNELS = ("matmul", "xla")
+KERNELS = ("matmul", "xla", "splash")
 
 # The bound for "equal to running it alone". Packed and alone differ only in the
 # order of float32 sums (masked keys add exact zeros; the matmul shapes differ), so they
@@ -138,7 +138,7 @@ def test_positions_restart_at_each_document_when_not_given():
 def test_cudnn_without_a_gpu_falls_back_to_xla_with_one_warning(capsys: pytest.CaptureFixture):
     if jax.default_backend() == "gpu":
         pytest.skip("cuDNN is present: the masked call runs on it")
-    layers_module._warned_cudnn_fallback = False
+    attention_module._warned_cudnn_fallback = False
     model, reference = build("cudnn"), build("xla")
     toks, pos, seg = packed(documents())
     out = model(toks, pos, seg)

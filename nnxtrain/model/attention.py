@@ -1,0 +1,209 @@
+"""How attention is computed: causal softmax attention of q [batch, length, heads, head_dim]
+over k, v [batch, length, kv_heads, head_dim], by the kernel `model.attention` names.
+
+- `matmul` (`causal_attention`): two batched matmuls over [batch·heads]; the CPU default.
+- `xla`, `cudnn` (`fused_attention`): `jax.nn.dot_product_attention` with that
+  implementation (`auto`: JAX's choice).
+- `splash` (`splash_attention`): the Pallas splash-attention kernel, a flash kernel for TPU
+  that never holds the [length, length] scores in memory. Off TPU it runs in Pallas's
+  interpret mode: the same blocks and online softmax as plain XLA ops, exact but slow.
+
+Every kernel scales the scores by 1/sqrt(head_dim) and lets a query see the keys at or
+before it; with `segment_ids` [batch, length] (documents numbered 1, 2, ...; padding 0) only
+those of its own segment, so padding sees only padding. Keys and values may have fewer
+heads than queries (grouped-query attention): consecutive query heads share one.
+"""
+
+import functools
+import math
+import sys
+from typing import Any, Literal, cast
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
+
+from nnxtrain.parallel.sharding import active_mesh, active_spec
+
+
+def same_document(segment_ids: jax.Array) -> jax.Array:
+    """[b, l, l] booleans: whether query i and key j lie in the same document (segment ids
+    [b, l], as the data packs them; padding is segment 0 and sees only padding)."""
+    return segment_ids[:, :, None] == segment_ids[:, None, :]
+
+
+def attend(
+    impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None
+) -> jax.Array:
+    """Attention by kernel `impl` (a `model.attention` value; `auto` is JAX's choice)."""
+    if impl == "matmul":
+        return causal_attention(q, k, v, segment_ids)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids)
+    return fused_attention(q, k, v, impl, segment_ids)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """Causal softmax attention as two batched matmuls over [batch * heads] (the `matmul`
+    kernel). q [b, l, h, d]; k, v [b, l, kv_heads, d] with kv_heads dividing h. With
+    `segment_ids` [b, l], a query also sees only keys of its own document."""
+    b, length, h, d = q.shape
+    k, v = (jnp.repeat(t, h // t.shape[2], axis=2) for t in (k, v))
+
+    def heads_first(t: jax.Array) -> jax.Array:
+        return t.transpose(0, 2, 1, 3).reshape(b * h, length, d)
+
+    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * d**-0.5
+    mask = jnp.tril(jnp.ones((length, length), bool))
+    if segment_ids is not None:
+        # The same masked scores, seen as [b, h, l, l] so one [b, 1, l, l] mask covers all
+        # heads; a masked score's exp is exactly 0, so other documents add nothing at all.
+        mask = (mask & same_document(segment_ids))[:, None]
+        scores = scores.reshape(b, h, length, length)
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b * h, length, length)
+    out = jnp.matmul(probs, heads_first(v))
+    return out.reshape(b, h, length, d).transpose(0, 2, 1, 3)
+
+
+_warned_cudnn_fallback = False
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` (kernels `xla`, `cudnn`, or `auto`: JAX's choice),
+    causal, and within documents when `segment_ids` are given (as a boolean mask, which
+    cuDNN takes as an additive bias). Where cuDNN refuses the masked call, the `xla`
+    kernel runs instead, with one warning per process."""
+    global _warned_cudnn_fallback
+    mask = None if segment_ids is None else same_document(segment_ids)[:, None]
+    name = cast(Literal["xla", "cudnn"] | None, {"xla": "xla", "cudnn": "cudnn"}.get(impl))
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=name)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        if name != "cudnn" or mask is None:
+            raise
+        if not _warned_cudnn_fallback:
+            _warned_cudnn_fallback = True
+            print(
+                f"nnxtrain: warning: model.attention=cudnn cannot mask attention to documents "
+                f"here ({str(err).splitlines()[0]}); the xla kernel runs instead",
+                file=sys.stderr,
+            )
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=True, implementation="xla"
+        )
+
+
+# The kernel tiles the sequence in blocks of whole 128-lane vector registers, so lengths
+# are padded to a multiple of 128; the block is the largest of these dividing the padded
+# length (bigger blocks do more work per grid step; 512 is MaxText's default).
+SPLASH_LANES = 128
+SPLASH_BLOCKS = (512, 256, 128)
+
+_warned_splash_interpret = False
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """The Pallas splash-attention kernel (`splash`): causal, within documents when
+    `segment_ids` are given, in interpret mode unless the devices are TPUs.
+
+    The platform is that of the mesh the model is traced under (`use_rules`; the target's
+    devices, which may be TPUs compiled for from a CPU host), else JAX's default backend.
+    On a mesh the kernel runs under `shard_map`: it is one custom call, which XLA cannot
+    split between devices, so each device runs it on its own examples and heads."""
+    global _warned_splash_interpret
+    mesh = active_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    interpret = platform != "tpu"
+    if interpret and not _warned_splash_interpret:
+        _warned_splash_interpret = True
+        print(
+            f"nnxtrain: warning: model.attention=splash is a TPU kernel; on {platform} it "
+            "runs in Pallas's interpret mode (exact, but far slower than the other kernels)",
+            file=sys.stderr,
+        )
+    local = functools.partial(_splash_on_device, interpret=interpret)
+    if mesh is None:
+        return local(q, k, v, segment_ids)
+    # Examples and heads split as the model's activations are; the length stays whole on
+    # each device (the kernel cannot split a sequence), so a length split is gathered.
+    spec = active_spec(("activation_batch", None, "activation_heads", None))
+    # k and v split over the query heads' axes, so that each device holds the kv heads its
+    # query heads share. Where kv_heads do not split that many ways (MQA on a tensor-split
+    # mesh), each kv head is repeated only as often as that needs, not up to all heads.
+    heads_axes = (spec[2],) if isinstance(spec[2], str) else tuple(spec[2] or ())
+    ways = math.prod(mesh.shape[a] for a in heads_axes)
+    repeat = ways // math.gcd(k.shape[2], ways)
+    if repeat > 1:
+        k, v = (jnp.repeat(t, repeat, axis=2) for t in (k, v))
+    # check_vma off: the kernel's pallas_call does not declare how its outputs vary
+    # across devices (MaxText turns the same check off around it).
+    on_mesh = functools.partial(jax.shard_map, mesh=mesh, out_specs=spec, check_vma=False)
+    if segment_ids is None:
+        run = on_mesh(lambda q, k, v: local(q, k, v, None), in_specs=(spec, spec, spec))
+        return cast(jax.Array, run(q, k, v))
+    run = on_mesh(local, in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)))
+    return cast(jax.Array, run(q, k, v, segment_ids))
+
+
+def _splash_on_device(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    interpret: bool,
+) -> jax.Array:
+    """The kernel over one device's [b, l, h, d] arrays (all of them without a mesh)."""
+    _, length, h, d = q.shape
+    padded = -(-length // SPLASH_LANES) * SPLASH_LANES
+    # Padded keys lie after every real query, so the causal mask alone hides them (their
+    # segment id does not matter); a padded query sees at least itself, so its softmax is
+    # defined, and its row is cut off at the end.
+    extra = padded - length
+    q = q * d**-0.5  # as the other kernels scale the scores; the kernel does not
+    q, k, v = (jnp.pad(t, ((0, 0), (0, extra), (0, 0), (0, 0))) for t in (q, k, v))
+    # The kernel takes one example [heads, length, head_dim]; vmap gives it the batch.
+    # k and v keep their kv_heads: the kernel reads kv head i // (h / kv_heads) for query
+    # head i, so grouped-query attention needs no repeated copy of k and v.
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    kernel = _splash_kernel(h, padded, interpret)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, extra)))
+
+        def one(q: jax.Array, k: jax.Array, v: jax.Array, s: jax.Array) -> Any:
+            return kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+
+        out = jax.vmap(one)(q, k, v, seg)
+    return cast(jax.Array, out).transpose(0, 2, 1, 3)[:, :length]
+
+
+def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
+    """The causal kernel for `heads` query heads over `length` (a multiple of 128).
+
+    Built per trace, not cached: it holds the mask's block tables as arrays, which would
+    be tracers of the trace that made them (splash caches the numpy work itself)."""
+    block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
