@@ -183,6 +183,12 @@ def validate(cfg: Config) -> Config:
         )
     if mc.init_timeout < 1:
         raise ConfigError("mesh.init_timeout", "must be >= 1 second", "use e.g. 300")
+    if cfg.mesh.target and not r.dry_run:
+        raise ConfigError(
+            "mesh.target",
+            f"{cfg.mesh.target} is compiled for, not attached: it cannot train",
+            "add run.dry_run=true (or drop mesh.target to train on the local devices)",
+        )
     if mc.heartbeat_timeout < 4:  # the roll call for a lost process gets a quarter of it
         raise ConfigError("mesh.heartbeat_timeout", "must be >= 4 seconds", "use e.g. 100")
     if r.eval_every < 0:

@@ -81,6 +81,9 @@ class MeshConfig:
     heartbeat_timeout: int = setting(
         100, "seconds of silence before a process counts as lost (run ends)"
     )
+    target: str = setting(
+        "", "compile for this hardware, not the local devices (dry runs): tpu:v6e-8, tpu:v5p:2x2x1"
+    )
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import jax
 
 from nnxtrain.config import Config, MeshConfig
 from nnxtrain.errors import EXIT_BAD_INPUT, ConfigError, UserError, first_line
+from nnxtrain.parallel.target import quiet_libtpu
 
 # JAX's own deadline for all processes to join is this much later than mesh.init_timeout,
 # so that the watchdog, not JAX's abort, reports processes that never joined.
@@ -73,6 +74,7 @@ def auto_host_devices(cfg: Config, cores: int | None = None) -> int:
 
 def start_jax(cfg: Config) -> None:
     """Applies host_devices and joins the distributed run, once per process."""
+    quiet_libtpu()  # with nnxtrain[tpu] on a host without TPU chips
     explicit = cfg.run.host_devices != -1
     n = cfg.run.host_devices if explicit else auto_host_devices(cfg)
     cpu_devices = getattr(jax.config, "jax_num_cpu_devices", -1)

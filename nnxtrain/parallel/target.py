@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import jax
 
+from nnxtrain.config import MeshConfig
 from nnxtrain.errors import ConfigError
 
 KEY = "mesh.target"
@@ -96,14 +97,30 @@ def parse_target(name: str) -> Target:
     return Target(name, "tpu", gen, topology, chips)
 
 
+def quiet_libtpu(force: bool = False) -> None:
+    """Keeps libtpu's start-up warnings (a dozen lines about TPU_ACCELERATOR_TYPE and worker
+    hostnames) from a host with no TPU chip: sets QUIET_LIBTPU's variables where unset, if
+    no chip is attached (or `force`, to describe a target). Must run before JAX starts its
+    backends. A TPU VM, whose chips libtpu must find, is left as it is."""
+    if not force:
+        try:  # the PCI scan JAX itself makes at import to decide whether chips are attached
+            from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
+
+            if num_available_tpu_chips_and_device_id()[0] > 0:
+                return
+        except Exception:  # a JAX without it: leave libtpu alone rather than guess
+            return
+    for var, value in QUIET_LIBTPU.items():
+        os.environ.setdefault(var, value)
+
+
 def target_devices(target: Target) -> list[jax.Device]:
     """The devices of `target`, described by libtpu (nothing is attached or allocated)."""
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - part of jax
         raise ConfigError(KEY, f"this jax cannot describe topologies ({e})", "upgrade jax") from e
-    for var, value in QUIET_LIBTPU.items():
-        os.environ.setdefault(var, value)
+    quiet_libtpu(force=True)
     kwargs: dict[str, object] = {}
     if target.generation in MEGACORE:
         kwargs["chip_config_name"] = "megacore"
@@ -121,3 +138,8 @@ def target_devices(target: Target) -> list[jax.Device]:
             ) from e
         raise ConfigError(KEY, f"{target.name}: {text[:200]}", USAGE) from e
     return list(desc.devices)
+
+
+def compile_devices(cfg: MeshConfig) -> list[jax.Device] | None:
+    """The devices of `mesh.target`, or None (the local devices) when it is unset."""
+    return target_devices(parse_target(cfg.target)) if cfg.target else None

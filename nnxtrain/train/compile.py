@@ -10,6 +10,7 @@ analysis, its lower and compile seconds, and the activations it annotated.
 """
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from nnxtrain.errors import UserError
 from nnxtrain.parallel.sharding import ActivationRecord, state_shardings, use_rules
 from nnxtrain.train.step import (
     GUARD_OFF,
@@ -119,12 +121,36 @@ def plan_state(
     return StatePlan(graphdef, placed, shardings, num_params, init_fn)
 
 
+class OutOfMemory(UserError):
+    """XLA refused to compile a step: it needs more memory than a device has."""
+
+    def __init__(self, step: str, devices: str, xla_message: str):
+        # XLA:TPU says e.g. "... HLO temporaries (37.55G) exceeds available HBM (31.25G)."
+        sizes = re.findall(r"\(([\d.]+\s*[KMGT]?i?B?)\)", xla_message)
+        need = (
+            f"{sizes[0]} (HLO temporaries) but {devices} have {sizes[1]}" if len(sizes) == 2 else ""
+        )
+        detail = need or (xla_message.strip().splitlines() or ["?"])[0][:200]
+        super().__init__(
+            f"the {step} step does not fit in memory on {devices}: it needs {detail}. "
+            "Fix: lower run.batch_size or run.seq_len, set model.remat=full, raise "
+            "run.grad_accum, or use a larger mesh.target"
+        )
+        self.step, self.xla_message = step, xla_message
+
+
 def _compile(name: str, mesh: Mesh, rules: Rules, jitted: Any, *args: Any) -> CompiledStep:
     with use_rules(mesh, rules) as records:
         t0 = time.perf_counter()
         lowered = jitted.lower(*args)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # as on hardware: XLA's RESOURCE_EXHAUSTED
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            kind = mesh.devices.flat[0].device_kind
+            raise OutOfMemory(name, f"{mesh.size} {kind} devices", str(e)) from e
         t2 = time.perf_counter()
     return CompiledStep(name, compiled, CompiledMemory.of(compiled), t1 - t0, t2 - t1, records)
 

@@ -17,8 +17,10 @@ from typing import Any
 import jax
 
 from nnxtrain.config import Config
+from nnxtrain.parallel.target import parse_target
 from nnxtrain.train.accounting import FlopsReport
 from nnxtrain.train.compile import CompiledStep
+from nnxtrain.train.fit import fit_record
 
 
 def run_info(
@@ -38,7 +40,10 @@ def run_info(
         "num_params": num_params,
         "loss_floor": floor,
         "mesh": dict(mesh.shape),
-        "backend": jax.default_backend(),
+        "backend": mesh.devices.flat[0].platform,  # the devices compiled for
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "dtype": cfg.model.dtype,
+        "attention": cfg.model.attention,
         "batch_size": cfg.run.batch_size,
         "seq_len": cfg.run.seq_len,
         "jax_version": jax.__version__,
@@ -48,6 +53,8 @@ def run_info(
         info[f"{prefix}compiled_memory"] = step.memory.as_dict()
         info[f"{prefix}lower_seconds"] = step.lower_seconds
         info[f"{prefix}compile_seconds"] = step.compile_seconds
+    if cfg.mesh.target and steps:
+        info["fit"] = fit_record(steps[0].memory, parse_target(cfg.mesh.target))
     return info
 
 
@@ -55,11 +62,14 @@ def header(
     cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
 ) -> str:
     """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
-    platform = jax.devices()[0].platform
+    first, s = mesh.devices.flat[0], "s" if mesh.size > 1 else ""
+    devices = f"{mesh.size} {first.platform} device{s}"
+    if cfg.mesh.target:  # e.g. "8 TPU v6 lite devices, compiled for, not attached"
+        devices = f"{mesh.size} {first.device_kind} device{s}, compiled for, not attached"
     lines = [
         f"nnxtrain: model {cfg.model.name} | mesh "
         + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-        + f" ({mesh.size} {platform} device{'s' if mesh.size > 1 else ''}) | batch "
+        + f" ({devices}) | {cfg.model.dtype} activations, {cfg.model.attention} attention | batch "
         f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
         dataclasses.replace(flops, num_params=num_params).summary(),
     ]

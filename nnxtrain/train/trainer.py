@@ -63,6 +63,7 @@ from nnxtrain.train.events import (
     TrainStartEvent,
 )
 from nnxtrain.train.feed import Feed
+from nnxtrain.train.fit import compiled_for, fit_lines
 from nnxtrain.train.goodput import Goodput, cache_hits
 from nnxtrain.train.goodput import table as goodput_table
 from nnxtrain.train.hooks import Hooks
@@ -103,6 +104,7 @@ class Trainer(RunControls):
         with self.goodput.timed("init"):
             self.config = config = resolve_init_from(config)  # run.init_from's shape, tokenizer
             start_jax(config)  # before anything asks JAX for its devices
+            config, devices = compiled_for(config, devices)  # mesh.target; dtype auto
             self.hooks = Hooks(
                 callbacks if callbacks is not None else build_callbacks(config.callbacks),
                 self.goodput,
@@ -237,8 +239,8 @@ class Trainer(RunControls):
         self.compiled, self.activations = train.compiled, train.activations
         steps = [step for step in (train, self.eval_step) if step is not None]
         self.goodput.compiles = len(steps)
-        for step in steps:
-            self.console.print(step.summary())
+        # each step's memory; compiled for a mesh.target, whether it fits its HBM
+        self.console.print("\n".join([s.summary() for s in steps] + fit_lines(cfg, train.memory)))
         self.run_info = run_info(cfg, self.mesh, self.flops, plan.num_params, floor, steps)
         if records:
             write_run_info(self.run_dir, self.run_info)
