@@ -18,6 +18,9 @@
 - `short_run`: one short CLI run of the tiny model for the session (its process and run
   dir), shared by the tests that read a finished run (test_cli.py) or damage a copy of its
   checkpoint (test_checkpoint_integrity_cli.py).
+- `two_process_run`: test_multidevice's run on 2 processes x 4 CPU devices, once for the
+  session: test_multidevice compares it with one process, test_preemption_multiprocess
+  compares its interrupted and resumed run with it.
 - `assert_equal_to_rounding`: float32 results of the same sums in another order (another
   mesh, kernel or accumulation) agree to a tolerance derived from the number of terms.
 - `free_port()`: a port for a multi-process test's coordinator on 127.0.0.1.
@@ -228,6 +231,18 @@ def short_run(
     run_dir = root / "run"
     proc = run_cli([*SHORT_RUN, f"hydra.run.dir={run_dir}"], cwd=root)
     return proc, run_dir
+
+
+@pytest.fixture(scope="session")
+def two_process_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[list[int], list[str], Path]:
+    """test_multidevice's uninterrupted run on 2 processes x 4 CPU devices through the CLI
+    (`run_two_processes`): exit codes, output, run dir. Read-only. Once a session: it is
+    test_multidevice's subject and test_preemption_multiprocess's reference."""
+    from test_multidevice import run_two_processes
+
+    return run_two_processes(tmp_path_factory.mktemp("two_processes"))
 
 
 def shardings_table(text: str) -> dict[str, list[str]]:

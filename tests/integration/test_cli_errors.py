@@ -4,8 +4,9 @@ traceback. Most cases call the CLI's `main()` in this process (conftest's
 plain ones that prove the exit code and the output end to end, run the real command in
 subprocesses, concurrently with the in-process cases.
 
-Also: a plugin's exception (exit 2, its traceback in errors.log), and Ctrl-C, pressed twice
-or before the run's handler is installed (exit 130 and one line, at once).
+Also: a plugin's exception (exit 2, its traceback in errors.log; `main()` in this process
+too), and Ctrl-C, pressed twice or before the run's handler is installed (exit 130 and one
+line, at once).
 """
 
 import os
@@ -25,6 +26,7 @@ from conftest import (
     free_port,
     run_cli,
     run_cli_cases,
+    run_cli_in_process,
 )
 from test_checkpoint_signals import PLUGINS as CHECKPOINT_PLUGINS
 
@@ -246,7 +248,7 @@ def test_ctrl_c_before_the_run_handles_signals_is_one_line(tmp_path):
 def test_a_plugin_that_raises_exits_2_with_its_traceback_in_errors_log(tmp_path):
     run_dir = tmp_path / "run"
     plugin = ["+callbacks.boom._target_=callbacks_for_tests.RaiseAt", "+callbacks.boom.at=1"]
-    proc = run_cli([*BASE, f"hydra.run.dir={run_dir}", *plugin], tmp_path)
+    proc = run_cli_in_process([*BASE, f"hydra.run.dir={run_dir}", *plugin], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_line(proc.stderr)
     log = run_dir / "errors.log"
@@ -262,7 +264,7 @@ def test_a_plugin_that_fails_before_the_run_dir_exists_logs_in_the_job_dir(tmp_p
     job_dir, run_dir = tmp_path / "job", tmp_path / "run"
     plugin = ["+callbacks.boom._target_=callbacks_for_tests.RaiseAt", "+callbacks.boom.nope=1"]
     args = [*BASE, f"hydra.run.dir={job_dir}", f"run.dir={run_dir}", *plugin]
-    proc = run_cli(args, tmp_path)
+    proc = run_cli_in_process(args, tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_line(proc.stderr)
     assert "callbacks.boom: RaiseAt refused its options (TypeError" in line

@@ -114,30 +114,41 @@ def _losses(run_dir: Path) -> np.ndarray:
     return np.array([[r["loss"], r["grad_norm"]] for r in map(json.loads, lines) if "loss" in r])
 
 
-def test_two_processes_match_one(tmp_path: Path, mesh_losses: dict[str, np.ndarray]) -> None:
-    """2 processes x 4 devices against the same fsdp run in one process with 8 devices
-    (`mesh_losses`' fsdp8: the same config, the trainer in-process instead of the CLI)."""
-    common = [*TINY, "run.log_every=1", "mesh=fsdp"]
+# The two-process run's command line without its run dirs and coordinator: also the runs
+# of test_preemption_multiprocess, which the compilation cache then serves.
+TWO_PROCESSES = [*TINY, "run.log_every=1", "mesh=fsdp", "run.host_devices=4"]
+TWO_PROCESSES += ["mesh.num_processes=2", "mesh.init_timeout=120"]
+
+
+def run_two_processes(root: Path) -> tuple[list[int], list[str], Path]:
+    """TWO_PROCESSES through the CLI, 2 processes x 4 devices, uninterrupted: their exit
+    codes, their output and the run dir (conftest's session fixture `two_process_run`)."""
     port = free_port()
     procs = [
         _cli(
-            *common,
-            "run.host_devices=4",
+            *TWO_PROCESSES,
             f"mesh.coordinator=127.0.0.1:{port}",
-            "mesh.num_processes=2",
             f"mesh.process_id={i}",
-            "mesh.init_timeout=120",
-            f"run.dir={tmp_path}/two",
-            f"hydra.run.dir={tmp_path}/h2_{i}",
+            f"run.dir={root}/two",
+            f"hydra.run.dir={root}/h2_{i}",
         )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, o in zip(procs, outs, strict=True):
-        assert p.returncode == 0, o[-3000:]
+    return [p.returncode for p in procs], outs, root / "two"
+
+
+def test_two_processes_match_one(
+    two_process_run: tuple[list[int], list[str], Path], mesh_losses: dict[str, np.ndarray]
+) -> None:
+    """2 processes x 4 devices against the same fsdp run in one process with 8 devices
+    (`mesh_losses`' fsdp8: the same config, the trainer in-process instead of the CLI)."""
+    codes, outs, run_dir = two_process_run
+    for code, out in zip(codes, outs, strict=True):
+        assert code == 0, out[-3000:]
     # Console lines come from process 0 only.
     assert "step 10/10" in outs[0] and "step 10/10" not in outs[1]
-    assert_same_math(mesh_losses["fsdp8"], {"two processes": _losses(tmp_path / "two")})
+    assert_same_math(mesh_losses["fsdp8"], {"two processes": _losses(run_dir)})
 
 
 def test_unreachable_coordinator_is_one_line(tmp_path: Path) -> None:

@@ -4,7 +4,13 @@ SIGTERM to one process only: both stop at the same agreed step, save it together
 exit 143, and a rerun resumes with losses bitwise equal to an uninterrupted 2-process
 run. SIGKILL of one process: the survivor exits 4 with one line naming the lost process,
 not hanging in a collective. Each signal is sent while both processes are held at the
-end of step 5 (test_checkpoint_signals' HoldAt plugin), so it lands mid-run on any machine.
+end of step HOLD_AT (test_checkpoint_signals' HoldAt plugin), so it lands mid-run on any
+machine.
+
+The runs are test_multidevice's two-process run (same config and devices; the stop checks
+are host-side and change no compiled program), and that run itself (conftest's
+`two_process_run`, made once a session) is the uninterrupted reference: the compilation
+cache serves every run here.
 """
 
 import signal
@@ -14,32 +20,26 @@ from pathlib import Path
 import pytest
 from conftest import compile_cache_override, free_port
 from test_checkpoint_signals import env_with_plugins, logged, start, wait_until
+from test_multidevice import TWO_PROCESSES
 
 pytestmark = pytest.mark.slow
 
-# Long enough for the stop (step 6) and two agreement intervals after the resume; every
-# step is a collective across the processes, so more steps only add time.
-STEPS = 12
-CHECK_EVERY = 3  # processes agree on a stop at multiples of 3 steps
-HOLD_AT = 5  # the signal arrives here: the agreed stop is the next multiple of CHECK_EVERY
+# test_multidevice's 10 steps: the stop (step 4) and the checks at 6 and 8 after the
+# resume; every step is a collective across the processes, so more steps only add time.
+STEPS = 10
+assert f"run.steps={STEPS}" in TWO_PROCESSES
+CHECK_EVERY = 2  # processes agree on a stop at multiples of 2 steps
+HOLD_AT = 3  # the signal arrives here: the agreed stop is the next multiple of CHECK_EVERY
+STOP = 4
 
 
 def args(run_dir: Path, process: int, port: int, *extra: str) -> list[str]:
     return [
-        "model=tiny",
-        "mesh=fsdp",
-        f"run.steps={STEPS}",
-        "run.batch_size=8",
-        "run.seq_len=16",
-        "run.eval_every=0",
-        "run.log_every=1",
-        "run.host_devices=2",
+        *TWO_PROCESSES,
         f"run.preempt_check_every={CHECK_EVERY}",
         f"run.dir={run_dir}",
         f"mesh.coordinator=127.0.0.1:{port}",
-        "mesh.num_processes=2",
         f"mesh.process_id={process}",
-        "mesh.init_timeout=120",
         f"hydra.run.dir={run_dir}/hydra{process}",
         compile_cache_override(),
         *extra,
@@ -84,10 +84,12 @@ def finish(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     return [p.wait(timeout=300) for p in procs]
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(tmp_path):
-    reference = start_both(tmp_path, "reference")
-    assert finish(reference) == [0, 0], output(tmp_path, "reference", 0, "stderr")[-3000:]
-    expected = logged(tmp_path / "run" / "reference")
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(
+    tmp_path, two_process_run
+):
+    codes, outs, reference = two_process_run  # the same run, uninterrupted
+    assert codes == [0, 0], outs[0][-3000:]
+    expected = logged(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     run_dir = tmp_path / "run" / "stopped"
@@ -97,7 +99,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(tmp_pa
     release(tmp_path, "stopped")
     assert finish(procs) == [143, 143]
     stopped = max(logged(run_dir))
-    assert stopped == 6  # the first check after step HOLD_AT
+    assert stopped == STOP  # the first check after step HOLD_AT
     for i in range(2):
         err = output(tmp_path, "stopped", i, "stderr")
         assert "preempted: SIGTERM" in err and "Traceback" not in err, err[-3000:]

@@ -1,14 +1,18 @@
 """One run per run dir, through the real CLI: a second process on a run dir in use exits 2
 with one line naming the holder's pid; once the holder is killed with SIGKILL, a new run
 takes the dir (the OS dropped the lock: none is left stale). Both processes of a
-multi-process run are refused alike."""
+multi-process run are refused alike.
+
+The holder is a CLI subprocess; the runs after it are the CLI's `main()` in this test's
+process (`run_cli_in_process`), which is another process than the holder all the same,
+without an interpreter and JAX start each."""
 
 import os
 import socket
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli_in_process
 from test_checkpoint_signals import env_with_plugins, start, wait_until
 
 pytestmark = pytest.mark.slow
@@ -43,7 +47,7 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
     try:
         wait_until(lambda: (tmp_path / "held").exists(), holder)  # A is training at step 2
         config = (run_dir / "config.yaml").read_text()
-        second = run_cli(
+        second = run_cli_in_process(
             [*TRAIN, "run.seed=7", f"run.dir={run_dir}", f"hydra.run.dir={tmp_path}/hb"], tmp_path
         )
         assert second.returncode == 2, second.stderr[-3000:]
@@ -56,7 +60,9 @@ def test_a_second_process_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
     finally:
         holder.kill()  # SIGKILL: no clean-up runs
         holder.wait(timeout=60)
-    third = run_cli([*TRAIN, f"run.dir={run_dir}", f"hydra.run.dir={tmp_path}/hc"], tmp_path)
+    third = run_cli_in_process(
+        [*TRAIN, f"run.dir={run_dir}", f"hydra.run.dir={tmp_path}/hc"], tmp_path
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert "done: step 4/4" in third.stdout
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_cli_cases
 from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
 from nnxtrain.checkpoint.model import read_model
@@ -80,8 +80,14 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path):
         "holds neither config.json": [f"run.init_from={tmp_path}/empty"],
         "has no complete checkpoint": [f"run.init_from={tmp_path}/run"],
     }
-    for expected, args in cases.items():
-        done = run_cli([*args, *ARGS, f"run.dir={tmp_path}/out"], cwd=tmp_path)
+    # In this process (no interpreter and JAX start each), and one as the real command, to
+    # prove the exit code and the output end to end.
+    results = run_cli_cases(
+        cases,
+        lambda case: ([*cases[case], *ARGS, f"run.dir={tmp_path}/out"], tmp_path),
+        in_subprocess={"model.emb_dim: 32 conflicts with run.init_from="},
+    )
+    for expected, done in results.items():
         assert done.returncode == 2, (expected, done.stderr[-2000:])
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (expected, done.stderr)

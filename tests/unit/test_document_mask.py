@@ -205,6 +205,16 @@ def model() -> nnx.Module:
     return Transformer(MODEL, rngs=nnx.Rngs(0))
 
 
+# Compiled, as the train step is: run op by op instead, every operation of the model
+# compiles on its own for each new shape (a minute for this file on a loaded 2-core CPU).
+
+
+@nnx.jit
+def batch_loss_sums(model: nnx.Module, batch: dict, ids: jax.Array, weights: jax.Array) -> dict:
+    return loss_sums(forward(model, batch), ids, weights, 0.0)
+
+
+@nnx.jit
 def loss_and_grads(model: nnx.Module, batch: dict) -> tuple[jax.Array, nnx.State]:
     graphdef, params = nnx.split(model)
 
@@ -243,13 +253,13 @@ def test_packed_loss_equals_the_token_weighted_mean_of_each_document_alone(model
     rows = data.train.rows
     assert rows < len(docs)  # several documents share rows
     batch = {k: jnp.asarray(v) for k, v in data.batch(0, rows, SEQ).items()}
-    sums = loss_sums(forward(model, batch), *targets(batch), 0.0)
+    sums = batch_loss_sums(model, batch, *targets(batch))
     ce, weight = 0.0, 0.0
     for i in range(len(docs)):  # each document alone: one row of its own length, no mask
         a, b = int(docs.starts[i]), int(docs.starts[i + 1])
         alone = {"inputs": jnp.asarray(docs.tokens[None, a : b - 1])}
         w = jnp.asarray(docs.loss[None, a + 1 : b], jnp.float32)
-        one = loss_sums(forward(model, alone), jnp.asarray(docs.tokens[None, a + 1 : b]), w, 0.0)
+        one = batch_loss_sums(model, alone, jnp.asarray(docs.tokens[None, a + 1 : b]), w)
         ce, weight = ce + float(one["ce"]), weight + float(one["weight"])
     assert float(sums["weight"]) == weight
     # Each target's cross-entropy is a logsumexp over the vocabulary of logits, each made
@@ -261,7 +271,7 @@ def test_packed_loss_equals_the_token_weighted_mean_of_each_document_alone(model
     np.testing.assert_allclose(packed_loss, alone_loss, rtol=tol)
     # without the mask the documents see each other: the losses differ by far more
     unmasked = {k: batch[k] for k in BATCH_DTYPES}
-    leaky = loss_sums(forward(model, unmasked), *targets(batch), 0.0)
+    leaky = batch_loss_sums(model, unmasked, *targets(batch))
     assert abs(float(leaky["ce"]) / weight - alone_loss) > 10 * tol * alone_loss
 
 
