@@ -6,10 +6,12 @@ what the trainer needs to initialise the state later, already sharded. `compile_
 lowers and compiles the train step (state donated) and the eval step ahead of time, both
 inside `use_rules(mesh, rules)`, so both carry the activations' sharding constraints and
 neither compiles in the middle of training. Each compiled step comes with XLA's memory
-analysis, its lower and compile seconds, and the activations it annotated.
+analysis, its lower and compile seconds, the activations it annotated, and (read from its
+HLO when asked) the collectives it runs.
 """
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from nnxtrain.errors import UserError
+from nnxtrain.parallel.collectives import CollectiveAccount, parse_collectives
 from nnxtrain.parallel.sharding import ActivationRecord, state_shardings, use_rules
 from nnxtrain.train.step import (
     GUARD_OFF,
@@ -75,6 +78,12 @@ class CompiledStep:
     lower_seconds: float  # time to trace and lower the step
     compile_seconds: float  # time XLA took to compile it (or to load it from the cache)
     activations: Mapping[str, ActivationRecord]  # annotated activations, as traced
+
+    @functools.cached_property
+    def collectives(self) -> CollectiveAccount:
+        """What the step moves between devices, read from its HLO on first use (a few
+        tenths of a second per MB of HLO text)."""
+        return parse_collectives(self.compiled.as_text())
 
     def summary(self) -> str:
         return (

@@ -2,7 +2,7 @@
 lines a run ends with, saying where its results are.
 
     console.print(header(cfg, mesh, flops, num_params, floor))   # the run's first lines
-    info = run_info(cfg, mesh, flops, num_params, floor, compiled_steps)
+    info = run_info(cfg, mesh, flops, plan, floor, compiled_steps)
     console.print(results(run_dir))                               # its last lines
 
 The run directory writes it (`nnxtrain.run.directory.write_run_info`); the trainer adds the
@@ -19,25 +19,27 @@ import jax
 from nnxtrain.config import Config
 from nnxtrain.parallel.target import parse_target
 from nnxtrain.train.accounting import FlopsReport
-from nnxtrain.train.compile import CompiledStep
-from nnxtrain.train.fit import fit_record
+from nnxtrain.train.compile import CompiledStep, StatePlan
+from nnxtrain.train.fit import comms_record, fit_record
 
 
 def run_info(
     cfg: Config,
     mesh: jax.sharding.Mesh,
     flops: FlopsReport,
-    num_params: int,
+    plan: StatePlan,
     floor: float | None,
     steps: Sequence[CompiledStep],
 ) -> dict[str, Any]:
     """What run_info.json holds until the run ends (then also "final"): the model, its
-    FLOPs, the mesh, the compiled steps' memory and compile times."""
+    FLOPs, the mesh, the compiled steps' memory and compile times; compiled for a
+    mesh.target, whether the train step fits ("fit"); on more than one device, what the
+    train step moves between them ("collectives", nnxtrain.train.fit.comms_record)."""
     info = {
         "dry_run": cfg.run.dry_run,
         "model": cfg.model.name,
         **flops.as_dict(),
-        "num_params": num_params,
+        "num_params": plan.num_params,
         "loss_floor": floor,
         "mesh": dict(mesh.shape),
         "backend": mesh.devices.flat[0].platform,  # the devices compiled for
@@ -55,6 +57,9 @@ def run_info(
         info[f"{prefix}compile_seconds"] = step.compile_seconds
     if cfg.mesh.target and steps:
         info["fit"] = fit_record(steps[0].memory, parse_target(cfg.mesh.target))
+    if (cfg.mesh.target or mesh.size > 1) and steps:  # one device has no collectives
+        # reading the HLO costs little: 0.5 s for llama1b's 1.7 MB, after a 175 s compile
+        info["collectives"] = comms_record(cfg, steps[0], plan)
     return info
 
 

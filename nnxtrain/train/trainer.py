@@ -239,9 +239,9 @@ class Trainer(RunControls):
         self.compiled, self.activations = train.compiled, train.activations
         steps = [step for step in (train, self.eval_step) if step is not None]
         self.goodput.compiles = len(steps)
-        # each step's memory; compiled for a mesh.target, whether it fits its HBM
-        self.console.print("\n".join([s.summary() for s in steps] + fit_lines(cfg, train.memory)))
-        self.run_info = run_info(cfg, self.mesh, self.flops, plan.num_params, floor, steps)
+        # each step's memory; for a mesh.target, whether it fits its HBM and what it moves
+        self.console.print("\n".join([s.summary() for s in steps] + fit_lines(cfg, train, plan)))
+        self.run_info = run_info(cfg, self.mesh, self.flops, plan, floor, steps)
         if records:
             write_run_info(self.run_dir, self.run_info)
         self.hooks.fire("on_compile", self, CompileEvent(train, self.eval_step))
