@@ -57,6 +57,7 @@ from nnxtrain.errors import (
 )
 from nnxtrain.interop.init_from import resolve as resolve_init_from
 from nnxtrain.parallel.preemption import on_second_interrupt
+from nnxtrain.run.directory import CREATED_DIRS
 
 EXIT_NOT_FINITE = 3
 EXIT_LOST_PROCESS = 4
@@ -171,6 +172,9 @@ def _failed(
     """Says why a job failed; a sweep records it and runs the next job (unless
     run.fail_fast), a single run exits."""
     print(f"nnxtrain: {line}", file=sys.stderr)
+    if os.path.abspath(job_dir) in CREATED_DIRS:  # made for this run, which wrote nothing there
+        with contextlib.suppress(OSError):  # (rmdir removes an empty directory only)
+            os.rmdir(job_dir)
     if sweeping:
         # The status keeps the bare message: "error: run.steps: ..." -> "run.steps: ..."
         status.update(
@@ -197,6 +201,8 @@ class RunDirIsJobDir(HydraCallback):
         if not run_dir or given:
             return
         try:  # before Hydra does, so that the error names run.dir, not hydra.run.dir
+            if not os.path.exists(run_dir):
+                CREATED_DIRS.add(os.path.abspath(run_dir))
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(

@@ -25,6 +25,10 @@ from nnxtrain.errors import UserError
 from nnxtrain.jsonio import write_json
 
 RUN_INFO = "run_info.json"
+# Run dirs the CLI created before the run's checks (for Hydra, as its job dir): a run that
+# fails before writing anything removes its empty run dir again. Here rather than in the
+# CLI's module, which `python -m nnxtrain.cli.train` imports twice (as __main__ and by name).
+CREATED_DIRS: set[str] = set()
 
 
 def make_run_dir(cfg: Config) -> str:

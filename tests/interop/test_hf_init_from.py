@@ -81,14 +81,16 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path):
         "has no complete checkpoint": [f"run.init_from={tmp_path}/run"],
     }
     # In this process (no interpreter and JAX start each), and one as the real command, to
-    # prove the exit code and the output end to end.
+    # prove the exit code and the output end to end. Each case has its own run dir: the
+    # real command runs beside the others, and none may leave a run dir behind.
+    names = {case: f"out{i}" for i, case in enumerate(cases)}
     results = run_cli_cases(
         cases,
-        lambda case: ([*cases[case], *ARGS, f"run.dir={tmp_path}/out"], tmp_path),
+        lambda case: ([*cases[case], *ARGS, f"run.dir={tmp_path / names[case]}"], tmp_path),
         in_subprocess={"model.emb_dim: 32 conflicts with run.init_from="},
     )
     for expected, done in results.items():
         assert done.returncode == 2, (expected, done.stderr[-2000:])
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (expected, done.stderr)
-    assert not (tmp_path / "out").exists()
+    assert not [name for name in names.values() if (tmp_path / name).exists()]
