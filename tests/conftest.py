@@ -50,7 +50,15 @@ from nnxtrain.config import ModelConfig
 
 # Every run the tests start (in-process or as a CLI subprocess) keeps its default compilation
 # cache ($XDG_CACHE_HOME/nnxtrain/jax) out of the user's home directory.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nnxtrain-test-cache-")
+# Under pytest-xdist the workers of one run share it (PYTEST_XDIST_TESTRUNUID is the run's
+# id): a step one worker compiled, the other loads. JAX writes cache entries atomically.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN_ID:
+    _shared = Path(tempfile.gettempdir()) / f"nnxtrain-test-cache-{_RUN_ID}"
+    _shared.mkdir(exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(_shared)
+else:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="nnxtrain-test-cache-")
 
 # In-process runs share one JAX: pin its CPU device count, so that no test depends on which
 # test started JAX first (`run.host_devices=-1` keeps the devices of a JAX that runs).

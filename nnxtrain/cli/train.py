@@ -120,6 +120,11 @@ def _job(cfg: DictConfig, started: float) -> float:
         if not config.run.dir:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=job_dir))
         status["run_dir"] = config.run.dir
+        if config.run.fit:  # compiles only: no trainer, no run
+            from nnxtrain.train.max_batch import run_max_batch  # imports JAX
+
+            run_max_batch(config)
+            return 0.0
         from nnxtrain.train.trainer import Trainer  # imports JAX
 
         trainer = Trainer(config, started=started)

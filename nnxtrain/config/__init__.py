@@ -10,7 +10,7 @@
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
-from nnxtrain.config.checks import validate
+from nnxtrain.config.checks import fit_remats, validate
 from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
@@ -44,6 +44,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "compose",
+    "fit_remats",
     "from_dict",
     "from_omegaconf",
     "register_schemas",

@@ -11,6 +11,7 @@ from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
     DTYPES,
+    FIT_MODES,
     GROUPS,
     REMAT_POLICIES,
     ROPE_SCALINGS,
@@ -61,12 +62,24 @@ def _check_floats(cfg: Config) -> None:
         ("optim.clip_norm", o.clip_norm, o.clip_norm >= 0, ">= 0 (0 turns clipping off)"),
         ("optim.min_lr_ratio", o.min_lr_ratio, o.min_lr_ratio >= 0, ">= 0"),
         ("optim.z_loss", o.z_loss, o.z_loss >= 0, ">= 0"),
+        ("run.loss_chunk", r.loss_chunk, r.loss_chunk >= 0, ">= 0 (0: all positions at once)"),
     ]
     for key, value, ok, allowed in ranges:
         if not ok:
             group, name = key.split(".")
             default = getattr(type(getattr(cfg, group))(), name)
             raise ConfigError(key, f"must be {allowed}, got {value}", f"use e.g. {default}")
+
+
+def fit_remats(cfg: Config) -> list[str]:
+    """The remat policies run.fit searches: run.fit_remat's list, every policy for "all",
+    model.remat for ""."""
+    value = cfg.run.fit_remat
+    if value == "all":
+        return list(REMAT_POLICIES)
+    if value == "" or value is None:
+        return [cfg.model.remat]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def validate(cfg: Config) -> Config:
@@ -127,6 +140,7 @@ def validate(cfg: Config) -> Config:
         ("model.param_dtype", m.param_dtype, DTYPES),
         ("model.dtype", m.dtype, ("auto", *DTYPES)),
         ("model.remat", m.remat, REMAT_POLICIES),
+        ("run.fit", r.fit, FIT_MODES),
         ("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS),
         ("model.attention", m.attention, ATTENTION_IMPLS),
         ("optim.name", o.name, ("adamw",)),
@@ -183,11 +197,24 @@ def validate(cfg: Config) -> Config:
         )
     if mc.init_timeout < 1:
         raise ConfigError("mesh.init_timeout", "must be >= 1 second", "use e.g. 300")
-    if cfg.mesh.target and not r.dry_run:
+    for policy in fit_remats(cfg):
+        if policy not in REMAT_POLICIES:
+            raise ConfigError(
+                "run.fit_remat",
+                f"unknown remat policy {policy!r}",
+                f"give a list of {', '.join(REMAT_POLICIES)}, or all",
+            )
+    if r.fit and not cfg.mesh.target:
+        raise ConfigError(
+            "run.fit",
+            f"{r.fit} searches what fits a device's memory: it needs the hardware to compile for",
+            "add mesh.target=... (e.g. tpu:v6e-8)",
+        )
+    if cfg.mesh.target and not (r.dry_run or r.fit):
         raise ConfigError(
             "mesh.target",
             f"{cfg.mesh.target} is compiled for, not attached: it cannot train",
-            "add run.dry_run=true (or drop mesh.target to train on the local devices)",
+            "add run.dry_run=true or run.fit=max_batch (or drop mesh.target to train here)",
         )
     if mc.heartbeat_timeout < 4:  # the roll call for a lost process gets a quarter of it
         raise ConfigError("mesh.heartbeat_timeout", "must be >= 4 seconds", "use e.g. 100")

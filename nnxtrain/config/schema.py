@@ -9,6 +9,7 @@ from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FIT_MODES = ("", "max_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # Hugging Face's rope_type names
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul", "splash")
 DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
@@ -49,7 +50,7 @@ class ModelConfig:
     tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
     scan_layers: bool | None = setting(
-        None, "scan stacked layers; null = auto: unrolled on CPU only"
+        None, "scan stacked layers; null = auto: unrolled when compiled for CPU only"
     )
     remat: str = setting("none", "rematerialisation: none, full, dots or dots_no_batch")
     param_dtype: str = setting(
@@ -100,7 +101,17 @@ class RunConfig:
         10.0, "seconds between keeping the goodput account in run_info.json (kills); 0 = every step"
     )
     dry_run: bool = setting(False, "build abstractly, compile the step, print accounting, exit")
+    fit: str = setting(
+        "", "max_batch: compile for mesh.target at growing batches, print the largest that fits"
+    )
+    # Any, not list: it also takes "all" (OmegaConf structured configs have no unions).
+    fit_remat: Any = setting(
+        "", 'run.fit: remat policies to search, a list (e.g. [none,full]) or all; "" = model.remat'
+    )
     grad_accum: int = setting(1, "micro-batches per step, accumulated inside the compiled step")
+    loss_chunk: int = setting(
+        0, "positions whose logits the loss holds at once (recomputed backward); 0 = all"
+    )
     eval_every: int = setting(100, "steps between evaluations on held-out batches; 0 = never")
     eval_batches: int = setting(4, "held-out batches per evaluation")
     host_devices: int = setting(

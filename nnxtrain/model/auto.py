@@ -1,6 +1,6 @@
 """What `auto` means on each platform: `resolve_auto` turns a model config's
-`attention=auto` and `dtype=auto` into the concrete kernel and activation dtype for the
-platform a run targets.
+`attention=auto`, `dtype=auto` and `scan_layers=null` into the concrete kernel, activation
+dtype and layer loop for the platform a run targets.
 
 The model alone only knows JAX's default backend, which is not the target when a CPU host
 compiles for TPUs ahead of time; the trainer knows its devices and resolves the config
@@ -31,8 +31,10 @@ CUDNN_DTYPES = ("bfloat16", "float16")
 
 def resolve_auto(cfg: ModelConfig, platform: str) -> ModelConfig:
     """`cfg` with `attention=auto` and `dtype=auto` replaced by `platform`'s choices
-    (`AUTO_CHOICES`; a platform name as `jax.Device.platform` gives it); concrete values
-    are kept. Where the dtype is set to float32 by hand, GPU's auto kernel is `xla`."""
+    (`AUTO_CHOICES`; a platform name as `jax.Device.platform` gives it), and
+    `scan_layers=null` by a scan everywhere but on CPU (one compiled layer body; CPU runs
+    small models faster unrolled); concrete values are kept. Where the dtype is set to
+    float32 by hand, GPU's auto kernel is `xla`."""
     if platform not in AUTO_CHOICES:
         raise ValueError(f"no auto choices for platform {platform!r}: one of {list(AUTO_CHOICES)}")
     attention, dtype = AUTO_CHOICES[platform]
@@ -40,4 +42,5 @@ def resolve_auto(cfg: ModelConfig, platform: str) -> ModelConfig:
     if attention == "cudnn" and dtype not in CUDNN_DTYPES:
         attention = "xla"
     attention = attention if cfg.attention == "auto" else cfg.attention
-    return dataclasses.replace(cfg, attention=attention, dtype=dtype)
+    scan = cfg.scan_layers if cfg.scan_layers is not None else platform != "cpu"
+    return dataclasses.replace(cfg, attention=attention, dtype=dtype, scan_layers=scan)

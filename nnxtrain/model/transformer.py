@@ -121,28 +121,41 @@ class Transformer(nnx.Module):
         values are written into it at their positions (consecutive per row) and attention
         reads the cached slots; returns (logits, the updated cache).
         """
-        cfg, dt = self.cfg, activation_dtype(self.cfg.dtype)
-        if cache is not None and segment_ids is not None:
+        if cache is None:
+            return self.logits(self.hidden(tokens, positions, segment_ids))
+        if segment_ids is not None:
             raise ValueError("segment_ids are for training's packed rows, not a KV cache")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x, cache = self._cached_layers(self._embed(tokens), positions, cache)
+        return self.logits(self.final_norm(x)), cache
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final-normed hidden states [batch, length, emb_dim] that `logits` projects:
+        the training forward up to the output head (a loss that projects a chunk of
+        positions at a time never holds the whole [batch, length, vocab] logits)."""
         if positions is None:
             positions = (
                 jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
                 if segment_ids is None
                 else document_positions(segment_ids)
             )
-        x = jnp.take(self.embed[...].astype(dt), tokens, axis=0)
-        x = constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
-        if cache is None:
-            x = self._layers(x, positions, segment_ids)
-        else:
-            x, cache = self._cached_layers(x, positions, cache)
+        return self.final_norm(self._layers(self._embed(tokens), positions, segment_ids))
 
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = constrain(
-            project(x, head.astype(dt)), "logits", (BATCH, LENGTH, "activation_vocab")
-        )
-        return logits if cache is None else (logits, cache)
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Logits [batch, length, vocab] in the activation dtype of hidden states `x`."""
+        dt = activation_dtype(self.cfg.dtype)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return constrain(project(x, head.astype(dt)), "logits", (BATCH, LENGTH, "activation_vocab"))
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...].astype(activation_dtype(self.cfg.dtype)), tokens, axis=0)
+        return constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
 
     def _scan(self) -> bool:
         scan = self.cfg.scan_layers

@@ -174,13 +174,14 @@ def compile_steps(
     schedule: optax.Schedule,
     z_loss: float,
     grad_accum: int,
+    loss_chunk: int = 0,
     with_eval: bool,
 ) -> tuple[CompiledStep, CompiledStep | None]:
     """The train step `(state, batch, guard) -> (state, metrics vector)`, state donated
     (guard: float32 [on, loss limit, grad-norm limit], see `step.GUARD_OFF`), and (when
     `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
     for `batch`'s shapes and shardings on `mesh` under `rules`."""
-    step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum)
+    step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk)
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 
     def train_step(
@@ -205,7 +206,7 @@ def compile_steps(
         for k, v in zero_sums().items()
     }
     evaluate = jax.jit(
-        make_eval_step(plan.graphdef, z_loss),
+        make_eval_step(plan.graphdef, z_loss, loss_chunk),
         in_shardings=(plan.shardings.params, batch_shardings, replicated),
         out_shardings=replicated,
     )

@@ -24,6 +24,7 @@ for (docs/sharding.md, "The communication account").
 """
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,13 @@ def compiled_for(
     None: the local ones), and `config` with model.dtype and model.attention `auto` settled
     by their platform (bfloat16 and splash on TPU, float32 and matmul on CPU)."""
     devices = devices if devices is not None else compile_devices(config.mesh)
+    if config.mesh.target:
+        # JAX writes the target's programs to the persistent cache but cannot load them
+        # back without that hardware attached: it warns and compiles again. The warning
+        # says nothing the user can act on (docs/tpu.md, "Compile times").
+        warnings.filterwarnings(
+            "ignore", message=r"(?s)Error reading persistent compilation cache.*with a Client"
+        )
     platform = (devices or jax.devices())[0].platform
     return dataclasses.replace(config, model=resolve_auto(config.model, platform)), devices
 

@@ -220,8 +220,7 @@ class Trainer(RunControls):
         assert plan is not None and self.mesh is not None and self.flops is not None
         if not (records := write_config(self.run_dir, cfg)):
             self.console.print(f"dry run: keeping the records of the run in {self.run_dir}")
-        # Built again rather than kept from _setup: make_optimizer is pure, so this is the
-        # transformation the state was planned with.
+        # Built again (make_optimizer is pure): the transformation the state was planned with.
         tx, schedule = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
         floor = getattr(self.dataset, "loss_floor", None)
         self.feed = Feed(self.dataset, self.mesh, cfg.run.batch_size, cfg.run.seq_len)
@@ -234,6 +233,7 @@ class Trainer(RunControls):
             schedule=schedule,
             z_loss=cfg.optim.z_loss,
             grad_accum=cfg.run.grad_accum,
+            loss_chunk=cfg.run.loss_chunk,
             with_eval=cfg.run.eval_every > 0,
         )
         self.compiled, self.activations = train.compiled, train.activations

@@ -32,7 +32,8 @@ from nnxtrain.errors import ConfigError
 from nnxtrain.model import Transformer
 from nnxtrain.parallel.mesh import build_mesh
 from nnxtrain.train.feed import BATCH_DTYPES, DOCUMENT_DTYPES, Feed
-from nnxtrain.train.step import TrainState, forward, loss_sums, make_train_step
+from nnxtrain.train.loss import forward, loss_sums
+from nnxtrain.train.step import TrainState, make_train_step
 
 EOS = 0
 SEQ = 16

@@ -14,7 +14,7 @@ from conftest import compile_cache_override
 from flax import nnx
 
 from nnxtrain import Callback, CompileEvent, Trainer, compose
-from nnxtrain.train.step import loss_sums
+from nnxtrain.train.loss import loss_sums
 
 STEPS, EVAL_EVERY = 4, 2
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import FLOAT32_EPS
 
-from nnxtrain.train.step import loss_sums, summarize
+from nnxtrain.train.loss import loss_sums, summarize
 
 # One sequence of two positions over a vocabulary of three tokens.
 LOGITS = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])  # [1, 2, 3]

@@ -14,7 +14,7 @@ from nnxtrain import compose
 from nnxtrain.config import ModelConfig
 from nnxtrain.model import Transformer, resolve_auto
 from nnxtrain.parallel.sharding import DEFAULT_RULES
-from nnxtrain.train.step import loss_sums
+from nnxtrain.train.loss import loss_sums
 
 B, L = 2, 6
 
@@ -282,11 +282,14 @@ def test_resolve_auto_picks_the_platforms_kernel_and_dtype(platform, attention, 
     auto = dataclasses.replace(TINY, attention="auto", dtype="auto")
     resolved = resolve_auto(auto, platform)
     assert (resolved.attention, resolved.dtype) == (attention, dtype)
-    assert resolved == dataclasses.replace(auto, attention=attention, dtype=dtype)
+    # scan_layers=null: one scanned layer body on accelerators, unrolled layers on CPU
+    scan = platform != "cpu"
+    assert auto.scan_layers is None and resolved.scan_layers is scan
+    assert resolved == dataclasses.replace(auto, attention=attention, dtype=dtype, scan_layers=scan)
 
 
 def test_resolve_auto_keeps_concrete_choices():
-    cfg = dataclasses.replace(TINY, attention="xla", dtype="float16")
+    cfg = dataclasses.replace(TINY, attention="xla", dtype="float16", scan_layers=False)
     assert resolve_auto(cfg, "tpu") == cfg
     # float32 by hand on a GPU: cuDNN's flash attention takes half precision only
     f32 = resolve_auto(dataclasses.replace(TINY, attention="auto", dtype="float32"), "gpu")
