@@ -7,8 +7,8 @@ VENV := .venv
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed
 
-# CI's second leg (`make test-py312`): the newest jax, flax, optax and orbax, which need
-# Python >= 3.12 (on 3.11 pip stops at jax 0.10.2), in their own .venv312. It installs
+# CI's second leg (`make test-py312`): the newest jax, flax, optax, orbax and libtpu, which
+# need Python >= 3.12 (on 3.11 pip stops at jax 0.10.2), in their own .venv312. It installs
 # [dev-core], every dev extra but torch (whose CPU build exists for 3.11 only; on 3.12 pip
 # pulls a CUDA build of several GB), so tests/interop runs on 3.11 alone. The interpreter:
 # python3.12 if it runs (pyenv's shim on PATH fails while 3.12 is installed but not the
