@@ -29,6 +29,7 @@
 """
 
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -261,6 +262,14 @@ def shardings_table(text: str) -> dict[str, list[str]]:
         if len(cells) >= 4 and cells[0] not in ("path", "name"):
             out[cells[0]] = cells
     return out
+
+
+# TPU-target tests need libtpu (the `nnxtrain[tpu]` extra, part of `[dev]`); elsewhere they
+# skip and say why.
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'nnxtrain[tpu]')",
+)
 
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import needs_libtpu
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from rich.console import Console
@@ -35,16 +36,6 @@ from nnxtrain.parallel.collectives import (
     parse_module,
 )
 from nnxtrain.train import fit
-
-try:
-    import libtpu  # noqa: F401
-
-    HAVE_LIBTPU = True
-except ImportError:
-    HAVE_LIBTPU = False
-needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU, reason="libtpu is not installed (pip install 'nnxtrain[tpu]')"
-)
 
 MIB = 2**20
 

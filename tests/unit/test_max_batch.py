@@ -5,21 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli_in_process
+from conftest import assert_one_line_error, needs_libtpu, run_cli_in_process
 
 from nnxtrain import ConfigError, compose
 from nnxtrain.parallel import target as target_module
 from nnxtrain.train.max_batch import LIMIT, Probe, compile_probe, next_batches, search
-
-try:
-    import libtpu  # noqa: F401
-
-    HAVE_LIBTPU = True
-except ImportError:
-    HAVE_LIBTPU = False
-needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU, reason="libtpu is not installed (pip install 'nnxtrain[tpu]')"
-)
 
 
 def fake_probe(largest: int, tried: list[int]):

@@ -8,20 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli_in_process
+from conftest import assert_one_line_error, needs_libtpu, run_cli_in_process
 
 from nnxtrain import ConfigError, Trainer, compose
 from nnxtrain.parallel.target import parse_target
-
-try:
-    import libtpu  # noqa: F401
-
-    HAVE_LIBTPU = True
-except ImportError:
-    HAVE_LIBTPU = False
-needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU, reason="libtpu is not installed (pip install 'nnxtrain[tpu]')"
-)
 
 SMALL = ["model=small", "run.seq_len=128", "run.eval_every=0", "callbacks=none"]
 
