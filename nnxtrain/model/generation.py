@@ -179,17 +179,25 @@ def _check_cache(model: Transformer, shape: tuple[int, ...], max_new_tokens: int
     """Refuses a KV cache that the device's free memory cannot hold twice over."""
     batch, width = shape
     cfg = model.cfg
+    dtype = activation_dtype(cfg.dtype)
     length = width + max_new_tokens
-    need = 2 * KVCache.nbytes(cfg, batch, length, activation_dtype(cfg.dtype))
+    need = 2 * KVCache.nbytes(cfg, batch, length, dtype)
     device = jax.devices()[0]
     free = free_bytes(device)
-    if free is not None and need > free:
-        raise UserError(
-            f"generate: {batch} x {length} positions (the prompt and max_new_tokens="
-            f"{max_new_tokens}) need {format_bytes(need)} for the KV cache (twice its size: the "
-            f"prefill holds a copy), more than the {format_bytes(free)} free on {device}. Fix: "
-            "ask for fewer new tokens, or a shorter or smaller batch of prompts"
-        )
+    if free is None or need <= free:
+        return
+    fits = free // (2 * KVCache.nbytes(cfg, batch, 1, dtype)) - width
+    fix = (
+        f"ask for at most {fits} new tokens"
+        if fits > 0
+        else "use a device with more free memory, or fewer or shorter prompts"
+    )
+    raise UserError(
+        f"generate: {batch} x {length} positions (the prompt and max_new_tokens="
+        f"{max_new_tokens}) need {format_bytes(need)} for the KV cache (twice its size: the "
+        f"prefill holds a copy), more than the {format_bytes(free)} free on {device}. "
+        f"Fix: {fix}"
+    )
 
 
 def _check(
