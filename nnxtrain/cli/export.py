@@ -13,8 +13,9 @@ read-only.
 
 Bad input is one line on stderr and exit code 2, found before anything is written: no
 checkpoint, an OUT_DIR that is a file, is not empty, or cannot be created (a file on its
-path, no permission). A write that fails on the way (the disk full), or Ctrl-C, removes
-what the export wrote, so that OUT_DIR never holds half a model.
+path, no permission), parameters past float16's range for `--dtype float16`. A write
+that fails on the way (the disk full), or Ctrl-C, removes what the export wrote, so that
+OUT_DIR never holds half a model.
 """
 
 import contextlib
@@ -24,11 +25,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.bad_input import ArgumentParser, bad_input
 from nnxtrain.config import DTYPES, Config
 from nnxtrain.errors import UserError, first_line
 from nnxtrain.interop.hf import save
+from nnxtrain.model import Transformer
 
 PROG = "nnxtrain-export"
 EXIT_INTERRUPTED = 130  # as a shell reports death by SIGINT
@@ -102,11 +108,28 @@ def check_out_dir(out_dir: str) -> None:
         )
 
 
+def check_float16(model: Transformer) -> None:
+    """Refuses a float16 export of parameters past float16's range: they would be written
+    as infinities (bfloat16 has float32's range)."""
+    limit = float(np.finfo(np.float16).max)
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        peak = float(jnp.max(jnp.abs(value.get_value())))
+        if peak > limit:
+            name = ".".join(map(str, path))
+            raise UserError(
+                f"--dtype float16: the parameter {name} reaches {peak:.4g}, past float16's "
+                f"largest value {limit:g} (it would be written as inf). Fix: export with "
+                "--dtype bfloat16 or float32"
+            )
+
+
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> str:
     """Writes the HF directory; returns a one-line summary."""
     check_out_dir(out_dir)
     ckpt, cfg, model = read_model(run_dir, step, step_key="--step")
     step = ckpt.step
+    if (dtype or cfg.model.param_dtype) == "float16":
+        check_float16(model)
     tokenizer, eos, warning = tokenizer_of(cfg, run_dir)
     if warning:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)

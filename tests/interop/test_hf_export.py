@@ -20,7 +20,8 @@ from conftest import cli_env, run_cli
 from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
 from nnxtrain.checkpoint.model import read_model
-from nnxtrain.cli.export import main
+from nnxtrain.cli.export import check_float16, main
+from nnxtrain.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,14 @@ def test_export_in_another_dtype(run_dir, tmp_path, capsys, dtype):
 def test_the_console_script_is_registered():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts["nnxtrain-export"] == "nnxtrain.cli.export:main"
+
+
+def test_a_float16_export_of_weights_past_its_range_is_refused(run_dir):
+    _, _, model = read_model(str(run_dir))
+    check_float16(model)  # a trained tiny model fits
+    model.embed[...] = model.embed[...].at[3, 1].set(1e5)  # float16's largest is 65504
+    with pytest.raises(UserError, match=r"--dtype float16: the parameter embed reaches 1e\+05"):
+        check_float16(model)
 
 
 NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
