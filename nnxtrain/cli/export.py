@@ -9,22 +9,35 @@ meta (the run's config.yaml if the meta has none); the tokenizer file of `data.t
 (a tokenizer.json or a SentencePiece .model) is copied, with the tokenizer_config.json,
 special_tokens_map.json and chat_template.jinja beside it (a chat model keeps its
 template), and its end-of-text id written to config.json. The checkpoint is opened
-read-only. Bad input is one line on stderr and exit code 2.
+read-only.
+
+Bad input is one line on stderr and exit code 2, found before anything is written: no
+checkpoint, an OUT_DIR that is a file, is not empty, or cannot be created (a file on its
+path, no permission), parameters past float16's range for `--dtype float16`. A write
+that fails on the way (the disk full), or Ctrl-C, removes what the export wrote, so that
+OUT_DIR never holds half a model.
 """
 
-import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from nnxtrain.checkpoint.model import read_model
-from nnxtrain.config import Config
+from nnxtrain.cli.bad_input import ArgumentParser, bad_input
+from nnxtrain.config import DTYPES, Config
 from nnxtrain.errors import UserError, first_line
 from nnxtrain.interop.hf import save
+from nnxtrain.model import Transformer
 
-EXIT_BAD_INPUT = 2
+PROG = "nnxtrain-export"
+EXIT_INTERRUPTED = 130  # as a shell reports death by SIGINT
 
 
 def tokenizer_of(cfg: Config, run_dir: str) -> tuple[str | None, int | None, str | None]:
@@ -69,24 +82,95 @@ def _copy_companions(tokenizer: str | None, out_dir: str) -> list[str]:
     return copied
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuses an OUT_DIR that cannot become the export: a file, a directory that is not
+    empty or not writable, or a new one that cannot be created. Creates nothing."""
+    path = os.path.abspath(out_dir)
+    fix = "Fix: give a new or empty directory that you can write to"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"OUT_DIR {out_dir} is a file, not a directory. {fix}")
+    if os.path.isdir(path):
+        if os.listdir(path):
+            raise UserError(
+                f"OUT_DIR {out_dir} is not empty. Fix: export to a new or empty directory"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"OUT_DIR {out_dir}: no permission to write in it. {fix}")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"OUT_DIR {out_dir} cannot be created: {parent} is a file. {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"OUT_DIR {out_dir} cannot be created: no permission to write in {parent}. {fix}"
+        )
+
+
+def check_float16(model: Transformer) -> None:
+    """Refuses a float16 export of parameters past float16's range: they would be written
+    as infinities (bfloat16 has float32's range)."""
+    limit = float(np.finfo(np.float16).max)
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        peak = float(jnp.max(jnp.abs(value.get_value())))
+        if peak > limit:
+            name = ".".join(map(str, path))
+            raise UserError(
+                f"--dtype float16: the parameter {name} reaches {peak:.4g}, past float16's "
+                f"largest value {limit:g} (it would be written as inf). Fix: export with "
+                "--dtype bfloat16 or float32"
+            )
+
+
 def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> str:
     """Writes the HF directory; returns a one-line summary."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UserError(f"{out_dir} is not empty. Fix: export to a new or empty directory.")
+    check_out_dir(out_dir)
     ckpt, cfg, model = read_model(run_dir, step, step_key="--step")
     step = ckpt.step
+    if (dtype or cfg.model.param_dtype) == "float16":
+        check_float16(model)
     tokenizer, eos, warning = tokenizer_of(cfg, run_dir)
     if warning:
-        print(f"nnxtrain-export: warning: {warning}", file=sys.stderr)
-    files = save(model, out_dir, tokenizer_dir=tokenizer, dtype=dtype, eos_token_id=eos)
-    files += _copy_companions(tokenizer, out_dir)
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    path = os.path.abspath(out_dir)
+    existed = os.path.isdir(path)
+    created = path  # the outermost directory this export creates
+    while not os.path.lexists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    try:
+        files = save(model, out_dir, tokenizer_dir=tokenizer, dtype=dtype, eos_token_id=eos)
+        files += _copy_companions(tokenizer, out_dir)
+    except BaseException as e:  # Ctrl-C too: no half-written model is left behind
+        _remove_written(path, None if existed else created)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"OUT_DIR {out_dir}: the export could not be written ({first_line(e)}), and "
+                "what it wrote was removed. Fix: free disk space, or export elsewhere"
+            ) from e
+        raise
     return f"exported step {step} of {run_dir} to {out_dir}: {', '.join(files)}"
+
+
+def _remove_written(path: str, created: str | None) -> None:
+    """Removes what an export wrote: the directories it created, or else the contents of
+    the empty directory it was given."""
+    with contextlib.suppress(OSError):
+        if created is not None:
+            shutil.rmtree(created)
+            return
+        for name in os.listdir(path):
+            entry = os.path.join(path, name)
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry)
+            else:
+                os.remove(entry)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    parser = argparse.ArgumentParser(
-        prog="nnxtrain-export",
+    parser = ArgumentParser(
+        prog=PROG,
         description="Write a Hugging Face Llama directory (config.json, safetensors, "
         "tokenizer) from an nnxtrain run's checkpoint.",
     )
@@ -95,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default latest")
     parser.add_argument(
         "--dtype",
-        choices=("bfloat16", "float32"),
+        choices=DTYPES,
         default=None,
         help="dtype of the written weights; default: as trained (model.param_dtype)",
     )
@@ -105,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         print(export(args.run_dir, args.out_dir, args.step, args.dtype))
     except UserError as e:
-        print(f"nnxtrain-export: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        bad_input(PROG, e)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: nothing was left in {args.out_dir}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ is one call of the compiled decode loop, which compiles once), and generation st
 the tokenizer's end-of-sequence token. A last line on stderr gives the token count and the
 decode rate in tokens/s, measured over the blocks after the first (the first call
 compiles). Bad input (no checkpoint, a directory that is neither kind, a prompt longer
-than the model's max_len) ends with one line on stderr and exit code 2.
+than the model's max_len, a prompt that is not valid UTF-8, a seed outside 0..2**32-1, a
+KV cache larger than the memory free) ends with one line on stderr and exit code 2. A
+`--block` larger than the tokens to generate is one block of them all.
 """
 
 import argparse
@@ -27,20 +29,35 @@ from typing import Any
 
 import numpy as np
 
+from nnxtrain.cli.bad_input import ArgumentParser, bad_input
 from nnxtrain.errors import UserError, first_line
+from nnxtrain.model.generation import MAX_SEED
 
-EXIT_BAD_INPUT = 2
+PROG = "nnxtrain-generate"
+
+
+def seed(text: str) -> int:
+    """--seed's value: an integer in 0..MAX_SEED."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an integer in 0..{MAX_SEED}. Fix: give a seed in that range"
+        )
+    return value
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="nnxtrain-generate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("source", metavar="SOURCE", help="an nnxtrain run dir or a Hugging Face dir")
     p.add_argument("--prompt", required=True, help="the text to continue ('' = a new document)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest; 0 = all")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to sample from")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0..{MAX_SEED}")
     p.add_argument("--block", type=int, default=16, help="tokens per streamed block")
     return p.parse_args(argv)
 
@@ -51,13 +68,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         _generate(args)
     except UserError as e:
-        print(f"nnxtrain-generate: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        bad_input(PROG, e)
 
 
 def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.block < 1:
         raise UserError("--max-new-tokens and --block must be >= 1. Fix: give positive counts")
+    check_prompt(args.prompt)
     model, tokenizer, ids = load_source(args.source, args.prompt)
     from nnxtrain.model.generation import stream
 
@@ -90,6 +107,25 @@ def _generate(args: argparse.Namespace) -> None:
             break
     out.finish()
     print(f"\n{rate(start, times, out.count)}", file=sys.stderr)
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuses a prompt that is not Unicode text. Bytes of the command line that are not
+    valid UTF-8 reach Python as lone surrogates (U+DC80..U+DCFF, PEP 383), which no
+    tokenizer can encode: they are named rather than guessed at."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(prompt[e.start])
+        what = (
+            f"the byte 0x{code - 0xDC00:02x}"
+            if 0xDC80 <= code <= 0xDCFF
+            else f"a lone surrogate U+{code:04X}"
+        )
+        raise UserError(
+            f"--prompt: not valid UTF-8 ({what} at character {e.start}). Fix: give the "
+            "prompt as UTF-8 text (iconv -t UTF-8 converts other encodings)"
+        ) from None
 
 
 def rate(start: float, times: list[tuple[float, int]], count: int) -> str:

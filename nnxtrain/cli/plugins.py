@@ -12,11 +12,11 @@ with the first). A plugin that cannot be imported is listed with the one-line re
 the command then exits with code 1.
 """
 
-import argparse
 import inspect
 import sys
 from collections.abc import Mapping, Sequence
 
+from nnxtrain.cli.bad_input import ArgumentParser, bad_input
 from nnxtrain.config import compose
 from nnxtrain.errors import PluginError
 from nnxtrain.train.registry import ENTRY_POINT_GROUP, registered, resolve
@@ -84,7 +84,7 @@ def describe(name: str, value: str, defaults: Mapping[type, str]) -> tuple[list[
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nnxtrain-plugins",
         description=f"List the callback plugins registered in the {ENTRY_POINT_GROUP!r} "
         "entry-point group, with their options.",
@@ -94,12 +94,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     found = registered()
     unknown = [n for n in args.names if n not in found]
     if unknown:
-        print(
-            f"nnxtrain-plugins: error: not registered: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(found)) or 'none'})",
-            file=sys.stderr,
+        bad_input(
+            parser.prog,
+            f"not registered: {', '.join(unknown)}. Fix: give one of the registered names "
+            f"({', '.join(sorted(found)) or 'none'}), or none to list them all",
         )
-        sys.exit(2)
     ok, defaults = True, default_keys()
     for i, name in enumerate(sorted(args.names or found)):
         lines, loaded = describe(name, found[name], defaults)

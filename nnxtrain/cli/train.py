@@ -43,6 +43,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from nnxtrain.cli.bad_input import bad_input
 from nnxtrain.cli.overrides import check_command_line, explain
 from nnxtrain.cli.sweep import write_status
 from nnxtrain.config import from_omegaconf, register_schemas
@@ -296,8 +297,7 @@ def main() -> None:
 
 
 def _bad_input(e: UserError) -> NoReturn:
-    print(f"nnxtrain: error: {e}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    bad_input("nnxtrain", e)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ position `p` sees exactly the slots `0 .. p`. Rows of a batch may therefore sit 
 different positions (right-padded prompts of different lengths): a slot past a row's
 position may hold a padding token's entry, but it is masked until that row writes its own
 entry there. The training step never builds one: `model(tokens)` is the plain forward.
+
+`KVCache.nbytes` is a cache's size before it exists, and `free_bytes` the memory a device
+can still allocate, so that generation refuses a cache that cannot fit before allocating.
 """
 
+import os
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nnxtrain.config import ModelConfig
 
@@ -35,6 +40,12 @@ class KVCache:
         """A zeroed cache for `batch` rows of up to `length` positions."""
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> int:
+        """The bytes of `empty(cfg, batch, length, dtype)`, computed without allocating."""
+        per_position = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+        return 2 * batch * length * per_position * np.dtype(dtype).itemsize
 
     @property
     def length(self) -> int:
@@ -65,3 +76,25 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
     return out.reshape(b, t, h, d)
+
+
+def free_bytes(device: jax.Device) -> int | None:
+    """The memory `device` can still allocate: its allocator's limit less what is in use
+    (GPU, TPU), or for a CPU device the host's available memory (Linux's MemAvailable);
+    None where neither is known."""
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other Unix: the physical memory, as an upper bound
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -19,6 +19,11 @@ lengths, seeds, temperatures, top-k, top-p or eos ids do not compile again. Toke
 never compiled per step. After a row emits `eos_id` its remaining tokens are `eos_id`;
 the loop ends early when every row has.
 
+The cache holds the widest prompt plus the new tokens, and no more: a `block` larger than
+the tokens left is cut to them. A cache that would not fit in the memory free on the
+device (twice over: the prefill holds a second copy while it fills it) is refused before
+anything is allocated or compiled, with one line (`UserError`).
+
 Sampling (temperature > 0) divides the logits by the temperature, keeps the `top_k`
 largest (0: all), then the smallest set of those whose probability reaches `top_p`
 (1.0: all), and draws from what is left. Temperature 0 takes the argmax.
@@ -35,9 +40,12 @@ import numpy as np
 from flax import nnx
 
 from nnxtrain.errors import UserError
-from nnxtrain.model.cache import KVCache
+from nnxtrain.model.cache import KVCache, free_bytes
 from nnxtrain.model.layers import activation_dtype
 from nnxtrain.model.transformer import Transformer
+from nnxtrain.units import format_bytes
+
+MAX_SEED = 2**32 - 1  # the seeds that give distinct keys (JAX keeps a seed's low 32 bits)
 
 
 @jax.tree_util.register_dataclass
@@ -116,8 +124,14 @@ def stream(
     lengths = _check(model, prompts, max_new_tokens, temperature, top_k, top_p, prompt_lengths)
     if block < 1:
         raise UserError(f"generate: block must be >= 1, got {block}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"generate: seed must be in 0..{MAX_SEED}, got {seed}")
     if max_new_tokens == 0:
         return iter(())
+    # The prefill gives the first token; a block longer than the rest would only size the
+    # decode loop (and its compiled code) for tokens nobody asked for.
+    block = min(block, max(max_new_tokens - 1, 1))
+    _check_cache(model, np.shape(prompts), max_new_tokens)
     return _blocks(
         model, prompts, lengths, max_new_tokens, block, temperature, top_k, top_p, seed, eos_id
     )
@@ -139,14 +153,16 @@ def _blocks(
     blocks = math.ceil(rest / block)
     sampling = Sampling(
         jnp.float32(temperature),
-        jnp.int32(top_k),
+        jnp.int32(min(top_k, model.cfg.vocab_size)),  # a larger k is every token too
         jnp.float32(top_p),
         jnp.int32(-1 if eos_id is None else eos_id),
     )
     graphdef, params = nnx.split(model)
     greedy = temperature == 0
     prompts = jnp.asarray(prompts, jnp.int32)
-    cache_len = prompts.shape[1] + 1 + blocks * block
+    # The last block may run past the tokens asked for: the cache drops those writes
+    # (`cache.write`), and their tokens are cut off below.
+    cache_len = prompts.shape[1] + max_new_tokens
     state = _prefill(
         graphdef, params, prompts, lengths, sampling, jax.random.key(seed),
         greedy=greedy, cache_len=cache_len,
@@ -157,6 +173,31 @@ def _blocks(
             return
         tokens, state = _decode(graphdef, params, state, sampling, greedy=greedy, steps=block)
         yield tokens[:, : min(block, rest - i * block)]
+
+
+def _check_cache(model: Transformer, shape: tuple[int, ...], max_new_tokens: int) -> None:
+    """Refuses a KV cache that the device's free memory cannot hold twice over."""
+    batch, width = shape
+    cfg = model.cfg
+    dtype = activation_dtype(cfg.dtype)
+    length = width + max_new_tokens
+    need = 2 * KVCache.nbytes(cfg, batch, length, dtype)
+    device = jax.devices()[0]
+    free = free_bytes(device)
+    if free is None or need <= free:
+        return
+    fits = free // (2 * KVCache.nbytes(cfg, batch, 1, dtype)) - width
+    fix = (
+        f"ask for at most {fits} new tokens"
+        if fits > 0
+        else "use a device with more free memory, or fewer or shorter prompts"
+    )
+    raise UserError(
+        f"generate: {batch} x {length} positions (the prompt and max_new_tokens="
+        f"{max_new_tokens}) need {format_bytes(need)} for the KV cache (twice its size: the "
+        f"prefill holds a copy), more than the {format_bytes(free)} free on {device}. "
+        f"Fix: {fix}"
+    )
 
 
 def _check(

@@ -1,6 +1,8 @@
 """Generation: the KV-cached forward equals the plain one, `generate` continues each row of
 a right-padded batch from its own length, sampling is reproducible, top-k/top-p and eos
-behave, it compiles once per shape, and the training forward never sees the cache."""
+behave, it compiles once per shape, the training forward never sees the cache, and a
+request (a block, a seed, a top-k, a cache) too large for its types or the memory is cut
+to size or refused in one line."""
 
 import dataclasses
 import functools
@@ -18,7 +20,7 @@ from nnxtrain import UserError, generate
 from nnxtrain.config import ModelConfig
 from nnxtrain.model import Transformer
 from nnxtrain.model.cache import KVCache
-from nnxtrain.model.generation import Sampling, choose
+from nnxtrain.model.generation import MAX_SEED, Sampling, choose, stream
 
 # init_std 0.5 makes the logits depend strongly on the context (with the default 0.02 a
 # random model's next token barely depends on its prompt, and any generation test passes).
@@ -221,6 +223,9 @@ def test_the_training_forward_has_no_cache_operations():
         ({"max_new_tokens": 4, "top_p": 0.0}, "top_p must be in"),
         ({"max_new_tokens": 4, "prompt_lengths": np.array([0, 2])}, "prompt_lengths must be"),
         ({"max_new_tokens": 30}, "exceeds the model's max_len of 32"),
+        # JAX keeps a seed's low 32 bits (2**32 would repeat seed 0), or overflows past int64
+        ({"max_new_tokens": 4, "seed": 2**70}, f"seed must be in 0..{MAX_SEED}, got {2**70}"),
+        ({"max_new_tokens": 4, "seed": -1}, f"seed must be in 0..{MAX_SEED}, got -1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(kw, match):
@@ -231,3 +236,27 @@ def test_bad_arguments_are_one_line_errors(kw, match):
 
 def test_zero_new_tokens_is_an_empty_result():
     assert generate(build(), random_tokens((2, 5)), max_new_tokens=0).shape == (2, 0)
+
+
+def test_a_block_past_the_tokens_left_is_cut_to_them():
+    # A block of 10**9 once sized the decode loop and the cache to 10**9 positions (256 GB).
+    blocks = list(stream(build(), random_tokens((2, 5)), max_new_tokens=16, block=10**9))
+    assert [b.shape[1] for b in blocks] == [1, 15]
+    whole = generate(build(), random_tokens((2, 5)), max_new_tokens=16)
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), whole)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token():
+    model = build()
+    everything = sample(model, temperature=1.0, seed=3)  # top_k=0: no limit
+    np.testing.assert_array_equal(sample(model, temperature=1.0, seed=3, top_k=2**70), everything)
+
+
+def test_a_kv_cache_larger_than_the_free_memory_is_refused_before_allocating():
+    # A model whose max_len lets any request through (config.json's max_position_embeddings
+    # 1e12, say): the cache is sized to the prompt plus the new tokens, and 10**14 positions
+    # (25 PB) fit in no device's memory.
+    model = build(dataclasses.replace(CFG, max_len=10**15))
+    with pytest.raises(UserError, match=r"2 x 100000000000005 positions .* KV cache") as e:
+        generate(model, random_tokens((2, 5)), max_new_tokens=10**14)
+    assert "\n" not in str(e.value) and "free on" in str(e.value)
