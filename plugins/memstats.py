@@ -22,7 +22,6 @@ starts it empty). A dry run only appends its `compiled` record.
     nnxtrain +callbacks.mem._target_=memstats +callbacks.mem.every=50
 """
 
-import json
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from nnxtrain import (
     TrainStartEvent,
     drop_records_after,
     format_bytes,
+    json_line,
 )
 
 
@@ -188,7 +188,7 @@ class MemStats(Callback):
             if self._resumed_at is not None:  # those steps are redone: drop their records
                 drop_records_after(path, self._resumed_at)
             self._file = open(path, "a")  # noqa: SIM115
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record))
         self._file.flush()
 
     def teardown(self, trainer: TrainerView) -> None:

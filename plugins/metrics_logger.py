@@ -20,7 +20,6 @@ metrics.jsonl: whatever the run dir held came from steps this run redoes. Only p
 writes.
 """
 
-import json
 import os
 import statistics
 import time
@@ -41,6 +40,7 @@ from nnxtrain import (
     TrainStartEvent,
     UserError,
     drop_records_after,
+    json_line,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -203,7 +203,7 @@ class MetricsLogger(Callback):
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json_line(record))
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():

@@ -22,7 +22,6 @@ end-of-sequence token. Generation compiles once, at the first sample; later ones
 Uses only the public API of `nnxtrain`.
 """
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from nnxtrain import (
     StepEndEvent,
     TrainerView,
     generate,
+    json_line,
     run_tokenizer,
 )
 
@@ -158,7 +158,7 @@ class Sampler(Callback):
             )
         if self._path:
             with open(self._path, "a") as f:  # one write: lines never interleave
-                f.write(json.dumps({"step": step, "samples": samples, "time": time.time()}) + "\n")
+                f.write(json_line({"step": step, "samples": samples, "time": time.time()}))
         if self._tb is not None:
             for i, s in enumerate(samples):
                 self._tb.add_text(f"samples/{i}", f"{s['prompt']!r} -> {s['sample']!r}", step)
