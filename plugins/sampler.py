@@ -69,10 +69,14 @@ class Sampler(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key, cfg = f"callbacks.{self.name}", event.config
-        if not isinstance(self.every, int) or self.every < 0:
-            raise ConfigError(
-                f"{key}.every", f"must be >= 0, got {self.every!r}", f"set {key}.every=100"
-            )
+        for opt, low in (("every", 0), ("max_new_tokens", 1), ("top_k", 0), ("seed", 0)):
+            value = getattr(self, opt)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(
+                    f"{key}.{opt}",
+                    f"must be an integer >= {low}, got {value!r}",
+                    f"set {key}.{opt}",
+                )
         if self.every == 0 and cfg.run.eval_every == 0:
             raise ConfigError(
                 f"{key}.every",
