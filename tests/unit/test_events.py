@@ -138,6 +138,7 @@ def test_missing_target_and_bad_arguments_name_the_callback():
 # user plugins: a one-line ConfigError naming the option and what it takes.
 WRONG_TYPES = [
     ("metrics_logger", "log_every", "abc", "an integer"),
+    ("metrics_logger", "log_every", 2.5, "an integer"),  # callbacks.metrics.log_every=2.5
     ("metrics_logger", "jsonl", 1, "true or false"),  # an int is not a bool
     ("sharding_printer", "only_sharded", "yes", "true or false"),
     ("sharding_printer", "filter", 5, "a string or null"),  # str | None given a number
