@@ -15,6 +15,7 @@ from nnxtrain.config import Config
 from nnxtrain.data import run_tokenizer
 from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
 from nnxtrain.interop.init_from import compose
+from nnxtrain.jsonio import json_line
 from nnxtrain.model.generation import generate
 from nnxtrain.parallel.sharding import ActivationRecord
 from nnxtrain.run.lock import RunLock
@@ -79,6 +80,7 @@ __all__ = [
     "format_bytes",
     "generate",
     "hf",
+    "json_line",
     "run_tokenizer",
     "step_flops",
 ]

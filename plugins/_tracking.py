@@ -16,14 +16,22 @@ A tool that fails (not installed, bad URI, server down, full disk) never stops t
 unless asked: one warning line, and the tracker goes quiet for the rest of the run. With
 `required=true` the same failure is fatal: a one-line `UserError` naming the key and
 the fix, exit 2 from the CLI; a failure while connecting (in `on_setup`) stops the run
-before anything is compiled or saved. The tracker's run id rides along in checkpoints,
-so that a resumed run continues the same tracker run. No tool is imported until a
-tracker is switched on. Uses only the public API of `nnxtrain`.
+before anything is compiled or saved. Every call to the tool (connecting, starting its
+run, each log, the end) runs on a daemon thread and is waited for at most `timeout`
+seconds: a server that refuses connections or never answers is given up on in one line,
+rather than retried for minutes, and SIGTERM or Ctrl-C during the wait end it at once
+(and still reach the run's own handler, which stops the run). The tracker's run id
+rides along in checkpoints, so that a resumed run continues the same tracker run. No
+tool is imported until a tracker is switched on. Uses only the public API of `nnxtrain`.
 """
 
 import dataclasses
 import json
+import math
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -99,8 +107,8 @@ class Tracker(Callback):
     tool: ClassVar[str] = ""  # the tool's name in messages
     extra: ClassVar[str] = ""  # the nnxtrain extra that installs it
 
-    def __init__(self, every: int = 0, required: bool = False):
-        self.every, self.required = every, required
+    def __init__(self, every: int = 0, required: bool = False, timeout: float = 10.0):
+        self.every, self.required, self.timeout = every, required, timeout
         self.run_id: str | None = None  # the tool's run, restored from a checkpoint
         self.run_dir = ""
         self.config: dict[str, Any] = {}
@@ -114,8 +122,17 @@ class Tracker(Callback):
 
     # -- what each tool provides ---------------------------------------------------------
 
+    def load(self) -> None:
+        """Imports the tool and reads its settings (local work: not bounded by `timeout`)."""
+        raise NotImplementedError
+
+    def remote(self) -> bool:
+        """Whether the tool's calls reach a server (each bounded by `timeout`), rather than
+        local files only (a local store's first set-up may take seconds on a busy host)."""
+        return True
+
     def connect(self) -> None:
-        """Imports the tool and checks that it can log (raising if not); starts no run."""
+        """Checks that the tool can log (raising if not); starts no run."""
         raise NotImplementedError
 
     def start(self, params: dict[str, Any], resume: bool) -> str:
@@ -139,9 +156,18 @@ class Tracker(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key = f"callbacks.{self.name}"
-        if not isinstance(self.every, int) or self.every < 0:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
             raise ConfigError(
-                f"{key}.every", f"must be >= 0, got {self.every!r}", f"set {key}.every=10"
+                f"{key}.every",
+                f"must be an integer >= 0, got {self.every!r}",
+                f"set {key}.every=10",
+            )
+        timeout = self.timeout
+        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0):
+            raise ConfigError(
+                f"{key}.timeout",
+                f"must be a number of seconds > 0, got {timeout!r}",
+                f"set {key}.timeout=10",
             )
         if jax.process_index() != 0:  # the other processes train along and log nothing
             return
@@ -150,6 +176,7 @@ class Tracker(Callback):
         self.config = flatten(dataclasses.asdict(event.config))
         self.sweep = sweep_identity()
         self._active = True
+        self._call(trainer, "set up", self.load, bounded=False)
         self._call(trainer, "set up", self.connect)
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
@@ -228,19 +255,28 @@ class Tracker(Callback):
 
     # -- failures ------------------------------------------------------------------------
 
-    def _call(self, trainer: TrainerView, what: str, fn: Callable[[], None]) -> None:
-        """Runs one call to the tool; a failure warns once and silences the tracker, or,
-        with `required`, ends the run in one line."""
+    def _call(
+        self, trainer: TrainerView, what: str, fn: Callable[[], None], bounded: bool = True
+    ) -> None:
+        """Runs one call to the tool, `bounded`: for at most `timeout` seconds when it
+        reaches a server, and until a signal in any case. A failure warns once and
+        silences the tracker, or, with `required`, ends the run in one line."""
         if not self._active:
             return
         try:
-            fn()
+            if bounded:
+                bounded_call(fn, self.timeout if self.remote() else None)
+            else:
+                fn()
         except Exception as e:
             self._active = self._started = False
             key = f"callbacks.{self.name}"
             if isinstance(e, ImportError):
                 problem = f"{self.tool} is not installed ({first_line(e)})"
                 fix = f"pip install 'nnxtrain[{self.extra}]'"
+            elif isinstance(e, GaveUp):
+                problem = f"{self.tool} could not {what} ({e})"
+                fix = self.fix() + (f", or wait longer: {key}.timeout=60" if e.late else "")
             else:
                 problem = f"{self.tool} could not {what} ({first_line(e, 300)})"
                 fix = self.fix()
@@ -263,3 +299,63 @@ class Tracker(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.run_id = state.get("run_id")
+
+
+class GaveUp(Exception):
+    """A call to a tool was given up on: no answer in time (`late`), or a signal came
+    during the wait."""
+
+    def __init__(self, message: str, late: bool):
+        super().__init__(message)
+        self.late = late
+
+
+# How often the wait looks whether a signal came (the call itself ends it at once).
+_POLL_S = 0.05
+
+
+def bounded_call(fn: Callable[[], None], seconds: float | None) -> None:
+    """Runs `fn` on a daemon thread and waits for it at most `seconds` (None: no limit):
+    its exception is raised here; GaveUp when it has not returned by then, or when SIGTERM
+    or SIGINT came during the wait. A call given up on is left to run on its thread (a
+    daemon: it keeps no process alive). On the main thread, a signal during the wait also
+    reaches the handler that was there before (the trainer's, which stops the run at the
+    next step; a second Ctrl-C's KeyboardInterrupt comes through as it is)."""
+    done, failure, heard = threading.Event(), list[BaseException](), list[str]()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        before = saved.get(signum)
+        if before != signal.SIG_IGN:
+            heard.append(signal.Signals(signum).name)  # no lock taken: the wait polls this
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:  # the default action (SIGTERM: the process ends)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    saved: dict[int, Any] = {}
+    main = threading.current_thread() is threading.main_thread()
+    try:
+        if main:  # Python runs signal handlers on the main thread only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                saved[sig] = signal.signal(sig, on_signal)
+        threading.Thread(target=run, name="nnxtrain-tracker", daemon=True).start()
+        deadline = time.monotonic() + (seconds if seconds is not None else math.inf)
+        while not done.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
+            if heard:
+                raise GaveUp(f"stopped waiting for it: {heard[0]}", late=False)
+            if time.monotonic() >= deadline:
+                raise GaveUp(f"no answer within {seconds:g} s", late=True)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if failure:
+        raise failure[0]

@@ -55,7 +55,7 @@ class Checkpointer(Callback):
         self._written_at: float | None = None  # set by Orbax's thread when a write completes
         self._deferred = False  # a requested save waits for the writer to be free
         self._last_step = -1
-        self._lock = RunLock()  # on `directory` when it lies outside the run dir
+        self._lock = RunLock()  # on `directory`, unless it is the run dir
 
     # -- restore -------------------------------------------------------------------------
 
@@ -75,8 +75,9 @@ class Checkpointer(Callback):
                 )
         key = f"callbacks.{self.name}.directory"
         cio.check_directory(key, self.path)
-        run_dir = os.path.realpath(event.run_dir)  # whose lock covers only what lies under it
-        if os.path.commonpath([os.path.realpath(self.path), run_dir]) != run_dir:
+        # Locked wherever it lies, under the run dir too: another run may name it as its
+        # own directory. Not when it is the run dir, which this run has locked already.
+        if os.path.realpath(self.path) != os.path.realpath(event.run_dir):
             self._lock.take(self.path, event.config.mesh.init_timeout, key)
         partial = cio.partial_saves(self.path)
         if partial:

@@ -22,7 +22,7 @@ starts it empty). A dry run only appends its `compiled` record.
     nnxtrain +callbacks.mem._target_=memstats +callbacks.mem.every=50
 """
 
-import json
+import math
 import os
 import sys
 import time
@@ -41,6 +41,7 @@ from nnxtrain import (
     TrainStartEvent,
     drop_records_after,
     format_bytes,
+    json_line,
 )
 
 
@@ -83,8 +84,10 @@ class MemStats(Callback):
     """Reports per-device and host memory; writes memstats.jsonl."""
 
     def __init__(self, every: int = 100, jsonl: bool = True, max_rows: int = 8):
-        if every < 0:
-            raise ValueError(f"every must be >= 0 (0: no periodic reports), got {every}")
+        for opt, value, low in (("every", every, 0), ("max_rows", max_rows, -math.inf)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                at_least = f" >= {low}" if low > -math.inf else ""
+                raise ValueError(f"{opt} must be an integer{at_least}, got {value!r}")
         self.every, self.use_jsonl, self.max_rows = every, jsonl, max(max_rows, 2)
         self._file: IO[str] | None = None
         self._peaks: dict[int, int] = {}
@@ -188,7 +191,7 @@ class MemStats(Callback):
             if self._resumed_at is not None:  # those steps are redone: drop their records
                 drop_records_after(path, self._resumed_at)
             self._file = open(path, "a")  # noqa: SIM115
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line(record))
         self._file.flush()
 
     def teardown(self, trainer: TrainerView) -> None:

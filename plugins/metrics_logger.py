@@ -20,7 +20,6 @@ metrics.jsonl: whatever the run dir held came from steps this run redoes. Only p
 writes.
 """
 
-import json
 import os
 import statistics
 import time
@@ -32,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nnxtrain import (
     METRIC_NAMES,
     Callback,
+    ConfigError,
     EvalEndEvent,
     SetupEvent,
     StepEndEvent,
@@ -41,6 +41,7 @@ from nnxtrain import (
     TrainStartEvent,
     UserError,
     drop_records_after,
+    json_line,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -56,8 +57,6 @@ class MetricsLogger(Callback):
         tensorboard: bool = True,
         progress: bool = True,
     ):
-        if log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {log_every}")
         self.log_every, self.use_jsonl, self.use_tb = log_every, jsonl, tensorboard
         self.use_progress = progress
         self.run_dir = ""
@@ -71,6 +70,10 @@ class MetricsLogger(Callback):
         self._window_seconds: list[float] = []
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
+        every, key = self.log_every, f"callbacks.{self.name}.log_every"
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            # (from a config the type is checked before; this is for a logger built in Python)
+            raise ConfigError(key, f"must be an integer >= 1, got {every!r}", f"set {key}=10")
         self.flops = event.flops
         self.run_dir = event.run_dir
 
@@ -203,7 +206,7 @@ class MetricsLogger(Callback):
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json_line(record))
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():

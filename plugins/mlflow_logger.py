@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,20 +47,31 @@ class MlflowLogger(Tracker):
         run_name: str | None = None,
         every: int = 0,
         required: bool = False,
+        timeout: float = 10.0,
     ):
-        super().__init__(every=every, required=required)
+        super().__init__(every=every, required=required, timeout=timeout)
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self._mlflow: Any = None
         self._client: Any = None
         self._experiment_id = ""
 
-    def connect(self) -> None:
+    def load(self) -> None:
         import mlflow  # only now: nnxtrain never imports it otherwise
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking
 
+        self._mlflow = mlflow
         # get_tracking_uri(): MLFLOW_TRACKING_URI, else MLflow's default store.
         self.uri = self.tracking_uri or mlflow.get_tracking_uri()
+
+    def remote(self) -> bool:
+        """A server, unless a SQLite file, a file: URI or a path (MLflow's local stores)."""
+        scheme = urllib.parse.urlparse(self.uri).scheme
+        path = not scheme and self.uri.startswith(("/", "."))
+        return scheme not in ("sqlite", "file") and not path
+
+    def connect(self) -> None:
         with _one_at_a_time(self.uri):
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = self._mlflow.tracking.MlflowClient(tracking_uri=self.uri)
             self._experiment_id = self._experiment()
 
     def _experiment(self) -> str:

@@ -22,7 +22,6 @@ end-of-sequence token. Generation compiles once, at the first sample; later ones
 Uses only the public API of `nnxtrain`.
 """
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from nnxtrain import (
     StepEndEvent,
     TrainerView,
     generate,
+    json_line,
     run_tokenizer,
 )
 
@@ -69,10 +69,14 @@ class Sampler(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key, cfg = f"callbacks.{self.name}", event.config
-        if not isinstance(self.every, int) or self.every < 0:
-            raise ConfigError(
-                f"{key}.every", f"must be >= 0, got {self.every!r}", f"set {key}.every=100"
-            )
+        for opt, low in (("every", 0), ("max_new_tokens", 1), ("top_k", 0), ("seed", 0)):
+            value = getattr(self, opt)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(
+                    f"{key}.{opt}",
+                    f"must be an integer >= {low}, got {value!r}",
+                    f"set {key}.{opt}",
+                )
         if self.every == 0 and cfg.run.eval_every == 0:
             raise ConfigError(
                 f"{key}.every",
@@ -158,7 +162,7 @@ class Sampler(Callback):
             )
         if self._path:
             with open(self._path, "a") as f:  # one write: lines never interleave
-                f.write(json.dumps({"step": step, "samples": samples, "time": time.time()}) + "\n")
+                f.write(json_line({"step": step, "samples": samples, "time": time.time()}))
         if self._tb is not None:
             for i, s in enumerate(samples):
                 self._tb.add_text(f"samples/{i}", f"{s['prompt']!r} -> {s['sample']!r}", step)

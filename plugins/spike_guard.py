@@ -22,7 +22,6 @@ this plugin's state) skips exactly the steps the uninterrupted run skips. Uses o
 public plugin API.
 """
 
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ from nnxtrain import (
     TrainerView,
     TrainStartEvent,
     drop_records_after,
+    json_line,
 )
 
 SKIPPED_FILE = "skipped_batches.jsonl"
@@ -161,7 +161,7 @@ class SpikeGuard(Callback):
             run += 1
         record = {"step": step, "batch": step - 1, "loss": loss, "grad_norm": norm, "why": why}
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json_line(record))
             self._file.flush()
         trainer.console.print(
             f"spike_guard: skipped step {step} (batch {step - 1}): {why}, loss {loss:.4g}, "

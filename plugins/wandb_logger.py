@@ -23,6 +23,7 @@ from typing import Any
 from nnxtrain.plugins._tracking import Tracker, flatten
 
 GROUP_LIMIT = 128  # W&B refuses longer group names
+OFFLINE_MODES = ("offline", "dryrun", "disabled")  # W&B's modes that need no API key
 
 
 class WandbLogger(Tracker):
@@ -40,17 +41,32 @@ class WandbLogger(Tracker):
         dir: str | None = None,
         every: int = 0,
         required: bool = False,
+        timeout: float = 10.0,
     ):
-        super().__init__(every=every, required=required)
+        super().__init__(every=every, required=required, timeout=timeout)
         self.project, self.entity, self.group, self.run_name = project, entity, group, run_name
         self.mode, self.dir = mode, dir
         self._wandb: Any = None
         self._run: Any = None
 
-    def connect(self) -> None:
+    def load(self) -> None:
         import wandb  # only now: nnxtrain never imports it otherwise
 
         self._wandb = wandb
+
+    def remote(self) -> bool:
+        """Online; offline (files only) or disabled is local."""
+        return not any(m in OFFLINE_MODES for m in (self.mode, os.environ.get("WANDB_MODE")))
+
+    def connect(self) -> None:
+        """Online, an API key must be there (W&B's own search: WANDB_API_KEY, its settings,
+        ~/.netrc): found now, before anything is compiled, not at `wandb.init` after."""
+        if not self.remote() or self._wandb.run is not None:
+            return  # no key needed; or a run of this process's already logged in
+        if not self._wandb.login(prompt=False, verify=False):
+            raise RuntimeError(
+                "no API key: WANDB_API_KEY is not set, and `wandb login` stored none"
+            )
 
     def start(self, params: dict[str, Any], resume: bool) -> str:
         project = self.project or os.environ.get("WANDB_PROJECT") or "nnxtrain"

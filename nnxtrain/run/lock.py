@@ -12,7 +12,8 @@ holder's pid and host, which a refused run names in its one-line error. The file
 stays (deleting it would let a third run lock a fresh file while a second one still
 locks the deleted one).
 
-The checkpointer locks its `directory` the same way when it lies outside the run dir.
+The checkpointer locks its `directory` the same way wherever it lies (another run may
+name a checkpoints/ dir under this run dir as its own), unless it is the run dir itself.
 A flock belongs to one open file, not to a process: two Trainers in one process exclude
 each other too. On NFS, Linux maps flock onto the server's byte-range locks; a
 filesystem without locks is a one-line error.

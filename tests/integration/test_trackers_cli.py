@@ -114,7 +114,7 @@ def test_a_required_tracker_that_cannot_connect_exits_2_in_one_line(tmp_path: Pa
     ), line
     assert line.endswith("or set callbacks.mlflow.required=false to train without it."), line
     # It stopped in on_setup: nothing compiled, trained or saved (the checkpointer, set up
-    # before it, made its folder, and left it empty).
-    assert not list((run_dir / "checkpoints").iterdir())
+    # before it, made its folder and locked it, and left it empty).
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [".lock"]
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists()
     assert not os.path.exists(tmp_path / "mlflow.db")

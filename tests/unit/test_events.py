@@ -8,13 +8,18 @@ shared (see the compilation cache in conftest.py).
 import itertools
 import json
 import re
+import types
 from pathlib import Path
 
 import callbacks_for_tests as cbt
 import numpy as np
 import pytest
 from conftest import compile_cache_override
+from nnxtrain.plugins.memstats import MemStats
 from nnxtrain.plugins.metrics_logger import MetricsLogger
+from nnxtrain.plugins.mlflow_logger import MlflowLogger
+from nnxtrain.plugins.sampler import Sampler
+from nnxtrain.plugins.wandb_logger import WandbLogger
 
 from nnxtrain import (
     CompileEvent,
@@ -133,6 +138,7 @@ def test_missing_target_and_bad_arguments_name_the_callback():
 # user plugins: a one-line ConfigError naming the option and what it takes.
 WRONG_TYPES = [
     ("metrics_logger", "log_every", "abc", "an integer"),
+    ("metrics_logger", "log_every", 2.5, "an integer"),  # callbacks.metrics.log_every=2.5
     ("metrics_logger", "jsonl", 1, "true or false"),  # an int is not a bool
     ("sharding_printer", "only_sharded", "yes", "true or false"),
     ("sharding_printer", "filter", 5, "a string or null"),  # str | None given a number
@@ -151,6 +157,35 @@ def test_an_option_of_the_wrong_type_is_one_line_naming_it(target, option, value
     message = str(err.value)
     assert message.startswith(f"callbacks.x.{option}: {value!r} is not {wanted} ("), message
     assert f"Fix: give callbacks.x.{option} {wanted}" in message and "\n" not in message
+
+
+# The same options given to a plugin built in Python, which no config check sees: each
+# plugin's on_setup refuses a value that is not an integer (or out of range) in one line.
+NOT_INTEGERS = [
+    (lambda: MetricsLogger(log_every=2.5), "log_every"),
+    (lambda: MetricsLogger(log_every=0), "log_every"),
+    (lambda: Sampler(every=True), "every"),
+    (lambda: Sampler(max_new_tokens=2.5), "max_new_tokens"),
+    (lambda: Sampler(top_k=0.5), "top_k"),
+    (lambda: MlflowLogger(every=True), "every"),
+    (lambda: WandbLogger(timeout=0), "timeout"),
+]
+
+
+@pytest.mark.parametrize(("make", "option"), NOT_INTEGERS)
+def test_a_plugin_built_in_python_refuses_a_bad_count_at_setup(make, option):
+    plugin = make()
+    plugin.name = "x"
+    stub = types.SimpleNamespace(config=None, run_dir="", flops=None)
+    with pytest.raises(ConfigError) as err:
+        plugin.on_setup(stub, stub)
+    message = str(err.value)
+    assert message.startswith(f"callbacks.x.{option}: must be ") and "\n" not in message
+
+
+def test_memstats_built_in_python_refuses_a_count_that_is_not_an_integer():
+    with pytest.raises(ValueError, match=r"^every must be an integer >= 0, got 2\.5$"):
+        MemStats(every=2.5)
 
 
 def test_options_of_the_right_type_and_unchecked_ones_reach_the_plugin():

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 from callbacks_for_tests import RaiseAt
+from conftest import run_cli_in_process
 from nnxtrain.plugins.checkpointer import Checkpointer
 
 from nnxtrain import Callback, PluginError, Trainer, UserError, compose
+from nnxtrain.checkpoint import locate
 from nnxtrain.run.directory import make_run_dir
 
 BASE = ["model=tiny", "run.steps=3", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0"]
@@ -67,6 +69,38 @@ def test_two_runs_cannot_share_a_checkpoint_directory_outside_their_run_dirs(tmp
     # Released at the end of the run: another run dir can now use (resume from) it.
     again = Trainer(config(tmp_path / "b", "run.steps=4"), [Checkpointer(directory=str(shared))])
     assert again.fit().step == 4
+
+
+class RunsTheCli(Callback):
+    """At step 1, runs the CLI with `args` from `cwd` (in this process, beside the running
+    Trainer: another run all the same) and keeps what it returned."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.args, self.cwd, self.proc = args, cwd, None
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        if event.step == 1:
+            self.proc = run_cli_in_process(self.args, self.cwd)
+
+
+def test_a_run_pointed_at_the_checkpoints_under_another_run_dir_is_refused(tmp_path):
+    # Run b has its own run dir, but saves into run a's checkpoints/ (under a's run dir):
+    # that directory has a lock of its own, held by a's checkpointer.
+    a, ckpts = tmp_path / "a", tmp_path / "a" / "checkpoints"
+    b = [*BASE, f"run.dir={tmp_path / 'b'}", f"callbacks.checkpoint.directory={ckpts}"]
+    second = RunsTheCli([*b, "run.seed=7", f"hydra.run.dir={tmp_path / 'hb'}"], tmp_path)
+    assert Trainer(config(a), [Checkpointer(every=1), second]).fit().step == 3
+    assert second.proc is not None and second.proc.returncode == 2, second.proc
+    (line,) = second.proc.stderr.strip().splitlines()
+    assert re.fullmatch(
+        rf"nnxtrain: error: callbacks\.checkpoint\.directory: {re.escape(str(ckpts))} "
+        rf"{IN_USE}\. Fix: wait for that run to end, or set callbacks\.checkpoint\.directory "
+        r"to another directory\.",
+        line,
+    ), line
+    # a's checkpoints are all there, and all a's (b resumed, saved and deleted nothing).
+    assert locate(str(ckpts)).steps == (1, 2, 3)
+    assert all(locate(str(ckpts), step).config["run"]["seed"] == 0 for step in (1, 2, 3))
 
 
 def test_the_lock_is_released_when_fit_raises(tmp_path):

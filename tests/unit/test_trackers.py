@@ -5,19 +5,30 @@ Each run is 6 tiny steps logged every 2, evaluated at steps 3 and 6, beside the 
 logger, whose metrics.jsonl is what the trackers must agree with.
 """
 
+import io
 import json
+import os
+import signal
+import socket
 import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 from nnxtrain.plugins._tracking import Tracker
 from nnxtrain.plugins.metrics_logger import MetricsLogger
 from nnxtrain.plugins.mlflow_logger import MlflowLogger
 from nnxtrain.plugins.wandb_logger import WandbLogger
+from rich.console import Console
 from tracker_records import history, mlflow_runs, wandb_runs
 
 from nnxtrain import ConfigError, Trainer, compose
+from nnxtrain.parallel.preemption import Preemption
 
 BASE = [
     "model=tiny",
@@ -156,7 +167,7 @@ def test_a_required_tracker_that_fails_stops_the_run_before_anything_is_saved(
 
 
 def test_a_bad_every_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"callbacks.tracker.every: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"callbacks.tracker.every: must be an integer >= 0"):
         fit(tmp_path / "run", MlflowLogger(every=-1))
 
 
@@ -177,3 +188,89 @@ def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path: Path) -> None:
     print(f"one MLflow run {only.info.run_id} across the resume: train/loss steps {sorted(logged)}")
     assert sorted(logged) == [2, 4, 6] and only.info.status == "FINISHED"
     assert only.data.params["run.steps"] == "4"  # MLflow params keep their first value
+
+
+# -- a server that does not answer ----------------------------------------------------------
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A tracking URI on 127.0.0.1 whose server accepts connections (the kernel's backlog
+    does) and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("server", "options", "sigterm", "says"),
+    [
+        ("refuses", {"timeout": 0.5}, False, "no answer within 0.5 s"),
+        ("never answers", {"timeout": 0.5, "required": True}, False, "no answer within 0.5 s"),
+        ("never answers", {"timeout": 600}, True, "stopped waiting for it: SIGTERM"),
+    ],
+    ids=["refused-warns", "silent-required-fails", "sigterm-ends-the-wait"],
+)
+def test_an_unreachable_tracking_server_is_given_up_on_in_one_line(
+    tmp_path: Path, silent_server: str, server: str, options: Any, sigterm: bool, says: str
+) -> None:
+    uri = silent_server if server == "never answers" else f"http://127.0.0.1:{free_port()}"
+    tracker = MlflowLogger(tracking_uri=uri, **options)
+    tracker.name = "tracker"
+    out = io.StringIO()
+    trainer = types.SimpleNamespace(console=Console(file=out, width=1000))
+    event = types.SimpleNamespace(config=compose(BASE), run_dir=str(tmp_path))
+    preemption = Preemption()  # the trainer's handler, as fit() installs it
+    preemption.install()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    error: ConfigError | None = None
+    t0 = time.monotonic()
+    try:
+        if sigterm:
+            timer.start()
+        tracker.on_setup(trainer, event)  # type: ignore[arg-type]
+    except ConfigError as e:
+        error = e
+    finally:
+        timer.cancel()
+        if sigterm:
+            timer.join()  # the signal, if sent, is sent while the handler is installed
+        preemption.uninstall()
+    seconds = time.monotonic() - t0
+    print(f"{server}, {options}: {seconds:.1f} s; {error or out.getvalue()}")
+    # Generous: without a bound, MLflow retries a refused connection for minutes (248 s),
+    # and a server that never answers for longer (> 330 s).
+    assert seconds < 30
+    if options.get("required"):
+        assert error is not None and error.key == "callbacks.tracker.required"
+        (line,) = str(error).splitlines()
+        assert f"MLflow could not set up ({says})" in line and "callbacks.tracker.timeout" in line
+    else:
+        assert error is None
+        (line,) = out.getvalue().splitlines()
+        assert line.startswith(f"warning: callbacks.tracker: MLflow could not set up ({says})")
+        assert "training goes on without it" in line
+    # The signal reached the run's own handler too (which stops the run at its next step).
+    assert preemption.signal == ("SIGTERM" if sigterm else None)
+
+
+def test_a_required_wandb_without_an_api_key_fails_before_anything_is_compiled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_MODE")  # online
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no stored key
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    tracker = WandbLogger(required=True)
+    tracker.name = "tracker"
+    trainer = Trainer(compose([*BASE, f"run.dir={tmp_path / 'run'}"]), [tracker])
+    with pytest.raises(ConfigError) as e:
+        trainer.fit()
+    print(e.value)
+    assert e.value.key == "callbacks.tracker.required"
+    (line,) = str(e.value).splitlines()
+    assert "W&B could not set up (RuntimeError: no API key" in line
+    assert trainer.compiled is None  # it failed in on_setup, before the compile
+    assert not (tmp_path / "run" / "config.yaml").exists()
