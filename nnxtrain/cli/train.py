@@ -7,9 +7,11 @@
     nnxtrain --cfg job                         # print the composed config
 
 Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
-a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
-4, naming it in one line; SIGTERM/SIGINT save and exit 143/130, and a second Ctrl-C ends
-the process at once (130, one line). The command line is checked before Hydra composes
+a run stopped by a non-finite loss, or ended as diverged by a plugin (the spike guard after
+too many bad steps in a row), exits 3, its last line naming the step a rerun resumes from
+(the checkpoints saved after the divergence began are set aside, docs/checkpointing.md);
+a multi-process run that lost a process exits 4, naming it in one line; SIGTERM/SIGINT
+save and exit 143/130, and a second Ctrl-C ends the process at once (130, one line). The command line is checked before Hydra composes
 (`nnxtrain.cli.overrides`), and what Hydra itself refuses is put into one line too: Hydra
 raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
 A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
@@ -157,7 +159,9 @@ def _job(cfg: DictConfig, started: float) -> float:
         print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
     if result.reason.startswith(("not finite", "diverged")):
-        print(f"nnxtrain: {result.reason}", file=sys.stderr)
+        resume = result.resume_step  # the checkpointer's word (None without one)
+        where = "" if resume is None else f"; a rerun resumes from step {resume}"
+        print(f"nnxtrain: {result.reason}{where}", file=sys.stderr)
         if not sweeping or fail_fast:
             _exit(EXIT_NOT_FINITE)
         return math.inf
