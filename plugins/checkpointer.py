@@ -176,6 +176,8 @@ class Checkpointer(Callback):
         self._save(trainer, event.step)
 
     def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
+        if self._mngr is None:
+            return  # a dry run: nothing was restored or saved
         since = event.diverged_since
         if event.reason.startswith("not finite"):
             self._say(trainer, f"no final save: the state is not finite ({event.reason})")

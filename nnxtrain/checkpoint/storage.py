@@ -12,6 +12,8 @@ A checkpoint directory holds one folder per saved step, written by an Orbax
 
 Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it only once every file
 is written, so a folder with that suffix is a save that never finished (`partial_saves`).
+Steps set aside are renamed out of Orbax's sight: `<step>.unreadable-<time>` (`set_aside`)
+and `<directory>/diverged/<step>` (`move_aside`, after a divergence).
 Arrays are saved as nested dicts of plain names, not as the TrainState's pytree classes,
 so a restore only needs the *current* abstract state: its structure and shardings decide
 what is read and where it lands, which is how a checkpoint moves between meshes. A

@@ -7,11 +7,9 @@
     nnxtrain --cfg job                         # print the composed config
 
 Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
-a run stopped by a non-finite loss, or ended as diverged by a plugin (the spike guard after
-too many bad steps in a row), exits 3, its last line naming the step a rerun resumes from
-(the checkpoints saved after the divergence began are set aside, docs/checkpointing.md);
-a multi-process run that lost a process exits 4, naming it in one line; SIGTERM/SIGINT
-save and exit 143/130, and a second Ctrl-C ends the process at once (130, one line). The command line is checked before Hydra composes
+a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
+4, naming it in one line; SIGTERM/SIGINT save and exit 143/130, and a second Ctrl-C ends
+the process at once (130, one line). The command line is checked before Hydra composes
 (`nnxtrain.cli.overrides`), and what Hydra itself refuses is put into one line too: Hydra
 raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
 A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
@@ -19,6 +17,11 @@ A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.
 when `hydra.run.dir` is given apart from `run.dir`). A crash of nnxtrain itself prints
 its traceback and exits 1. JAX is imported only after composition, so that settings
 which must precede JAX's start can be applied first.
+
+A run that fails (exit 3: a non-finite loss, or `diverged: ...` from a plugin such as the
+spike guard after too many bad steps in a row) ends with that reason and `; a rerun resumes
+from step N`, the step its checkpointer left as the latest: the checkpoints saved after the
+divergence began are set aside (docs/checkpointing.md).
 
 A run given `run.dir` writes only there (`RunDirIsJobDir`); without it the run dir is
 Hydra's job dir, `outputs/<date>/<time>/`. Each job of a multirun also writes
