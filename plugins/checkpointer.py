@@ -262,7 +262,7 @@ class Checkpointer(Callback):
             else "the state holds NaN or inf values"
         )
         last = f"step {self._last_step}" if self._last_step > 0 else "none"
-        self._say(trainer, f"not saving step {step}: {why} (the last checkpoint stays: {last})")
+        self._say(trainer, f"not saving step {step}: {why} (the last one saved: {last})")
         return False
 
     def _on_written(self) -> None:  # runs on Orbax's background thread
