@@ -5,7 +5,11 @@
     nnxtrain run.dir=runs/b callbacks.checkpoint.load_from=runs/a   # new run, a's state
 
 Saves every `every` steps, on `trainer.request_save()`, and at the end (also on SIGTERM/
-SIGINT; not after a non-finite loss), waiting for that last write before returning. A save
+SIGINT; not after a non-finite loss or a divergence), waiting for that last write before
+returning. A run that ends as failed sets the checkpoints saved after its divergence began
+(`event.diverged_since`) aside into `<directory>/diverged/`, so a rerun resumes from the
+last one before it, which is kept whatever `keep` says while a spike guard sees a run of
+bad steps (`trainer.diverged_since`); the CLI's exit line names that step. A save
 blocks the loop for the device-to-host copy only; `if_busy` decides what happens when a
 save is due while the previous write still runs (`skip` with a warning, or `wait`). At
 setup it checks that `directory` can be written (not at the first save, after training),
@@ -32,6 +36,8 @@ from nnxtrain import (
 )
 from nnxtrain import checkpoint as cio
 
+DIVERGED = "diverged"  # <directory>/diverged/<step>: the checkpoints set aside by a divergence
+
 
 class Checkpointer(Callback):
     """Saves the train state asynchronously with Orbax and restores it on a rerun."""
@@ -55,6 +61,7 @@ class Checkpointer(Callback):
         self._written_at: float | None = None  # set by Orbax's thread when a write completes
         self._deferred = False  # a requested save waits for the writer to be free
         self._last_step = -1
+        self._pinned: set[int] = set()  # kept whatever `keep` says (_pin)
         self._lock = RunLock()  # on `directory`, unless it is the run dir
 
     # -- restore -------------------------------------------------------------------------
@@ -87,7 +94,11 @@ class Checkpointer(Callback):
                 f"{self.path} (the process was killed while writing): {', '.join(partial)}",
             )
         self._mngr = cio.open_manager(
-            self.path, keep=self.keep, keep_every=self.keep_every, on_written=self._on_written
+            self.path,
+            keep=self.keep,
+            keep_every=self.keep_every,
+            keep_also=lambda: self._pinned,
+            on_written=self._on_written,
         )
         if self._mngr.all_steps():
             if self.load_from:
@@ -166,11 +177,50 @@ class Checkpointer(Callback):
         self._save(trainer, event.step)
 
     def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:
+        if self._mngr is None:
+            return  # a dry run: nothing was restored or saved
+        since = event.diverged_since
         if event.reason.startswith("not finite"):
             self._say(trainer, f"no final save: the state is not finite ({event.reason})")
+        elif since is not None:
+            self._say(trainer, f"no final save: the run diverged from step {since}")
         elif trainer.state is not None and event.step > self._last_step and event.step > 0:
             self._save(trainer, event.step)
         self._finish(trainer)
+        if since is not None:
+            self._set_aside_diverged(trainer, since)
+        latest = self._mngr.latest_step()
+        trainer.note_resume_step(latest if latest is not None else None if self.load_from else 0)
+
+    def _set_aside_diverged(self, trainer: TrainerView, since: int) -> None:
+        """Moves the checkpoints saved after the divergence began aside: step `since`'s bad
+        loss was computed on the state after step `since - 1`, so that checkpoint and every
+        later one hold a state that already gave a bad loss."""
+        after = [s for s in self._mngr.all_steps() if s >= since - 1]
+        if after:
+            cio.move_aside(self._mngr, after, DIVERGED)  # waits for writes in flight
+            self._say(
+                trainer,
+                f"the run diverged from step {since} (its loss, on the state of step "
+                f"{since - 1}, was the first bad one): moved the checkpoint(s) of step(s) "
+                f"{', '.join(map(str, after))} to {os.path.join(self.path, DIVERGED)}/",
+            )
+        latest = self._mngr.latest_step()
+        self._say(
+            trainer,
+            f"a rerun resumes from step {latest} ({os.path.join(self.path, str(latest))})"
+            if latest is not None
+            else "no checkpoint is left: a rerun starts from "
+            + (f"load_from={self.load_from}" if self.load_from else "step 0"),
+        )
+
+    def _pin(self, trainer: TrainerView) -> None:
+        """While the run may be diverging (a guard marked a run of bad steps), keeps the
+        last checkpoint from before it, whatever `keep` says; read by Orbax's collection
+        of old steps during `cio.save`."""
+        since = trainer.diverged_since
+        before = [s for s in self._mngr.all_steps() if since is not None and s < since - 1]
+        self._pinned = {max(before)} if before else set()
 
     def teardown(self, trainer: TrainerView) -> None:
         self._finish(trainer)
@@ -193,6 +243,7 @@ class Checkpointer(Callback):
         meta = cio.make_meta(
             step, trainer.config.run.seed, self._config, trainer.callbacks, trainer.dataset
         )
+        self._pin(trainer)  # after make_meta: the plugins' state_dict() read every step
         self._written_at = None
         cio.save(self._mngr, step, trainer.state, meta)
         self._pending = (step, t0, time.perf_counter() - t0, waited)
@@ -212,7 +263,7 @@ class Checkpointer(Callback):
             else "the state holds NaN or inf values"
         )
         last = f"step {self._last_step}" if self._last_step > 0 else "none"
-        self._say(trainer, f"not saving step {step}: {why} (the last checkpoint stays: {last})")
+        self._say(trainer, f"not saving step {step}: {why} (the last one saved: {last})")
         return False
 
     def _on_written(self) -> None:  # runs on Orbax's background thread

@@ -2,7 +2,8 @@
 checkpointer plugin, `run.init_from`, `nnxtrain-export` and `nnxtrain-generate`).
 
 - `storage`: the layout (`<dir>/<step>/state` Orbax arrays, `<dir>/<step>/meta` JSON),
-  async saves and restores onto any mesh, with `Unreadable` for damaged files;
+  async saves and restores onto any mesh, with `Unreadable` for damaged files, and steps
+  set aside (unreadable, or saved after a divergence);
 - `digest`: the per-array digests that prove a restore read what was saved;
 - `checks`: whether a checkpoint fits this run, and the checkpointer's options;
 - `reader`: a run's checkpoint read-only (`locate`, `read_params`), before JAX starts;
@@ -18,6 +19,7 @@ from nnxtrain.checkpoint.storage import (
     FORMAT,
     Unreadable,
     make_meta,
+    move_aside,
     open_manager,
     open_source,
     partial_saves,
@@ -37,6 +39,7 @@ __all__ = [
     "jsonable",
     "locate",
     "make_meta",
+    "move_aside",
     "open_manager",
     "open_source",
     "partial_saves",

@@ -12,6 +12,8 @@ A checkpoint directory holds one folder per saved step, written by an Orbax
 
 Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it only once every file
 is written, so a folder with that suffix is a save that never finished (`partial_saves`).
+Steps set aside are renamed out of Orbax's sight: `<step>.unreadable-<time>` (`set_aside`)
+and `<directory>/diverged/<step>` (`move_aside`, after a divergence).
 Arrays are saved as nested dicts of plain names, not as the TrainState's pytree classes,
 so a restore only needs the *current* abstract state: its structure and shardings decide
 what is read and where it lands, which is how a checkpoint moves between meshes. A
@@ -24,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import jax
@@ -80,18 +82,34 @@ def partial_saves(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if TMP_SUFFIX in n)
 
 
+class _KeepAlso(policies.PreservationPolicy):
+    """Keeps the steps a callable names at the moment Orbax collects old ones (during
+    `save`, on the caller's thread), so the caller can change them between saves."""
+
+    def __init__(self, steps: Callable[[], Collection[int]]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        keep = set(self.steps())
+        return [c.step in keep for c in checkpoints]
+
+
 def open_manager(
     directory: str,
     *,
     keep: int = 3,
     keep_every: int = 0,
+    keep_also: Callable[[], Collection[int]] | None = None,
     on_written: Callable[[], None] | None = None,
     read_only: bool = False,
 ) -> ocp.CheckpointManager:
-    """An async CheckpointManager keeping the last `keep` steps and every `keep_every`-th."""
+    """An async CheckpointManager keeping the last `keep` steps, every `keep_every`-th, and
+    the steps `keep_also()` names when a save collects old ones."""
     keepers: list[Any] = [policies.LatestN(keep)]
     if keep_every:
         keepers.append(policies.EveryNSteps(keep_every))
+    if keep_also is not None:
+        keepers.append(_KeepAlso(keep_also))
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=True,
         preservation_policy=policies.AnyPreservationPolicy(keepers),
@@ -131,6 +149,28 @@ def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> list[str]:
         multihost_utils.sync_global_devices("nnxtrain checkpoint set_aside")
     mngr.reload()
     return names
+
+
+def move_aside(mngr: ocp.CheckpointManager, steps: list[int], folder: str) -> list[str]:
+    """Moves complete steps into `<directory>/<folder>/<step>` (a name already taken there
+    gets `.<time>` added), out of Orbax's step listing but kept whole: `load_from` reads
+    them from there. Waits for the writes in flight first; returns the new paths."""
+    mngr.wait_until_finished()  # a step being written, or old ones being collected
+    root = os.path.join(str(mngr.directory), folder)
+    paths = []
+    for step in steps:
+        path = os.path.join(root, str(step))
+        if os.path.exists(path):
+            path += f".{time.strftime('%Y%m%d-%H%M%S')}"
+        paths.append(path)
+    if jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        for step, path in zip(steps, paths, strict=True):
+            os.rename(os.path.join(str(mngr.directory), str(step)), path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("nnxtrain checkpoint move_aside")
+    mngr.reload()  # Orbax's cached step list: the moved steps are no longer its own
+    return paths
 
 
 def saving(mngr: ocp.CheckpointManager) -> bool:

@@ -18,6 +18,11 @@ when `hydra.run.dir` is given apart from `run.dir`). A crash of nnxtrain itself 
 its traceback and exits 1. JAX is imported only after composition, so that settings
 which must precede JAX's start can be applied first.
 
+A run that fails (exit 3: a non-finite loss, or `diverged: ...` from a plugin such as the
+spike guard after too many bad steps in a row) ends with that reason and `; a rerun resumes
+from step N`, the step its checkpointer left as the latest: the checkpoints saved after the
+divergence began are set aside (docs/checkpointing.md).
+
 A run given `run.dir` writes only there (`RunDirIsJobDir`); without it the run dir is
 Hydra's job dir, `outputs/<date>/<time>/`. Each job of a multirun also writes
 `job_status.json` for the sweep's summary. A plugin module in the working directory is
@@ -158,7 +163,9 @@ def _job(cfg: DictConfig, started: float) -> float:
         print(f"nnxtrain: {result.reason}; rerun the same command to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED.get(trainer.preempted or "", 143))
     if result.reason.startswith(("not finite", "diverged")):
-        print(f"nnxtrain: {result.reason}", file=sys.stderr)
+        resume = result.resume_step  # the checkpointer's word (None without one)
+        where = "" if resume is None else f"; a rerun resumes from step {resume}"
+        print(f"nnxtrain: {result.reason}{where}", file=sys.stderr)
         if not sweeping or fail_fast:
             _exit(EXIT_NOT_FINITE)
         return math.inf

@@ -1,10 +1,14 @@
-"""What plugins may ask of a run: stop it (as done or as failed), save now, and skip the
-update of bad steps. The `Trainer` holds these controls; the loop reads them.
+"""What plugins may ask of a run: stop it (as done or as failed), save now, skip the
+update of bad steps, and say where a divergence began and where a rerun resumes. The
+`Trainer` holds these controls; the loop reads them.
 
     trainer.request_stop("enough")              # reason "stopped: enough", exit 0
     trainer.request_failure_stop("diverged")    # reason "diverged: ...", the CLI exits 3
     trainer.request_save()                      # the checkpointer saves at its next step
     trainer.skip_bad_steps(loss_limit=9.0)      # the step's guard input (step.GUARD_OFF)
+    trainer.mark_divergence(since=3)            # a guard: steps 3, 4, ... were bad
+    trainer.diverged_since                      # that, or the first non-finite step
+    trainer.note_resume_step(1)                 # a checkpointer: a rerun resumes at step 1
 
 The skip guard is an input of the compiled train step (a float32 vector replicated over
 the mesh), so changing the limits never recompiles.
@@ -18,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnxtrain.train.step import GUARD_OFF
+from nnxtrain.train.timing import StepWatcher
 
 
 class RunControls:
@@ -31,6 +36,26 @@ class RunControls:
         self._stop_failed = False  # request_failure_stop: the run ends as failed
         self._guard: Any = None  # the train step's skip guard; None: GUARD_OFF
         self._guard_values: tuple[float, ...] = ()  # what _guard holds
+        self._watcher: StepWatcher | None = None  # the loop's; set by the Trainer's fit()
+        self._divergence: int | None = None  # mark_divergence
+        self.resume_step: int | None = None  # note_resume_step
+
+    @property
+    def nonfinite_step(self) -> int | None:  # see events.TrainerView
+        return self._watcher.nonfinite_step if self._watcher is not None else None
+
+    @property
+    def diverged_since(self) -> int | None:  # see events.TrainerView
+        marks = [s for s in (self._divergence, self.nonfinite_step) if s is not None]
+        return min(marks) if marks else None
+
+    def mark_divergence(self, since: int | None) -> None:
+        """For a guard plugin: every step from `since` on was bad (see events.TrainerView)."""
+        self._divergence = since
+
+    def note_resume_step(self, step: int | None) -> None:
+        """For the checkpointing plugin: the step a rerun resumes from (`FitResult`)."""
+        self.resume_step = step
 
     def request_stop(self, reason: str) -> None:
         """Ends the loop before the next step; `on_train_end` then reports the reason."""

@@ -80,6 +80,12 @@ class TrainerView(Protocol):
         metrics reached the host (after `event.record()` of step N: every step <= N)."""
 
     @property
+    def diverged_since(self) -> int | None:
+        """The first step of the divergence the run is in, if any: the earlier of a guard's
+        `mark_divergence` and `nonfinite_step`. Step N's loss is computed on the state
+        after step N - 1, so that state, and every later one, is suspect."""
+
+    @property
     def graphdef(self) -> Any:
         """The model's structure: `nnx.merge(trainer.graphdef, trainer.state.params)`."""
 
@@ -99,6 +105,16 @@ class TrainerView(Protocol):
 
     def consume_save_request(self) -> bool:
         """For the checkpointing plugin: whether a save was requested; clears the request."""
+
+    def mark_divergence(self, since: int | None) -> None:
+        """For a guard plugin: every step from `since` on had a bad loss or gradient norm
+        (not finite, or a spike), so the run may be diverging from there; None: the last
+        step was good again. Read back as `diverged_since`; a checkpointer keeps the last
+        checkpoint from before it, and sets the later ones aside if the run fails."""
+
+    def note_resume_step(self, step: int | None) -> None:
+        """For the checkpointing plugin, in `on_train_end`: the step a rerun of this run
+        dir resumes from (0: from the start); `fit()` returns it, the CLI names it."""
 
 
 class Callback:
@@ -230,8 +246,12 @@ class TrainEndEvent:
     """Fired when the loop ends normally; `reason` says why."""
 
     step: int  # steps done
-    reason: str  # "completed", "stopped: <why>", "preempted: SIGTERM", "not finite: <what>"
+    reason: str  # "completed", "stopped: <why>", "preempted: SIGTERM", "not finite: <what>",
+    # "diverged: <why>"
     seconds: float  # wall time of the loop
+    # A failed run ("not finite" or "diverged"): the first step of the divergence, when
+    # known (`trainer.diverged_since`: the state after step N - 1 gave its bad loss).
+    diverged_since: int | None = None
 
 
 @dataclass(frozen=True)

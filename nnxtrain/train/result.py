@@ -15,7 +15,8 @@ from nnxtrain.train.step import TrainState
 @dataclass(frozen=True)
 class FitResult:
     """What `Trainer.fit()` returns. `reason`: completed | stopped: ... | preempted: SIG |
-    not finite: ... | dry run | nothing to do (a state restored at run.steps)."""
+    not finite: ... | diverged: ... | dry run | nothing to do (a state restored at
+    run.steps)."""
 
     state: TrainState | None  # final state (None after a dry run)
     step: int  # steps done
@@ -33,6 +34,9 @@ class FitResult:
     # waiting for the host are not in it.
     timed_tokens: int = 0
     timed_seconds: float = 0.0
+    # The step a rerun of this run dir resumes from, as the checkpointer says at the end
+    # (0: from the start); None without a checkpointer. The CLI names it when a run fails.
+    resume_step: int | None = None
 
     @property
     def tokens_per_sec(self) -> float | None:

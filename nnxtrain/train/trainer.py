@@ -138,15 +138,10 @@ class Trainer(RunControls):
         self.run_lock = RunLock()  # held on run_dir from setup to the end of fit()
         self._fit_started = 0.0
         self.tokens_trained = 0  # non-padding tokens of this fit()'s steps
-        self._watcher: StepWatcher | None = None
         self._earlier_goodput: Any = None  # run_info.json's account, from an earlier attempt
         self._looped = False  # whether the loop started (then the account is written)
 
     # -- for plugins (the controls are nnxtrain.train.controls.RunControls) ---------------------
-
-    @property
-    def nonfinite_step(self) -> int | None:  # see TrainerView
-        return self._watcher.nonfinite_step if self._watcher is not None else None
 
     @property
     def graphdef(self) -> Any:
@@ -355,7 +350,9 @@ def end_of_run(
     if watcher is not None and watcher.first is not None:  # start-up: setup, compile, step 1
         t.run_info["seconds_to_first_step"] = watcher.first.completed_at - t._fit_started
     keep_account(t)  # with the final record
-    t.hooks.fire("on_train_end", t, TrainEndEvent(step, reason, seconds))
+    failed = reason.startswith(("diverged", "not finite"))
+    since = t.diverged_since if failed else None
+    t.hooks.fire("on_train_end", t, TrainEndEvent(step, reason, seconds, since))
     t.hooks.fire("on_goodput", t, GoodputEvent(step, t.goodput.report()))
     tokens, busy = 0, 0.0  # the steps tokens/s is timed over: all but the first
     first = watcher.first if watcher is not None else None
@@ -373,6 +370,7 @@ def end_of_run(
         t.best_eval_loss,
         timed_tokens=tokens,
         timed_seconds=busy,
+        resume_step=t.resume_step,  # a checkpointer's note, in on_train_end
     )
 
 

@@ -5,6 +5,7 @@ batches and ends bitwise where the uninterrupted run ends."""
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -18,7 +19,15 @@ from nnxtrain.plugins.checkpointer import Checkpointer
 from nnxtrain.plugins.spike_guard import SKIPPED_FILE, SpikeGuard
 from rich.console import Console
 
-from nnxtrain import Trainer, compose
+from nnxtrain import (
+    ConfigError,
+    SetupEvent,
+    StepEndEvent,
+    TrainEndEvent,
+    Trainer,
+    TrainStartEvent,
+    compose,
+)
 from nnxtrain.config import OptimConfig
 from nnxtrain.data import SyntheticData
 from nnxtrain.model import Transformer
@@ -194,3 +203,96 @@ def test_the_cli_exits_3_when_the_guard_gives_up(tmp_path: Path):
     assert proc.returncode == 3, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("nnxtrain: diverged: spike_guard skipped 3 steps in a row"), last
+
+
+# -- warm-up spikes and where a run of bad steps began (no model: the hooks alone) --------
+
+
+class GuardView:
+    """Just enough of a TrainerView for the guard's hooks; it skips a step as the compiled
+    step would, by the limits the guard last gave, and records what the guard marks."""
+
+    def __init__(self) -> None:
+        self.console = Console(file=io.StringIO(), width=300)
+        self.limits, self.step = (np.inf, np.inf), 0
+        self.marks: list[int | None] = []  # each change of mark_divergence
+        self.failed: str | None = None
+
+    def skip_bad_steps(self, loss_limit: float = np.inf, norm_limit: float = np.inf) -> None:
+        self.limits = (loss_limit, norm_limit)
+
+    def mark_divergence(self, since: int | None) -> None:
+        if not self.marks or self.marks[-1] != since:
+            self.marks.append(since)
+
+    def request_failure_stop(self, reason: str) -> None:
+        self.failed = self.failed or reason
+
+
+def start(guard: SpikeGuard, run_dir: Path, step: int = 0) -> GuardView:
+    """The guard's set-up and train start in `run_dir`, at `step`."""
+    guard.name, view = "spike_guard", GuardView()
+    guard.on_setup(view, SetupEvent(None, None, None, None, str(run_dir), None))  # type: ignore[arg-type]
+    guard.on_train_start(view, TrainStartEvent(step, 100))
+    return view
+
+
+def feed(guard: SpikeGuard, run_dir: Path, losses: list[float]) -> GuardView:
+    """Steps 1, 2, ... with these losses (grad norm 1) through the guard's hooks."""
+    view = start(guard, run_dir)
+    for step, loss in enumerate(losses, 1):
+        skipped = not np.isfinite(loss) or loss > view.limits[0]
+        record = SimpleNamespace(
+            metrics={"loss": loss, "grad_norm": 1.0, "skipped": float(skipped)}
+        )
+        view.step = step
+        guard.on_step_end(view, StepEndEvent(step, 100, 0, None, lambda r=record: r))  # type: ignore[arg-type]
+    guard.on_train_end(view, TrainEndEvent(len(losses), "completed", 0.0))
+    return view
+
+
+BLOWN_UP = [4.17, 4.18, 2448.0, 1876.0, 1875.0, 1871.0, 1899.0, 1809.0]  # the issue's lr=300
+
+
+@pytest.mark.parametrize(
+    ("losses", "options", "skips", "bad", "since", "fails"),
+    [
+        # Within the warm-up (20 steps): the limit for step 4 on is 10x the median of the
+        # good losses so far; step 3 had no limit (nothing known yet) but is judged bad
+        # once read, so the divergence began there.
+        (BLOWN_UP, {}, [4, 5, 6, 7, 8], [3, 4, 5, 6, 7, 8], 3, True),
+        # The median, not the lowest: one easy batch (0.05) leaves 2.5 a good loss, and a
+        # loss 15x the others is a spike; the run of bad steps ends with the next good one.
+        ([2.0, 0.05, 2.1, 1.9, 2.2, 2.5, 30.0, 2.0], {}, [7], [7], None, False),
+        # warmup_factor=0: during the warm-up only non-finite steps are skipped.
+        ([4.0, 4.0, 4.0, 2448.0, float("nan")], {"warmup_factor": 0}, [5], [5], 5, False),
+    ],
+    ids=["blown-up-in-warm-up", "median-not-minimum", "factor-off"],
+)
+def test_warm_up_spikes_and_the_start_of_a_divergence(
+    tmp_path: Path, losses, options, skips, bad, since, fails
+):
+    guard = SpikeGuard(**options)
+    view = feed(guard, tmp_path, losses)
+    assert [r["step"] for r in skipped(tmp_path)] == skips
+    assert [s for s, v in sorted(guard.values.items()) if v[3]] == bad
+    assert view.marks[-1] == since  # what the trainer was last told
+    assert (view.failed is not None) == fails, view.failed
+
+
+def test_the_start_of_a_divergence_rides_in_checkpoints(tmp_path: Path):
+    guard = SpikeGuard(max_consecutive=10)
+    feed(guard, tmp_path, BLOWN_UP[:5])
+    state = json.loads(json.dumps(guard.state_dict()))  # as a checkpoint's meta holds it
+    resumed = SpikeGuard()
+    resumed.load_state_dict(state)
+    assert resumed.bad_since == guard.bad_since == 3
+    assert start(resumed, tmp_path, step=5).marks == [3]
+    # A checkpoint of an older nnxtrain: values without the `bad` flag (skipped = bad).
+    resumed.load_state_dict({"values": {"1": [4.0, 1.0, False], "2": [90.0, 1.0, True]}})
+    assert resumed.bad_since is None and [v[3] for v in resumed.values.values()] == [False, True]
+
+
+def test_warmup_factor_is_checked(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"callbacks\.spike_guard\.warmup_factor"):
+        feed(SpikeGuard(warmup_factor=0.5), tmp_path, [])
