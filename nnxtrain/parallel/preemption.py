@@ -5,15 +5,15 @@
     ...
     if (name := preemption.agreed_stop(step)) is not None: ...   # at each step boundary
 
-Until the loop starts (`loop_started()`), a signal ends the run at once: the handler
-raises `Interrupted`, since nothing is trained yet and there is nothing to save. Python runs
-a handler in the main thread only, between bytecodes or in a wait it can interrupt, never
-inside a long C call such as XLA's compile; so set-up runs such calls through
-`interruptible(fn)`, on a worker thread while the main thread waits where a handler can
-run (a build or compile of minutes still honours SIGTERM and Ctrl-C at once).
+Until the loop starts (its first `agreed_stop`, or `loop_started()`), a signal ends the
+run at once: the handler raises `Interrupted`, since nothing is trained yet and there is
+nothing to save. Python runs a handler in the main thread only, between bytecodes or in a
+wait it can interrupt, never inside a long C call such as XLA's compile; so set-up runs
+such calls through `interruptible(fn)`, on a worker thread while the main thread waits
+where a handler can run (a build or compile of minutes still honours SIGTERM and Ctrl-C).
 
-In the loop, a signal only records its name (`signal`). The loop asks `agreed_stop(step)` between
-steps. With one process the answer is the flag itself, at every step and at no cost. With
+In the loop, a signal only records its name (`signal`). The loop asks `agreed_stop(step)`
+between steps. With one process the answer is the flag itself, at every step and at no cost. With
 several, processes get a signal at different steps (or only one gets it), and one that
 stopped alone would leave the others in a collective that never completes. So every
 `check_every` steps each process posts its flag to JAX's coordination service (its
@@ -87,18 +87,18 @@ _working: set[threading.Thread] = set()  # the workers of `interruptible` still 
 T = TypeVar("T")
 
 
-def interruptible(fn: Callable[[], T]) -> T:
-    """`fn()`, run on a worker thread while the main thread waits in `join`, where a signal
-    handler runs (and may raise: `Interrupted`, or KeyboardInterrupt). The worker of an
-    interrupted call runs on, a daemon whose result is dropped (`abandoned()`). Off the
-    main thread, `fn()` runs there."""
+def interruptible(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, run on a worker thread while the main thread waits in `join`, where a
+    signal handler runs (and may raise: `Interrupted`, or KeyboardInterrupt). The worker of
+    an interrupted call runs on, a daemon whose result is dropped (`abandoned()`). Off the
+    main thread, `fn(*args)` runs there."""
     if threading.current_thread() is not threading.main_thread():
-        return fn()
+        return fn(*args)
     outcome: list[tuple[bool, Any]] = []
 
     def work() -> None:
         try:
-            outcome.append((True, fn()))
+            outcome.append((True, fn(*args)))
         except BaseException as e:  # handed to the main thread
             outcome.append((False, e))
         finally:
@@ -187,6 +187,7 @@ class Preemption:
         processes still arrive from their own compilation); elsewhere this is None. Raises
         `LostProcessError` when a process does not reach the check in time.
         """
+        self.setting_up = False  # the loop has started
         if self._client is None:
             return self.signal
         if self._first_step is None:

@@ -257,14 +257,12 @@ class Trainer(RunControls):
                 if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
                     params = load_init_from(cfg, self.state.params, self.mesh, self.console)
                     self.state = dataclasses.replace(self.state, params=params)
-        # waits for the initialisation: a long one still hears SIGTERM and Ctrl-C
-        self.step = start_step = int(interruptible(lambda: jax.device_get(self.state.step)))
+        self.step = start_step = int(interruptible(jax.device_get, self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
         self._looped = True
         self.hooks.fire("on_train_start", self, TrainStartEvent(self.step, cfg.run.steps))
         t_start = time.perf_counter()
-        self.preemption.loop_started()  # a signal now stops at a step boundary, with a save
         with self.goodput.timed("step"):
             reason, eval_metrics = self._loop(watcher)
             # A run stopped before its first step (a signal, a plugin) has nothing to wait for.

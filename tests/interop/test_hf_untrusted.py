@@ -157,10 +157,8 @@ WRONG_TYPES = {
     "eps-huge-int": ({"rms_norm_eps": 10**400}, "rms_norm_eps"),
     "tie-int": ({"tie_word_embeddings": 1}, "tie_word_embeddings"),
     "init-null": ({"initializer_range": None}, "initializer_range"),
-    "act-number": ({"hidden_act": 5}, "hidden_act"),
-    "bias-string": ({"attention_bias": "no"}, "attention_bias"),
+    "bias-zero": ({"attention_bias": 0}, "attention_bias"),
     "rope-scaling-string": ({"rope_scaling": "linear"}, "rope_scaling"),
-    "rope-type-number": ({"rope_scaling": {"rope_type": 3}}, "rope_scaling.rope_type"),
     "rope-factor-string": (
         {"rope_scaling": {"rope_type": "linear", "factor": "4"}},
         "rope_scaling.factor",
@@ -172,7 +170,7 @@ WRONG_TYPES = {
         },
         "rope_parameters.original_max_position_embeddings",
     ),
-    "partial-string": ({"partial_rotary_factor": "1"}, "partial_rotary_factor"),
+    "partial-bool": ({"partial_rotary_factor": True}, "partial_rotary_factor"),
 }
 
 

@@ -25,7 +25,7 @@ from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 MODEL_TYPES = ("llama", "mistral")
 # Keys that mean a mixture of experts when set (Mixtral, Qwen-MoE, DeepSeek, ...).
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor")  # linear: the first
 # ModelConfig field -> the config.json key it comes from (the rotary ones: see _rope)
 HF_KEYS = {
     "vocab_size": "vocab_size",
@@ -84,7 +84,7 @@ def _rope(keys: Keys, max_len: int) -> tuple[dict[str, Any], dict[str, str]]:
     if kind == "default":
         out["rope_scaling"] = "none"
     elif kind in ("linear", "llama3"):
-        fields = LLAMA3_KEYS if kind == "llama3" else LLAMA3_KEYS[:1]
+        fields = SCALING_KEYS if kind == "llama3" else SCALING_KEYS[:1]
         names = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
         for name, field in zip(fields, names, strict=False):
             if params.get(name) is None:

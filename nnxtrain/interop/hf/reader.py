@@ -157,15 +157,15 @@ class Reader:
         present = sorted({int(m.group(1)) for n in self.shapes if (m := _LAYER.match(n))})
         gap = next((i for i, layer in enumerate(present) if i != layer), len(present))
         if gap < num_layers:
-            problem = f"holds no tensor of layer {gap} (model.layers.{gap}.*)"
+            problem = f"hold no tensor of layer {gap} (model.layers.{gap}.*)"
         elif present and present[-1] >= num_layers:
-            problem = f"holds layers up to {present[-1]} (model.layers.{present[-1]}.*)"
+            problem = f"hold layers up to {present[-1]} (model.layers.{present[-1]}.*)"
         else:
             return
         raise UserError(
             f"{self.path}: config.json key 'num_hidden_layers' is {num_layers}, but the "
-            f"model {problem}. Fix: use the config.json that belongs to these weights, or "
-            "download the missing shards."
+            f"safetensors files {problem}. Fix: use the config.json that belongs to these "
+            "weights, or download the missing shards."
         )
 
     def _check_tensor(self, name: str, w: Weight, cfg: ModelConfig) -> None:
@@ -180,7 +180,7 @@ class Reader:
             keys = next((k for (size, k), got in zip(dims, shape, strict=False) if size != got), "")
             keys = keys or dims[0][1]  # a different number of dimensions
             says = " * ".join(
-                f"{k!r} ({getattr(cfg, _FIELDS[k.strip()])})" for k in keys.split("*")
+                f"{k!r} ({shown(getattr(cfg, _FIELDS[k.strip()]))})" for k in keys.split("*")
             )
             raise UserError(
                 f"{self.files[name]}: tensor {name} has shape {list(shape)}, but config.json "
