@@ -127,3 +127,19 @@ class Tagged(Callback):
     ):
         self.every, self.label, self.loud, self.scale = every, label, loud, scale
         self.tags, self.anything, self.unannotated = tags, anything, unannotated
+
+
+class SignalAt(Callback):
+    """A slow set-up: sends `signal` to this process in on_setup, then keeps the host busy
+    for `seconds`; logs "slept" only if the sleep ran to its end."""
+
+    def __init__(self, signal: str = "SIGTERM", seconds: float = 30.0):
+        self.signal, self.seconds = signal, seconds
+
+    def on_setup(self, trainer: Any, event: Any) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, self.signal))
+        time.sleep(self.seconds)
+        LOG.append((self.name, "slept", self.seconds))

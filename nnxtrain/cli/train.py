@@ -9,7 +9,8 @@
 Bad input ends with one line on stderr that names the key and the fix, and exit code 2;
 a run stopped by a non-finite loss exits 3; a multi-process run that lost a process exits
 4, naming it in one line; SIGTERM/SIGINT save and exit 143/130, and a second Ctrl-C ends
-the process at once (130, one line). The command line is checked before Hydra composes
+the process at once (130, one line); before the first step (set-up, compilation) either
+ends it at once, with one line and 143/130. The command line is checked before Hydra composes
 (`nnxtrain.cli.overrides`), and what Hydra itself refuses is put into one line too: Hydra
 raises its errors here (HYDRA_FULL_ERROR=1) instead of printing them in several lines.
 A plugin that raises exits 2 like bad input, its traceback in `<run dir>/errors.log`
@@ -62,7 +63,7 @@ from nnxtrain.errors import (
     log_traceback,
 )
 from nnxtrain.interop.init_from import resolve as resolve_init_from
-from nnxtrain.parallel.preemption import on_second_interrupt
+from nnxtrain.parallel.preemption import Interrupted, abandoned, on_second_interrupt
 from nnxtrain.run.directory import CREATED_DIRS
 
 EXIT_NOT_FINITE = 3
@@ -277,6 +278,23 @@ def _interrupted(what: str = "Ctrl-C") -> NoReturn:
     os._exit(EXIT_PREEMPTED["SIGINT"])
 
 
+def _interrupted_setting_up(signal: str) -> NoReturn:
+    """SIGTERM or Ctrl-C before the first step: one line, exit 143 or 130 at once. Through
+    os._exit when a compile it interrupted still runs on its thread (the interpreter's exit
+    would tear XLA down under it); nothing is being written then."""
+    print(
+        f"nnxtrain: interrupted ({signal}) while setting up, before the first step: "
+        "nothing was trained or saved. Rerun the same command to start again.",
+        file=sys.stderr,
+    )
+    code = EXIT_PREEMPTED.get(signal, 143)
+    if abandoned():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     register_schemas()
@@ -294,6 +312,8 @@ def main() -> None:
         _run()
     except UserError as e:
         _bad_input(e)
+    except Interrupted as e:
+        _interrupted_setting_up(e.signal)
     except KeyboardInterrupt:
         _interrupted()
     except Exception as e:

@@ -6,11 +6,12 @@
 - `schema`: the frozen dataclasses, the single source of truth for every key a run
   accepts, each field with its one-line help;
 - `loading`: Hydra composition into those classes (`compose`, `from_omegaconf`);
-- `checks`: `validate()`, the checks that need no device and no file;
+- `checks`: `validate()`, the checks that need no device and no file (`validate_model`,
+  the model group's alone, also runs on every Hugging Face config.json read);
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
-from nnxtrain.config.checks import fit_remats, validate
+from nnxtrain.config.checks import fit_remats, validate, validate_model
 from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
@@ -50,4 +51,5 @@ __all__ = [
     "register_schemas",
     "setting",
     "validate",
+    "validate_model",
 ]

@@ -19,6 +19,7 @@ from nnxtrain.config.schema import (
     TRUNCATE_MODES,
     Config,
     DataConfig,
+    ModelConfig,
     RunConfig,
 )
 from nnxtrain.errors import ConfigError
@@ -29,31 +30,35 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(key, f"must be positive, got {value}", f"set {key} to a value >= 1")
 
 
+def _finite(group: str, section: object) -> None:
+    """Every float key of a group is finite (`optim.lr=nan` would train on NaN)."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{group}.{f.name}", f"must be a finite number, got {value}", "give a number"
+            )
+
+
+def _in_ranges(ranges: list[tuple[str, float, bool, str]], defaults: dict[str, object]) -> None:
+    for key, value, ok, allowed in ranges:
+        if not ok:
+            default = defaults[key.split(".")[0]]
+            raise ConfigError(
+                key,
+                f"must be {allowed}, got {value}",
+                f"use e.g. {getattr(default, key.split('.')[1])}",
+            )
+
+
 def _check_floats(cfg: Config) -> None:
-    """Every float key is finite (`optim.lr=nan` would train on NaN), and those with a
-    valid range are inside it: out of range they fail much later, or never (a negative
-    clip_norm silently turns clipping off)."""
+    """Every float key is finite, and those with a valid range are inside it: out of range
+    they fail much later, or never (a negative clip_norm silently turns clipping off)."""
     for group in GROUPS:
-        for f in dataclasses.fields(getattr(cfg, group)):
-            value = getattr(getattr(cfg, group), f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(
-                    f"{group}.{f.name}", f"must be a finite number, got {value}", "give a number"
-                )
-    m, o, r = cfg.model, cfg.optim, cfg.run
+        _finite(group, getattr(cfg, group))
+    o, r = cfg.optim, cfg.run
     ranges: list[tuple[str, float, bool, str]] = [
         ("run.goodput_every", r.goodput_every, r.goodput_every >= 0, ">= 0 (0: every step)"),
-        ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
-        ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0"),
-        ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0"),
-        ("model.rope_factor", m.rope_factor, m.rope_factor > 0, "> 0"),
-        ("model.rope_low_freq_factor", m.rope_low_freq_factor, m.rope_low_freq_factor > 0, "> 0"),
-        (
-            "model.rope_high_freq_factor",
-            m.rope_high_freq_factor,
-            m.rope_high_freq_factor > m.rope_low_freq_factor,
-            f"> model.rope_low_freq_factor={m.rope_low_freq_factor}",
-        ),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.b1", o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
         ("optim.b2", o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
@@ -64,11 +69,62 @@ def _check_floats(cfg: Config) -> None:
         ("optim.z_loss", o.z_loss, o.z_loss >= 0, ">= 0"),
         ("run.loss_chunk", r.loss_chunk, r.loss_chunk >= 0, ">= 0 (0: all positions at once)"),
     ]
-    for key, value, ok, allowed in ranges:
-        if not ok:
-            group, name = key.split(".")
-            default = getattr(type(getattr(cfg, group))(), name)
-            raise ConfigError(key, f"must be {allowed}, got {value}", f"use e.g. {default}")
+    _in_ranges(ranges, {"optim": type(o)(), "run": type(r)()})
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The model group's checks; returns `m` unchanged when valid. `validate` runs them on
+    every config, and `nnxtrain.hf.load` on the config.json it reads (naming its keys)."""
+    for key, value in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.emb_dim", m.emb_dim),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.head_dim", m.head_dim),
+        ("model.mlp_dim", m.mlp_dim),
+        ("model.max_len", m.max_len),
+        ("model.rope_original_max_len", m.rope_original_max_len),
+    ]:
+        _positive(key, value)
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            "model.num_kv_heads",
+            f"must divide the number of query heads ({m.num_heads}), got {m.num_kv_heads}",
+            "choose num_kv_heads that divides num_heads",
+        )
+    if m.head_dim % 2:
+        raise ConfigError(
+            "model.head_dim",
+            f"must be even for rotary embeddings, got {m.head_dim}",
+            "use an even head_dim",
+        )
+    choices: list[tuple[str, str, tuple[str, ...]]] = [
+        ("model.param_dtype", m.param_dtype, DTYPES),
+        ("model.dtype", m.dtype, ("auto", *DTYPES)),
+        ("model.remat", m.remat, REMAT_POLICIES),
+        ("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS),
+        ("model.attention", m.attention, ATTENTION_IMPLS),
+    ]
+    for key, choice, allowed in choices:
+        if choice not in allowed:
+            raise ConfigError(key, f"unknown value {choice!r}", f"use one of {', '.join(allowed)}")
+    _finite("model", m)
+    ranges: list[tuple[str, float, bool, str]] = [
+        ("model.init_std", m.init_std, m.init_std > 0, "> 0"),
+        ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0"),
+        ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0"),
+        ("model.rope_factor", m.rope_factor, m.rope_factor > 0, "> 0"),
+        ("model.rope_low_freq_factor", m.rope_low_freq_factor, m.rope_low_freq_factor > 0, "> 0"),
+        (
+            "model.rope_high_freq_factor",
+            m.rope_high_freq_factor,
+            m.rope_high_freq_factor > m.rope_low_freq_factor,
+            f"> the low-frequency factor ({m.rope_low_freq_factor})",
+        ),
+    ]
+    _in_ranges(ranges, {"model": ModelConfig()})
+    return m
 
 
 def fit_remats(cfg: Config) -> list[str]:
@@ -92,17 +148,9 @@ def validate(cfg: Config) -> Config:
         ("run.grad_accum", r.grad_accum),
         ("run.eval_batches", r.eval_batches),
         ("run.preempt_check_every", r.preempt_check_every),
-        ("model.vocab_size", m.vocab_size),
-        ("model.emb_dim", m.emb_dim),
-        ("model.num_layers", m.num_layers),
-        ("model.num_heads", m.num_heads),
-        ("model.num_kv_heads", m.num_kv_heads),
-        ("model.head_dim", m.head_dim),
-        ("model.mlp_dim", m.mlp_dim),
-        ("model.max_len", m.max_len),
-        ("model.rope_original_max_len", m.rope_original_max_len),
     ]:
         _positive(key, value)
+    validate_model(m)
     for key, seed in (("run.seed", r.seed), ("data.source_seed", cfg.data.source_seed)):
         if not 0 <= seed < 2**63:  # numpy's generators take no negative seed, JAX's key no wider
             raise ConfigError(key, f"must be in [0, 2**63), got {seed}", f"set {key} to e.g. 0")
@@ -118,18 +166,6 @@ def validate(cfg: Config) -> Config:
             f"{r.seq_len} exceeds model.max_len={m.max_len} of model '{m.name}'",
             f"set run.seq_len<={m.max_len} or raise model.max_len",
         )
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(
-            "model.num_kv_heads",
-            f"model.num_heads={m.num_heads} is not divisible by num_kv_heads={m.num_kv_heads}",
-            "choose num_kv_heads that divides num_heads",
-        )
-    if m.head_dim % 2:
-        raise ConfigError(
-            "model.head_dim",
-            f"must be even for rotary embeddings, got {m.head_dim}",
-            "use an even head_dim",
-        )
     if r.batch_size > 0 and r.batch_size % r.grad_accum:
         raise ConfigError(
             "run.grad_accum",
@@ -137,12 +173,7 @@ def validate(cfg: Config) -> Config:
             "pick a grad_accum that divides the batch size",
         )
     choices: list[tuple[str, str, tuple[str, ...]]] = [
-        ("model.param_dtype", m.param_dtype, DTYPES),
-        ("model.dtype", m.dtype, ("auto", *DTYPES)),
-        ("model.remat", m.remat, REMAT_POLICIES),
         ("run.fit", r.fit, FIT_MODES),
-        ("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS),
-        ("model.attention", m.attention, ATTENTION_IMPLS),
         ("optim.name", o.name, ("adamw",)),
         ("data.name", cfg.data.name, DATA_KINDS),
     ]

@@ -145,7 +145,8 @@ class DataConfig:
     )
     tokenizer: str = setting(
         "",
-        'byte, char, a tokenizer.json or a SentencePiece .model; ""=run.init_from\'s, else byte',
+        'byte, char, a tokenizer.json or a SentencePiece .model; ""=run.init_from\'s '
+        "(an HF dir's is required for text, jsonl), else byte",
     )
     vocab_size_from_tokenizer: bool = setting(
         True, "model.vocab_size := the tokenizer's; false: keep"

@@ -5,9 +5,12 @@ directory or of an nnxtrain run's checkpoint; the step and the optimizer start f
     nnxtrain run.init_from=runs/a run.dir=runs/b   # the parameters of a's latest checkpoint
 
 Two moments, one owner:
-- as the config is composed, `resolve(config, overrides)` takes the model's shape from PATH,
-  and the tokenizer (PATH's tokenizer.json or tokenizer.model, or the run's data.tokenizer)
-  unless data.tokenizer is set. A `model.*` shape key given in `overrides` (the command
+- as the config is composed, `resolve(config, overrides)` takes the model's shape from PATH
+  (an HF directory's config.json checked against its safetensors headers, so absurd sizes
+  fail here, before anything is built), and the tokenizer (PATH's tokenizer.json or
+  tokenizer.model, or the run's data.tokenizer) unless data.tokenizer is set; an HF
+  directory with no tokenizer file is an error for data=text and data=jsonl, which would
+  encode bytes the model never saw. A `model.*` shape key given in `overrides` (the command
   line's) that differs from PATH's is an error naming it; the keys of how the model runs
   (USER_KEYS) stay the user's. It reads files only and touches no JAX device, so it runs
   before JAX starts. `compose(overrides)` is `nnxtrain.config.compose` followed by it (the
@@ -38,7 +41,7 @@ from nnxtrain.config import Config, ModelConfig, validate
 from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
-from nnxtrain.interop.hf.config import read_config, to_model_config
+from nnxtrain.interop.hf import open_model
 from nnxtrain.parallel.sharding import merge_rules
 
 KEY = "run.init_from"
@@ -47,6 +50,8 @@ USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention")
 # Not the weights' shape: PATH's unless given on the command line.
 SOFT_KEYS = ("name", "max_len", "init_std")
 HF_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
+TOKENIZING = ("text", "tokens", "jsonl")  # the data kinds that read a tokenizer
+ENCODING = ("text", "jsonl")  # those that cannot do without one (tokens: ids already made)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def source(path: str) -> Source:
         raise ConfigError(KEY, f"{path} is a file, not a directory", what)
     try:
         if os.path.isfile(os.path.join(path, "config.json")):
-            model = to_model_config(read_config(path), path, param_dtype="float32")
+            model, _ = open_model(path)  # every check short of reading a tensor: quick
             found = (os.path.join(path, n) for n in HF_TOKENIZERS)
             tokenizer = next((os.path.abspath(f) for f in found if os.path.isfile(f)), None)
             return Source(path, "hf", model, tokenizer)
@@ -148,8 +153,17 @@ def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
             changes[key] = theirs
     data = config.data
     # every kind that tokenizes (jsonl too: it once fell back to byte, ids the model never saw)
-    if data.name in ("text", "tokens", "jsonl") and not data.tokenizer and src.tokenizer:
-        data = dataclasses.replace(data, tokenizer=src.tokenizer)
+    if data.name in TOKENIZING and not data.tokenizer:
+        if src.tokenizer:
+            data = dataclasses.replace(data, tokenizer=src.tokenizer)
+        elif src.kind == "hf" and data.name in ENCODING:  # bytes: ids the model never saw
+            raise ConfigError(
+                "data.tokenizer",
+                f"{KEY}={src.path} holds no {' or '.join(HF_TOKENIZERS)}, and data={data.name} "
+                "needs the model's tokenizer (nnxtrain-generate refuses this directory too)",
+                "set data.tokenizer to the model's tokenizer.json or tokenizer.model, or copy "
+                f"it into {src.path}",
+            )
     # The weights fix the vocabulary: a tokenizer with more tokens is an error, not a resize.
     data = dataclasses.replace(data, vocab_size_from_tokenizer=False)
     model = dataclasses.replace(config.model, **changes)

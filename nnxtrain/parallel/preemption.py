@@ -5,8 +5,15 @@
     ...
     if (name := preemption.agreed_stop(step)) is not None: ...   # at each step boundary
 
-A signal only records its name (`signal`). The loop asks `agreed_stop(step)` between
-steps. With one process the answer is the flag itself, at every step and at no cost. With
+Until the loop starts (its first `agreed_stop`, or `loop_started()`), a signal ends the
+run at once: the handler raises `Interrupted`, since nothing is trained yet and there is
+nothing to save. Python runs a handler in the main thread only, between bytecodes or in a
+wait it can interrupt, never inside a long C call such as XLA's compile; so set-up runs
+such calls through `interruptible(fn)`, on a worker thread while the main thread waits
+where a handler can run (a build or compile of minutes still honours SIGTERM and Ctrl-C).
+
+In the loop, a signal only records its name (`signal`). The loop asks `agreed_stop(step)`
+between steps. With one process the answer is the flag itself, at every step and at no cost. With
 several, processes get a signal at different steps (or only one gets it), and one that
 stopped alone would leave the others in a collective that never completes. So every
 `check_every` steps each process posts its flag to JAX's coordination service (its
@@ -39,7 +46,7 @@ import signal as signals
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 
@@ -66,6 +73,56 @@ def on_second_interrupt(action: Callable[[], object] | None) -> None:
     _second_interrupt = action
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT (`signal`, its name) before the loop's first step: the run ends at
+    once, with nothing trained to save. A KeyboardInterrupt, so no `except Exception` stops it."""
+
+    def __init__(self, signal: str):
+        super().__init__(signal)
+        self.signal = signal
+
+
+_WORKER = "nnxtrain-interruptible"
+_working: set[threading.Thread] = set()  # the workers of `interruptible` still running
+T = TypeVar("T")
+
+
+def interruptible(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, run on a worker thread while the main thread waits in `join`, where a
+    signal handler runs (and may raise: `Interrupted`, or KeyboardInterrupt). The worker of
+    an interrupted call runs on, a daemon whose result is dropped (`abandoned()`). Off the
+    main thread, `fn(*args)` runs there."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    outcome: list[tuple[bool, Any]] = []
+
+    def work() -> None:
+        try:
+            outcome.append((True, fn(*args)))
+        except BaseException as e:  # handed to the main thread
+            outcome.append((False, e))
+        finally:
+            _working.remove(worker)
+
+    worker = threading.Thread(target=work, name=_WORKER, daemon=True)
+    _working.add(worker)
+    worker.start()
+    worker.join()  # a lock wait: POSIX signals interrupt it, and the handler runs here
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def abandoned() -> bool:
+    """Whether an `interruptible` call that a signal interrupted still runs: the process
+    should then end with os._exit, since the interpreter's exit would wait for it or tear
+    XLA down under it."""
+    # Not Thread.is_alive(): Python 3.11 marks a thread stopped when a signal interrupts
+    # a join of it (bpo-45274's fix), though it runs on.
+    return bool(_working)
+
+
 class _LateProcessError(UserError):
     """Every process answered the roll call, but one reached a stop check too late."""
 
@@ -85,6 +142,7 @@ class Preemption:
         self.check_every = check_every
         self.heartbeat_timeout = heartbeat_timeout
         self.signal: str | None = None  # the signal this process received
+        self.setting_up = True  # before the loop: a signal raises Interrupted at once
         self._saved: dict[int, Any] = {}
         self._client = _client()
         self._prefix = f"nnxtrain/preemption/{next(_INSTANCES)}"
@@ -107,12 +165,18 @@ class Preemption:
             signals.signal(sig, handler)
         self._saved.clear()
 
+    def loop_started(self) -> None:
+        """From now on a signal is a stop at a step boundary, agreed by every process."""
+        self.setting_up = False
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signals.SIGINT:
             if _second_interrupt is not None:
                 _second_interrupt()
             raise KeyboardInterrupt  # a second Ctrl-C quits at once
         self.signal = self.signal or signals.Signals(signum).name
+        if self.setting_up:
+            raise Interrupted(self.signal)
 
     # -- agreement -----------------------------------------------------------------------
 
@@ -123,6 +187,7 @@ class Preemption:
         processes still arrive from their own compilation); elsewhere this is None. Raises
         `LostProcessError` when a process does not reach the check in time.
         """
+        self.setting_up = False  # the loop has started
         if self._client is None:
             return self.signal
         if self._first_step is None:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from nnxtrain.errors import UserError
 from nnxtrain.parallel.collectives import CollectiveAccount, parse_collectives
+from nnxtrain.parallel.preemption import interruptible
 from nnxtrain.parallel.sharding import ActivationRecord, state_shardings, use_rules
 from nnxtrain.train.step import (
     GUARD_OFF,
@@ -154,7 +155,7 @@ def _compile(name: str, mesh: Mesh, rules: Rules, jitted: Any, *args: Any) -> Co
         lowered = jitted.lower(*args)
         t1 = time.perf_counter()
         try:
-            compiled = lowered.compile()
+            compiled = interruptible(lowered.compile)  # SIGTERM/Ctrl-C stop it
         except Exception as e:  # as on hardware: XLA's RESOURCE_EXHAUSTED
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

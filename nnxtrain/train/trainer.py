@@ -13,8 +13,10 @@ run_info.json, fire `on_compile` (a dry run stops here). Initialise the state sh
 flight (`timing` times completions), place the next batch (`feed`), fire
 `on_step_end`, evaluate every `run.eval_every` steps. The loop ends when the steps are
 done, a plugin asked to stop (`controls`), every process agreed on a signal
-(`nnxtrain.parallel.preemption`), or a loss is not finite; then `on_train_end`, and `teardown`
-(also after an exception, which fires `on_exception` first). Every second from the
+(`nnxtrain.parallel.preemption`; before the loop, a signal ends the run at once, and
+long compiles and waits run through `interruptible` so that it can), or a loss is not
+finite; then `on_train_end`, and `teardown` (also after an exception, which fires
+`on_exception` first). Every second from the
 Trainer's creation (or `started`) is charged to a bucket of the goodput account
 (`nnxtrain.train.goodput`), kept in run_info.json as the loop goes. `fit()` returns a
 `FitResult` (`nnxtrain.train.result`).
@@ -37,7 +39,7 @@ from nnxtrain.interop.init_from import resolve as resolve_init_from
 from nnxtrain.model import Transformer
 from nnxtrain.parallel.distributed import start_jax
 from nnxtrain.parallel.mesh import build_mesh, resolve_batch
-from nnxtrain.parallel.preemption import Preemption
+from nnxtrain.parallel.preemption import Preemption, interruptible
 from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
 from nnxtrain.run.directory import make_run_dir, read_run_info, write_config, write_run_info
 from nnxtrain.run.lock import RunLock
@@ -250,7 +252,7 @@ class Trainer(RunControls):
                 if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
                     params = load_init_from(cfg, self.state.params, self.mesh, self.console)
                     self.state = dataclasses.replace(self.state, params=params)
-        self.step = start_step = int(jax.device_get(self.state.step))
+        self.step = start_step = int(interruptible(jax.device_get, self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
         self._looped = True

@@ -2,7 +2,8 @@
 and importing nnxtrain (hf included) never imports torch or transformers.
 
 The directories are written by nnxtrain.interop.hf.save from a tiny model, then spoiled: these
-tests need neither torch nor transformers.
+tests need neither torch nor transformers. The hostile ones (issue 24) are in
+test_hf_untrusted.py, which uses this file's helpers.
 """
 
 import json
@@ -71,6 +72,10 @@ UNSUPPORTED = {
     "model-type": ({"model_type": "gpt2"}, "'model_type'"),
     "activation": ({"hidden_act": "gelu"}, "'hidden_act'"),
     "missing-key": ({"hidden_size": None}, "'hidden_size'"),
+    "quantized": (
+        {"quantization_config": {"quant_method": "bitsandbytes"}},
+        "'quantization_config'",
+    ),
 }
 
 

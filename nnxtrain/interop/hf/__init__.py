@@ -7,11 +7,15 @@
     nnxtrain.hf.save(model, "out", tokenizer_dir="TinyLlama-1.1B", dtype="bfloat16")
 
 `config` maps config.json to and from `ModelConfig` (and refuses what the decoder cannot
-represent), `weights` maps tensor names and layouts and reads/writes safetensors. Reading
-needs only `safetensors` and numpy: importing this never imports torch or transformers.
+represent; `keys` types each key and gives transformers' defaults), `weights` maps tensor
+names and layouts and writes safetensors, `reader` reads them and checks them against
+config.json. `open_model(path)` runs every check that needs no tensor's data, before
+anything is built: `load` and `run.init_from` both start with it. Reading needs only
+`safetensors` and numpy: importing this never imports torch or transformers.
 docs/interop.md is the manual (the weight map, what is supported, what errors).
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,11 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 
-from nnxtrain.config import DTYPES
+from nnxtrain.config import DTYPES, ModelConfig
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import from_model_config, read_config, to_model_config
+from nnxtrain.interop.hf.reader import Reader
 from nnxtrain.interop.hf.weights import (
-    Reader,
     Weight,
     hf_names,
     hf_shape,
@@ -73,21 +77,11 @@ def load(
     """
     if param_dtype is not None and param_dtype not in DTYPES:
         raise UserError(f"param_dtype={param_dtype!r} is unknown. Fix: use one of {DTYPES}.")
-    hf = read_config(path)
-    reader = Reader(path)
+    cfg, reader = open_model(path)
     dtype = param_dtype or reader.dtype("model.embed_tokens.weight")
-    cfg = to_model_config(hf, path, param_dtype=dtype)
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
-    expected: dict[str, tuple[tuple[int, ...], str]] = {}
-    for w in weights_of(cfg):
-        shape = flat[w.path].get_value().shape
-        one = shape[1:] if w.per_layer else shape
-        expected.update(
-            dict.fromkeys(hf_names(w, cfg.num_layers), (hf_shape(w, one), w.shape_keys))
-        )
-    reader.check(expected, ignore={"lm_head.weight"} if cfg.tie_embeddings else set())
-
     shardings: dict[Any, Sharding]
     if mesh is None:
         shardings = dict.fromkeys(flat, SingleDeviceSharding(jax.devices()[0]))
@@ -105,6 +99,18 @@ def load(
     for p, var in flat.items():
         var.set_value(values[p])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def open_model(path: str) -> tuple[ModelConfig, Reader]:
+    """The model of HF directory `path` (its ModelConfig, parameters float32) and the
+    reader of its weights, after every check that reads no tensor's data: config.json's
+    keys, types, defaults and ranges; the index's shard names (inside `path`); the
+    headers' names, shapes and dtypes against config.json. Quick whatever config.json
+    claims: nothing is built. Bad input is a one-line `UserError`."""
+    cfg = to_model_config(read_config(path), path, param_dtype="float32")
+    reader = Reader(path)
+    reader.check(cfg, ignore={"lm_head.weight"} if cfg.tie_embeddings else set())
+    return cfg, reader
 
 
 def _place(host: np.ndarray, sharding: Sharding) -> jax.Array:

@@ -6,25 +6,40 @@
 Reads both forms of config.json: checkpoints on the Hub carry `rope_theta` and
 `rope_scaling` at the top level, transformers 5 writes them inside `rope_parameters`
 (with `rope_type`). Writes the top-level form, which every transformers version reads.
-Anything the decoder cannot represent (biases, other rope types, MoE, a sliding window,
-another model_type) is a one-line `UserError` naming the config.json key.
+Each key is read with its JSON type and, when absent, transformers' default for the model_type
+(`keys`); the model group's checks of the CLI (`nnxtrain.config.validate_model`) run on the
+result. Anything the decoder cannot represent (biases, other rope types, MoE, a sliding
+window, quantized weights, another model_type) and any value of the wrong type or range is
+a one-line `UserError` naming the config.json key.
 """
 
 import json
 import os
 from typing import Any
 
+from nnxtrain.config.checks import validate_model
 from nnxtrain.config.schema import DTYPES, ModelConfig
-from nnxtrain.errors import UserError, first_line
+from nnxtrain.errors import ConfigError, UserError, first_line
+from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 
 MODEL_TYPES = ("llama", "mistral")
 # Keys that mean a mixture of experts when set (Mixtral, Qwen-MoE, DeepSeek, ...).
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
-ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def _bad(where: str, key: str, problem: str, fix: str) -> UserError:
-    return UserError(f"{where}: config.json key {key!r} {problem}. Fix: {fix}.")
+SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor")  # linear: the first
+# ModelConfig field -> the config.json key it comes from (the rotary ones: see _rope)
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "emb_dim": "hidden_size",
+    "mlp_dim": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+}
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -39,69 +54,89 @@ def read_config(path: str) -> dict[str, Any]:
     try:
         with open(file) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{file} is unreadable ({first_line(e)}). Fix: repair it.") from e
     if not isinstance(data, dict):
         raise UserError(f"{file} does not hold a JSON object. Fix: repair it.")
     return data
 
 
-def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """theta and scaling fields from either form; `rope_parameters` wins when present."""
-    params = hf.get("rope_parameters")
-    key = "rope_parameters"
-    if params is None:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-        key = "rope_scaling"
-    if not isinstance(params, dict):
-        raise _bad(where, key, f"is {params!r}, not an object", "repair config.json")
-    kind = params.get("rope_type", params.get("type", "default"))
-    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0))}
+def _rope(keys: Keys, max_len: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """The rotary fields of ModelConfig, and the config.json key each came from. As
+    transformers reads them: `rope_scaling` (the Hub's form) when set, else
+    `rope_parameters` (transformers 5's); in it `rope_type` (or the older `type`, default
+    "default"), `rope_theta` (else the top-level one, else 10000) and the scaling fields;
+    llama3's `original_max_position_embeddings` defaults to `max_position_embeddings`."""
+    where, hf = keys.where, keys.hf
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    raw = hf.get(key)
+    params: dict[str, Any] = {} if raw is None else typed(raw, dict, key, where)
+    origin = {"rope_theta": f"{key}.rope_theta" if "rope_theta" in params else "rope_theta"}
+
+    def get(name: str, kind: type, default: Any = None) -> Any:
+        value = params.get(name)
+        return default if value is None else typed(value, kind, f"{key}.{name}", where)
+
+    theta = get("rope_theta", float, None)
+    out: dict[str, Any] = {"rope_theta": keys.get("rope_theta", float) if theta is None else theta}
+    kind_key = "rope_type" if "rope_type" in params else "type"
+    kind = get(kind_key, str, "default")
     if kind == "default":
         out["rope_scaling"] = "none"
-    elif kind == "linear":
-        out.update(rope_scaling="linear", rope_factor=float(_need(params, "factor", key, where)))
-    elif kind == "llama3":
-        vals = [_need(params, k, key, where) for k in ROPE_KEYS]
-        out.update(
-            rope_scaling="llama3",
-            rope_factor=float(vals[0]),
-            rope_low_freq_factor=float(vals[1]),
-            rope_high_freq_factor=float(vals[2]),
-            rope_original_max_len=int(vals[3]),
-        )
+    elif kind in ("linear", "llama3"):
+        fields = SCALING_KEYS if kind == "llama3" else SCALING_KEYS[:1]
+        names = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+        for name, field in zip(fields, names, strict=False):
+            if params.get(name) is None:
+                raise bad(where, f"{key}.{name}", "is missing", "add it")
+            out[field], origin[field] = get(name, float), f"{key}.{name}"
+        out["rope_scaling"] = kind
+        if kind == "llama3":
+            name = "original_max_position_embeddings"
+            out["rope_original_max_len"] = get(name, int, max_len)
+            origin["rope_original_max_len"] = (
+                f"{key}.{name}" if name in params else HF_KEYS["max_len"]
+            )
     else:
-        raise _bad(
+        raise bad(
             where,
-            f"{key}.{'rope_type' if 'rope_type' in params else 'type'}",
-            f"is {kind!r}, which nnxtrain does not implement",
+            f"{key}.{kind_key}",
+            f"is {shown(kind)}, which nnxtrain does not implement",
             "use a checkpoint with rope_type default, linear or llama3",
         )
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = get("partial_rotary_factor", float, None)
+    if partial is None:
+        partial = hf.get("partial_rotary_factor")
+        partial = 1.0 if partial is None else typed(partial, float, "partial_rotary_factor", where)
     if partial != 1.0:
-        raise _bad(where, "partial_rotary_factor", f"is {partial}", "only 1.0 is supported")
-    return out
+        raise bad(where, "partial_rotary_factor", f"is {partial}", "only 1.0 is supported")
+    return out, origin
 
 
-def _need(d: dict[str, Any], key: str, parent: str, where: str) -> Any:
-    if d.get(key) is None:
-        raise _bad(where, f"{parent}.{key}" if parent else key, "is missing", "add it")
-    return d[key]
-
-
-def _check_supported(hf: dict[str, Any], where: str) -> None:
+def _check_supported(hf: dict[str, Any], where: str) -> Keys:
+    """Refuses what the decoder cannot represent; returns the typed reader of `hf`."""
     kind = hf.get("model_type")
     if kind not in MODEL_TYPES:
-        raise _bad(
+        raise bad(
             where,
             "model_type",
-            f"is {kind!r}",
+            f"is {shown(kind)}",
             f"nnxtrain reads {' and '.join(MODEL_TYPES)} checkpoints",
         )
+    keys = Keys(hf, where, str(kind))
+    quantized = hf.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        raise bad(
+            where,
+            "quantization_config",
+            f"is set{f' (quant_method {shown(method)})' if method else ''}: the weights are "
+            "quantized, and nnxtrain reads float weights only",
+            "use the unquantized checkpoint (float32, float16 or bfloat16 safetensors)",
+        )
     for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise _bad(
+        if keys.get(key, bool, False):
+            raise bad(
                 where,
                 key,
                 "is true: nnxtrain's decoder has no biases",
@@ -109,20 +144,28 @@ def _check_supported(hf: dict[str, Any], where: str) -> None:
             )
     for key in MOE_KEYS:
         if hf.get(key):
-            raise _bad(
-                where, key, f"is {hf[key]}: a mixture of experts", "use a dense (non-MoE) model"
+            raise bad(
+                where,
+                key,
+                f"is {shown(hf[key])}: a mixture of experts",
+                "use a dense (non-MoE) model",
             )
-    if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
-        key = "sliding_window" if hf.get("sliding_window") is not None else "use_sliding_window"
-        raise _bad(
+    window = keys.get("sliding_window", int)
+    use_window = keys.get("use_sliding_window", bool, False)
+    if window is not None or use_window:
+        key = "sliding_window" if window is not None else "use_sliding_window"
+        absent = " (absent, which means 4096 for mistral)" if key not in hf else ""
+        raise bad(
             where,
             key,
-            f"is {hf[key]}: sliding-window attention is not implemented",
+            f"is {window if window is not None else 'true'}{absent}: sliding-window attention "
+            "is not implemented",
             "use a checkpoint with sliding_window null",
         )
-    act = hf.get("hidden_act", "silu")
+    act = keys.get("hidden_act", str)
     if act != "silu":
-        raise _bad(where, "hidden_act", f"is {act!r}", "only silu (SwiGLU) is supported")
+        raise bad(where, "hidden_act", f"is {shown(act)}", "only silu (SwiGLU) is supported")
+    return keys
 
 
 def model_name(where: str) -> str:
@@ -134,39 +177,37 @@ def model_name(where: str) -> str:
 
 
 def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> ModelConfig:
-    """The ModelConfig of config.json `hf` (read from `where`, named in errors)."""
-    _check_supported(hf, where)
-    ints = {}
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-        ints[key] = int(_need(hf, key, "", where))
-    heads = int(_need(hf, "num_attention_heads", "", where))
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    if heads % kv_heads:
-        raise _bad(
-            where,
-            "num_key_value_heads",
-            f"{kv_heads} does not divide num_attention_heads {heads}",
-            "repair config.json",
-        )
-    head_dim = hf.get("head_dim") or ints["hidden_size"] // heads
-    if head_dim % 2:
-        raise _bad(where, "head_dim", f"is odd ({head_dim})", "rotary embeddings need even")
-    return ModelConfig(
+    """The ModelConfig of config.json `hf` (read from `where`, named in errors): each key
+    typed, absent ones as transformers defaults them for the model_type, and the model
+    group's checks of `nnxtrain.config.validate_model` run, naming config.json's keys."""
+    keys = _check_supported(hf, where)
+    ints = {f: keys.get(HF_KEYS[f], int) for f in ("vocab_size", "emb_dim", "mlp_dim")}
+    ints |= {f: keys.get(HF_KEYS[f], int) for f in ("num_layers", "num_heads", "max_len")}
+    heads = ints["num_heads"]
+    kv_heads = keys.get("num_key_value_heads", int)
+    head_dim = keys.get("head_dim", int)
+    if head_dim is None:  # transformers' hidden_size // num_attention_heads
+        head_dim = ints["emb_dim"] // heads if heads > 0 else 0
+    rope, origin = _rope(keys, ints["max_len"])
+    cfg = ModelConfig(
         name=model_name(where),
-        vocab_size=ints["vocab_size"],
-        emb_dim=ints["hidden_size"],
-        num_layers=ints["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(head_dim),
-        mlp_dim=ints["intermediate_size"],
-        max_len=int(hf.get("max_position_embeddings", 2048)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **ints,
+        num_kv_heads=heads if kv_heads is None else kv_heads,
+        head_dim=head_dim,
+        norm_eps=keys.get("rms_norm_eps", float),
+        tie_embeddings=keys.get("tie_word_embeddings", bool),
         param_dtype=param_dtype,
-        init_std=float(hf.get("initializer_range", 0.02)),
-        **_rope(hf, where),
+        init_std=keys.get("initializer_range", float),
+        **rope,
     )
+    try:
+        return validate_model(cfg)
+    except ConfigError as e:
+        field = e.key.removeprefix("model.")
+        key = origin.get(field, HF_KEYS.get(field))
+        if key is None:  # not from config.json (param_dtype)
+            raise
+        raise bad(where, key, e.problem, "repair config.json") from e
 
 
 def from_model_config(

@@ -6,32 +6,26 @@ nnxtrain stores `[in..., out...]` with heads split out (`wq` is `[embed, heads, 
 and stacks the layers on a leading axis. So a tensor moves by a transpose and a reshape,
 nothing else: both use the rotate-half rotary layout, so q and k need no permutation.
 
-    reader = Reader(path)                     # model.safetensors, or shards + index
-    reader.check(expected_shapes, why)        # one-line errors before anything is read
-    t = reader.read("model.norm.weight")      # one tensor, as numpy
+    hf_dims(w, cfg)                           # an HF tensor's shape, from config.json's keys
     write_shards(path, tensors, max_bytes)    # model.safetensors or shards + index
+
+Reading the files is `nnxtrain.interop.hf.reader`.
 """
 
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors needs
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from nnxtrain.config import ModelConfig
-from nnxtrain.errors import UserError, first_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# Buffers some older checkpoints carry; recomputed from config.json, never read.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +35,7 @@ class Weight:
     hf: str
     path: tuple[str, ...]  # nnxtrain's parameter path; under ("layers",) it is stacked
     n_in: int  # 0: the same layout; k: HF's [out, in] transposed, nnxtrain's first k dims in
-    shape_keys: str  # the config.json keys that give the HF shape (for error messages)
+    shape_keys: str  # the config.json keys that give each dimension of the HF shape
 
     @property
     def per_layer(self) -> bool:
@@ -106,6 +100,19 @@ def hf_names(w: Weight, num_layers: int) -> list[str]:
     return [w.hf.format(i=i) for i in range(num_layers)] if w.per_layer else [w.hf]
 
 
+def hf_dims(w: Weight, cfg: ModelConfig) -> tuple[tuple[int, str], ...]:
+    """The HF shape of one tensor of `w`, each dimension with the config.json keys that
+    give it (`shape_keys`), computed from `cfg` alone: nothing is built."""
+    sizes = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.mlp_dim,
+        "num_attention_heads*head_dim": cfg.num_heads * cfg.head_dim,
+        "num_key_value_heads*head_dim": cfg.num_kv_heads * cfg.head_dim,
+    }
+    return tuple((sizes[k], k) for k in w.shape_keys.split(", "))
+
+
 def hf_shape(w: Weight, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF shape of one tensor of `w`, from nnxtrain's shape of it (one layer's)."""
     if not w.n_in:
@@ -131,99 +138,6 @@ def to_hf(a: np.ndarray, w: Weight) -> np.ndarray:
     if not w.n_in:
         return a
     return a.reshape(math.prod(a.shape[: w.n_in]), -1).T
-
-
-def _open(file: str) -> Any:  # safetensors gives its handle no public type
-    try:
-        return safe_open(file, framework="numpy")
-    except Exception as e:
-        raise UserError(
-            f"{file} is not a readable safetensors file ({first_line(e)}). "
-            "Fix: download or write it again."
-        ) from e
-
-
-class Reader:
-    """The tensors of an HF model directory: `model.safetensors`, or the shards that
-    `model.safetensors.index.json` names. Reads headers at once, tensors one at a time."""
-
-    def __init__(self, path: str):
-        index = os.path.join(path, INDEX)
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                files = {name: os.path.join(path, file) for name, file in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise UserError(f"{index} is unreadable ({first_line(e)}). Fix: repair it.") from e
-            for file in sorted(set(files.values())):
-                if not os.path.isfile(file):
-                    raise UserError(
-                        f"{file} is missing: {INDEX} puts weights in it. "
-                        "Fix: download the missing shard."
-                    )
-        elif os.path.isfile(os.path.join(path, SINGLE)):
-            file = os.path.join(path, SINGLE)
-            with _open(file) as f:
-                files = dict.fromkeys(f.keys(), file)
-        else:
-            raise UserError(
-                f"{path} has neither {SINGLE} nor {INDEX}. Fix: give a directory with "
-                "safetensors weights (convert .bin weights with transformers first)."
-            )
-        self.path, self.files = path, files
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, str] = {}
-        for file in sorted(set(files.values())):
-            with _open(file) as f:
-                for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                    if files.get(name) == file:
-                        s = f.get_slice(name)
-                        self.shapes[name] = tuple(s.get_shape())
-                        self.dtypes[name] = str(s.get_dtype())
-        lost = [n for n in files if n not in self.shapes]
-        if lost:
-            raise UserError(
-                f"{files[lost[0]]} lacks tensor {lost[0]} that {INDEX} puts there. "
-                "Fix: download that shard again."
-            )
-
-    def dtype(self, name: str) -> str:
-        """The numpy name of a stored tensor's dtype (float32 for any other)."""
-        return DTYPE_NAMES.get(self.dtypes.get(name, ""), "float32")
-
-    def check(self, expected: Mapping[str, tuple[tuple[int, ...], str]], ignore: set[str]) -> None:
-        """Every expected tensor is there with its shape (name -> (shape, config.json keys
-        that give it)), and nothing unknown is: one-line errors before any read."""
-        for name, (shape, keys) in expected.items():
-            if name not in self.shapes:
-                raise UserError(
-                    f"{self.path}: tensor {name} is missing from the safetensors files. "
-                    "Fix: give a complete Llama checkpoint."
-                )
-            if self.shapes[name] != shape:
-                raise UserError(
-                    f"{self.files[name]}: tensor {name} has shape {list(self.shapes[name])} "
-                    f"but config.json ({keys}) makes it {list(shape)}. "
-                    "Fix: use the config.json that belongs to these weights."
-                )
-        unknown = [
-            n
-            for n in self.shapes
-            if n not in expected and n not in ignore and not n.endswith(IGNORED_SUFFIXES)
-        ]
-        if unknown:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise UserError(
-                f"{self.files[unknown[0]]}: tensor {unknown[0]}{more} has no place in "
-                "nnxtrain's Llama. Fix: use a checkpoint of a supported model "
-                "(docs/interop.md)."
-            )
-
-    def read(self, name: str) -> np.ndarray:
-        """One tensor, copied out of its file (the file is mapped only meanwhile)."""
-        with _open(self.files[name]) as f:
-            return f.get_tensor(name)
 
 
 Producer = Callable[[], np.ndarray]

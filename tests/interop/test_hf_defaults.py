@@ -1,0 +1,126 @@
+"""A config.json key that is absent, or null, means what it means to transformers, family by
+family (issue 24: a Mistral config without `sliding_window` is a 4096-token window to
+transformers, and nnxtrain read it as none).
+
+One row per key nnxtrain reads (`nnxtrain.interop.hf.keys.DEFAULTS`) and family: a full
+config.json with that key taken out (or set to null) is given to transformers' config class
+and to nnxtrain. Where transformers refuses it, nnxtrain refuses it naming the key; where
+transformers reads something nnxtrain cannot run (a sliding window, a bias, another
+activation), nnxtrain refuses it naming the key; otherwise both read the same numbers.
+Config objects only: no model is built.
+"""
+
+from typing import Any
+
+import pytest
+from transformers import LlamaConfig, MistralConfig
+
+from nnxtrain.errors import UserError
+from nnxtrain.interop.hf.config import to_model_config
+from nnxtrain.interop.hf.keys import DEFAULTS, NULLABLE
+
+CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig}
+# Every key present, none at its default, so that taking one out changes something.
+FULL: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,  # Mistral's default num_key_value_heads, 8, divides it
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.05,
+    "rope_theta": 5e5,
+    "hidden_act": "silu",
+}
+FAMILY_KEYS = {
+    "llama": {"attention_bias": False, "mlp_bias": False},
+    "mistral": {"sliding_window": None},
+}
+# ModelConfig field -> what it must be, read off transformers' config object
+EXPECTED = {
+    "vocab_size": lambda c: c.vocab_size,
+    "emb_dim": lambda c: c.hidden_size,
+    "mlp_dim": lambda c: c.intermediate_size,
+    "num_layers": lambda c: c.num_hidden_layers,
+    "num_heads": lambda c: c.num_attention_heads,
+    "num_kv_heads": lambda c: c.num_key_value_heads,
+    "head_dim": lambda c: c.head_dim,
+    "max_len": lambda c: c.max_position_embeddings,
+    "norm_eps": lambda c: c.rms_norm_eps,
+    "tie_embeddings": lambda c: c.tie_word_embeddings,
+    "init_std": lambda c: c.initializer_range,
+    "rope_theta": lambda c: c.rope_parameters["rope_theta"],
+}
+# config.json key -> whether transformers' value of it is one nnxtrain's decoder runs
+RUNNABLE = {
+    "hidden_act": lambda c: c.hidden_act == "silu",
+    "attention_bias": lambda c: not getattr(c, "attention_bias", False),
+    "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
+    "sliding_window": lambda c: getattr(c, "sliding_window", None) is None,
+    # transformers keeps a null rope_theta, and fails when the model computes with it
+    "rope_theta": lambda c: c.rope_parameters["rope_theta"] is not None,
+}
+CASES = [
+    (family, key, how)
+    for family in sorted(DEFAULTS)
+    for key in sorted(DEFAULTS[family])
+    for how in ("absent", "null")
+]
+
+
+def _compare(family: str, key: str, config: dict[str, Any]) -> None:
+    try:
+        theirs = CLASSES[family](**config)
+    except Exception:  # transformers refuses it (a strict type check, say)
+        theirs = None
+    try:
+        ours = to_model_config({**config, "model_type": family}, "m", param_dtype="float32")
+    except UserError as e:
+        assert f"config.json key '{key}'" in str(e), str(e)
+        assert theirs is None or not RUNNABLE.get(key, lambda c: True)(theirs), str(e)
+        return
+    assert theirs is not None, f"transformers refuses {key}, nnxtrain read it"
+    assert all(ok(theirs) for ok in RUNNABLE.values()), f"{key}: nnxtrain cannot run it"
+    got = {field: getattr(ours, field) for field in EXPECTED}
+    assert got == {field: value(theirs) for field, value in EXPECTED.items()}
+
+
+@pytest.mark.parametrize("family, key, how", CASES)
+def test_an_absent_or_null_key_reads_as_transformers_reads_it(family, key, how):
+    config = {**FULL, **FAMILY_KEYS[family]}
+    if how == "absent":
+        config.pop(key)
+    else:
+        config[key] = None
+    _compare(family, key, config)
+
+
+def test_the_table_holds_what_the_config_classes_declare():
+    """DEFAULTS and NULLABLE, read off transformers' dataclass fields (rope_theta is no
+    field: transformers' default_theta)."""
+    for family, cls in CLASSES.items():
+        fields = cls.__dataclass_fields__
+        for key, default in DEFAULTS[family].items():
+            if key == "rope_theta":
+                assert default == cls.default_theta
+                continue
+            assert fields[key].default == default, (family, key)
+            accepts_none = "None" in str(fields[key].type)
+            assert accepts_none == (key in NULLABLE[family]), (family, key)
+
+
+def test_mistral_without_sliding_window_is_a_4096_window_as_if_explicit():
+    """transformers' MistralConfig reads no sliding_window as 4096; nnxtrain does not
+    implement windows, so it refuses that config as it refuses an explicit 4096."""
+    assert MistralConfig(**FULL).sliding_window == 4096
+    lines = []
+    for extra in ({}, {"sliding_window": 4096}):
+        with pytest.raises(UserError) as err:
+            to_model_config({**FULL, **extra, "model_type": "mistral"}, "m", param_dtype="float32")
+        lines.append(str(err.value))
+    assert all("config.json key 'sliding_window' is 4096" in line for line in lines), lines
+    assert lines[0].replace(" (absent, which means 4096 for mistral)", "") == lines[1]
