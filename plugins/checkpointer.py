@@ -82,8 +82,7 @@ class Checkpointer(Callback):
                 )
         key = f"callbacks.{self.name}.directory"
         cio.check_directory(key, self.path)
-        # Locked wherever it lies, under the run dir too: another run may name it as its
-        # own directory. Not when it is the run dir, which this run has locked already.
+        # Locked wherever it lies (another run may name it), unless it is the locked run dir.
         if os.path.realpath(self.path) != os.path.realpath(event.run_dir):
             self._lock.take(self.path, event.config.mesh.init_timeout, key)
         partial = cio.partial_saves(self.path)
