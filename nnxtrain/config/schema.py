@@ -161,9 +161,7 @@ class DataConfig:
         "auto", "tokens .bin: uint16 or uint32; auto = meta.json's, else uint16"
     )
     chat_template: str = setting(
-        "",
-        'jsonl messages: "" = the tokenizer\'s (else default), default, a .jinja file, or '
-        "the name of one of the tokenizer's named templates",
+        "", 'jsonl messages: "" = the tokenizer\'s (else default), default, or a .jinja file'
     )
     truncate: str = setting(
         "right", "jsonl: a record over run.seq_len + 1 tokens: right (cut), drop or error"
