@@ -13,7 +13,14 @@ docs/architecture.md maps the rooms behind them.
 from nnxtrain import hf
 from nnxtrain.config import Config
 from nnxtrain.data import run_tokenizer
-from nnxtrain.errors import ConfigError, LostProcessError, PluginError, UserError, first_line
+from nnxtrain.errors import (
+    ConfigError,
+    LostProcessError,
+    PluginError,
+    UserError,
+    check_int,
+    first_line,
+)
 from nnxtrain.interop.init_from import compose
 from nnxtrain.jsonio import json_line
 from nnxtrain.model.generation import generate
@@ -73,6 +80,7 @@ __all__ = [
     "TrainerView",
     "UserError",
     "all_finite",
+    "check_int",
     "compose",
     "count_params",
     "drop_records_after",

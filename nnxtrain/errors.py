@@ -63,6 +63,16 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
 
 
+def check_int(key: str, value: object, low: float, fix: str, why: str = "") -> None:
+    """Raises `ConfigError` naming `key` unless `value` is an int (not a bool) >= `low`
+    (-inf: any int): for options a plugin takes from Python, where no schema typed them.
+    `why` follows the bound in the message, e.g. " (steps count from 1)"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return
+    bound = f" >= {low:g}" if low > float("-inf") else ""
+    raise ConfigError(key, f"must be an integer{bound}{why}, got {value!r}", fix)
+
+
 def unknown_key(key: str, known: Sequence[str], otherwise: str = "") -> ConfigError:
     """`key` is not one of `known` (the names beside it): suggests the closest name when
     one is close, else lists them all; `otherwise` adds a way out (such as `+key=...`)."""

@@ -48,6 +48,7 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    check_int,
     first_line,
 )
 
@@ -156,12 +157,7 @@ class Tracker(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key = f"callbacks.{self.name}"
-        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
-            raise ConfigError(
-                f"{key}.every",
-                f"must be an integer >= 0, got {self.every!r}",
-                f"set {key}.every=10",
-            )
+        check_int(f"{key}.every", self.every, 0, f"set {key}.every=10")
         timeout = self.timeout
         if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0):
             raise ConfigError(

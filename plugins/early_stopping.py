@@ -26,6 +26,7 @@ from nnxtrain import (
     SetupEvent,
     StepEndEvent,
     TrainerView,
+    check_int,
 )
 
 # An evaluation reports the train step's loss metrics; it takes no update (no grad_norm, lr).
@@ -65,11 +66,7 @@ class EarlyStopping(Callback):
                 f"set {key}.mode=min (lower is better) or {key}.mode=max",
             )
         for opt in ("patience", "check_every"):
-            value = getattr(self, opt)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"{key}.{opt}", f"must be an integer >= 1, got {value!r}", f"set {key}.{opt}=1"
-                )
+            check_int(f"{key}.{opt}", getattr(self, opt), 1, f"set {key}.{opt}=1")
         if isinstance(self.min_delta, bool) or not (
             isinstance(self.min_delta, int | float) and self.min_delta >= 0
         ):

@@ -35,10 +35,12 @@ from rich.table import Table
 from nnxtrain import (
     Callback,
     CompileEvent,
+    SetupEvent,
     StepEndEvent,
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    check_int,
     drop_records_after,
     format_bytes,
     json_line,
@@ -84,11 +86,7 @@ class MemStats(Callback):
     """Reports per-device and host memory; writes memstats.jsonl."""
 
     def __init__(self, every: int = 100, jsonl: bool = True, max_rows: int = 8):
-        for opt, value, low in (("every", every, 0), ("max_rows", max_rows, -math.inf)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                at_least = f" >= {low}" if low > -math.inf else ""
-                raise ValueError(f"{opt} must be an integer{at_least}, got {value!r}")
-        self.every, self.use_jsonl, self.max_rows = every, jsonl, max(max_rows, 2)
+        self.every, self.use_jsonl, self.max_rows = every, jsonl, max_rows
         self._file: IO[str] | None = None
         self._peaks: dict[int, int] = {}
         self._stepped = False
@@ -162,6 +160,13 @@ class MemStats(Callback):
                 markup=False,
                 highlight=False,
             )
+
+    def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
+        # (from a config the types are checked before; this is for a plugin built in Python)
+        key = f"callbacks.{self.name}"
+        check_int(f"{key}.every", self.every, 0, f"set {key}.every=100")
+        check_int(f"{key}.max_rows", self.max_rows, -math.inf, f"set {key}.max_rows=8")
+        self.max_rows = max(self.max_rows, 2)  # the compact table shows two devices and the sum
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
         self._resumed_at = event.step

@@ -31,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nnxtrain import (
     METRIC_NAMES,
     Callback,
-    ConfigError,
     EvalEndEvent,
     SetupEvent,
     StepEndEvent,
@@ -40,6 +39,7 @@ from nnxtrain import (
     TrainerView,
     TrainStartEvent,
     UserError,
+    check_int,
     drop_records_after,
     json_line,
 )
@@ -71,9 +71,8 @@ class MetricsLogger(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         every, key = self.log_every, f"callbacks.{self.name}.log_every"
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            # (from a config the type is checked before; this is for a logger built in Python)
-            raise ConfigError(key, f"must be an integer >= 1, got {every!r}", f"set {key}=10")
+        # (from a config the type is checked before; this is for a logger built in Python)
+        check_int(key, every, 1, f"set {key}=10")
         self.flops = event.flops
         self.run_dir = event.run_dir
 

@@ -28,6 +28,7 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    check_int,
 )
 
 
@@ -46,13 +47,8 @@ class Profiler(Callback):
 
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         for opt in ("start_step", "num_steps"):
-            value = getattr(self, opt)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(
-                    f"callbacks.{self.name}.{opt}",
-                    f"must be an integer >= 1 (steps count from 1), got {value!r}",
-                    f"set callbacks.{self.name}.{opt}=1",
-                )
+            key = f"callbacks.{self.name}.{opt}"
+            check_int(key, getattr(self, opt), 1, f"set {key}=1", " (steps count from 1)")
         if not self.directory:
             raise ConfigError(
                 f"callbacks.{self.name}.directory",

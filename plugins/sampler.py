@@ -39,6 +39,7 @@ from nnxtrain import (
     SetupEvent,
     StepEndEvent,
     TrainerView,
+    check_int,
     generate,
     json_line,
     run_tokenizer,
@@ -70,13 +71,7 @@ class Sampler(Callback):
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key, cfg = f"callbacks.{self.name}", event.config
         for opt, low in (("every", 0), ("max_new_tokens", 1), ("top_k", 0), ("seed", 0)):
-            value = getattr(self, opt)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(
-                    f"{key}.{opt}",
-                    f"must be an integer >= {low}, got {value!r}",
-                    f"set {key}.{opt}",
-                )
+            check_int(f"{key}.{opt}", getattr(self, opt), low, f"set {key}.{opt}")
         if self.every == 0 and cfg.run.eval_every == 0:
             raise ConfigError(
                 f"{key}.every",

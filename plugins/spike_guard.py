@@ -47,6 +47,7 @@ from nnxtrain import (
     TrainEndEvent,
     TrainerView,
     TrainStartEvent,
+    check_int,
     drop_records_after,
     json_line,
 )
@@ -86,13 +87,7 @@ class SpikeGuard(Callback):
     def on_setup(self, trainer: TrainerView, event: SetupEvent) -> None:
         key = f"callbacks.{self.name}"
         for opt, low in (("window", 1), ("warmup", 1), ("max_consecutive", 1)):
-            value = getattr(self, opt)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(
-                    f"{key}.{opt}",
-                    f"must be an integer >= {low}, got {value!r}",
-                    f"set {key}.{opt}",
-                )
+            check_int(f"{key}.{opt}", getattr(self, opt), low, f"set {key}.{opt}")
         if isinstance(self.k, bool) or not (isinstance(self.k, int | float) and self.k > 0):
             raise ConfigError(f"{key}.k", f"must be a number > 0, got {self.k!r}", f"set {key}.k=6")
         f = self.warmup_factor
