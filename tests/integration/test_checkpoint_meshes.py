@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import xla_flags
 from test_multidevice import TINY
 
 pytestmark = pytest.mark.slow
@@ -77,8 +78,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fsdp8_checkpoint_restores_on_data2_fsdp4_and_on_one_device(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(TINY), str(tmp_path), str(SAVED)],
         capture_output=True,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shardings_table
+from conftest import shardings_table, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ def axes(cell: str) -> list[str]:
 
 
 def test_debug_callbacks_on_an_fsdp8_mesh(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     args = [
         "model=tiny",
         "mesh.fsdp=8",

@@ -115,7 +115,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
     workdir = tmp / "work"
     workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # XLA_FLAGS: conftest's
     env.update(JAX_PLATFORMS="cpu", PYTHONNOUSERSITE="1")  # XDG_CACHE_HOME: conftest's tmp
     probe = _check(
         [python, "-c", "import nnxtrain.conf; print(nnxtrain.conf.__file__)"], workdir, env

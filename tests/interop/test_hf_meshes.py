@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import cli_env
+from conftest import cli_env, xla_flags
 from hf_models import LLAMA3, TOLERANCE, hf_logits, make_hf, tokens
 
 CHILD = Path(__file__).with_name("hf_mesh_child.py")
@@ -21,7 +21,7 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     np.save(tmp_path / "tokens.npy", toks)
     np.save(tmp_path / "logits.npy", hf_logits(path, toks))
     env = cli_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(8)
     files = [str(path), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")]
     out = subprocess.run(
         [sys.executable, str(CHILD), *files, "1,8,1", "2,2,2"],

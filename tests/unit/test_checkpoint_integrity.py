@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import flip_one_bit_in_the_largest_data_file
+from conftest import flip_one_bit_in_the_largest_data_file, xla_flags
 from nnxtrain.plugins.checkpointer import Checkpointer
 from rich.console import Console
 
@@ -169,8 +169,7 @@ SHARDINGS = textwrap.dedent(
 
 
 def test_digests_are_equal_across_shardings_and_dtypes_are_covered(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", SHARDINGS], capture_output=True, text=True, env=env, timeout=300
     )
