@@ -30,9 +30,11 @@ none, `bos_token` and `eos_token` are the tokenizer's own (a byte tokenizer writ
 `tojson` that does not escape HTML, as in transformers. `strftime_now` is left out on
 purpose: a template that writes today's date would tokenize differently on the day a run
 resumes; the common templates then fall back to a fixed date. The sandbox is bounded
-(`nnxtrain.data.sandbox`): a compile or render longer than 10 s, or a value or output of
-more than 1,000,000 characters plus 10 per character of the conversation, raises
-`TemplateLimitError`.
+(`nnxtrain.data.sandbox`): a render of more than 2,000,000 steps plus 10 per character of
+the conversation (a step: a loop turn, a call, a filter, an operator, ... or 64 characters
+it reads or makes), a value or output of more than 1,000,000 characters plus 10 per
+character of the conversation, or (a backstop) a render or compile longer than 10 s,
+raises `TemplateLimitError`.
 """
 
 import json
@@ -48,10 +50,12 @@ from jinja2.ext import Extension
 from nnxtrain.data.sandbox import (
     MIN_BUDGET,
     SECONDS,
+    STEPS,
+    STEPS_PER_CHAR,
     BoundedSandbox,
     TemplateLimitError,
-    size,
 )
+from nnxtrain.data.template_sizes import size
 from nnxtrain.data.tokenizer import RecordTokenizer
 from nnxtrain.errors import ConfigError, first_line
 
@@ -91,7 +95,7 @@ class _Generation(Extension):
 
     def __init__(self, environment: jinja2.Environment):
         super().__init__(environment)
-        self.output: list[str] | None = None  # the render's output so far, while recording
+        self.recording = False
         self.spans: list[tuple[int, int]] = []
 
     def parse(self, parser: Any) -> nodes.Node:
@@ -102,8 +106,9 @@ class _Generation(Extension):
 
     def _record(self, caller: Any) -> str:
         text = str(caller())
-        if self.output is not None:
-            start = sum(map(len, self.output))
+        if self.recording:
+            assert isinstance(self.environment, BoundedSandbox)
+            start = self.environment.written  # the length of the output so far
             self.spans.append((start, start + len(text)))
         return text
 
@@ -231,7 +236,12 @@ class ChatTemplate:
     """A compiled chat template and the tokenizer it renders for."""
 
     def __init__(
-        self, source: str, where: str, tokenizer: RecordTokenizer, seconds: float = SECONDS
+        self,
+        source: str,
+        where: str,
+        tokenizer: RecordTokenizer,
+        steps: int = STEPS,
+        seconds: float = SECONDS,
     ):
         if not GENERATION.search(source):
             raise ConfigError(
@@ -243,6 +253,7 @@ class ChatTemplate:
                 "data.chat_template=default",
             )
         env = BoundedSandbox(
+            steps,
             seconds,
             trim_blocks=True,
             lstrip_blocks=True,
@@ -282,15 +293,15 @@ class ChatTemplate:
             "documents": None,
             **self.tokens,
         }
-        budget = MIN_BUDGET + 10 * size(messages, 1 << 62)
-        output: list[str] = []
-        self._tracker.output, self._tracker.spans = output, []
+        chars = size(messages, 1 << 62)
+        budget, steps = MIN_BUDGET + 10 * chars, self._env.steps + STEPS_PER_CHAR * chars
+        self._tracker.recording, self._tracker.spans = True, []
         try:
-            text = self._env.render_bounded(self._template, budget, context, output)
+            text = self._env.render_bounded(self._template, budget, steps, context)
         except MemoryError as e:
             raise TemplateLimitError(f"rendering ran out of memory ({first_line(e)})") from None
         finally:
-            self._tracker.output = None
+            self._tracker.recording = False
         return text, self._tracker.spans
 
     def encode(
