@@ -5,7 +5,10 @@ line: step, seconds per step, TFLOP/s and tokens/s per device (non-padding token
 FLOPs count whole rows), total weights (unmasked target tokens), loss, lm_loss,
 perplexity, learning rate and gradient norm. The same
 record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
-installed. On a terminal a rich progress bar runs below the lines.
+installed. On a terminal a rich progress bar runs below the lines. A step (or evaluation)
+whose total weights are 0 had no token to take a loss over: its loss, lm_loss, z_loss and
+perplexity are `n/a` on the console, null in metrics.jsonl and left out of TensorBoard
+(the step's metrics hold 0 and 1 there, which are no measurement).
 
 Seconds are true device time: measured between step completions (see `nnxtrain.train.timing`),
 averaged over the window since the previous line. A window more than 1.5x away from the
@@ -45,6 +48,18 @@ from nnxtrain import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+LOSS_KEYS = ("loss", "lm_loss", "z_loss", "perplexity")  # undefined with no loss token
+
+
+def without_loss(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`record` with its loss metrics None when its total weights are 0 (no loss token)."""
+    if record.get(f"{prefix}total_weights", 1) != 0:
+        return record
+    return {k: None if k.removeprefix(prefix) in LOSS_KEYS else v for k, v in record.items()}
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 class MetricsLogger(Callback):
@@ -126,7 +141,7 @@ class MetricsLogger(Callback):
         note = self._note(seconds, records, first=self._last_completed is None)
         self._last_completed = last.completed_at
         self._window_seconds.append(seconds)
-        m = last.metrics
+        m = without_loss(dict(last.metrics))
         devices = self.flops.num_devices
         record: dict[str, Any] = {
             "step": event.step,
@@ -144,8 +159,9 @@ class MetricsLogger(Callback):
             f"step {event.step}/{event.num_steps} | {seconds:.4f} s | "
             f"{record['tflops_per_sec_per_device']:.4g} TFLOP/s/dev | "
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
-            f"{m['total_weights']:,.0f} | loss {m['loss']:.4f} | lm_loss {m['lm_loss']:.4f} | "
-            f"ppl {m['perplexity']:.3f} | lr {m['lr']:.3e} | grad_norm {m['grad_norm']:.3f} | "
+            f"{m['total_weights']:,.0f} | loss {_fixed(m['loss'], 4)} | lm_loss "
+            f"{_fixed(m['lm_loss'], 4)} | ppl {_fixed(m['perplexity'], 3)} | lr {m['lr']:.3e} | "
+            f"grad_norm {m['grad_norm']:.3f} | "
             f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
@@ -194,10 +210,10 @@ class MetricsLogger(Callback):
         return "; ".join(reasons)
 
     def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
-        m = event.metrics
+        m = without_loss(dict(event.metrics), "eval/")
         trainer.console.print(
             f"eval at step {event.step} | {event.num_batches} batches in {event.seconds:.2f} s"
-            f" | loss {m['eval/loss']:.4f} | ppl {m['eval/perplexity']:.3f}",
+            f" | loss {_fixed(m['eval/loss'], 4)} | ppl {_fixed(m['eval/perplexity'], 3)}",
             markup=False,
             highlight=False,
         )
@@ -209,7 +225,7 @@ class MetricsLogger(Callback):
             self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
-                if key not in ("step", "time", "note"):
+                if key not in ("step", "time", "note") and value is not None:
                     self._tb.add_scalar(
                         key if "/" in key else f"train/{key}", value, record["step"]
                     )

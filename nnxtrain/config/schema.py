@@ -161,7 +161,9 @@ class DataConfig:
         "auto", "tokens .bin: uint16 or uint32; auto = meta.json's, else uint16"
     )
     chat_template: str = setting(
-        "", 'jsonl messages: "" = the tokenizer\'s (else default), default, or a .jinja file'
+        "",
+        'jsonl messages: "" = the tokenizer\'s (else default), default, a .jinja file, or '
+        "the name of one of the tokenizer's named templates",
     )
     truncate: str = setting(
         "right", "jsonl: a record over run.seq_len + 1 tokens: right (cut), drop or error"

@@ -30,7 +30,7 @@ from nnxtrain.config import Config
 from nnxtrain.data.batch import Batch
 from nnxtrain.data.chat import special_token, tokenizer_config
 from nnxtrain.data.documents import DocumentData
-from nnxtrain.data.jsonl import Fields, RecordReader
+from nnxtrain.data.jsonl import Fields, RecordReader, check_loss, describe_files
 from nnxtrain.data.packing import PackedData, TokenStream
 from nnxtrain.data.synthetic import MarkovSource, SyntheticData
 from nnxtrain.data.text import (
@@ -240,9 +240,18 @@ def _build_jsonl(cfg: Config) -> DocumentData:
     val = reader.read(val_files, "data.val_path") if val_files else None
     if reader.bad:
         log.warning("data.path: %s", reader.bad_summary())
+    why, val_why = reader.why[: len(train)], reader.why[len(train) :]
+    val_key, held_out, what = "data.val_path", describe_files(val_files), describe_files(files)
     if val is None and d.val_fraction > 0 and len(train) > 1:  # whole records, from the end
         held = min(max(round(len(train) * d.val_fraction), 1), len(train) - 1)
         train, val = train.split(len(train) - held)
+        why, val_why = why[: len(train)], why[len(train) :]
+        val_key, held_out = "data.val_fraction", f"the held-out last {held:,} records"
+        what += f" (less the held-out last {held:,})"
+    # A split with no loss token would train (or evaluate) on nothing: every step a loss of 0
+    check_loss(why, "data.path", what)
+    if cfg.run.eval_every > 0:
+        check_loss(val_why, val_key, held_out)
     return DocumentData(
         train,
         val,

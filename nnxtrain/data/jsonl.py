@@ -17,13 +17,22 @@ BOS is what the tokenizer itself puts before a text (`bos_ids`: none for byte) a
 
 A record longer than seq_len + 1 tokens (a document of n tokens fills n - 1 places of a
 row) is cut to its first seq_len + 1 tokens (`truncate="right"`), dropped (`"drop"`), or
-stops the run naming its line (`"error"`). A bad record (invalid JSON, not an object, a
-missing field, a field of the wrong type, an empty text, completion or conversation, a
-template that fails on it) stops the run with one line naming `file:line`; with
-`skip_bad=True` it is counted and skipped, and `report()` / `bad_summary()` say so.
+stops the run naming its line (`"error"`). A bad record (invalid JSON, nested deeper than
+Python's JSON reader goes, not an object, a missing field, a field of the wrong type, a
+string holding a lone UTF-16 surrogate such as `"\ud800"`, an empty text, completion or
+conversation, a template that fails on it) stops the run with one line naming `file:line`;
+with `skip_bad=True` it is counted and skipped, and `report()` / `bad_summary()` say so.
+A chat template over its time or size limits stops the run whatever `skip_bad` says.
+
+A record may leave no token for the loss: cut before its completion ("too long"), a chat
+with no assistant turn, or one whose template's `{% generation %}` block gave nothing.
+`no_loss` counts them by why; `check_loss` fails in one line when no record of a split
+has a loss token, and `read` when the template's generation block fired for none of the
+chats that have an assistant turn.
 """
 
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from nnxtrain.data.chat import ChatTemplate
+from nnxtrain.data.chat import ChatTemplate, TemplateLimitError
 from nnxtrain.data.documents import Documents
 from nnxtrain.data.tokenizer import RecordTokenizer
 from nnxtrain.errors import ConfigError, first_line
@@ -45,6 +54,25 @@ class Fields:
     prompt: str = "prompt"
     completion: str = "completion"
     messages: str = "messages"
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800": no character, not Unicode text
+# Why a record has no loss token -> (how the error line counts them, the fix)
+NO_LOSS = {
+    "too long": (
+        "cut at run.seq_len + 1 tokens before their first loss token",
+        "raise run.seq_len, or shorten the prompts",
+    ),
+    "no assistant turn": (
+        "chats with no assistant turn (only the assistant's tokens count)",
+        "give chats with a message of role 'assistant'",
+    ),
+    "no generation block": (
+        "chats whose template's {% generation %} block gave no text",
+        "give a template whose {% generation %} block wraps each assistant reply "
+        "(data.chat_template=FILE.jinja, or default)",
+    ),
+}
 
 
 class BadRecord(Exception):
@@ -68,7 +96,18 @@ def _string(record: dict[str, Any], name: str) -> str:
     value = record[name]
     if not isinstance(value, str):
         raise BadRecord("wrong type", f"{name!r} must be a string, got {_json_type(value)}")
+    _unicode(value, repr(name))
     return value
+
+
+def _unicode(text: str, what: str) -> None:
+    """Raises BadRecord when `text` holds a lone surrogate (tokenizers cannot encode it)."""
+    if m := SURROGATE.search(text):
+        raise BadRecord(
+            "lone surrogate",
+            f"{what} holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x} at character "
+            f"{m.start()}), which is not Unicode text",
+        )
 
 
 class RecordReader:
@@ -92,6 +131,10 @@ class RecordReader:
         self.bad: Counter[str] = Counter()  # skipped, by kind
         self.first_bad: dict[str, str] = {}  # kind -> file:line of its first
         self.truncated = self.dropped = self.lost = 0  # lost: truncated to no loss token
+        self.no_loss: Counter[str] = Counter()  # records with no loss token, by why (NO_LOSS)
+        self.why: list[str] = []  # per document read: why it has no loss token ("": it has)
+        self.assistant_chats = self.fired = 0  # chats with an assistant turn; of them, masked
+        self.unfired: tuple[str, list[dict[str, Any]]] | None = None  # the first that was not
 
     # -- one record ----------------------------------------------------------------------
 
@@ -142,11 +185,15 @@ class RecordReader:
         if self._chat is None:
             self._chat = ChatTemplate.load(self.chat_template, self.tok)
         try:
-            return self._chat.encode(messages)
+            text, spans = self._chat.render(messages)
+        except TemplateLimitError:
+            raise
         except Exception as e:  # the template is the user's code: name the record
             raise BadRecord(
                 "template error", f"the chat template failed ({first_line(e)})"
             ) from None
+        _unicode(text, "the chat template's text")  # from a field other than role/content
+        return self._chat.tokenize(text, spans)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -165,7 +212,27 @@ class RecordReader:
                                 loss_list.append(got[1])
             except OSError as e:
                 raise ConfigError(key, f"cannot read {path} ({e.strerror})", "check it") from e
+        self._check_generation()
         return Documents.build(ids_list, loss_list)
+
+    def _check_generation(self) -> None:
+        """Fails when the template marked no token of any chat that has an assistant turn."""
+        if not self.assistant_chats or self.fired or self.unfired is None:
+            return
+        assert self._chat is not None
+        where, messages = self.unfired
+        try:  # a generation block inside `{% if add_generation_prompt %}` is common
+            prompt_only = bool(self._chat.render(messages, add_generation_prompt=True)[1])
+        except Exception:
+            prompt_only = False
+        how = "fires only with add_generation_prompt" if prompt_only else "never fires"
+        raise ConfigError(
+            "data.chat_template",
+            f"the chat template, {self._chat.where}, marks no token of any of the "
+            f"{self.assistant_chats:,} chats with an assistant turn (the first: {where}): its "
+            f"{{% generation %}} block {how}, so no chat token would count for the loss",
+            NO_LOSS["no generation block"][1],
+        )
 
     def _line(self, line: bytes, where: str, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         try:
@@ -173,9 +240,21 @@ class RecordReader:
                 record = json.loads(line)
             except ValueError as e:  # bad JSON or bad UTF-8
                 raise BadRecord("invalid JSON", f"invalid JSON ({first_line(e)})") from None
+            except RecursionError:
+                raise BadRecord(
+                    "nested too deep", "nested deeper than Python's JSON reader goes"
+                ) from None
             ids, loss, shape = self.encode(record)
             if len(ids) < 2:
                 raise BadRecord("empty", "fewer than 2 tokens: nothing to predict")
+        except TemplateLimitError as e:
+            assert self._chat is not None
+            raise ConfigError(
+                "data.chat_template",
+                f"the chat template, {self._chat.where}, went over its limits on {where}: {e}",
+                "give a template that renders a conversation in bounded time and size "
+                "(data.chat_template=FILE.jinja, or default)",
+            ) from None
         except BadRecord as e:
             if not self.skip_bad:
                 raise ConfigError(
@@ -186,6 +265,7 @@ class RecordReader:
             self.bad[e.kind] += 1
             self.first_bad.setdefault(e.kind, where)
             return None
+        targets = bool(loss[1:].any())  # before any cut
         if len(ids) > self.seq_len + 1:
             if self.truncate == "error":
                 raise ConfigError(
@@ -200,10 +280,31 @@ class RecordReader:
             self.truncated += 1
             self.lost += bool(loss[1:].any() and not loss[1 : self.seq_len + 1].any())
             ids, loss = ids[: self.seq_len + 1], loss[: self.seq_len + 1]
+        why = self._no_loss(record, shape, targets, bool(loss[1:].any()), where)
+        if why:
+            self.no_loss[why] += 1
+        self.why.append(why)
         self.shapes[shape] += 1
         self.tokens += len(ids)
         self.loss_tokens += int(loss[1:].sum())
         return ids, loss
+
+    def _no_loss(
+        self, record: dict[str, Any], shape: str, targets: bool, kept: bool, where: str
+    ) -> str:
+        """Why a record has no loss token (a key of NO_LOSS), "" when it has one; `targets`:
+        it had loss targets before any cut, `kept`: after."""
+        if shape == "chat":
+            if any(m["role"] == "assistant" for m in record[self.fields.messages]):
+                self.assistant_chats += 1
+                self.fired += targets
+                if not targets and self.unfired is None:
+                    self.unfired = (where, record[self.fields.messages])
+            elif not targets:
+                return "no assistant turn"
+        if kept:
+            return ""
+        return "too long" if targets else "no generation block"
 
     # -- reports -------------------------------------------------------------------------
 
@@ -224,6 +325,31 @@ class RecordReader:
             out += f"; {self.truncated:,} cut to run.seq_len + 1 tokens{lost}"
         if self.dropped:
             out += f"; {self.dropped:,} longer than run.seq_len + 1 tokens dropped"
+        for why, n in self.no_loss.items():
+            if why != "too long":  # (counted with the cuts above)
+                out += f"; {n:,} {NO_LOSS[why][0]}"
         if self.bad:
             out += f"; {self.bad_summary()}"
+        if self._chat is not None:
+            out += f"; chat template: {self._chat.where}"
         return out
+
+
+def check_loss(why: Sequence[str], key: str, what: str) -> None:
+    """Fails in one line when no record of a split has a loss token; `why` holds each
+    record's reason (`RecordReader.why`: "" for a record with a loss token)."""
+    if not why or "" in why:
+        return
+    counts = Counter(why).most_common()
+    parts = ", ".join(f"{n:,} {NO_LOSS[k][0]}" for k, n in counts)
+    raise ConfigError(
+        key,
+        f"no token of {what} counts for the loss: of its {len(why):,} records, {parts}",
+        "; or ".join(NO_LOSS[k][1] for k, _ in counts),
+    )
+
+
+def describe_files(files: Sequence[str]) -> str:
+    """`a.jsonl, b.jsonl and 3 more`: files named in one line."""
+    names = ", ".join(files[:3])
+    return names + (f" and {len(files) - 3:,} more" if len(files) > 3 else "")

@@ -138,8 +138,10 @@ def make_train_step(
     loss_chunk: int = 0,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step: forward, backward (over `grad_accum` micro-batches), update; with a
-    `guard` ([on, loss limit, grad-norm limit], see GUARD_OFF) a bad step is skipped. The
-    loss projects `loss_chunk` positions at a time (`loss.batch_loss_sums`)."""
+    `guard` ([on, loss limit, grad-norm limit], see GUARD_OFF) a bad step is skipped. A
+    batch with no loss token (total weight 0) keeps the state bitwise as well, unskipped:
+    there is nothing to learn from it. The loss projects `loss_chunk` positions at a time
+    (`loss.batch_loss_sums`)."""
 
     def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -187,9 +189,11 @@ def make_train_step(
             loss, norm = metrics["loss"], metrics["grad_norm"]
             bad = ~jnp.isfinite(loss) | ~jnp.isfinite(norm) | (loss > guard[1]) | (norm > guard[2])
             skip = (guard[0] > 0) & bad
-            keep = functools.partial(jnp.where, skip)
-            params = jax.tree.map(keep, state.params, params)
-            opt_state = jax.tree.map(keep, state.opt_state, opt_state)
+        # A batch with no loss token has no gradient, yet AdamW would still move the
+        # parameters (momentum, weight decay): that step keeps the state as it was too.
+        keep = functools.partial(jnp.where, skip | (sums["weight"] == 0))
+        params = jax.tree.map(keep, state.params, params)
+        opt_state = jax.tree.map(keep, state.opt_state, opt_state)
         metrics["skipped"] = skip
         return TrainState(state.step + 1, params, opt_state), metrics
 

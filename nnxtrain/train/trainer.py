@@ -336,10 +336,11 @@ def end_of_run(
     account so far, for plugins that read run_info in on_train_end; fit() completes it
     after teardown), `on_train_end`, `on_goodput`; the FitResult."""
     t, step, watcher = trainer, trainer.step, trainer._watcher
-    t.console.print(
-        f"done: step {step}/{t.config.run.steps} in {seconds:.1f} s ({reason})"
-        + (f"; final loss {final['loss']:.4f}" if final else "")
-    )
+    loss = ""
+    if final:  # a last step with no loss token has no loss (its 0 is no measurement)
+        measured = final.get("total_weights", 1) != 0
+        loss = f"; final loss {final['loss']:.4f}" if measured else "; final loss n/a"
+    t.console.print(f"done: step {step}/{t.config.run.steps} in {seconds:.1f} s ({reason}){loss}")
     t.run_info["final"] = {
         "step": step,
         "reason": reason,

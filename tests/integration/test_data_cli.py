@@ -18,7 +18,8 @@ BASE = ["model=tiny", "run.steps=2", "run.batch_size=2", "run.seq_len=8", "run.e
 CORPUS = "a small corpus, long enough for a few sequences of eight bytes each.\n" * 4
 
 # id -> (overrides, the key the error must name). "{tmp}" is the case's own directory,
-# which holds corpus.txt, empty.txt, short.txt and broken.json.
+# which holds corpus.txt, empty.txt, short.txt, broken.json, long.jsonl, chat.jsonl and
+# bomb.jinja.
 CASES = {
     "no-path": (["data=text"], "data.path"),
     "missing-path": (["data=text", "data.path={tmp}/missing.txt"], "data.path"),
@@ -42,6 +43,12 @@ CASES = {
         "data.val_fraction",
     ),
     "text-file-as-tokens": (["data=tokens", "data.path={tmp}/corpus.txt"], "data.path"),
+    # no token would count for the loss: every prompt fills the row (run.seq_len=8)
+    "jsonl-every-prompt-too-long": (["data=jsonl", "data.path={tmp}/long.jsonl"], "data.path"),
+    "jsonl-template-over-its-limits": (
+        ["data=jsonl", "data.path={tmp}/chat.jsonl", "data.chat_template={tmp}/bomb.jinja"],
+        "data.chat_template",
+    ),
     "model-vocab-too-small": (
         [
             "data=text",
@@ -58,6 +65,11 @@ def _files(tmp: Path) -> None:
     (tmp / "empty.txt").write_bytes(b"")
     (tmp / "short.txt").write_text("tiny", encoding="utf-8")
     (tmp / "broken.json").write_text('{"model": ', encoding="utf-8")
+    (tmp / "long.jsonl").write_text('{"prompt": "a long prompt", "completion": "!"}\n' * 4)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    # 'x' * 2e9 once aborted the process (a Rust panic in the tokenizer)
+    (tmp / "bomb.jinja").write_text("{{ 'x' * 2000000000 }}{% generation %}x{% endgeneration %}")
 
 
 # Real subprocesses: one refused while the config is checked, one when the data is read.

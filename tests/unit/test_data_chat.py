@@ -1,12 +1,19 @@
 """Chat templates: the assistant masks agree token for token with transformers'."""
 
+import gc
 import json
+import re
+import threading
+import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from nnxtrain.data import chat
 from nnxtrain.data.chat import DEFAULT_TEMPLATE, ChatTemplate, assistant_mask, find_template
+from nnxtrain.data.sandbox import STEPS, TemplateLimitError
 from nnxtrain.data.tokenizer import ByteTokenizer, load_tokenizer
 from nnxtrain.errors import ConfigError
 
@@ -147,7 +154,8 @@ def test_a_token_straddling_the_start_of_a_reply_counts_as_in_transformers(tmp_p
 def test_the_template_comes_from_the_jinja_file_before_the_config(tmp_path):
     path = make_tokenizer(tmp_path / "tok", CHATML, "<|im_end|>")
     tok = load_tokenizer(path)
-    assert find_template("", tok) == (CHATML, str(tmp_path / "tok" / "tokenizer_config.json"))
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    assert find_template("", tok) == (CHATML, f"the tokenizer's {config} key chat_template")
     (tmp_path / "tok" / "chat_template.jinja").write_text(HEADERS, encoding="utf-8")
     assert find_template("", tok)[0] == HEADERS
     assert find_template("default", tok)[0] == DEFAULT_TEMPLATE
@@ -216,3 +224,203 @@ def test_a_tokenizer_json_without_eos_reads_the_placeholder_as_its_added_id(tmp_
     ids, offsets = tok.encode_offsets("hello<|endoftext|>")
     assert ids.tolist() == [*tok.encode(["hello"]).tolist(), tok.eos_id]
     assert offsets[-1].tolist() == [5, 18]
+
+
+# -- which template: transformers' rules, no silent fallback -------------------------------
+
+PLAIN = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+OTHER = PLAIN.replace("m['content']", "m['role']")
+ENTRIES = [{"name": "tool_use", "template": OTHER}, {"name": "default", "template": PLAIN}]
+# id -> (tokenizer_config.json's chat_template, files beside it, data.chat_template,
+#        the template found or None, its `where` (found) or what the error says)
+SOURCES = {
+    "list-with-default": (ENTRIES, {}, "", PLAIN, 'key chat_template, entry "default"'),
+    "list-entry-by-name": (ENTRIES, {}, "tool_use", OTHER, 'entry "tool_use"'),
+    "list-without-default": (
+        ENTRIES[:1],
+        {},
+        "",
+        None,
+        r'key chat_template\) have no entry named "default" to use: "tool_use"',
+    ),
+    "list-entry-not-an-object": (["x"], {}, "", None, "entry 0 of .* is not a"),
+    "list-entry-without-template": ([{"name": "default"}], {}, "", None, "entry 0 of"),
+    "a-number": (3, {}, "", None, "is a number, neither a template string nor a list"),
+    "an-object": ({"default": PLAIN}, {}, "", None, "is an object, neither"),
+    "extra-files-without-default": (
+        PLAIN,
+        {"additional_chat_templates/tools.jinja": OTHER},
+        "",
+        None,
+        'have no entry named "default" to use: "tools"',
+    ),
+    "extra-files-beside-the-jinja-file": (
+        None,
+        {"chat_template.jinja": PLAIN, "additional_chat_templates/tools.jinja": OTHER},
+        "tools",
+        OTHER,
+        "the tokenizer's .*additional_chat_templates/tools.jinja",
+    ),
+    "none-at-all": (None, {}, "", DEFAULT_TEMPLATE, r"the built-in default \(the tokenizer has"),
+}
+
+
+@pytest.mark.parametrize("case", list(SOURCES))
+def test_the_tokenizers_template_is_found_as_transformers_finds_it_or_refused(tmp_path, case):
+    value, files, spec, found, says = SOURCES[case]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": value}))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    tok = types.SimpleNamespace(path=str(tmp_path / "tokenizer.json"))  # only its folder counts
+    if found is None:
+        with pytest.raises(ConfigError) as e:
+            find_template(spec, tok)
+        assert e.value.key == "data.chat_template"
+        assert re.search(says, str(e.value)), str(e.value)
+        assert "\n" not in str(e.value)
+    else:
+        source, where = find_template(spec, tok)
+        assert source == found and re.search(says, where), where
+
+
+# -- hostile templates: bounded in time and size ------------------------------------------
+
+# Each would hang, or allocate gigabytes (the first aborted the process in the tokenizer).
+# The cases that would run for hours count their steps against a lower limit than the real
+# one (STEPS_FOR_TESTS): the same check, in a fraction of a second.
+STEPS_FOR_TESTS = 100_000
+# (the limit, plus 10 steps per character of the conversation: CHATS[0] is short)
+OVER = r"rendering took more than 10\d,\d{3} steps"
+HOSTILE = {
+    "repeat-2e9": ("{{ 'x' * 2000000000 }}", "the \\* operator would make more than"),
+    "repeat-a-list": ("{% set l = ['abc'] * 100000000 %}", "the \\* operator"),
+    "double-by-~": (
+        "{% set ns = namespace(x='xx') %}"
+        "{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+        "the ~ operator",
+    ),
+    "double-by-+": (
+        "{% set ns = namespace(x='xx') %}"
+        "{% for i in range(60) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+        "the \\+ operator",
+    ),
+    "center-filter": ("{{ 'x'|center(2000000000) }}", "center would make"),
+    "center-method": ("{{ 'x'.center(2000000000) }}", "str.center would make"),
+    "format-width": ("{{ '%2000000000s'|format('x') }}", "format would make"),
+    "percent-width": ("{{ '%2000000000s' % 'x' }}", "the % operator"),
+    "str.format-width": ("{{ '{:2000000000}'.format('x') }}", "str.format would make"),
+    "replace-quadratic": ("{% set s = 'x' * 100000 %}{{ s|replace('x', s) }}", "replace"),
+    "join-a-generator": (
+        "{% set s = 'y' * 1000 %}{{ range(10000)|map('string')|join(s) }}",
+        "join would make",
+    ),
+    "batch-fill": ("{{ [1]|batch(2000000000, 'x')|list|length }}", "batch would make"),
+    "tojson-indent": ("{{ messages|tojson(indent=100000000) }}", "indent of the tojson"),
+    "block-of-repeats": (
+        "{% set s = 'y' * 900000 %}"
+        "{% set b %}{% for i in range(3) %}{{ s }}{% endfor %}{% endset %}",
+        "a block would make",
+    ),
+    "output": ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "the output"),
+    "power": ("{{ 10 ** 100000000 }}", "the \\*\\* operator would make a 400,000,000-bit integer"),
+    "squaring": (
+        "{% set ns = namespace(x=10) %}"
+        "{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+        "-bit integer",
+    ),
+    "nested-ranges": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        OVER,
+    ),
+    "exponential-macro": (
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(60) }}",
+        OVER,
+    ),
+    # loops whose turns do more than a turn's work: each is charged what it reads
+    "search-a-long-string": (
+        "{% set s = 'ab' * 400000 %}{% for i in range(100000) %}{% for j in range(100000) %}"
+        "{% if 'bac' in s %}{% endif %}{% endfor %}{% endfor %}",
+        OVER,
+    ),
+    "sort-a-long-list": (
+        "{% set l = range(100000)|list %}{% for i in range(100000) %}{{ l|sort|first }}"
+        "{% endfor %}",
+        OVER,
+    ),
+    "chained-lazy-filters": (
+        "{% for i in range(100000) %}{{ range(100000)|map('abs')|map('abs')|select|list|length }}"
+        "{% endfor %}",
+        OVER,
+    ),
+    "recursive-loop": (
+        "{% set l = [[[[1]]]] * 1000 %}{% for i in range(100000) %}{% for x in l recursive %}"
+        "{% if x is iterable %}{{ loop(x) }}{% endif %}{% endfor %}{% endfor %}",
+        OVER,
+    ),
+    "big-integer-division": (
+        "{% set ns = namespace(x=7, y=7) %}{% for i in range(14) %}{% set ns.y = ns.x %}"
+        "{% set ns.x = ns.x * ns.x %}{% endfor %}{% for i in range(100000) %}"
+        "{% for j in range(100000) %}{% set q = ns.x // ns.y %}{% endfor %}{% endfor %}",
+        OVER,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_template_stops_at_its_limits(case):
+    body, says = HOSTILE[case]
+    steps = STEPS_FOR_TESTS if says == OVER else STEPS  # the size limits at the real count
+    template = ChatTemplate(body + PLAIN, "test", ByteTokenizer(), steps=steps)
+    with pytest.raises(TemplateLimitError, match=says):
+        template.render(CHATS[0])
+
+
+def test_real_templates_take_far_fewer_steps_than_the_limit(monkeypatch):
+    # The limit is STEPS plus STEPS_PER_CHAR (10) per character of the conversation; these
+    # templates (a long chat too) render within 1 step per character and no STEPS at all.
+    monkeypatch.setattr(chat, "STEPS_PER_CHAR", 1)
+    long_chat = CHATS[1] * 100
+    for source in (DEFAULT_TEMPLATE, CHATML, HEADERS, TIGHT):
+        template = ChatTemplate(source, "test", ByteTokenizer(), steps=0)
+        for messages in (*CHATS, long_chat):
+            assert template.render(messages)[1]  # spans: it rendered
+
+
+def test_the_step_limit_needs_no_other_thread_and_leaves_the_collector_on(monkeypatch):
+    # The limit used to be a watchdog thread raising into the rendering thread, with the
+    # garbage collector off meanwhile; its leftover "async exception" flag hung the JAX
+    # profiler later in the process. Now the render counts its own steps.
+    monkeypatch.setattr(gc, "disable", lambda: pytest.fail("the collector was turned off"))
+    body = HOSTILE["nested-ranges"][0] + PLAIN
+    template = ChatTemplate(body, "test", ByteTokenizer(), steps=STEPS_FOR_TESTS)
+    threads = set(threading.enumerate())
+
+    def render() -> str:
+        with pytest.raises(TemplateLimitError) as e:
+            template.render(CHATS[0])
+        return str(e.value)
+
+    with ThreadPoolExecutor(1) as pool:  # in any thread
+        said = pool.submit(render).result(timeout=60)
+        assert re.fullmatch(OVER, said), said
+        assert pool.submit(render).result(timeout=60) == said  # the same count each time
+    assert render() == said
+    assert set(threading.enumerate()) <= threads  # no thread of its own
+    # and the template renders a conversation again, unharmed
+    template = ChatTemplate(PLAIN, "test", ByteTokenizer(), steps=STEPS_FOR_TESTS)
+    assert template.render(CHATS[0])[0] == "hello thereI am fine, thanks."
+
+
+def test_the_wall_clock_backstop_stops_a_render_in_its_own_thread():
+    template = ChatTemplate(PLAIN, "test", ByteTokenizer(), seconds=0.0)
+    with pytest.raises(TemplateLimitError, match="rendering took more than 0 s"):
+        template.render(CHATS[0])
+
+
+def test_templates_that_cannot_compile_are_one_line(tmp_path):
+    deep = "{{ " + "(" * 100_000 + "1" + ")" * 100_000 + " }}" + PLAIN  # the parser recurses
+    with pytest.raises(ConfigError, match=r"cannot be compiled \(RecursionError") as e:
+        ChatTemplate(deep, "test", ByteTokenizer())
+    assert e.value.key == "data.chat_template"

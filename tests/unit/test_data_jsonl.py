@@ -1,5 +1,6 @@
 """data=jsonl: records to documents and loss weights, bad records, truncation, the builder."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -115,6 +116,7 @@ def test_a_conversation_is_one_document_even_when_eos_ends_each_turn(tmp_path):
 # -- bad records -------------------------------------------------------------------------
 
 GOOD = {"text": "fine"}
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 BAD = [
     ('{"text": "unterminated', "invalid JSON"),
     ("[1, 2]", "a record is a JSON object, got an array"),
@@ -128,6 +130,12 @@ BAD = [
     ({"messages": []}, "'messages' is empty"),
     ({"messages": [{"role": "user"}]}, r"messages\[0\]: no 'content' field"),
     ({"messages": [{"role": "user", "content": 1}]}, r"messages\[0\]: 'content' must be"),
+    # scraped text often holds lone surrogates; Python's JSON reader recurses per level
+    ({"text": "ab\ud800cd"}, r"'text' holds a lone UTF-16 surrogate \(\\ud800 at character 2\)"),
+    ({"prompt": "\udfff", "completion": "x"}, "'prompt' holds a lone UTF-16 surrogate"),
+    ({"prompt": "p", "completion": "x\udc00"}, "'completion' holds a lone UTF-16 surrogate"),
+    ({"messages": [{"role": "user", "content": "\ud83d"}]}, r"messages\[0\]: 'content' holds"),
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than Python's JSON reader goes"),
 ]
 
 
@@ -155,19 +163,44 @@ def test_a_template_that_raises_is_a_bad_record_naming_its_line(tmp_path):
         reader(chat_template=str(template)).read([path], "data.path")
 
 
+def test_a_lone_surrogate_the_template_prints_from_another_field_is_a_bad_record(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['name'] }}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    )
+    named = {"messages": [{"role": "assistant", "content": "x", "name": "\ud800"}]}
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, named])
+    with pytest.raises(ConfigError, match=f"{path}:2: the chat template's text holds a lone"):
+        reader(chat_template=str(template)).read([path], "data.path")
+
+
+def test_a_template_over_its_limits_stops_the_run_even_when_skipping(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ 'x' * 2000000000 }}{% generation %}x{% endgeneration %}")
+    path = write_jsonl(tmp_path / "a.jsonl", [GOOD, {"messages": CHAT}])
+    with pytest.raises(ConfigError) as e:
+        reader(skip_bad=True, chat_template=str(template)).read([path], "data.path")
+    assert e.value.key == "data.chat_template"
+    assert f"went over its limits on {path}:2: the * operator would make more than" in str(e.value)
+
+
 def test_skip_mode_counts_each_kind_reports_them_and_keeps_the_good(tmp_path, caplog):
     records = [GOOD, *(r for r, _ in BAD), GOOD]
     path = write_jsonl(tmp_path / "a.jsonl", records)
     r = reader(skip_bad=True)
     docs = r.read([path], "data.path")
     assert len(docs) == 2
-    assert r.bad == {"invalid JSON": 1, "wrong type": 5, "missing field": 3, "empty": 3}
+    assert r.bad == {
+        **{"invalid JSON": 1, "wrong type": 5, "missing field": 3, "empty": 3},
+        **{"lone surrogate": 4, "nested too deep": 1},
+    }
     assert r.first_bad["invalid JSON"] == f"{path}:2"
-    assert "skipped 12 bad record(s): 1 invalid JSON (first" in r.report()
+    assert "skipped 17 bad record(s): 1 invalid JSON (first" in r.report()
     cfg = compose(["data=jsonl", f"data.path={path}", "data.skip_bad_records=true"])
     with caplog.at_level(logging.WARNING, logger="nnxtrain.data"):
         build_dataset(cfg)
-    assert caplog.text.count("skipped 12 bad record(s)") == 1
+    assert caplog.text.count("skipped 17 bad record(s)") == 1
 
 
 # -- truncation --------------------------------------------------------------------------
@@ -187,6 +220,86 @@ def test_truncate_right_cuts_drop_drops_and_error_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match=f"{path}:2 has 11 tokens, more than") as e:
         reader(seq_len=8, truncate="error").read([path], "data.path")
     assert e.value.key == "data.truncate"
+
+
+# -- splits with no loss token ----------------------------------------------------------
+
+USER_ONLY = {
+    "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+}
+PROMPT_ONLY = (  # the generation block sits where only the prompt for a reply goes
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{% generation %}<reply>{% endgeneration %}{% endif %}"
+)
+NEVER = (
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if 0 %}{% generation %}{% endgeneration %}{% endif %}"
+)
+# id -> (records, overrides, the key named, what the line says)
+NO_LOSS_SPLITS = {
+    "every-prompt-too-long": (
+        [{"prompt": "p" * 40, "completion": "c"}] * 3,
+        ["run.seq_len=16"],
+        "data.path",
+        "of its 3 records, 3 cut at run.seq_len + 1 tokens before their first loss token. "
+        "Fix: raise run.seq_len",
+    ),
+    "no-assistant-turn": (
+        [USER_ONLY] * 3,
+        [],
+        "data.path",
+        "of its 3 records, 3 chats with no assistant turn",
+    ),
+    "generation-only-with-add_generation_prompt": (
+        [{"messages": CHAT}] * 3,
+        ["data.chat_template={tmp}/prompt_only.jinja"],
+        "data.chat_template",
+        "marks no token of any of the 3 chats with an assistant turn (the first: {tmp}/a.jsonl:1):"
+        " its {% generation %} block fires only with add_generation_prompt",
+    ),
+    "generation-never-fires": (
+        [GOOD, {"messages": CHAT}],  # the text record alone would train
+        ["data.chat_template={tmp}/never.jinja"],
+        "data.chat_template",
+        "its {% generation %} block never fires",
+    ),
+    "held-out-split": (
+        [GOOD] * 3 + [USER_ONLY],
+        ["data.val_fraction=0.25", "run.eval_every=5"],
+        "data.val_fraction",
+        "no token of the held-out last 1 records counts for the loss",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_LOSS_SPLITS))
+def test_a_split_with_no_loss_token_is_refused_saying_why(tmp_path, case):
+    records, overrides, key, says = NO_LOSS_SPLITS[case]
+    (tmp_path / "prompt_only.jinja").write_text(PROMPT_ONLY)
+    (tmp_path / "never.jinja").write_text(NEVER)
+    path = write_jsonl(tmp_path / "a.jsonl", records)
+    settings = {"data.val_fraction": "0", "run.eval_every": "0"}  # the case's win
+    settings |= dict(o.replace("{tmp}", str(tmp_path)).split("=", 1) for o in overrides)
+    cfg = compose(["data=jsonl", f"data.path={path}", *(f"{k}={v}" for k, v in settings.items())])
+    with pytest.raises(ConfigError) as e:
+        build_dataset(cfg)
+    assert e.value.key == key
+    assert says.replace("{tmp}", str(tmp_path)) in str(e.value), str(e.value)
+
+
+def test_the_data_line_counts_records_without_loss_and_names_the_template(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}, USER_ONLY])
+    for spec, named in [
+        ("", "the built-in default (the tokenizer has none)"),
+        ("default", "the built-in default (data.chat_template=default)"),
+    ]:
+        cfg = compose(["data=jsonl", f"data.path={path}", "run.eval_every=0"])
+        build_dataset(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, chat_template=spec))
+        )
+        line = capsys.readouterr().out
+        assert "; 1 chats with no assistant turn (only the assistant's tokens count)" in line
+        assert f"; chat template: {named};" in line
 
 
 # -- the builder -------------------------------------------------------------------------

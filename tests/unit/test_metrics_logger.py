@@ -8,6 +8,7 @@ On a resume the records after the restored step, and a line a kill tore, leave m
 (through a complete new file, or not at all) and TensorBoard is told to hide those steps.
 """
 
+import io
 import json
 import os
 import struct
@@ -75,6 +76,25 @@ def log(
     console.file.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     return {x["step"]: x for x in map(json.loads, lines)}
+
+
+def test_a_step_or_evaluation_without_loss_tokens_reports_no_loss(tmp_path):
+    """A loss of 0 over no token is no measurement: `n/a` and null, never `ppl 1.000`."""
+    recs = records([(0.0, 1.0), (1.0, 2.0)])
+    empty = METRICS | dict(loss=0.0, lm_loss=0.0, z_loss=0.0, perplexity=1.0, total_weights=0.0)
+    recs[1] = StepRecord(2, 1.0, 2.0, 1.0, 0.0, empty)
+    logged = log(tmp_path, recs, tensorboard=True)
+    assert logged[1]["loss"] == 2.0
+    assert [logged[2][k] for k in ("loss", "lm_loss", "z_loss", "perplexity")] == [None] * 4
+    console = (tmp_path / "console.txt").read_text().splitlines()
+    assert "| loss 2.0000 | lm_loss 1.9000 | ppl 6.700 |" in console[0]
+    assert "| weights 0 | loss n/a | lm_loss n/a | ppl n/a |" in console[1]
+    logger = MetricsLogger(progress=False, tensorboard=False)
+    printed = Console(file=io.StringIO(), width=300)
+    trainer = types.SimpleNamespace(console=printed)
+    m = {"eval/loss": 0.0, "eval/lm_loss": 0.0, "eval/perplexity": 1.0, "eval/total_weights": 0}
+    logger.on_eval_end(trainer, EvalEndEvent(5, m, 2, 0.1))  # type: ignore[arg-type]
+    assert "| loss n/a | ppl n/a" in printed.file.getvalue()
 
 
 def test_notes_follow_the_rules(tmp_path):

@@ -78,6 +78,18 @@ def test_a_bad_step_keeps_params_and_optimizer_state_bitwise(weight, limits, wha
     assert int(after.step) == 1  # the batch is consumed
 
 
+def test_a_step_without_loss_tokens_keeps_the_state_unskipped():
+    """Zero gradients, yet AdamW's weight decay (0.1 here) would shrink the weights."""
+    step, state = step_and_state()
+    before = jax.device_get(state)
+    for guard in [(1.0, 1e9, 1e9), GUARD_OFF]:
+        after, metrics = step(state, a_batch(0.0), jnp.asarray(guard, jnp.float32))
+        assert float(metrics["total_weights"]) == 0 and float(metrics["skipped"]) == 0
+        assert same_bits(after.params, before.params)
+        assert same_bits(after.opt_state, before.opt_state)
+        assert int(after.step) == 1
+
+
 def test_a_good_step_or_a_guard_that_is_off_updates():
     step, state = step_and_state()
     before = jax.device_get(state)
