@@ -44,7 +44,7 @@ from nnxtrain.train.events import (
 )
 from nnxtrain.train.goodput import Goodput, GoodputReport
 from nnxtrain.train.result import FitResult
-from nnxtrain.train.step import METRIC_NAMES, all_finite
+from nnxtrain.train.step import METRIC_NAMES, all_finite, without_loss
 from nnxtrain.train.timing import StepRecord
 from nnxtrain.train.trainer import Trainer
 from nnxtrain.units import format_bytes
@@ -91,4 +91,5 @@ __all__ = [
     "json_line",
     "run_tokenizer",
     "step_flops",
+    "without_loss",
 ]

@@ -50,6 +50,7 @@ from nnxtrain import (
     TrainStartEvent,
     check_int,
     first_line,
+    without_loss,
 )
 
 RUN_INFO = "run_info.json"
@@ -199,7 +200,9 @@ class Tracker(Callback):
         if not self._started or (event.step % self._every and event.step != event.num_steps):
             return
         record = event.record()  # waits for this step only
-        metrics = {f"train/{k}": float(record.metrics[k]) for k in METRIC_NAMES}
+        # (no loss token: the loss metrics are left out, not logged as a perfect 0)
+        taken = without_loss({k: record.metrics[k] for k in METRIC_NAMES})
+        metrics = {f"train/{k}": float(v) for k, v in taken.items() if v is not None}
         if self._last is not None and record.completed_at > self._last[1]:
             seconds = (record.completed_at - self._last[1]) / (event.step - self._last[0])
             metrics["train/seconds_per_step"] = seconds
@@ -209,7 +212,8 @@ class Tracker(Callback):
 
     def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
         if self._started:
-            metrics = {k: float(v) for k, v in event.metrics.items()}
+            taken = without_loss(event.metrics, "eval/")
+            metrics = {k: float(v) for k, v in taken.items() if v is not None}
             self._call(trainer, "log metrics", lambda: self.log(metrics, event.step))
 
     def on_train_end(self, trainer: TrainerView, event: TrainEndEvent) -> None:

@@ -45,17 +45,10 @@ from nnxtrain import (
     check_int,
     drop_records_after,
     json_line,
+    without_loss,
 )
 
 METRICS_FILE = "metrics.jsonl"
-LOSS_KEYS = ("loss", "lm_loss", "z_loss", "perplexity")  # undefined with no loss token
-
-
-def without_loss(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`record` with its loss metrics None when its total weights are 0 (no loss token)."""
-    if record.get(f"{prefix}total_weights", 1) != 0:
-        return record
-    return {k: None if k.removeprefix(prefix) in LOSS_KEYS else v for k, v in record.items()}
 
 
 def _fixed(value: float | None, digits: int) -> str:
@@ -141,7 +134,7 @@ class MetricsLogger(Callback):
         note = self._note(seconds, records, first=self._last_completed is None)
         self._last_completed = last.completed_at
         self._window_seconds.append(seconds)
-        m = without_loss(dict(last.metrics))
+        m = without_loss(last.metrics)
         devices = self.flops.num_devices
         record: dict[str, Any] = {
             "step": event.step,
@@ -210,7 +203,7 @@ class MetricsLogger(Callback):
         return "; ".join(reasons)
 
     def on_eval_end(self, trainer: TrainerView, event: EvalEndEvent) -> None:
-        m = without_loss(dict(event.metrics), "eval/")
+        m = without_loss(event.metrics, "eval/")
         trainer.console.print(
             f"eval at step {event.step} | {event.num_batches} batches in {event.seconds:.2f} s"
             f" | loss {_fixed(m['eval/loss'], 4)} | ppl {_fixed(m['eval/perplexity'], 3)}",

@@ -180,6 +180,8 @@ class SpikeGuard(Callback):
         while self._pending and self._pending[0][0] <= upto:
             step, record = self._pending.pop(0)
             m = record().metrics
+            if m.get("total_weights", 1) == 0:  # no loss token: nothing to judge or learn
+                continue
             loss, norm = m["loss"], m["grad_norm"]
             skipped = m.get("skipped", 0.0) > 0
             bad = skipped or self._bad(step, loss, norm)

@@ -10,7 +10,7 @@ form are in `nnxtrain.train.loss`.
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,20 @@ METRIC_NAMES = (
     "lr",
     "skipped",
 )
+
+# The metrics a step (or evaluation) with no loss token (total weights 0) cannot measure: the
+# step reports 0 and 1 for them, which are no measurement, and must not read as a perfect loss.
+LOSS_METRICS = ("loss", "lm_loss", "z_loss", "perplexity")
+
+
+def without_loss(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`metrics` as a dict, its loss metrics (`prefix` + LOSS_METRICS) None when its
+    `prefix + "total_weights"` is 0: for plugins that print or log a step's metrics."""
+    out = dict(metrics)
+    if out.get(f"{prefix}total_weights", 1) != 0:
+        return out
+    return {k: None if k.removeprefix(prefix) in LOSS_METRICS else v for k, v in out.items()}
+
 
 # The skip guard a train step honours: [on, loss limit, gradient-norm limit]. With `on`
 # set, a step whose loss or gradient norm is not finite or above its limit keeps the

@@ -296,3 +296,16 @@ def test_the_start_of_a_divergence_rides_in_checkpoints(tmp_path: Path):
 def test_warmup_factor_is_checked(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"callbacks\.spike_guard\.warmup_factor"):
         feed(SpikeGuard(warmup_factor=0.5), tmp_path, [])
+
+
+def test_a_step_without_loss_tokens_is_neither_judged_nor_learnt_from(tmp_path: Path):
+    """Its loss 0 is no measurement: in the history it would pull the median down, and a
+    loss 10x that median would then read as a spike."""
+    guard = SpikeGuard(warmup=3)
+    view = start(guard, tmp_path)
+    for step, (loss, weights) in enumerate([(4.0, 9.0), (0.0, 0.0), (4.1, 9.0), (4.2, 9.0)], 1):
+        metrics = {"loss": loss, "grad_norm": 1.0, "skipped": 0.0, "total_weights": weights}
+        record = SimpleNamespace(metrics=metrics)
+        guard.on_step_end(view, StepEndEvent(step, 100, 0, None, lambda r=record: r))  # type: ignore[arg-type]
+    guard.on_train_end(view, TrainEndEvent(4, "completed", 0.0))
+    assert sorted(guard.values) == [1, 3, 4] and guard.bad_since is None

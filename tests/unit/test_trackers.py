@@ -276,3 +276,35 @@ def test_a_required_wandb_without_an_api_key_fails_before_anything_is_compiled(
     assert "W&B could not set up (RuntimeError: no API key" in line
     assert trainer.compiled is None  # it failed in on_setup, before the compile
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+class Captured(Tracker):
+    """A tracker whose tool is a list: what `log` was given, call by call."""
+
+    def __init__(self) -> None:
+        super().__init__(every=1)
+        self.logged: list[dict[str, float]] = []
+        self._active = self._started = True
+
+    def remote(self) -> bool:
+        return False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append(metrics)
+
+
+def test_a_step_or_evaluation_without_loss_tokens_logs_no_loss() -> None:
+    """Loss 0 and perplexity 1 over no token are no measurement: left out, not logged."""
+    from nnxtrain import METRIC_NAMES, EvalEndEvent, StepEndEvent
+
+    tracker, view = Captured(), types.SimpleNamespace(console=None)
+    for weights in (5.0, 0.0):
+        metrics = dict.fromkeys(METRIC_NAMES, 0.0) | {"total_weights": weights}
+        record = types.SimpleNamespace(metrics=metrics, completed_at=1.0)
+        tracker.on_step_end(view, StepEndEvent(1, 2, 8, None, lambda r=record: r))  # type: ignore[arg-type]
+    evaluation = {"eval/loss": 0.0, "eval/perplexity": 1.0, "eval/total_weights": 0.0}
+    tracker.on_eval_end(view, EvalEndEvent(2, evaluation, 1, 0.1))  # type: ignore[arg-type]
+    full, empty, evaluated = tracker.logged
+    assert {"train/loss", "train/perplexity"} <= full.keys()
+    assert not {"train/loss", "train/lm_loss", "train/z_loss", "train/perplexity"} & empty.keys()
+    assert empty["train/total_weights"] == 0.0 and evaluated == {"eval/total_weights": 0.0}
