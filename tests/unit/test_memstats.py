@@ -14,7 +14,7 @@ from nnxtrain.plugins import memstats
 from nnxtrain.plugins.memstats import MemStats, host_memory, live_bytes
 from rich.console import Console
 
-from nnxtrain import TrainEndEvent, Trainer, compose
+from nnxtrain import ConfigError, TrainEndEvent, Trainer, compose
 
 OVERRIDES = ["model=tiny", "run.steps=3", "run.batch_size=4", "run.seq_len=16"]
 OVERRIDES += ["callbacks=none", "run.eval_every=0"]
@@ -162,8 +162,10 @@ def test_quiet_console_writes_no_file(tmp_path: Path) -> None:
 
 
 def test_every_must_not_be_negative() -> None:
-    with pytest.raises(ValueError, match="every"):
-        MemStats(every=-1)
+    plugin = MemStats(every=-1)
+    plugin.name = "memstats"
+    with pytest.raises(ConfigError, match=r"^callbacks\.memstats\.every: must be an integer >= 0"):
+        plugin.on_setup(None, None)  # type: ignore[arg-type]
 
 
 def test_a_resumed_run_drops_the_records_of_the_steps_it_redoes(tmp_path: Path) -> None:
