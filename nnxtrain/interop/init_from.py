@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from rich.console import Console
 
 from nnxtrain.checkpoint import reader as checkpoint_reader
-from nnxtrain.config import Config, ModelConfig, validate
+from nnxtrain.config import Config, LoraConfig, ModelConfig, validate
 from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
@@ -45,8 +45,8 @@ from nnxtrain.interop.hf import open_model
 from nnxtrain.parallel.sharding import merge_rules
 
 KEY = "run.init_from"
-# How the model runs, not what it is: always the user's.
-USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention")
+# How the model runs, not what it is: always the user's (LoRA adapts PATH's weights).
+USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention", "lora")
 # Not the weights' shape: PATH's unless given on the command line.
 SOFT_KEYS = ("name", "max_len", "init_std")
 HF_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
@@ -108,7 +108,11 @@ def source(path: str) -> Source:
 def _model_config(saved: dict[str, Any]) -> ModelConfig:
     """The ModelConfig a checkpoint recorded (keys this version lacks are left out)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    kwargs = {k: v for k, v in saved.items() if k in known}
+    if isinstance(kwargs.get("lora"), dict):  # a nested section comes back as a dict
+        lora = {k: v for k, v in kwargs["lora"].items() if k in LoraConfig.__dataclass_fields__}
+        kwargs["lora"] = LoraConfig(**lora)
+    return ModelConfig(**kwargs)
 
 
 def _run_tokenizer(ckpt: checkpoint_reader.Checkpoint) -> str | None:

@@ -36,7 +36,7 @@ from nnxtrain.config import Config
 from nnxtrain.data import build_dataset, resolve_vocab
 from nnxtrain.interop.init_from import load_params as load_init_from
 from nnxtrain.interop.init_from import resolve as resolve_init_from
-from nnxtrain.model import Transformer
+from nnxtrain.model import Transformer, trainable
 from nnxtrain.parallel.distributed import start_jax
 from nnxtrain.parallel.mesh import build_mesh, resolve_batch
 from nnxtrain.parallel.preemption import Preemption, interruptible
@@ -201,7 +201,9 @@ class Trainer(RunControls):
         self._earlier_goodput = read_run_info(self.run_dir).get("goodput")  # before it's rewritten
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
         tx, _ = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
+        plan = self.plan = plan_state(
+            self.model_factory, tx, cfg.run.seed, self.mesh, rules, trainable(cfg.model)
+        )
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
         self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
