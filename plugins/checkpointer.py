@@ -32,6 +32,7 @@ from nnxtrain import (
     StepEndEvent,
     TrainEndEvent,
     TrainerView,
+    TrainStartEvent,
     all_finite,
 )
 from nnxtrain import checkpoint as cio
@@ -63,6 +64,7 @@ class Checkpointer(Callback):
         self._last_step = -1
         self._pinned: set[int] = set()  # kept whatever `keep` says (_pin)
         self._lock = RunLock()  # on `directory`, unless it is the run dir
+        self._base: tuple[Any, str] | None = None  # a restored LoRA checkpoint's base
 
     # -- restore -------------------------------------------------------------------------
 
@@ -146,12 +148,19 @@ class Checkpointer(Callback):
             self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
         trainer.state = state
         self._last_step = step
+        self._base = (meta.get("lora_base"), where)  # checked once the base is built
         saved = meta.get("callbacks", {})
         for cb in trainer.callbacks:
             if cb.name in saved:
                 cb.load_state_dict(saved[cb.name])
         if meta.get("dataset") is not None and hasattr(trainer.dataset, "load_state_dict"):
             trainer.dataset.load_state_dict(meta["dataset"])
+
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+        """A restored LoRA checkpoint's adapters fit the base this run built, or one line."""
+        if self._base is not None and trainer.state is not None:
+            recorded, where = self._base
+            cio.check_base(recorded, trainer.state.params, self._config, where)
 
     # -- save ----------------------------------------------------------------------------
 

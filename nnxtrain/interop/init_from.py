@@ -185,22 +185,30 @@ def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console
     """A copy of the model's `params` (an nnx.State) holding the weights of `run.init_from`,
     each array in the shards (and the dtype) of the one it replaces."""
     t0, src = time.perf_counter(), source(config.run.init_from)
+    # With LoRA the weights fill the base; the adapters stay as initialised.
+    base = nnx.split_state(params, nnx.LoRAParam, ...)[1] if config.model.lora.rank else params
     if src.kind == "hf":
         rules = merge_rules(config.mesh.rules)
-        dtype = config.model.param_dtype
+        lora = config.model.lora
+        dtype = lora.base_dtype if lora.rank and lora.base_dtype else config.model.param_dtype
         model = load_hf(src.path, param_dtype=dtype, mesh=mesh, rules=rules)
         loaded = nnx.to_pure_dict(nnx.state(model))
+        if lora.rank and lora.train_embeddings:  # trained in full: in param_dtype
+            pdt = config.model.param_dtype
+            for name in ("embed", "lm_head"):
+                if name in loaded:
+                    loaded[name] = loaded[name].astype(pdt)
         where = src.path
     else:
         assert src.checkpoint is not None
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            nnx.to_pure_dict(params),
+            nnx.to_pure_dict(base),
         )
         loaded = checkpoint_reader.read_params(src.checkpoint, target)
         where = f"step {src.checkpoint.step} ({src.checkpoint.path})"
     fresh = jax.tree.map(lambda x: x, params)  # a new State; `params` stays as it was
-    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(params))
+    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(base))
     nnx.replace_by_pure_dict(fresh, jax.device_put(loaded, shardings))
     console.print(
         f"init_from: took the parameters of {where} in {time.perf_counter() - t0:.2f} s "

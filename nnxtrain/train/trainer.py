@@ -22,7 +22,6 @@ Trainer's creation (or `started`) is charged to a bucket of the goodput account
 `FitResult` (`nnxtrain.train.result`).
 """
 
-import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,6 @@ from rich.console import Console
 
 from nnxtrain.config import Config
 from nnxtrain.data import build_dataset, resolve_vocab
-from nnxtrain.interop.init_from import load_params as load_init_from
 from nnxtrain.interop.init_from import resolve as resolve_init_from
 from nnxtrain.model import Transformer, trainable
 from nnxtrain.parallel.distributed import start_jax
@@ -44,6 +42,7 @@ from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
 from nnxtrain.run.directory import make_run_dir, read_run_info, write_config, write_run_info
 from nnxtrain.run.lock import RunLock
 from nnxtrain.train.accounting import FlopsReport, step_flops
+from nnxtrain.train.base import incomplete, starting_state
 from nnxtrain.train.compile import (
     CompiledMemory,
     CompiledStep,
@@ -248,12 +247,9 @@ class Trainer(RunControls):
     def _train(self, watcher: StepWatcher) -> FitResult:
         cfg = self.config
         assert self.plan is not None
-        if self.state is None:
+        if incomplete(self.state):  # init_from only when nothing (or LoRA) was restored
             with self.goodput.timed("init"):
-                self.state = self.plan.initialize()
-                if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
-                    params = load_init_from(cfg, self.state.params, self.mesh, self.console)
-                    self.state = dataclasses.replace(self.state, params=params)
+                self.state = starting_state(cfg, self.plan, self.state, self.mesh, self.console)
         self.step = start_step = int(interruptible(jax.device_get, self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
