@@ -10,6 +10,7 @@ in (`run.init_from` again) and `check_base` refuses a checkpoint trained on anot
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import jax
@@ -31,7 +32,7 @@ def lora_of(config: dict[str, Any]) -> LoraConfig | None:
 def split_base(params: Any, config: dict[str, Any]) -> tuple[Any, Any]:
     """(what the checkpoint keeps, the frozen base or None) of a state's `params`."""
     lora = lora_of(config)
-    if lora is None:
+    if lora is None or not isinstance(params, nnx.State):  # a pure dict names what it wants
         return params, None
     keep, base = nnx.split_state(params, trainable(ModelConfig(lora=lora)), ...)
     return keep, base
@@ -44,8 +45,9 @@ def base_identity(base: Any, config: dict[str, Any]) -> dict[str, Any]:
     rows = dict(zip(names, digest.digests([leaf for _, leaf in paths]), strict=True))
     text = json.dumps(rows, sort_keys=True).encode()
     run = config.get("run") or {}
+    init_from = str(run.get("init_from") or "")
     return {
-        "init_from": str(run.get("init_from", "")),
+        "init_from": os.path.abspath(init_from) if init_from else "",
         "seed": run.get("seed"),
         "digest": hashlib.sha256(text).hexdigest()[:16],
     }

@@ -42,6 +42,7 @@ from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
 from nnxtrain.interop.hf import open_model
+from nnxtrain.interop.peft import read_config as read_peft_config
 from nnxtrain.parallel.sharding import merge_rules
 
 KEY = "run.init_from"
@@ -138,6 +139,16 @@ def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
     one). `overrides` are the command line's: a model shape key among them that differs
     from PATH's is an error. Without them (a Config built in Python) the config's own
     name, max_len and init_std stay."""
+    if config.model.lora.adapter:  # a PEFT adapter: its rank, alpha, targets
+        if not config.run.init_from:
+            raise ConfigError(
+                "model.lora.adapter",
+                "needs the base model the adapter was trained on",
+                "set run.init_from to that base (a Hugging Face model dir)",
+            )
+        lora = read_peft_config(config.model.lora.adapter)
+        lora = dataclasses.replace(lora, base_dtype=config.model.lora.base_dtype)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
     if not config.run.init_from:
         return config
     src = source(config.run.init_from)
