@@ -260,3 +260,18 @@ def _tensor(tensors: dict[str, np.ndarray], key: str, path: str) -> np.ndarray:
             "run.init_from's model, with the target_modules its adapter_config.json names"
         )
     return np.asarray(tensors[key], np.float32)
+
+
+def attach_adapter(model: Transformer, path: str, console: Console) -> Transformer:
+    """`model` (a base, e.g. `nnxtrain.hf.load`'s) with the PEFT adapter of dir `path`
+    (for `nnxtrain-generate --adapter`): the base's arrays, the adapter's A and B."""
+    lora = read_config(path)
+    cfg = ModelConfig(**{**vars(model.cfg), "lora": lora})
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    nnx.replace_by_pure_dict(state, base)
+    for _, var in nnx.to_flat_state(nnx.state(state, nnx.LoRAParam)):  # filled in just below
+        shape = var.get_value()
+        var.set_value(jnp.zeros(shape.shape, shape.dtype))
+    params = load_adapter(Config(model=cfg), state, console)
+    return nnx.merge(graphdef, params)

@@ -31,6 +31,8 @@ def starting_state(
 ) -> TrainState:
     """`state` (restored: with its base filled in) or a fresh one, `run.init_from`'s
     weights and `model.lora.adapter`'s adapters read into it."""
+    if state is not None and not incomplete(state):
+        return state  # restored whole: a rerun resumes it
     fresh = plan.initialize()
     params = fresh.params
     if config.run.init_from:

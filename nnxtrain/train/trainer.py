@@ -42,7 +42,7 @@ from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
 from nnxtrain.run.directory import make_run_dir, read_run_info, write_config, write_run_info
 from nnxtrain.run.lock import RunLock
 from nnxtrain.train.accounting import FlopsReport, step_flops
-from nnxtrain.train.base import incomplete, starting_state
+from nnxtrain.train.base import starting_state
 from nnxtrain.train.compile import (
     CompiledMemory,
     CompiledStep,
@@ -247,9 +247,8 @@ class Trainer(RunControls):
     def _train(self, watcher: StepWatcher) -> FitResult:
         cfg = self.config
         assert self.plan is not None
-        if incomplete(self.state):  # init_from only when nothing (or LoRA) was restored
-            with self.goodput.timed("init"):
-                self.state = starting_state(cfg, self.plan, self.state, self.mesh, self.console)
+        with self.goodput.timed("init"):  # init_from only when nothing (or LoRA) was restored
+            self.state = starting_state(cfg, self.plan, self.state, self.mesh, self.console)
         self.step = start_step = int(interruptible(jax.device_get, self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)
