@@ -15,14 +15,12 @@ Our own small module rather than flax's `nnx.LoRA` (no alpha scale, 2-D kernels 
 `nnx.Linear` only, where ours are `[embed, heads, head_dim]`) or qwix (a new dependency that
 rewrites the model's dot_generals by module path): see docs/lora.md.
 
-`adapters_off()` is the base model as a view, for a frozen reference (preference training):
-inside it, a forward traced skips every adapter, with no second copy of the weights.
+`adapters_off(model)` is the base model as a view, for a frozen reference (preference
+training): the same arrays, every adapter skipped, no second copy of the weights.
 """
 
-import contextlib
 import math
-import threading
-from collections.abc import Iterator
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,27 +30,23 @@ from nnxtrain.config import LORA_TARGETS, LoraConfig, ModelConfig, lora_targets
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...]]  # a projection's (in dims, out dims)
 Names = tuple[tuple[str, ...], tuple[str, ...]]  # their logical axis names
+M = TypeVar("M", bound=nnx.Module)
 RANK = "lora_rank"  # the logical name of an adapter's rank axis (replicated)
 
 # Trained in full beside the adapters with model.lora.train_embeddings.
 TRAINABLE_EMBEDDINGS = ("embed", "lm_head")
 
 
-class _Switch(threading.local):
-    off = False
-
-
-_switch = _Switch()
-
-
-@contextlib.contextmanager
-def adapters_off() -> Iterator[None]:
-    """Inside it, a model traced or run computes the base alone (every adapter skipped)."""
-    saved, _switch.off = _switch.off, True
-    try:
-        yield
-    finally:
-        _switch.off = saved
+def adapters_off(model: M) -> M:
+    """The base model as a view of `model`: the same arrays (no copy), every adapter
+    skipped. Its graph differs from `model`'s (each adapter's `on` is False), so jitted
+    code traces it apart: a frozen reference model for preference training."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state, copy=False)
+    for _, node in nnx.iter_graph(view):
+        if isinstance(node, Adapter):
+            node.on = False
+    return view
 
 
 def lora_scale(lora: LoraConfig) -> float:
@@ -104,10 +98,11 @@ class Adapter(nnx.Module):
         b = jnp.zeros((r, *outs), dtype)
         self.b = nnx.LoRAParam(b, out_sharding=(RANK, *out_names), eager_sharding=False)
         self.scale = lora_scale(cfg.lora)
+        self.on = True  # False in `adapters_off`'s view
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """`y` (the base projection of `x`) plus this adapter's update."""
-        if _switch.off:
+        if not self.on:
             return y
         n_in = self.a.ndim - 1
         lead, k = x.shape[: x.ndim - n_in], math.prod(self.a.shape[:-1])
