@@ -51,6 +51,11 @@ class LoraConfig:
         "", "start from this PEFT adapter dir (adapter_config.json; run.init_from = its base)"
     )
 
+    def __post_init__(self) -> None:
+        # A model's config is static data of its graph, hashed by jit: a tuple, not a list.
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -185,6 +185,10 @@ def read_config(path: str) -> LoraConfig:
             )
     targets = raw.get("target_modules")
     names = [targets] if isinstance(targets, str) else targets
+    # PEFT saves all-linear resolved to full module names (model.layers.0.self_attn.q_proj):
+    # the projection is the last part; a layer left out is found as its missing tensors.
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        names = sorted({n.rsplit(".", 1)[-1] for n in names})
     if not isinstance(names, list) or not all(n in (*LORA_TARGETS, "all-linear") for n in names):
         raise ConfigError(
             KEY, f"{file}: target_modules {json.dumps(targets)[:60]} unsupported", fix
