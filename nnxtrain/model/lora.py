@@ -19,7 +19,10 @@ rewrites the model's dot_generals by module path): see docs/lora.md.
 training): the same arrays, every adapter skipped, no second copy of the weights.
 """
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import TypeVar
 
 import jax
@@ -47,6 +50,24 @@ def adapters_off(model: M) -> M:
         if isinstance(node, Adapter):
             node.on = False
     return view
+
+
+class _Dropout(threading.local):
+    key: jax.Array | None = None
+
+
+_dropout = _Dropout()
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array) -> Iterator[None]:
+    """Inside it, a forward traced drops adapter inputs at model.lora.dropout with masks
+    drawn from `key` (the train step's, one per step); outside, no dropout (eval, generation)."""
+    saved, _dropout.key = _dropout.key, key
+    try:
+        yield
+    finally:
+        _dropout.key = saved
 
 
 def lora_scale(lora: LoraConfig) -> float:
@@ -97,7 +118,8 @@ class Adapter(nnx.Module):
         self.a = nnx.LoRAParam(a, out_sharding=(*in_names, RANK), eager_sharding=False)
         b = jnp.zeros((r, *outs), dtype)
         self.b = nnx.LoRAParam(b, out_sharding=(RANK, *out_names), eager_sharding=False)
-        self.scale = lora_scale(cfg.lora)
+        self.scale, self.rate = lora_scale(cfg.lora), cfg.lora.dropout
+        self.target = LORA_TARGETS.index(target)
         self.on = True  # False in `adapters_off`'s view
 
     def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -107,6 +129,15 @@ class Adapter(nnx.Module):
         n_in = self.a.ndim - 1
         lead, k = x.shape[: x.ndim - n_in], math.prod(self.a.shape[:-1])
         a = self.a[...].astype(x.dtype).reshape(k, -1)
+        if self.rate > 0 and _dropout.key is not None:
+            # One mask per step and projection; A's first element (its own in each layer,
+            # also under scan, where the layer index is not known) sets each layer's apart.
+            salt = jax.lax.bitcast_convert_type(
+                self.a[...].reshape(-1)[0].astype(jnp.float32), jnp.uint32
+            )
+            key = jax.random.fold_in(jax.random.fold_in(_dropout.key, self.target), salt)
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
         b = self.b[...].astype(x.dtype)
         delta = (x.reshape(-1, k) @ a) @ b.reshape(b.shape[0], -1)
         return y + (delta * self.scale).reshape(*lead, *b.shape[1:]).astype(y.dtype)

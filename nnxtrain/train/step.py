@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from nnxtrain.config import OptimConfig
+from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.loss import SUM_KEYS, batch_loss_sums, summarize
 
 Metrics = dict[str, jax.Array]
@@ -162,7 +163,9 @@ def make_train_step(
         def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
             def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
                 model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
-                sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
+                # LoRA dropout's masks: a key per step (a resumed step draws the same)
+                with lora_dropout(jax.random.fold_in(jax.random.key(0x10A), state.step)):
+                    sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
                 return sums["ce"] + sums["z"], sums
 
             (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)

@@ -18,6 +18,7 @@ from nnxtrain.checkpoint import open_manager
 from nnxtrain.checkpoint.storage import read_meta
 from nnxtrain.config import LoraConfig
 from nnxtrain.model import Transformer, adapters_off
+from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.step import make_optimizer, split_trainable
 
 # Non-square everywhere (GQA k/v 16 wide, q 32, MLP 24 vs 16) and alpha/r = 1.5, not 1.
@@ -172,3 +173,19 @@ def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_nam
 def test_bad_lora_keys_are_one_line(tmp_path, override, key) -> None:
     proc = run_cli_in_process(["model=tiny", override, f"run.dir={tmp_path}"], tmp_path)
     assert_one_line_error(proc, key)
+
+
+def test_dropout_drops_adapter_inputs_in_the_train_step_only() -> None:
+    cfg = dataclasses.replace(TINY, lora=dataclasses.replace(LORA, dropout=0.5))
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    randomize_b(model)
+    plain = np.asarray(forward(model, TOKENS))  # eval, generation: no dropout
+
+    @jax.jit
+    def train_forward(model: Transformer, step: jax.Array) -> jax.Array:
+        with lora_dropout(jax.random.fold_in(jax.random.key(0), step)):
+            return model(TOKENS)
+
+    one, again, two = (np.asarray(train_forward(model, jnp.asarray(s))) for s in (1, 1, 2))
+    assert not np.allclose(one, plain, atol=1e-4) and not np.allclose(one, two, atol=1e-4)
+    assert np.array_equal(one, again)  # a step's masks are its own: resume draws the same
