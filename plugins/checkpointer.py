@@ -64,7 +64,6 @@ class Checkpointer(Callback):
         self._last_step = -1
         self._pinned: set[int] = set()  # kept whatever `keep` says (_pin)
         self._lock = RunLock()  # on `directory`, unless it is the run dir
-        self._base: tuple[Any, str] | None = None  # a restored LoRA checkpoint's base
 
     # -- restore -------------------------------------------------------------------------
 
@@ -75,13 +74,7 @@ class Checkpointer(Callback):
             return  # nothing is allocated, restored or saved
         self._config = cio.jsonable(dataclasses.asdict(event.config))
         self.path = self._path(event)
-        for cb in trainer.callbacks:  # two savers on one directory would delete each other's
-            if cb is not self and isinstance(cb, Checkpointer) and cb._path(event) == self.path:
-                raise ConfigError(
-                    f"callbacks.{self.name}",
-                    f"callbacks.{cb.name} also saves to {self.path}",
-                    f"drop one (~callbacks.{cb.name}) or give each its own directory",
-                )
+        _one_saver_per_directory(self, trainer, event)
         key = f"callbacks.{self.name}.directory"
         cio.check_directory(key, self.path)
         # Locked wherever it lies (another run may name it), unless it is the locked run dir.
@@ -148,7 +141,7 @@ class Checkpointer(Callback):
             self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
         trainer.state = state
         self._last_step = step
-        self._base = (meta.get("lora_base"), where)  # checked once the base is built
+        self._base = (meta.get("lora_base"), where)  # LoRA: checked once the base is built
         saved = meta.get("callbacks", {})
         for cb in trainer.callbacks:
             if cb.name in saved:
@@ -157,10 +150,8 @@ class Checkpointer(Callback):
             trainer.dataset.load_state_dict(meta["dataset"])
 
     def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
-        """A restored LoRA checkpoint's adapters fit the base this run built, or one line."""
-        if self._base is not None and trainer.state is not None:
-            recorded, where = self._base
-            cio.check_base(recorded, trainer.state.params, self._config, where)
+        if getattr(self, "_base", None) is not None:  # restored LoRA adapters: on their base?
+            cio.check_base(*self._base, getattr(trainer.state, "params", None), self._config)
 
     # -- save ----------------------------------------------------------------------------
 
@@ -298,3 +289,14 @@ class Checkpointer(Callback):
 
     def _say(self, trainer: TrainerView, text: str) -> None:
         trainer.console.print(f"checkpoint: {text}", markup=False, highlight=False)
+
+
+def _one_saver_per_directory(saver: Checkpointer, trainer: TrainerView, event: SetupEvent) -> None:
+    """Two checkpointers saving to one directory would delete each other's steps."""
+    for cb in trainer.callbacks:
+        if cb is not saver and isinstance(cb, Checkpointer) and cb._path(event) == saver.path:
+            raise ConfigError(
+                f"callbacks.{saver.name}",
+                f"callbacks.{cb.name} also saves to {saver.path}",
+                f"drop one (~callbacks.{cb.name}) or give each its own directory",
+            )

@@ -54,7 +54,7 @@ def base_identity(base: Any, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_base(
-    recorded: dict[str, Any] | None, params: Any, config: dict[str, Any], where: str
+    recorded: dict[str, Any] | None, where: str, params: Any, config: dict[str, Any]
 ) -> None:
     """A one-line UserError when `params`' base is not the one the adapters of checkpoint
     `where` were trained on (`recorded`: its meta's `lora_base`)."""

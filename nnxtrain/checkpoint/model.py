@@ -59,7 +59,7 @@ def _lora_model(
             raise AssertionError("a LoRA checkpoint of a run.init_from base needs load_base")
         run = cfg.run.__class__(**{**vars(cfg.run), "init_from": init_from})
         params = load_base(cfg.__class__(**{**vars(cfg), "run": run}), params)
-    check_base(ckpt.lora_base, params, ckpt.config, ckpt.path)
+    check_base(ckpt.lora_base, ckpt.path, params, ckpt.config)
     keep, _ = nnx.split_state(params, trainable(cfg.model), ...)
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(keep)
