@@ -181,7 +181,9 @@ def read_config(path: str) -> LoraConfig:
         if value not in (None, [], {}) and value != supported:
             shown = json.dumps(value)[:60]
             raise ConfigError(
-                KEY, f"{file}: {option}={shown} is not supported (only {supported!r})", fix
+                KEY,
+                f"{file}: {option}={shown} is not supported (only {json.dumps(supported)})",
+                fix,
             )
     targets = raw.get("target_modules")
     names = [targets] if isinstance(targets, str) else targets
