@@ -16,7 +16,7 @@ from flax import nnx
 from nnxtrain import Trainer, compose
 from nnxtrain.checkpoint import open_manager
 from nnxtrain.checkpoint.storage import read_meta
-from nnxtrain.config import LoraConfig
+from nnxtrain.config import LoraConfig, ModelConfig
 from nnxtrain.model import Transformer, adapters_off
 from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.step import make_optimizer, split_trainable
@@ -29,8 +29,13 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 1
 def models(**kw: object) -> tuple[Transformer, Transformer]:
     """(the base, the same model and seed with adapters on every linear), scanned, remat."""
     cfg = dataclasses.replace(TINY, scan_layers=True, remat="full", **kw)  # type: ignore[arg-type]
-    base = Transformer(cfg, rngs=nnx.Rngs(3))
-    return base, Transformer(dataclasses.replace(cfg, lora=LORA), rngs=nnx.Rngs(3))
+    return build(cfg), build(dataclasses.replace(cfg, lora=LORA))
+
+
+def build(cfg: ModelConfig) -> Transformer:
+    """Transformer(cfg, seed 3), initialised in one compiled call (eager init dispatches
+    hundreds of small ops, slow on a loaded CPU)."""
+    return nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(3)))()
 
 
 def randomize_b(model: Transformer) -> None:
@@ -58,10 +63,8 @@ def test_fresh_adapters_give_the_base_logits_bit_for_bit_and_adapters_off_is_the
 
 
 def test_base_dtype_holds_the_base_in_bfloat16_and_the_adapters_in_float32() -> None:
-    lora = Transformer(
-        dataclasses.replace(TINY, lora=dataclasses.replace(LORA, base_dtype="bfloat16")),
-        rngs=nnx.Rngs(0),
-    )
+    cfg = dataclasses.replace(TINY, lora=dataclasses.replace(LORA, base_dtype="bfloat16"))
+    lora = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     adapters = jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))
     base = jax.tree.leaves(nnx.state(lora, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     assert {a.dtype for a in adapters} == {jnp.dtype("float32")}
@@ -176,8 +179,7 @@ def test_bad_lora_keys_are_one_line(tmp_path, override, key) -> None:
 
 
 def test_dropout_drops_adapter_inputs_in_the_train_step_only() -> None:
-    cfg = dataclasses.replace(TINY, lora=dataclasses.replace(LORA, dropout=0.5))
-    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    model = build(dataclasses.replace(TINY, lora=dataclasses.replace(LORA, dropout=0.5)))
     randomize_b(model)
     plain = np.asarray(forward(model, TOKENS))  # eval, generation: no dropout
 
