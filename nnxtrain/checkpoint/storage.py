@@ -204,7 +204,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
     """Starts the background write of `step`: the state's arrays, as the plain tree of
     their names, and the meta JSON sealed with their digests (computed on the device;
     the save waits for them, as Orbax's copy of the arrays to the host does anyway)."""
-    keep, base = split_base(state.params, meta.get("config") or {})
+    keep, base = split_base(getattr(state, "params", None), meta.get("config") or {})
     if base is not None:  # LoRA: the adapters, and the base named, not saved
         meta = {**meta, "lora_base": base_identity(base, meta["config"])}
         state = {"step": state.step, "params": keep, "opt_state": state.opt_state}
@@ -279,7 +279,7 @@ def restore(
     tree, prefix = (abstract_state.params, "params/") if params_only else (abstract_state, "")
     names, leaves, treedef = leaf_names(tree)
     names = [prefix + n for n in names]
-    _, base = split_base(abstract_state.params, config)
+    _, base = split_base(getattr(abstract_state, "params", None), config)
     frozen = {"params/" + n for n in leaf_names(base)[0]} if base is not None else set()
     wanted = {n: leaf for n, leaf in zip(names, leaves, strict=True) if n not in frozen}
     check_fits(path, saved, wanted, diff, prefix)
