@@ -7,7 +7,8 @@ with non-square projections (GQA k/v 32 x 64, MLP 96 vs 64) and alpha/r = 1.5:
 - the merged export equals PEFT's `merge_and_unload()`, untargeted tensors bitwise the
   base's; both with alpha/r and with rsLoRA's alpha/sqrt(r);
 - a run trained through the CLI exports with `--adapter` and `--merge` to the same logits;
-- a PEFT adapter read in gives PEFT's logits, and training continues from it;
+- a PEFT adapter read in gives PEFT's logits and greedy tokens (also through
+  `nnxtrain-generate --adapter`), and training continues from it;
 - an adapter with an option nnxtrain cannot represent, or for another base, is one line.
 """
 
@@ -23,15 +24,17 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli_in_process
 from flax import nnx
-from hf_models import TOLERANCE, make_hf, tensors, tokens
+from hf_models import TOLERANCE, make_hf, tensors, tokens, word_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from rich.console import Console
 from transformers import LlamaForCausalLM
 
 import nnxtrain.hf
+from nnxtrain import generate
 from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.export import _load_base
 from nnxtrain.cli.export import main as export_main
+from nnxtrain.cli.generate import main as generate_main
 from nnxtrain.config import LORA_TARGETS
 from nnxtrain.config import LoraConfig as OurLora
 from nnxtrain.interop.peft import attach_adapter, merged, save_adapter
@@ -163,11 +166,27 @@ def peft_adapter(base, tmp_path_factory) -> Path:
 
 
 def test_a_peft_adapter_reads_in_with_peft_logits_and_training_continues(
-    base, peft_adapter, tmp_path
+    base, peft_adapter, tmp_path, capsys
 ) -> None:
     model = attach_adapter(nnxtrain.hf.load(str(base)), str(peft_adapter), QUIET)
-    theirs = torch_logits(strict_peft(base, peft_adapter))
+    peft_model = strict_peft(base, peft_adapter)
+    theirs = torch_logits(peft_model)
     assert float(np.abs(np.asarray(ours(model, jnp.asarray(TOKENS))) - theirs).max()) <= TOLERANCE
+    # Generation with the adapter: greedy tokens equal PEFT's (up to its first EOS, where
+    # transformers stops), through the Python API and nnxtrain-generate --adapter.
+    prompt = TOKENS[:1, :6]
+    got = np.asarray(generate(model, prompt, max_new_tokens=8))[0]
+    with torch.no_grad():
+        ids = torch.tensor(prompt, dtype=torch.long)
+        out = peft_model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+        )[0, 6:].numpy()
+    assert len(out) >= 1 and np.array_equal(got[: len(out)], out)
+    with_tokenizer = tmp_path / "base_tok"
+    shutil.copytree(base, with_tokenizer)
+    word_tokenizer(with_tokenizer / "tokenizer.json", "the cat sat on the mat")
+    generate_main([str(with_tokenizer), "--adapter", str(peft_adapter), "--prompt", "the cat"])
+    assert "tokens in" in capsys.readouterr().err
 
     args = [*RUN, "run.steps=2", "optim.lr=1e-3", f"run.init_from={base}"]
     args += [f"model.lora.adapter={peft_adapter}", f"run.dir={tmp_path / 'run'}"]

@@ -118,6 +118,7 @@ def saved_bytes(run_dir: Path, step: int) -> tuple[int, dict]:
     return size, meta
 
 
+@pytest.mark.slow  # four real CLI runs: its group starts first under xdist
 def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_names_its_base(
     tmp_path,
 ) -> None:
