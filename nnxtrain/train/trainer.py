@@ -205,7 +205,8 @@ class Trainer(RunControls):
         )
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
-        self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
+        trained = plan.num_trainable
+        self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor, trained))
         self.hooks.fire(
             "on_setup",
             self,

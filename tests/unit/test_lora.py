@@ -135,6 +135,8 @@ def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_nam
     again = run_cli_in_process([*args, *LORA_KEYS, f"run.dir={tmp_path / 'cut'}"], tmp_path)
     assert again.returncode == 0 and procs["whole"].returncode == 0, again.stderr
     assert "resumed from step 2" in again.stdout
+    # the header says what trains: the 14 adapters' elements, not the model's
+    assert "LoRA r=4, alpha 6 on q_proj, k_proj, v_proj, o_proj, gate_proj" in again.stdout
     whole, whole_meta = saved_bytes(tmp_path / "whole", 4)
     _, cut_meta = saved_bytes(tmp_path / "cut", 4)
     assert whole_meta["digests"]["arrays"] == cut_meta["digests"]["arrays"]  # bitwise
