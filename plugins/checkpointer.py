@@ -32,6 +32,7 @@ from nnxtrain import (
     StepEndEvent,
     TrainEndEvent,
     TrainerView,
+    TrainStartEvent,
     all_finite,
 )
 from nnxtrain import checkpoint as cio
@@ -73,13 +74,7 @@ class Checkpointer(Callback):
             return  # nothing is allocated, restored or saved
         self._config = cio.jsonable(dataclasses.asdict(event.config))
         self.path = self._path(event)
-        for cb in trainer.callbacks:  # two savers on one directory would delete each other's
-            if cb is not self and isinstance(cb, Checkpointer) and cb._path(event) == self.path:
-                raise ConfigError(
-                    f"callbacks.{self.name}",
-                    f"callbacks.{cb.name} also saves to {self.path}",
-                    f"drop one (~callbacks.{cb.name}) or give each its own directory",
-                )
+        _one_saver_per_directory(self, trainer, event)
         key = f"callbacks.{self.name}.directory"
         cio.check_directory(key, self.path)
         # Locked wherever it lies (another run may name it), unless it is the locked run dir.
@@ -146,12 +141,17 @@ class Checkpointer(Callback):
             self._say(trainer, f"note: config differs from the checkpoint's: {'; '.join(diff)}")
         trainer.state = state
         self._last_step = step
+        self._base = (meta.get("lora_base"), where)  # LoRA: checked once the base is built
         saved = meta.get("callbacks", {})
         for cb in trainer.callbacks:
             if cb.name in saved:
                 cb.load_state_dict(saved[cb.name])
         if meta.get("dataset") is not None and hasattr(trainer.dataset, "load_state_dict"):
             trainer.dataset.load_state_dict(meta["dataset"])
+
+    def on_train_start(self, trainer: TrainerView, event: TrainStartEvent) -> None:
+        if getattr(self, "_base", None) is not None:  # restored LoRA adapters: on their base?
+            cio.check_base(*self._base, getattr(trainer.state, "params", None), self._config)
 
     # -- save ----------------------------------------------------------------------------
 
@@ -289,3 +289,14 @@ class Checkpointer(Callback):
 
     def _say(self, trainer: TrainerView, text: str) -> None:
         trainer.console.print(f"checkpoint: {text}", markup=False, highlight=False)
+
+
+def _one_saver_per_directory(saver: Checkpointer, trainer: TrainerView, event: SetupEvent) -> None:
+    """Two checkpointers saving to one directory would delete each other's steps."""
+    for cb in trainer.callbacks:
+        if cb is not saver and isinstance(cb, Checkpointer) and cb._path(event) == saver.path:
+            raise ConfigError(
+                f"callbacks.{saver.name}",
+                f"callbacks.{cb.name} also saves to {saver.path}",
+                f"drop one (~callbacks.{cb.name}) or give each its own directory",
+            )

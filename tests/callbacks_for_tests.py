@@ -143,3 +143,17 @@ class SignalAt(Callback):
         os.kill(os.getpid(), getattr(signal, self.signal))
         time.sleep(self.seconds)
         LOG.append((self.name, "slept", self.seconds))
+
+
+class SignalAtStep(Callback):
+    """Sends `signal` to this process at the end of step `at` (a preemption mid-run)."""
+
+    def __init__(self, at: int = 2, signal: str = "SIGTERM"):
+        self.at, self.signal = at, signal
+
+    def on_step_end(self, trainer: Any, event: Any) -> None:
+        import os
+        import signal
+
+        if event.step == self.at:
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -36,6 +36,7 @@ class Checkpoint:
     step: int
     steps: tuple[int, ...]  # every complete step of `directory`, ascending
     config: dict[str, Any]  # the config saved with it (else the run's config.yaml)
+    lora_base: dict[str, Any] | None = None  # a LoRA checkpoint's base (checkpoint.lora)
 
     @property
     def path(self) -> str:
@@ -122,7 +123,8 @@ def locate(path: str, step: int | None = None, step_key: str = "step") -> Checkp
             f"{where} records no model config, and its run has no config.yaml. "
             "Fix: give the run directory the checkpoint came from."
         )
-    return Checkpoint(directory, step, tuple(steps), saved)
+    base = meta.get("lora_base") if isinstance(meta, dict) else None
+    return Checkpoint(directory, step, tuple(steps), saved, base)
 
 
 def read_params(ckpt: Checkpoint, target: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nnxtrain.checkpoint import digest
 from nnxtrain.checkpoint.checks import check_fits, config_diff, jsonable, plugin_states
+from nnxtrain.checkpoint.lora import base_identity, split_base
 from nnxtrain.errors import UserError, first_line
 
 FORMAT = 1
@@ -203,6 +204,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any
     """Starts the background write of `step`: the state's arrays, as the plain tree of
     their names, and the meta JSON sealed with their digests (computed on the device;
     the save waits for them, as Orbax's copy of the arrays to the host does anyway)."""
+    keep, base = split_base(getattr(state, "params", None), meta.get("config") or {})
+    if base is not None:  # LoRA: the adapters, and the base named, not saved
+        meta = {**meta, "lora_base": base_identity(base, meta["config"])}
+        state = {"step": state.step, "params": keep, "opt_state": state.opt_state}
     names, leaves, _ = leaf_names(state)
     tree = unflatten_dict(dict(zip(names, leaves, strict=True)), sep="/")
     meta = digest.seal(meta, dict(zip(names, digest.digests(leaves), strict=True)))
@@ -274,7 +279,9 @@ def restore(
     tree, prefix = (abstract_state.params, "params/") if params_only else (abstract_state, "")
     names, leaves, treedef = leaf_names(tree)
     names = [prefix + n for n in names]
-    wanted = dict(zip(names, leaves, strict=True))
+    _, base = split_base(getattr(abstract_state, "params", None), config)
+    frozen = {"params/" + n for n in leaf_names(base)[0]} if base is not None else set()
+    wanted = {n: leaf for n, leaf in zip(names, leaves, strict=True) if n not in frozen}
     check_fits(path, saved, wanted, diff, prefix)
     target = unflatten_dict(wanted, sep="/")
     args = ocp.args.PyTreeRestore(
@@ -285,13 +292,17 @@ def restore(
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
         flat = flatten_dict(restored, sep="/")
-        state = jax.tree.unflatten(treedef, [flat[n] for n in names])
+        # a LoRA checkpoint's base stays abstract: the Trainer fills it in
+        state = jax.tree.unflatten(
+            treedef, [flat.get(n, leaf) for n, leaf in zip(names, leaves, strict=True)]
+        )
     except Exception as e:
         raise Unreadable(f"checkpoint {path} is unreadable ({first_line(e)})") from e
     if "digests" not in meta:
         warn(f"checkpoint {path} has no digests (saved by an older nnxtrain): not verified")
         return state, meta, diff
-    bad = digest.mismatches(meta, names, [flat[n] for n in names])
+    kept = [n for n in names if n in flat]
+    bad = digest.mismatches(meta, kept, [flat[n] for n in kept])
     if bad:
         what = (
             f"{bad[0]} and {len(bad) - 1} more arrays differ from the digests saved with them"

@@ -24,16 +24,20 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from rich.console import Console
 
 from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.bad_input import ArgumentParser, bad_input
 from nnxtrain.config import DTYPES, Config
 from nnxtrain.errors import UserError, first_line
 from nnxtrain.interop.hf import save
+from nnxtrain.interop.init_from import load_params
+from nnxtrain.interop.peft import merged, save_adapter
 from nnxtrain.model import Transformer
 
 PROG = "nnxtrain-export"
@@ -123,11 +127,31 @@ def check_float16(model: Transformer) -> None:
             )
 
 
-def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> str:
-    """Writes the HF directory; returns a one-line summary."""
+def export(
+    run_dir: str,
+    out_dir: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    lora: str = "",
+) -> str:
+    """Writes the HF directory (a LoRA run: `lora` = "adapter" for PEFT's adapter files, or
+    "merge" for the merged weights); returns a one-line summary."""
     check_out_dir(out_dir)
-    ckpt, cfg, model = read_model(run_dir, step, step_key="--step")
+    ckpt, cfg, model = read_model(run_dir, step, step_key="--step", load_base=_load_base)
     step = ckpt.step
+    is_lora = cfg.model.lora.rank > 0
+    if lora and not is_lora:
+        raise UserError(
+            f"--{lora}: {ckpt.path} is not a LoRA run (model.lora.rank is 0). Fix: export "
+            "without --adapter or --merge"
+        )
+    if is_lora and not lora:
+        raise UserError(
+            f"{ckpt.path} holds LoRA adapters. Fix: add --adapter (PEFT's adapter files) or "
+            "--merge (the base with the adapters merged in)"
+        )
+    if lora == "merge":
+        model = merged(model)
     if (dtype or cfg.model.param_dtype) == "float16":
         check_float16(model)
     tokenizer, eos, warning = tokenizer_of(cfg, run_dir)
@@ -139,8 +163,12 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | Non
     while not os.path.lexists(os.path.dirname(created)):
         created = os.path.dirname(created)
     try:
-        files = save(model, out_dir, tokenizer_dir=tokenizer, dtype=dtype, eos_token_id=eos)
-        files += _copy_companions(tokenizer, out_dir)
+        if lora == "adapter":
+            base = str((ckpt.lora_base or {}).get("init_from") or "")
+            files = save_adapter(model, out_dir, base)
+        else:
+            files = save(model, out_dir, tokenizer_dir=tokenizer, dtype=dtype, eos_token_id=eos)
+            files += _copy_companions(tokenizer, out_dir)
     except BaseException as e:  # Ctrl-C too: no half-written model is left behind
         _remove_written(path, None if existed else created)
         if isinstance(e, OSError):
@@ -149,7 +177,17 @@ def export(run_dir: str, out_dir: str, step: int | None = None, dtype: str | Non
                 "what it wrote was removed. Fix: free disk space, or export elsewhere"
             ) from e
         raise
-    return f"exported step {step} of {run_dir} to {out_dir}: {', '.join(files)}"
+    what = (
+        {"adapter": "the LoRA adapters of ", "merge": "the merged LoRA model of "}[lora]
+        if lora
+        else ""
+    )
+    return f"exported {what}step {step} of {run_dir} to {out_dir}: {', '.join(files)}"
+
+
+def _load_base(config: Config, params: Any) -> Any:
+    """A LoRA run's base: run.init_from's weights into `params` (quietly)."""
+    return load_params(config, params, None, Console(quiet=True))
 
 
 def _remove_written(path: str, created: str | None) -> None:
@@ -183,11 +221,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="dtype of the written weights; default: as trained (model.param_dtype)",
     )
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write PEFT's adapter_config.json and adapter_model.safetensors",
+    )
+    lora.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run: write the full model, the adapters merged in (float32, then cast)",
+    )
     args = parser.parse_args(argv)
     # Orbax reports each read-only option it sets, as an absl warning: noise here.
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
-        print(export(args.run_dir, args.out_dir, args.step, args.dtype))
+        mode = "adapter" if args.adapter else "merge" if args.merge else ""
+        print(export(args.run_dir, args.out_dir, args.step, args.dtype, mode))
     except UserError as e:
         bad_input(PROG, e)
     except KeyboardInterrupt:

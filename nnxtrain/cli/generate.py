@@ -2,12 +2,15 @@
 
     nnxtrain-generate runs/a --prompt "Once upon a time" --max-new-tokens 200
     nnxtrain-generate path/to/hf_dir --prompt "The capital of France" --temperature 0.8 --top-p 0.95
+    nnxtrain-generate path/to/hf_dir --adapter path/to/peft_adapter --prompt "Hello"
 
 SOURCE is an nnxtrain run directory (the parameters of its latest checkpoint; the model's
 shape and the tokenizer from the config saved with that checkpoint) or a Hugging Face
 directory holding config.json (read by `nnxtrain.interop.hf.load`, with its tokenizer.json or
-tokenizer.model). An empty prompt starts a new document: the end-of-sequence token for a
-run (documents are separated by it in training), the BOS token for a Hugging Face model.
+tokenizer.model), with `--adapter` a PEFT LoRA adapter on it; a LoRA run's adapters come
+over the base it was trained on (`run.init_from`). An empty prompt starts a new document:
+the end-of-sequence token for a run (documents are separated by it in training), the BOS
+token for a Hugging Face model.
 
 The text is printed as it is decoded, one block of `--block` tokens at a time (each block
 is one call of the compiled decode loop, which compiles once), and generation stops at
@@ -59,6 +62,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to sample from")
     p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0..{MAX_SEED}")
     p.add_argument("--block", type=int, default=16, help="tokens per streamed block")
+    p.add_argument(
+        "--adapter", default="", help="a PEFT LoRA adapter dir to apply to SOURCE (an HF dir)"
+    )
     return p.parse_args(argv)
 
 
@@ -75,7 +81,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.block < 1:
         raise UserError("--max-new-tokens and --block must be >= 1. Fix: give positive counts")
     check_prompt(args.prompt)
-    model, tokenizer, ids = load_source(args.source, args.prompt)
+    model, tokenizer, ids = load_source(args.source, args.prompt, args.adapter)
     from nnxtrain.model.generation import stream
 
     max_len = model.cfg.max_len
@@ -172,21 +178,40 @@ class Printer:
         sys.stdout.flush()
 
 
-def load_source(source: str, prompt: str) -> tuple[Any, Any, list[int]]:
-    """(model, tokenizer, prompt ids) from a run dir or a Hugging Face dir."""
+def load_source(source: str, prompt: str, adapter: str = "") -> tuple[Any, Any, list[int]]:
+    """(model, tokenizer, prompt ids) from a run dir or a Hugging Face dir (with a PEFT
+    `adapter` dir on it)."""
     path = os.path.abspath(os.path.expanduser(source))
     if not os.path.isdir(path):
         raise UserError(f"SOURCE: no such directory {source!r}. Fix: give a run dir or HF dir")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return _load_hf(path, prompt)
+        model, tokenizer, ids = _load_hf(path, prompt)
+        if adapter:
+            from rich.console import Console
+
+            from nnxtrain.interop.peft import attach_adapter
+
+            model = attach_adapter(model, adapter, Console(stderr=True, quiet=True))
+        return model, tokenizer, ids
+    if adapter:
+        raise UserError(
+            "--adapter: SOURCE is a run dir, whose LoRA adapters (if any) come with it. "
+            "Fix: give the adapter's base model dir as SOURCE, or drop --adapter"
+        )
     return _load_run(path, prompt)
 
 
 def _load_run(path: str, prompt: str) -> tuple[Any, Any, list[int]]:
+    from rich.console import Console
+
     from nnxtrain.checkpoint.model import read_model
     from nnxtrain.data import run_tokenizer
+    from nnxtrain.interop.init_from import load_params
 
-    _, cfg, model = read_model(path)
+    def load_base(config: Any, params: Any) -> Any:  # a LoRA run's run.init_from
+        return load_params(config, params, None, Console(quiet=True))
+
+    _, cfg, model = read_model(path, load_base=load_base)
     tokenizer = run_tokenizer(cfg, path)
     if tokenizer is None:
         raise UserError(

@@ -8,21 +8,25 @@
 - `loading`: Hydra composition into those classes (`compose`, `from_omegaconf`);
 - `checks`: `validate()`, the checks that need no device and no file (`validate_model`,
   the model group's alone, also runs on every Hugging Face config.json read);
+- `lora`: `model.lora`'s checks and its targets (`lora_targets`);
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
 from nnxtrain.config.checks import fit_remats, validate, validate_model
 from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
+from nnxtrain.config.lora import targets as lora_targets
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
     DTYPES,
     GROUPS,
+    LORA_TARGETS,
     REMAT_POLICIES,
     ROPE_SCALINGS,
     TOKEN_DTYPES,
     Config,
     DataConfig,
+    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -35,11 +39,13 @@ __all__ = [
     "DATA_KINDS",
     "DTYPES",
     "GROUPS",
+    "LORA_TARGETS",
     "REMAT_POLICIES",
     "ROPE_SCALINGS",
     "TOKEN_DTYPES",
     "Config",
     "DataConfig",
+    "LoraConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
@@ -48,6 +54,7 @@ __all__ = [
     "fit_remats",
     "from_dict",
     "from_omegaconf",
+    "lora_targets",
     "register_schemas",
     "setting",
     "validate",

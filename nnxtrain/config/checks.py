@@ -7,6 +7,7 @@ Device checks live in `nnxtrain.parallel.mesh`, and checks of a file's contents 
 import dataclasses
 import math
 
+from nnxtrain.config.lora import validate_lora
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -124,6 +125,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         ),
     ]
     _in_ranges(ranges, {"model": ModelConfig()})
+    validate_lora(m.lora)
     return m
 
 

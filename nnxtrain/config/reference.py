@@ -6,6 +6,7 @@ included, that `setting(default, help)` in `nnxtrain.config.schema` attaches to 
 """
 
 import dataclasses
+import typing
 
 from nnxtrain.config.schema import GROUPS
 
@@ -16,8 +17,18 @@ def reference_tables() -> str:
     for group, cls in GROUPS.items():
         out += [f"## `{group}`", "", (cls.__doc__ or "").strip(), ""]
         out += ["| key | default | meaning |", "| --- | --- | --- |"]
-        for f in dataclasses.fields(cls):
-            default = "{}" if f.default is dataclasses.MISSING else repr(f.default)
-            out.append(f"| `{group}.{f.name}` | `{default}` | {f.metadata['help']} |")
+        out += _rows(group, cls)
         out.append("")
     return "\n".join(out)
+
+
+def _rows(prefix: str, cls: type) -> list[str]:
+    """One row per key of `cls`; a nested section (model.lora) lists its own keys."""
+    rows, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += _rows(f"{prefix}.{f.name}", typing.cast(type, hints[f.name]))
+            continue
+        default = "{}" if f.default is dataclasses.MISSING else repr(f.default)
+        rows.append(f"| `{prefix}.{f.name}` | `{default}` | {f.metadata['help']} |")
+    return rows

@@ -16,11 +16,45 @@ DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
 TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a row
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
 DOCUMENT_MASKS = ("auto", True, False)  # data.document_mask
+# model.lora.targets: the projections by their Hugging Face names (PEFT's target_modules)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def setting(default: Any, help: str) -> Any:
     """A config key: its default and one-line help with unit (docs/config.md's meaning)."""
     return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the decoder's projections (docs/lora.md); rank 0 = off."""
+
+    rank: int = setting(0, "rank r of every adapter; 0 = no LoRA (full fine-tune)")
+    alpha: float = setting(
+        16.0, "adapter scale numerator: delta = alpha/r * B A (PEFT's lora_alpha)"
+    )
+    use_rslora: bool = setting(False, "rank-stabilised scale alpha/sqrt(r) instead of alpha/r")
+    dropout: float = setting(0.0, "dropout on an adapter's input during training, in [0, 1)")
+    # Any, not list: it also takes "all-linear" (OmegaConf structured configs have no unions).
+    targets: Any = setting(
+        "all-linear",
+        "projections adapted, by HF name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+        "down_proj), a list of them, or all-linear",
+    )
+    train_embeddings: bool = setting(
+        False, "also train the token embedding and lm_head in full (their optimizer state too)"
+    )
+    base_dtype: str = setting(
+        "", 'dtype the frozen base is held in (e.g. bfloat16); "" = model.param_dtype'
+    )
+    adapter: str = setting(
+        "", "start from this PEFT adapter dir (adapter_config.json; run.init_from = its base)"
+    )
+
+    def __post_init__(self) -> None:
+        # A model's config is static data of its graph, hashed by jit: a tuple, not a list.
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
 
 
 @dataclass(frozen=True)
@@ -61,6 +95,9 @@ class ModelConfig:
         "auto", "kernel: xla, cudnn, matmul, splash (TPU); auto = matmul on CPU, else JAX's choice"
     )
     init_std: float = setting(0.02, "stddev of the normal initialiser for weight matrices")
+    lora: LoraConfig = field(
+        default_factory=LoraConfig, metadata={"help": "LoRA adapters (model.lora.*)"}
+    )
 
 
 @dataclass(frozen=True)

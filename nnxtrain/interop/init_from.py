@@ -37,16 +37,17 @@ from jax.sharding import Mesh
 from rich.console import Console
 
 from nnxtrain.checkpoint import reader as checkpoint_reader
-from nnxtrain.config import Config, ModelConfig, validate
+from nnxtrain.config import Config, LoraConfig, ModelConfig, validate
 from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
 from nnxtrain.interop.hf import open_model
+from nnxtrain.interop.peft import read_config as read_peft_config
 from nnxtrain.parallel.sharding import merge_rules
 
 KEY = "run.init_from"
-# How the model runs, not what it is: always the user's.
-USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention")
+# How the model runs, not what it is: always the user's (LoRA adapts PATH's weights).
+USER_KEYS = ("scan_layers", "remat", "param_dtype", "dtype", "attention", "lora")
 # Not the weights' shape: PATH's unless given on the command line.
 SOFT_KEYS = ("name", "max_len", "init_std")
 HF_TOKENIZERS = ("tokenizer.json", "tokenizer.model")
@@ -108,7 +109,11 @@ def source(path: str) -> Source:
 def _model_config(saved: dict[str, Any]) -> ModelConfig:
     """The ModelConfig a checkpoint recorded (keys this version lacks are left out)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    kwargs = {k: v for k, v in saved.items() if k in known}
+    if isinstance(kwargs.get("lora"), dict):  # a nested section comes back as a dict
+        lora = {k: v for k, v in kwargs["lora"].items() if k in LoraConfig.__dataclass_fields__}
+        kwargs["lora"] = LoraConfig(**lora)
+    return ModelConfig(**kwargs)
 
 
 def _run_tokenizer(ckpt: checkpoint_reader.Checkpoint) -> str | None:
@@ -134,6 +139,16 @@ def resolve(config: Config, overrides: Sequence[str] | None = None) -> Config:
     one). `overrides` are the command line's: a model shape key among them that differs
     from PATH's is an error. Without them (a Config built in Python) the config's own
     name, max_len and init_std stay."""
+    if config.model.lora.adapter:  # a PEFT adapter: its rank, alpha, targets
+        if not config.run.init_from:
+            raise ConfigError(
+                "model.lora.adapter",
+                "needs the base model the adapter was trained on",
+                "set run.init_from to that base (a Hugging Face model dir)",
+            )
+        lora = read_peft_config(config.model.lora.adapter)
+        lora = dataclasses.replace(lora, base_dtype=config.model.lora.base_dtype)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=lora))
     if not config.run.init_from:
         return config
     src = source(config.run.init_from)
@@ -181,22 +196,30 @@ def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console
     """A copy of the model's `params` (an nnx.State) holding the weights of `run.init_from`,
     each array in the shards (and the dtype) of the one it replaces."""
     t0, src = time.perf_counter(), source(config.run.init_from)
+    # With LoRA the weights fill the base; the adapters stay as initialised.
+    base = nnx.split_state(params, nnx.LoRAParam, ...)[1] if config.model.lora.rank else params
     if src.kind == "hf":
         rules = merge_rules(config.mesh.rules)
-        dtype = config.model.param_dtype
+        lora = config.model.lora
+        dtype = lora.base_dtype if lora.rank and lora.base_dtype else config.model.param_dtype
         model = load_hf(src.path, param_dtype=dtype, mesh=mesh, rules=rules)
         loaded = nnx.to_pure_dict(nnx.state(model))
+        if lora.rank and lora.train_embeddings:  # trained in full: in param_dtype
+            pdt = config.model.param_dtype
+            for name in ("embed", "lm_head"):
+                if name in loaded:
+                    loaded[name] = loaded[name].astype(pdt)
         where = src.path
     else:
         assert src.checkpoint is not None
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            nnx.to_pure_dict(params),
+            nnx.to_pure_dict(base),
         )
         loaded = checkpoint_reader.read_params(src.checkpoint, target)
         where = f"step {src.checkpoint.step} ({src.checkpoint.path})"
     fresh = jax.tree.map(lambda x: x, params)  # a new State; `params` stays as it was
-    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(params))
+    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(base))
     nnx.replace_by_pure_dict(fresh, jax.device_put(loaded, shardings))
     console.print(
         f"init_from: took the parameters of {where} in {time.perf_counter() - t0:.2f} s "

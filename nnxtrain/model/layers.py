@@ -19,6 +19,7 @@ from flax import nnx
 from nnxtrain.config import ModelConfig
 from nnxtrain.model.attention import attend
 from nnxtrain.model.cache import KVCache, cached_attention, write
+from nnxtrain.model.lora import Adapter, adapters, base_dtype
 from nnxtrain.parallel.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
@@ -53,6 +54,11 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     y = x.reshape(-1, k) @ w.reshape(k, -1)
     return y.reshape(*lead, *out)
+
+
+def adapted(adapter: Adapter | None, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y = x W` with the LoRA update of `adapter` added (`y` itself without one)."""
+    return y if adapter is None else adapter(x, y)
 
 
 class RMSNorm(nnx.Module):
@@ -109,12 +115,25 @@ class Attention(nnx.Module):
     """Causal grouped-query self-attention with rotary position embeddings."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt, init = jnp.dtype(cfg.param_dtype), nnx.initializers.normal(cfg.init_std)
+        pdt, init = base_dtype(cfg), nnx.initializers.normal(cfg.init_std)
         e, h, kv, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.wq = param(rngs, (e, h, d), ("embed", "q_heads", "kv"), pdt, init)
         self.wk = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
+        kv_names = ("kv_heads", "kv_head_dim")
+        lora = adapters(
+            cfg,
+            {
+                "q_proj": (((e,), (h, d)), (("embed",), ("q_heads", "kv"))),
+                "k_proj": (((e,), (kv, d)), (("embed",), kv_names)),
+                "v_proj": (((e,), (kv, d)), (("embed",), kv_names)),
+                "o_proj": (((h, d), (e,)), (("heads", "kv"), ("embed",))),
+            },
+            rngs,
+        )
+        self.q_lora, self.k_lora = lora["q_proj"], lora["k_proj"]
+        self.v_lora, self.o_lora = lora["v_proj"], lora["o_proj"]
         self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
         # (cuDNN flash attention on GPU when the shapes allow it). A run that knows its
@@ -140,9 +159,9 @@ class Attention(nnx.Module):
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = x.dtype
-        q = project(x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
-        k = project(x, self.wk[...].astype(dt))
-        v = project(x, self.wv[...].astype(dt))
+        q = adapted(self.q_lora, x, project(x, self.wq[...].astype(dt)))  # [b, l, heads, d]
+        k = adapted(self.k_lora, x, project(x, self.wk[...].astype(dt)))
+        v = adapted(self.v_lora, x, project(x, self.wv[...].astype(dt)))
         q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
         k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
@@ -152,34 +171,46 @@ class Attention(nnx.Module):
 
     def _out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, "attention/out", (BATCH, LENGTH, "activation_heads", "activation_kv"))
-        return project(out, self.wo[...].astype(out.dtype), n_in=2)
+        return adapted(self.o_lora, out, project(out, self.wo[...].astype(out.dtype), n_in=2))
 
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: silu(x W_gate) * (x W_up), projected back by W_down."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt, init = jnp.dtype(cfg.param_dtype), nnx.initializers.normal(cfg.init_std)
-        self.w_gate = param(rngs, (cfg.emb_dim, cfg.mlp_dim), ("embed", "mlp"), pdt, init)
-        self.w_up = param(rngs, (cfg.emb_dim, cfg.mlp_dim), ("embed", "mlp"), pdt, init)
-        self.w_down = param(rngs, (cfg.mlp_dim, cfg.emb_dim), ("mlp", "embed"), pdt, init)
+        pdt, init = base_dtype(cfg), nnx.initializers.normal(cfg.init_std)
+        e, m = cfg.emb_dim, cfg.mlp_dim
+        self.w_gate = param(rngs, (e, m), ("embed", "mlp"), pdt, init)
+        self.w_up = param(rngs, (e, m), ("embed", "mlp"), pdt, init)
+        self.w_down = param(rngs, (m, e), ("mlp", "embed"), pdt, init)
+        up = (((e,), (m,)), (("embed",), ("mlp",)))
+        lora = adapters(
+            cfg,
+            {"gate_proj": up, "up_proj": up, "down_proj": (((m,), (e,)), (("mlp",), ("embed",)))},
+            rngs,
+        )
+        self.gate_lora, self.up_lora, self.down_lora = (
+            lora["gate_proj"],
+            lora["up_proj"],
+            lora["down_proj"],
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jax.nn.silu(project(x, self.w_gate[...].astype(dt)))
+        gate = jax.nn.silu(adapted(self.gate_lora, x, project(x, self.w_gate[...].astype(dt))))
         hidden = constrain(
-            gate * project(x, self.w_up[...].astype(dt)),
+            gate * adapted(self.up_lora, x, project(x, self.w_up[...].astype(dt))),
             "mlp/hidden",
             (BATCH, LENGTH, "activation_mlp"),
         )
-        return project(hidden, self.w_down[...].astype(dt))
+        return adapted(self.down_lora, hidden, project(hidden, self.w_down[...].astype(dt)))
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and pre-norm MLP, each with a residual connection."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = base_dtype(cfg)
         self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)

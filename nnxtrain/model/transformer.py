@@ -37,6 +37,7 @@ from nnxtrain.model.layers import (
     param,
     project,
 )
+from nnxtrain.model.lora import base_dtype
 from nnxtrain.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -61,12 +62,15 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = base_dtype(cfg)
+        # Trained in full next to the adapters (model.lora.train_embeddings): kept in
+        # param_dtype, not the frozen base's.
+        edt = jnp.dtype(cfg.param_dtype) if cfg.lora.train_embeddings else pdt
         self.embed = param(
             rngs,
             (cfg.vocab_size, cfg.emb_dim),
             ("vocab", "embed"),
-            pdt,
+            edt,
             nnx.initializers.normal(cfg.init_std),
         )
 
@@ -82,7 +86,7 @@ class Transformer(nnx.Module):
                 rngs,
                 (cfg.emb_dim, cfg.vocab_size),
                 ("embed", "vocab"),
-                pdt,
+                edt,
                 nnx.initializers.normal(cfg.init_std),
             )
 

@@ -48,6 +48,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "kv_head_dim": None,
     "layers": None,
     "norm": None,
+    "lora_rank": None,  # a LoRA adapter's rank: small, replicated (nnxtrain.model.lora)
 }
 
 

@@ -35,6 +35,7 @@ from nnxtrain.train.step import (
     make_eval_step,
     make_train_step,
     pack_metrics,
+    split_trainable,
     zero_sums,
 )
 from nnxtrain.units import format_bytes
@@ -102,6 +103,8 @@ class StatePlan:
     shardings: Any  # TrainState of NamedShardings
     num_params: int  # every parameter leaf, embeddings and norms included
     init_fn: Callable[[], TrainState]  # builds the real state (traced, never called bare)
+    trainable: Any = nnx.Param  # the parameters the optimizer updates (LoRA: the adapters)
+    num_trainable: int = 0  # their elements
 
     def initialize(self) -> TrainState:
         """The freshly initialised state, each array created directly in its shards."""
@@ -114,12 +117,15 @@ def plan_state(
     seed: int,
     mesh: Mesh,
     rules: Rules,
+    trainable: Any = nnx.Param,
 ) -> StatePlan:
-    """Builds the model and optimizer state abstractly and shards them by their names."""
+    """Builds the model and optimizer state abstractly and shards them by their names; the
+    optimizer state covers the `trainable` parameters only."""
 
     def init_fn() -> TrainState:
         _, params = nnx.split(model_factory(nnx.Rngs(seed)))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        train, _ = split_trainable(params, trainable)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(train))
 
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(seed))))
     abstract = jax.eval_shape(init_fn)
@@ -128,7 +134,9 @@ def plan_state(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    return StatePlan(graphdef, placed, shardings, num_params, init_fn)
+    train, _ = split_trainable(abstract.params, trainable)
+    num_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(train))
+    return StatePlan(graphdef, placed, shardings, num_params, init_fn, trainable, num_train)
 
 
 class OutOfMemory(UserError):
@@ -182,7 +190,9 @@ def compile_steps(
     (guard: float32 [on, loss limit, grad-norm limit], see `step.GUARD_OFF`), and (when
     `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
     for `batch`'s shapes and shardings on `mesh` under `rules`."""
-    step_fn = make_train_step(plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk)
+    step_fn = make_train_step(
+        plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk, plan.trainable
+    )
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 
     def train_step(

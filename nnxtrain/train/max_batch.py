@@ -30,7 +30,7 @@ from rich.console import Console
 from nnxtrain.config import Config, fit_remats
 from nnxtrain.data import build_dataset, resolve_vocab
 from nnxtrain.jsonio import write_json
-from nnxtrain.model import Transformer
+from nnxtrain.model import Transformer, trainable
 from nnxtrain.parallel.distributed import start_jax
 from nnxtrain.parallel.mesh import batch_sharding, build_mesh, data_parallel_size
 from nnxtrain.parallel.sharding import merge_rules
@@ -157,7 +157,8 @@ def compile_probe(
     cfg = dataclasses.replace(config, model=dataclasses.replace(config.model, remat=remat), run=run)
     rules = merge_rules(cfg.mesh.rules)
     tx, schedule = make_optimizer(cfg.optim, cfg.run.steps)
-    plan = plan_state(lambda rngs: Transformer(cfg.model, rngs=rngs), tx, run.seed, mesh, rules)
+    factory = lambda rngs: Transformer(cfg.model, rngs=rngs)  # noqa: E731
+    plan = plan_state(factory, tx, run.seed, mesh, rules, trainable(cfg.model))
     dtypes = {**BATCH_DTYPES, **(DOCUMENT_DTYPES if document_mask else {})}
     spec = {
         k: jax.ShapeDtypeStruct((run.batch_size, run.seq_len), d, sharding=batch_sharding(mesh))

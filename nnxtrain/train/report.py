@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from nnxtrain.config import Config
+from nnxtrain.config import Config, lora_targets
 from nnxtrain.parallel.target import parse_target
 from nnxtrain.train.accounting import FlopsReport
 from nnxtrain.train.compile import CompiledStep, StatePlan
@@ -64,9 +64,15 @@ def run_info(
 
 
 def header(
-    cfg: Config, mesh: jax.sharding.Mesh, flops: FlopsReport, num_params: int, floor: float | None
+    cfg: Config,
+    mesh: jax.sharding.Mesh,
+    flops: FlopsReport,
+    num_params: int,
+    floor: float | None,
+    trained: int = 0,
 ) -> str:
-    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor."""
+    """The run's first lines: model, mesh, batch, steps; parameters and FLOPs; loss floor;
+    with LoRA, the parameters the optimizer trains (`trained`)."""
     first, s = mesh.devices.flat[0], "s" if mesh.size > 1 else ""
     devices = f"{mesh.size} {first.platform} device{s}"
     if cfg.mesh.target:  # e.g. "8 TPU v6 lite devices, compiled for, not attached"
@@ -78,6 +84,12 @@ def header(
         f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
         dataclasses.replace(flops, num_params=num_params).summary(),
     ]
+    if cfg.model.lora.rank > 0 and trained:
+        lora = cfg.model.lora
+        lines.append(
+            f"LoRA r={lora.rank}, alpha {lora.alpha:g} on {', '.join(lora_targets(lora))}: "
+            f"trains {trained:,} parameters ({100 * trained / num_params:.2f}%), the base frozen"
+        )
     if floor is not None:
         lines.append(f"loss floor (entropy rate of the data source): {floor:.4f}")
     return "\n".join(lines)

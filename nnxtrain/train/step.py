@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from nnxtrain.config import OptimConfig
+from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.loss import SUM_KEYS, batch_loss_sums, summarize
 
 Metrics = dict[str, jax.Array]
@@ -143,6 +144,16 @@ def make_optimizer(
     return in_float32(optax.chain(*chain, adamw)), schedule
 
 
+def split_trainable(
+    params: nnx.State, trainable: nnx.filterlib.Filter = nnx.Param
+) -> tuple[nnx.State, nnx.State | None]:
+    """(what the optimizer trains, the frozen rest or None when every parameter trains)."""
+    if trainable is nnx.Param:
+        return params, None
+    train, frozen = nnx.split_state(params, trainable, ...)
+    return train, frozen
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -150,26 +161,34 @@ def make_train_step(
     z_loss: float,
     grad_accum: int,
     loss_chunk: int = 0,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step: forward, backward (over `grad_accum` micro-batches), update; with a
     `guard` ([on, loss limit, grad-norm limit], see GUARD_OFF) a bad step is skipped. A
     batch with no loss token (total weight 0) keeps the state bitwise as well, unskipped:
     there is nothing to learn from it. The loss projects `loss_chunk` positions at a time
-    (`loss.batch_loss_sums`)."""
-
-    def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-            sums = batch_loss_sums(nnx.merge(graphdef, p), batch, z_loss, loss_chunk)
-            return sums["ce"] + sums["z"], sums
-
-        (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return sums, grads
+    (`loss.batch_loss_sums`). Only the parameters `trainable` selects (LoRA: the adapters,
+    `nnxtrain.model.trainable`) get a gradient and an update; `tx`'s state covers them
+    alone (`split_trainable`)."""
 
     def step(
         state: TrainState, batch: dict[str, jax.Array], guard: jax.Array | None = None
     ) -> tuple[TrainState, Metrics]:
+        train, frozen = split_trainable(state.params, trainable)
+
+        def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+            def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+                model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
+                # LoRA dropout's masks: a key per step (a resumed step draws the same)
+                with lora_dropout(jax.random.fold_in(jax.random.key(0x10A), state.step)):
+                    sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
+                return sums["ce"] + sums["z"], sums
+
+            (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
+            return sums, grads
+
         if grad_accum == 1:
-            sums, grads = sums_and_grads(state.params, batch)
+            sums, grads = sums_and_grads(train, batch)
         else:
             # [B, L] -> [A, B/A, L]: row i goes to micro-batch i % A, which keeps each
             # micro-batch spread over the data-parallel devices like the full batch. Every
@@ -179,18 +198,18 @@ def make_train_step(
             )
 
             def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-                sums, grads = sums_and_grads(state.params, mb)
+                sums, grads = sums_and_grads(train, mb)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
             zero = jax.tree.map(
                 jnp.zeros_like,
-                jax.eval_shape(sums_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)),
+                jax.eval_shape(sums_and_grads, train, jax.tree.map(lambda x: x[0], micro)),
             )
             (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
         # Gradients of sums over tokens -> gradient of the mean over unmasked tokens.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)  # in the parameters' dtypes
+        updates, opt_state = tx.update(grads, state.opt_state, train)
+        params = optax.apply_updates(train, updates)  # in the parameters' dtypes
         # The compiled step's output is its next input: a transformation whose state comes
         # out in other dtypes than it went in (optax's moments follow the gradients' dtype)
         # is kept in the dtypes its init chose.
@@ -206,9 +225,11 @@ def make_train_step(
         # A batch with no loss token has no gradient, yet AdamW would still move the
         # parameters (momentum, weight decay): that step keeps the state as it was too.
         keep = functools.partial(jnp.where, skip | (sums["weight"] == 0))
-        params = jax.tree.map(keep, state.params, params)
+        params = jax.tree.map(keep, train, params)
         opt_state = jax.tree.map(keep, state.opt_state, opt_state)
         metrics["skipped"] = skip
+        if frozen is not None:  # the base passes through untouched
+            params = nnx.merge_state(frozen, params)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return step

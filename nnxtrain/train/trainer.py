@@ -22,7 +22,6 @@ Trainer's creation (or `started`) is charged to a bucket of the goodput account
 `FitResult` (`nnxtrain.train.result`).
 """
 
-import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -34,9 +33,8 @@ from rich.console import Console
 
 from nnxtrain.config import Config
 from nnxtrain.data import build_dataset, resolve_vocab
-from nnxtrain.interop.init_from import load_params as load_init_from
 from nnxtrain.interop.init_from import resolve as resolve_init_from
-from nnxtrain.model import Transformer
+from nnxtrain.model import Transformer, trainable
 from nnxtrain.parallel.distributed import start_jax
 from nnxtrain.parallel.mesh import build_mesh, resolve_batch
 from nnxtrain.parallel.preemption import Preemption, interruptible
@@ -44,6 +42,7 @@ from nnxtrain.parallel.sharding import ActivationRecord, merge_rules
 from nnxtrain.run.directory import make_run_dir, read_run_info, write_config, write_run_info
 from nnxtrain.run.lock import RunLock
 from nnxtrain.train.accounting import FlopsReport, step_flops
+from nnxtrain.train.base import starting_state
 from nnxtrain.train.compile import (
     CompiledMemory,
     CompiledStep,
@@ -201,10 +200,13 @@ class Trainer(RunControls):
         self._earlier_goodput = read_run_info(self.run_dir).get("goodput")  # before it's rewritten
         self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
         tx, _ = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
-        plan = self.plan = plan_state(self.model_factory, tx, cfg.run.seed, self.mesh, rules)
+        plan = self.plan = plan_state(
+            self.model_factory, tx, cfg.run.seed, self.mesh, rules, trainable(cfg.model)
+        )
         self.abstract_state, self.state_shardings = plan.abstract, plan.shardings
         floor = getattr(self.dataset, "loss_floor", None)
-        self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor))
+        trained = plan.num_trainable
+        self.console.print(header(cfg, self.mesh, self.flops, plan.num_params, floor, trained))
         self.hooks.fire(
             "on_setup",
             self,
@@ -246,12 +248,8 @@ class Trainer(RunControls):
     def _train(self, watcher: StepWatcher) -> FitResult:
         cfg = self.config
         assert self.plan is not None
-        if self.state is None:
-            with self.goodput.timed("init"):
-                self.state = self.plan.initialize()
-                if cfg.run.init_from:  # only when nothing was restored: a rerun resumes it
-                    params = load_init_from(cfg, self.state.params, self.mesh, self.console)
-                    self.state = dataclasses.replace(self.state, params=params)
+        with self.goodput.timed("init"):  # init_from only when nothing (or LoRA) was restored
+            self.state = starting_state(cfg, self.plan, self.state, self.mesh, self.console)
         self.step = start_step = int(interruptible(jax.device_get, self.state.step))
         if start_step > 0:  # resumed: the earlier attempts' seconds count too
             self.goodput.resume(self._earlier_goodput, start_step)

@@ -1,6 +1,8 @@
 """hf.load places each tensor straight into its shards: on 8 simulated devices (fsdp=8, and
 fsdp=2 x tensor=2 x data=2) the parameters are split by the logical-axis rules and the
-logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8 devices)."""
+logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8 devices).
+The same model with a PEFT LoRA adapter on it gives PEFT's logits on both meshes, each
+adapter split like the weight it adapts (issue 25)."""
 
 import json
 import subprocess
@@ -20,9 +22,11 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     toks = tokens(80, batch=8)
     np.save(tmp_path / "tokens.npy", toks)
     np.save(tmp_path / "logits.npy", hf_logits(path, toks))
+    np.save(tmp_path / "peft.npy", peft_logits(path, tmp_path / "adapter", toks))
     env = cli_env()
     env["XLA_FLAGS"] = xla_flags(8)
     files = [str(path), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")]
+    files.append(f"adapter={tmp_path / 'adapter'}:{tmp_path / 'peft.npy'}")
     out = subprocess.run(
         [sys.executable, str(CHILD), *files, "1,8,1", "2,2,2"],
         env=env,
@@ -35,7 +39,30 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     for shape, r in report.items():
         print(f"parity mesh data,fsdp,tensor={shape}: max abs diff {r['max_abs_diff']:.2e}")
         assert r["max_abs_diff"] <= TOLERANCE and r["devices"] == 8
+        print(f"parity LoRA mesh {shape}: max abs diff {r['lora']['max_abs_diff']:.2e}")
+        assert r["lora"]["max_abs_diff"] <= TOLERANCE
     # wq [layers, embed 64, q_heads 4, kv 16]: embed over fsdp, q_heads over tensor.
     fsdp8, mixed = report["1,8,1"], report["2,2,2"]
     assert fsdp8["wq_shard"] == [2, 8, 4, 16] and fsdp8["embed_shard"] == [128, 8]
     assert mixed["wq_shard"] == [2, 32, 2, 16] and mixed["embed_shard"] == [64, 32]
+    # q_proj's A [layers, embed, r] splits embed as wq does; B [layers, r, q_heads, kv] q_heads.
+    assert fsdp8["lora"]["q_a_shard"] == [2, 8, 4] and fsdp8["lora"]["q_b_shard"] == [2, 4, 4, 16]
+    assert mixed["lora"]["q_a_shard"] == [2, 32, 4] and mixed["lora"]["q_b_shard"] == [2, 4, 2, 16]
+
+
+def peft_logits(base: Path, out: Path, toks: np.ndarray) -> np.ndarray:
+    """Writes a PEFT adapter (random B, every linear, r=4, alpha 6) of `base` to `out`;
+    PEFT's logits of `toks` with it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=6.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+        model.save_pretrained(out)
+        return model(torch.tensor(toks, dtype=torch.long)).logits.numpy()

@@ -1,0 +1,196 @@
+"""LoRA (issue 25) without torch: adapters that start as exactly zero, an optimizer that
+moves them alone, adapter-only checkpoints that resume bitwise and name their base, the
+base as a view with adapters off, and one line for bad `model.lora.*` keys.
+PEFT/transformers parity is tests/interop/test_lora_peft.py."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY, assert_one_line_error, run_cli_in_process
+from flax import nnx
+
+from nnxtrain import Trainer, compose
+from nnxtrain.checkpoint import open_manager
+from nnxtrain.checkpoint.storage import read_meta
+from nnxtrain.config import LoraConfig, ModelConfig
+from nnxtrain.model import Transformer, adapters_off
+from nnxtrain.model.lora import lora_dropout
+from nnxtrain.train.step import make_optimizer, split_trainable
+
+# Non-square everywhere (GQA k/v 16 wide, q 32, MLP 24 vs 16) and alpha/r = 1.5, not 1.
+LORA = LoraConfig(rank=4, alpha=6.0)
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 12)), jnp.int32)
+
+
+def models(**kw: object) -> tuple[Transformer, Transformer]:
+    """(the base, the same model and seed with adapters on every linear), scanned, remat."""
+    cfg = dataclasses.replace(TINY, scan_layers=True, remat="full", **kw)  # type: ignore[arg-type]
+    return build(cfg), build(dataclasses.replace(cfg, lora=LORA))
+
+
+def build(cfg: ModelConfig) -> Transformer:
+    """Transformer(cfg, seed 3), initialised in one compiled call (eager init dispatches
+    hundreds of small ops, slow on a loaded CPU)."""
+    return nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(3)))()
+
+
+def randomize_b(model: Transformer) -> None:
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+        value = var.get_value()
+        var.set_value(jax.random.normal(jax.random.key(i), value.shape, value.dtype) * 0.1)
+
+
+@jax.jit
+def forward(model: Transformer, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
+def test_fresh_adapters_give_the_base_logits_bit_for_bit_and_adapters_off_is_the_base() -> None:
+    base, lora = models()
+    expected = np.asarray(forward(base, TOKENS))
+    assert np.array_equal(np.asarray(forward(lora, TOKENS)), expected)
+    randomize_b(lora)  # A and B both non-zero now: the adapters change the logits ...
+    assert not np.allclose(np.asarray(forward(lora, TOKENS)), expected, atol=1e-3)
+    view = adapters_off(lora)  # ... and the view without them is the base, bit for bit
+    assert np.array_equal(np.asarray(forward(view, TOKENS)), expected)
+    assert not np.allclose(np.asarray(forward(lora, TOKENS)), expected, atol=1e-3)  # untouched
+    shared = {id(x) for x in jax.tree.leaves(nnx.state(lora))}
+    assert {id(x) for x in jax.tree.leaves(nnx.state(view))} <= shared  # no copy of a weight
+
+
+def test_base_dtype_holds_the_base_in_bfloat16_and_the_adapters_in_float32() -> None:
+    cfg = dataclasses.replace(TINY, lora=dataclasses.replace(LORA, base_dtype="bfloat16"))
+    lora = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    adapters = jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))
+    base = jax.tree.leaves(nnx.state(lora, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    assert {a.dtype for a in adapters} == {jnp.dtype("float32")}
+    assert {b.dtype for b in base} == {jnp.dtype("bfloat16")}
+
+
+RUN = ["model=tiny", "run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "run.log_every=1"]
+LORA_KEYS = ["model.lora.rank=4", "model.lora.alpha=6"]
+
+
+def test_one_step_moves_only_the_adapters_and_the_optimizer_holds_only_theirs(tmp_path) -> None:
+    cfg = compose(
+        [
+            *RUN,
+            *LORA_KEYS,
+            "run.steps=1",
+            "optim.warmup_steps=0",
+            "callbacks=none",
+            f"run.dir={tmp_path}",
+        ]
+    )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=True))
+    trainer = Trainer(cfg)
+    after = jax.device_get(trainer.fit().state)
+    before = jax.device_get(trainer.plan.initialize().params)  # the same seed: step 0's
+    moved, base_after = split_trainable(after.params, nnx.LoRAParam)
+    start, base_before = split_trainable(before, nnx.LoRAParam)
+    for a, b in zip(jax.tree.leaves(base_after), jax.tree.leaves(base_before), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # bitwise: no gradient, no update
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(start)[0]]
+    changed = [
+        n
+        for n, a, b in zip(names, jax.tree.leaves(moved), jax.tree.leaves(start), strict=True)
+        if not np.array_equal(np.asarray(a), np.asarray(b))
+    ]
+    assert any("'b'" in n for n in changed)  # B left zero: the adapters learn
+    moments = jax.tree.leaves(after.opt_state)
+    lora_elements = sum(x.size for x in jax.tree.leaves(start))
+    # Adam's two moments over the adapters alone (plus scalar counters): no base state
+    assert sum(np.size(x) for x in moments) < 2 * lora_elements + 8
+
+
+def saved_bytes(run_dir: Path, step: int) -> tuple[int, dict]:
+    """(bytes of the arrays checkpoint `step` holds, its meta)."""
+    mngr = open_manager(str(run_dir / "checkpoints"), read_only=True)
+    try:
+        meta, saved = read_meta(mngr, step)
+    finally:
+        mngr.close()
+    size = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in saved.values())
+    return size, meta
+
+
+@pytest.mark.slow  # four real CLI runs: its group starts first under xdist
+def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_names_its_base(
+    tmp_path,
+) -> None:
+    args = [*RUN, "run.steps=4", "callbacks.checkpoint.every=2"]
+    signal = ["+callbacks.sig._target_=callbacks_for_tests.SignalAtStep", "+callbacks.sig.at=2"]
+    runs = {
+        "whole": [*args, *LORA_KEYS],
+        "cut": [*args, *LORA_KEYS, *signal],
+    }
+    procs = {
+        k: run_cli_in_process([*v, f"run.dir={tmp_path / k}"], tmp_path) for k, v in runs.items()
+    }
+    assert procs["cut"].returncode == 143, procs["cut"].stderr
+    again = run_cli_in_process([*args, *LORA_KEYS, f"run.dir={tmp_path / 'cut'}"], tmp_path)
+    assert again.returncode == 0 and procs["whole"].returncode == 0, again.stderr
+    assert "resumed from step 2" in again.stdout
+    # the header says what trains: the 14 adapters' elements, not the model's
+    assert "LoRA r=4, alpha 6 on q_proj, k_proj, v_proj, o_proj, gate_proj" in again.stdout
+    whole, whole_meta = saved_bytes(tmp_path / "whole", 4)
+    _, cut_meta = saved_bytes(tmp_path / "cut", 4)
+    assert whole_meta["digests"]["arrays"] == cut_meta["digests"]["arrays"]  # bitwise
+    names = whole_meta["digests"]["arrays"]
+    assert names and not [n for n in names if n.startswith("params/") and "_lora/" not in n]
+    assert whole_meta["lora_base"]["seed"] == 0 and whole_meta["lora_base"]["init_from"] == ""
+    # A full fine-tune's checkpoint holds every parameter and the optimizer state over
+    # them all; this one holds them for the adapters alone: smaller by their share.
+    cfg = compose([*RUN, *LORA_KEYS])
+    base = nnx.state(nnx.eval_shape(lambda: Transformer(compose(RUN).model, rngs=nnx.Rngs(0))))
+    lora = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    adapters = nnx.state(lora, nnx.LoRAParam)
+    tx, _ = make_optimizer(cfg.optim, 4)
+
+    def nbytes(tree: object) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    full = nbytes(base) + nbytes(jax.eval_shape(tx.init, base)) + 4  # + the step counter
+    assert whole < full
+    assert whole / full == pytest.approx(nbytes(adapters) / nbytes(base), rel=0.02)
+
+    # The same run dir with another base (run.seed builds it) is refused, nothing removed.
+    longer = [*RUN, "run.steps=6", *LORA_KEYS, "run.seed=1", f"run.dir={tmp_path / 'cut'}"]
+    other = run_cli_in_process(longer, tmp_path)
+    assert_one_line_error(other, "another base")
+    steps = (tmp_path / "cut" / "checkpoints").iterdir()
+    assert sorted(p.name for p in steps if p.name.isdigit()) == ["2", "4"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.lora.rank=-1", "model.lora.rank"),
+        ("model.lora.targets=[q_proj,qkv_proj]", "model.lora.targets"),
+        ("model.lora.dropout=1.5", "model.lora.dropout"),
+        ("model.lora.base_dtype=int8", "model.lora.base_dtype"),
+        ("model.lora.adapter=nowhere", "model.lora.adapter"),
+    ],
+)
+def test_bad_lora_keys_are_one_line(tmp_path, override, key) -> None:
+    proc = run_cli_in_process(["model=tiny", override, f"run.dir={tmp_path}"], tmp_path)
+    assert_one_line_error(proc, key)
+
+
+def test_dropout_drops_adapter_inputs_in_the_train_step_only() -> None:
+    model = build(dataclasses.replace(TINY, lora=dataclasses.replace(LORA, dropout=0.5)))
+    randomize_b(model)
+    plain = np.asarray(forward(model, TOKENS))  # eval, generation: no dropout
+
+    @jax.jit
+    def train_forward(model: Transformer, step: jax.Array) -> jax.Array:
+        with lora_dropout(jax.random.fold_in(jax.random.key(0), step)):
+            return model(TOKENS)
+
+    one, again, two = (np.asarray(train_forward(model, jnp.asarray(s))) for s in (1, 1, 2))
+    assert not np.allclose(one, plain, atol=1e-4) and not np.allclose(one, two, atol=1e-4)
+    assert np.array_equal(one, again)  # a step's masks are its own: resume draws the same
