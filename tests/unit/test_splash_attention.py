@@ -200,11 +200,12 @@ MESH_SCRIPT = textwrap.dedent(
     import jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import Mesh
-    from nnxtrain.config import ModelConfig
+    from nnxtrain.config import LoraConfig, ModelConfig
     from nnxtrain.model import Transformer
     from nnxtrain.parallel.sharding import DEFAULT_RULES, use_rules
 
-    cfg, seg = ModelConfig(**json.loads(sys.argv[1])), np.asarray(json.loads(sys.argv[2]))
+    fields, seg = json.loads(sys.argv[1]), np.asarray(json.loads(sys.argv[2]))
+    cfg = ModelConfig(**fields | {"lora": LoraConfig(**fields["lora"])})
     tokens = jnp.asarray(np.arange(seg.size).reshape(seg.shape) % cfg.vocab_size)
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
     # kv heads replicated, query heads split 2 ways: MQA's one kv head must be repeated
@@ -232,7 +233,7 @@ MESH_SCRIPT = textwrap.dedent(
 def test_on_a_mesh_splash_runs_under_shard_map_and_equals_xla(kv_heads: int, tmp_path: Path):
     length = 7
     cfg = dataclasses.replace(TINY, num_kv_heads=kv_heads)
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields = dataclasses.asdict(cfg)  # nested configs as dicts (the script rebuilds them)
     seg = np.asarray(documents(4, length)).tolist()
     out = tmp_path / "results.npz"
     proc = subprocess.run(
