@@ -25,7 +25,7 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Llama-style decoder's shape and numerics."""
+    """The Llama-style decoder's shape and numerics, with the switches of the other families."""
 
     name: str = setting("small", "label printed in logs and run_info.json")
     vocab_size: int = setting(256, "tokens in the vocabulary")
@@ -48,6 +48,9 @@ class ModelConfig:
     )
     norm_eps: float = setting(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
+    # Family switches (docs/models.md): each defaults to Llama's behaviour.
+    qkv_bias: bool = setting(False, "bias on the q, k and v projections (Qwen2/2.5)")
+    qk_norm: bool = setting(False, "RMSNorm over head_dim on q and k before RoPE (Qwen3)")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
     scan_layers: bool | None = setting(
         None, "scan stacked layers; null = auto: unrolled when compiled for CPU only"

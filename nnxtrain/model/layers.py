@@ -115,6 +115,15 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wv = param(rngs, (e, kv, d), ("embed", "kv_heads", "kv_head_dim"), pdt, init)
         self.wo = param(rngs, (h, d, e), ("heads", "kv", "embed"), pdt, init)
+        zeros = nnx.initializers.zeros
+        if cfg.qkv_bias:  # Qwen2: q, k and v carry a bias, o does not
+            self.bq = param(rngs, (h, d), ("q_heads", "kv"), pdt, zeros)
+            self.bk = param(rngs, (kv, d), ("kv_heads", "kv_head_dim"), pdt, zeros)
+            self.bv = param(rngs, (kv, d), ("kv_heads", "kv_head_dim"), pdt, zeros)
+        if cfg.qk_norm:  # Qwen3: each head's q and k normed over head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs)
+        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
         self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
         # (cuDNN flash attention on GPU when the shapes allow it). A run that knows its
@@ -143,6 +152,14 @@ class Attention(nnx.Module):
         q = project(x, self.wq[...].astype(dt))  # [batch, length, heads, head_dim]
         k = project(x, self.wk[...].astype(dt))
         v = project(x, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = (
+                q + self.bq[...].astype(dt),
+                k + self.bk[...].astype(dt),
+                v + self.bv[...].astype(dt),
+            )
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
         k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))

@@ -29,6 +29,8 @@ def count_params(cfg: ModelConfig) -> int:
         cfg.vocab_size,
     )
     per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m + 2 * e  # + two norms
+    per_layer += (h + 2 * kv) * d if cfg.qkv_bias else 0  # Qwen2's q, k, v biases
+    per_layer += 2 * d if cfg.qk_norm else 0  # Qwen3's q and k norms
     head = 0 if cfg.tie_embeddings else e * v
     return v * e + cfg.num_layers * per_layer + e + head
 

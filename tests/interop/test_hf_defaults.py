@@ -13,13 +13,18 @@ Config objects only: no model is built.
 from typing import Any
 
 import pytest
-from transformers import LlamaConfig, MistralConfig
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import to_model_config
 from nnxtrain.interop.hf.keys import DEFAULTS, NULLABLE
 
-CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig}
+CLASSES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
 # Every key present, none at its default, so that taking one out changes something.
 FULL: dict[str, Any] = {
     "vocab_size": 128,
@@ -39,6 +44,9 @@ FULL: dict[str, Any] = {
 FAMILY_KEYS = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "mistral": {"sliding_window": None},
+    # Qwen's window is off without use_sliding_window, whatever sliding_window says
+    "qwen2": {"use_sliding_window": False, "sliding_window": 64},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": 64},
 }
 # ModelConfig field -> what it must be, read off transformers' config object
 EXPECTED = {
@@ -48,7 +56,8 @@ EXPECTED = {
     "num_layers": lambda c: c.num_hidden_layers,
     "num_heads": lambda c: c.num_attention_heads,
     "num_kv_heads": lambda c: c.num_key_value_heads,
-    "head_dim": lambda c: c.head_dim,
+    # Qwen2Config has no head_dim field: its attention takes hidden / heads without one
+    "head_dim": lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
     "max_len": lambda c: c.max_position_embeddings,
     "norm_eps": lambda c: c.rms_norm_eps,
     "tie_embeddings": lambda c: c.tie_word_embeddings,
@@ -58,6 +67,9 @@ EXPECTED = {
 # config.json key -> whether transformers' value of it is one nnxtrain's decoder runs
 RUNNABLE = {
     "hidden_act": lambda c: c.hidden_act == "silu",
+    # Qwen's default 32 kv heads do not divide FULL's 16 query heads: transformers' config
+    # takes that, its attention cannot run it
+    "num_key_value_heads": lambda c: c.num_attention_heads % c.num_key_value_heads == 0,
     "attention_bias": lambda c: not getattr(c, "attention_bias", False),
     "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
     "sliding_window": lambda c: getattr(c, "sliding_window", None) is None,

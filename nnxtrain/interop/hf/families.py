@@ -1,0 +1,62 @@
+"""The Hugging Face model families nnxtrain reads and writes, registered by config.json's
+`model_type`: each is Llama plus deltas (the `ModelConfig` switches it turns on).
+
+    family = FAMILIES["qwen3"]            # reading: config.json's model_type picks it
+    family = family_of(cfg)               # writing: the model's switches pick it
+
+A family names its transformers class (`architectures` on export), the switches its
+checkpoints always have, the config.json keys that would mean a bias the decoder does not
+run, and, for Qwen, the key that turns `sliding_window` on at all. Its config.json keys
+and their defaults are `keys.DEFAULTS[model_type]`; its extra tensors are the `Weight`
+rows of `weights` whose `needs` is one of its switches. docs/models.md says how to add one.
+"""
+
+from dataclasses import dataclass, field
+
+from nnxtrain.config import ModelConfig
+from nnxtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one `model_type` adds to Llama."""
+
+    model_type: str
+    architecture: str  # transformers' class, written to config.json's `architectures`
+    switches: dict[str, bool] = field(default_factory=dict)  # ModelConfig fields it sets
+    bias_keys: tuple[str, ...] = ()  # config.json keys that, true, mean an unsupported bias
+    window_gate: str = ""  # config.json key without which sliding_window is off (Qwen)
+
+
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family("llama", "LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
+        Family("mistral", "MistralForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
+        # Qwen2's q/k/v biases are fixed in its code; it reads no attention_bias key.
+        Family("qwen2", "Qwen2ForCausalLM", {"qkv_bias": True}, (), "use_sliding_window"),
+        # Qwen3's attention_bias would bias o as well, which the decoder has not got.
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            {"qk_norm": True},
+            ("attention_bias",),
+            "use_sliding_window",
+        ),
+    )
+}
+# Export: the first family whose switches are exactly the model's (Llama has none).
+_EXPORTS = ("qwen3", "qwen2", "llama")
+SWITCHES = ("qkv_bias", "qk_norm")
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    """The family a model with this config is written as; one line if none fits."""
+    on = {s for s in SWITCHES if getattr(cfg, s)}
+    for name in _EXPORTS:
+        if set(FAMILIES[name].switches) == on:
+            return FAMILIES[name]
+    raise UserError(
+        "model.qkv_bias and model.qk_norm are both true, which no Hugging Face family has. "
+        "Fix: turn one off (qkv_bias: Qwen2, qk_norm: Qwen3) to export this model."
+    )
