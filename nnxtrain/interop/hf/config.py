@@ -206,7 +206,8 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         param_dtype=param_dtype,
         init_std=keys.get("initializer_range", float),
         **rope,
-        **FAMILIES[keys.family].switches,
+        qkv_bias=FAMILIES[keys.family].switches.get("qkv_bias", False),
+        qk_norm=FAMILIES[keys.family].switches.get("qk_norm", False),
     )
     try:
         return validate_model(cfg)
