@@ -93,6 +93,12 @@ def validate_model(m: ModelConfig) -> ModelConfig:
             f"must divide the number of query heads ({m.num_heads}), got {m.num_kv_heads}",
             "choose num_kv_heads that divides num_heads",
         )
+    if m.sliding_window < 0:
+        raise ConfigError(
+            "model.sliding_window",
+            f"must be 0 (no window) or a number of positions, got {m.sliding_window}",
+            "use 0 or a positive window",
+        )
     if m.head_dim % 2:
         raise ConfigError(
             "model.head_dim",

@@ -51,6 +51,9 @@ class ModelConfig:
     # Family switches (docs/models.md): each defaults to Llama's behaviour.
     qkv_bias: bool = setting(False, "bias on the q, k and v projections (Qwen2/2.5)")
     qk_norm: bool = setting(False, "RMSNorm over head_dim on q and k before RoPE (Qwen3)")
+    sliding_window: int = setting(
+        0, "a query sees only this many latest keys, itself included (Mistral); 0 = all"
+    )
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
     scan_layers: bool | None = setting(
         None, "scan stacked layers; null = auto: unrolled when compiled for CPU only"

@@ -124,6 +124,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs)
             self.k_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs)
         self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
+        self.window = cfg.sliding_window
         self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
         # (cuDNN flash attention on GPU when the shapes allow it). A run that knows its
@@ -135,7 +136,7 @@ class Attention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         q, k, v = self._qkv(x, positions)
-        return self._out(attend(self.impl, q, k, v, segment_ids))
+        return self._out(attend(self.impl, q, k, v, segment_ids, self.window))
 
     def decode(
         self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int
@@ -144,7 +145,7 @@ class Attention(nnx.Module):
         at `positions` (consecutive per row), then attends over the cached slots."""
         q, k, v = self._qkv(x, positions)
         cache = KVCache(write(cache.k, layer, k, positions), write(cache.v, layer, v, positions))
-        out = cached_attention(q, cache.k[layer], cache.v[layer], positions)
+        out = cached_attention(q, cache.k[layer], cache.v[layer], positions, self.window)
         return self._out(out), cache
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

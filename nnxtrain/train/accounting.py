@@ -5,7 +5,9 @@
   v, o, the three SwiGLU matrices and the output projection, tied or not); the embedding
   lookup is a gather and counts nothing.
 - Attention FLOPs: the score (QK^T) and value (PV) matmuls, 2 * 2 * B * L^2 * H * D per
-  layer, halved because the causal mask makes half of the scores unused.
+  layer, halved because the causal mask makes half of the scores unused (the visible
+  pairs with the diagonal counted half: exactly L^2 / 2). With a sliding window W < L a
+  query sees at most W keys: the same count is L * W - W (W - 1) / 2 - L / 2.
 - Training is forward plus backward, counted as 3x forward (backward = 2x forward). The
   remat recomputation is not counted: it is overhead, not model FLOPs (as in MFU).
 
@@ -104,7 +106,11 @@ def step_flops(
     tokens = batch_size * seq_len
     learnable_fwd = 2 * tokens * matmul_params(cfg)
     # QK^T and PV: 2 matmuls x 2 FLOPs x B x L x L x H x D, halved by the causal mask.
-    attention_fwd = 2 * batch_size * seq_len**2 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    w = cfg.sliding_window
+    # the visible (query, key) pairs, the diagonal counted half (so causal is L^2 / 2, as
+    # MaxText halves); a window shorter than the sequence cuts each query's keys to w
+    pairs = seq_len * w - w * (w - 1) / 2 - seq_len / 2 if 0 < w < seq_len else seq_len**2 / 2
+    attention_fwd = 4 * batch_size * pairs * cfg.num_heads * cfg.head_dim * cfg.num_layers
     return FlopsReport(
         num_params=count_params(cfg),
         learnable_flops=3.0 * learnable_fwd,

@@ -26,16 +26,19 @@ from nnxtrain.interop.hf.config import to_model_config
 from nnxtrain.train.accounting import count_params
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
+WINDOW = 8  # Mistral's: shorter than the 40-token sequences and than the generations
 # family -> make_hf overrides; each is the family's distinctive case: Qwen2.5's q/k/v biases,
-# tied embeddings and rope_theta 1e6; Qwen3's q/k norms with head_dim 24 != 64 / 4.
+# tied embeddings and rope_theta 1e6; Qwen3's q/k norms with head_dim 24 != 64 / 4;
+# Mistral's sliding window.
 FAMILIES: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": WINDOW, "head_dim": 24},
     "qwen2": {
         "tie_word_embeddings": True,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
     },
     "qwen3": {"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
 }
-SWITCHES = {"qwen2": ("qkv_bias",), "qwen3": ("qk_norm",)}
+SWITCHES = {"mistral": (), "qwen2": ("qkv_bias",), "qwen3": ("qk_norm",)}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,19 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     print(f"parity {kind} logits: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
+    assert model.cfg.sliding_window == (WINDOW if kind == "mistral" else 0)
+
+
+def test_a_packed_row_with_a_window_equals_its_documents_alone(hf_dirs):
+    """Documents of 23 and 17 tokens packed in one row, each longer than the window: the
+    window counts positions within a document, and never reaches into the one before."""
+    model = hf.load(str(hf_dirs["mistral"]), param_dtype="float32")
+    toks = tokens(40, batch=1, vocab=VOCAB)
+    segments = jnp.asarray([[1] * 23 + [2] * 17])
+    packed = np.asarray(model(jnp.asarray(toks), segment_ids=segments))
+    for lo, hi in ((0, 23), (23, 40)):
+        alone = np.asarray(model(jnp.asarray(toks[:, lo:hi])))
+        np.testing.assert_allclose(packed[:, lo:hi], alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))

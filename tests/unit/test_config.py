@@ -270,6 +270,7 @@ def test_validate_returns_a_valid_config_unchanged():
         ("run.seq_len=4096", "run.seq_len"),
         ("model.num_kv_heads=3", "model.num_kv_heads"),
         ("model.dtype=float8", "model.dtype"),
+        ("model.sliding_window=-1", "model.sliding_window"),
     ],
 )
 def test_compose_validates(override, key):

@@ -155,17 +155,18 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
                 "use a dense (non-MoE) model",
             )
     use_window = keys.get("use_sliding_window", bool, False)
-    # Qwen's sliding_window means nothing unless use_sliding_window turns it on.
+    # Qwen's sliding_window means nothing unless use_sliding_window turns it on; Mistral's
+    # applies to every layer, which the decoder runs (`model.sliding_window`).
     gated = family.window_gate and not use_window
-    window = None if gated else keys.get("sliding_window", int)
-    if window is not None or use_window:
+    window = None if gated or kind == "mistral" else keys.get("sliding_window", int)
+    if window is not None or (use_window and family.window_gate):
         key = "sliding_window" if window is not None else "use_sliding_window"
         absent = f" (absent, which means 4096 for {kind})" if key not in hf else ""
         raise bad(
             where,
             key,
             f"is {window if window is not None else 'true'}{absent}: sliding-window attention "
-            "is not implemented",
+            f"is implemented for mistral only",
             f"use a checkpoint with {family.window_gate or 'sliding_window'} "
             f"{'false' if family.window_gate else 'null'}",
         )
@@ -208,6 +209,7 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         **rope,
         qkv_bias=FAMILIES[keys.family].switches.get("qkv_bias", False),
         qk_norm=FAMILIES[keys.family].switches.get("qk_norm", False),
+        sliding_window=(keys.get("sliding_window", int) or 0) if keys.family == "mistral" else 0,
     )
     try:
         return validate_model(cfg)
@@ -253,6 +255,7 @@ def from_model_config(
         "rope_theta": cfg.rope_theta,
         "rope_scaling": scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window or None,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -270,6 +273,8 @@ def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
     it does not read."""
     if family.window_gate:
         out |= {family.window_gate: False, "sliding_window": None}
+    if family.model_type == "llama":
+        del out["sliding_window"]
     for key in ("attention_bias", "mlp_bias"):
         if key not in family.bias_keys:
             del out[key]

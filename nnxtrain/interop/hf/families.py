@@ -23,7 +23,9 @@ class Family:
 
     model_type: str
     architecture: str  # transformers' class, written to config.json's `architectures`
-    switches: dict[str, bool] = field(default_factory=dict)  # ModelConfig fields it sets
+    # The ModelConfig switches its models have (on import: qkv_bias, qk_norm set as given;
+    # sliding_window comes from config.json); on export, those that make a model this family.
+    switches: dict[str, bool] = field(default_factory=dict)
     bias_keys: tuple[str, ...] = ()  # config.json keys that, true, mean an unsupported bias
     window_gate: str = ""  # config.json key without which sliding_window is off (Qwen)
 
@@ -32,7 +34,12 @@ FAMILIES = {
     f.model_type: f
     for f in (
         Family("llama", "LlamaForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
-        Family("mistral", "MistralForCausalLM", bias_keys=("attention_bias", "mlp_bias")),
+        Family(
+            "mistral",
+            "MistralForCausalLM",
+            {"sliding_window": True},
+            bias_keys=("attention_bias", "mlp_bias"),
+        ),
         # Qwen2's q/k/v biases are fixed in its code; it reads no attention_bias key.
         Family("qwen2", "Qwen2ForCausalLM", {"qkv_bias": True}, (), "use_sliding_window"),
         # Qwen3's attention_bias would bias o as well, which the decoder has not got.
@@ -46,8 +53,8 @@ FAMILIES = {
     )
 }
 # Export: the first family whose switches are exactly the model's (Llama has none).
-_EXPORTS = ("qwen3", "qwen2", "llama")
-SWITCHES = ("qkv_bias", "qk_norm")
+_EXPORTS = ("qwen3", "qwen2", "mistral", "llama")
+SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -56,7 +63,8 @@ def family_of(cfg: ModelConfig) -> Family:
     for name in _EXPORTS:
         if set(FAMILIES[name].switches) == on:
             return FAMILIES[name]
+    both = " and ".join(f"model.{s}" for s in SWITCHES if s in on)
     raise UserError(
-        "model.qkv_bias and model.qk_norm are both true, which no Hugging Face family has. "
-        "Fix: turn one off (qkv_bias: Qwen2, qk_norm: Qwen3) to export this model."
+        f"{both} are set together, which no Hugging Face family nnxtrain writes has. Fix: keep "
+        "one (qkv_bias: Qwen2, qk_norm: Qwen3, sliding_window: Mistral) to export this model."
     )
