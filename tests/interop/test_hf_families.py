@@ -76,18 +76,6 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     assert model.cfg.sliding_window == (WINDOW if kind == "mistral" else 0)
 
 
-def test_a_packed_row_with_a_window_equals_its_documents_alone(hf_dirs):
-    """Documents of 23 and 17 tokens packed in one row, each longer than the window: the
-    window counts positions within a document, and never reaches into the one before."""
-    model = hf.load(str(hf_dirs["mistral"]), param_dtype="float32")
-    toks = tokens(40, batch=1, vocab=VOCAB)
-    segments = jnp.asarray([[1] * 23 + [2] * 17])
-    packed = np.asarray(model(jnp.asarray(toks), segment_ids=segments))
-    for lo, hi in ((0, 23), (23, 40)):
-        alone = np.asarray(model(jnp.asarray(toks[:, lo:hi])))
-        np.testing.assert_allclose(packed[:, lo:hi], alone, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_greedy_generation_equals_transformers(hf_dirs, kind):
     """nnxtrain generates the batch at once, right-padded; transformers row by row (see
