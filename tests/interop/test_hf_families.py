@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import TOLERANCE, hf_model, make_hf, tensors, tokens
+from hf_models import CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
 
 import nnxtrain.interop.hf as hf
-from nnxtrain import generate
+from nnxtrain import compose, generate
 from nnxtrain.errors import UserError
-from nnxtrain.interop.hf.config import to_model_config
+from nnxtrain.interop.hf.config import from_model_config, to_model_config
 from nnxtrain.train.accounting import count_params
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
@@ -149,3 +149,19 @@ def test_qwen2_sliding_window_without_use_sliding_window_is_off():
         hf_cfg = {**BASE, "model_type": "qwen2", **extra}
         cfg = to_model_config(hf_cfg, "m", param_dtype="float32")
         assert cfg.qkv_bias and transformers.Qwen2Config(**BASE, **extra).sliding_window is None
+
+
+SHIPPED = {"qwen3_0.6b": "qwen3", "qwen2.5_0.5b": "qwen2", "mistral_7b": "mistral"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_counts_as_transformers_counts_its_export(name):
+    """model=<name> exports as its family, and transformers' model of that config.json
+    (built on the meta device: shapes, no memory) has count_params' parameters."""
+    cfg = compose([f"model={name}"]).model
+    config = from_model_config(cfg, dtype="bfloat16")
+    assert config["model_type"] == SHIPPED[name]
+    config_cls, model_cls = CLASSES[config["model_type"]]
+    with torch.device("meta"):
+        theirs = model_cls(config_cls(**config))
+    assert count_params(cfg) == theirs.num_parameters()

@@ -69,8 +69,9 @@ def override_for(group: str, option: str) -> str:
 def test_the_shipped_groups_are_all_there():
     groups = {g for g, _ in OPTIONS}
     assert groups >= {"model", "mesh", "run", "data", "optim", "callbacks", "experiment"}
-    assert {"tiny", "small", "llama1b"} <= set(options("model"))
-    assert "llama1b" in options("experiment")
+    families = {"qwen3_0.6b", "qwen2.5_0.5b", "mistral_7b"}  # issue 26
+    assert {"tiny", "small", "llama1b", *families} <= set(options("model"))
+    assert {"llama1b", *families} <= set(options("experiment"))
     assert override_for("experiment", "llama1b") == "+experiment=llama1b"
     assert override_for("model", "tiny") == "model=tiny"
 
