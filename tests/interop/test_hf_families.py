@@ -8,6 +8,7 @@ and a one-line refusal of what a family's decoder does not run.
 Run with `-s` to see the max abs diff of each family (the closing note's parity figures).
 """
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_models import CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
 
 import nnxtrain.interop.hf as hf
 from nnxtrain import compose, generate
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import from_model_config, to_model_config
+from nnxtrain.model import Transformer
 from nnxtrain.train.accounting import count_params
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
@@ -165,3 +168,18 @@ def test_shipped_model_counts_as_transformers_counts_its_export(name):
     with torch.device("meta"):
         theirs = model_cls(config_cls(**config))
     assert count_params(cfg) == theirs.num_parameters()
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{"qkv_bias": True, "qk_norm": True}, {"qk_norm": True, "sliding_window": 16}],
+    ids=["bias-and-qk-norm", "qk-norm-and-window"],
+)
+def test_switches_no_family_combines_are_one_line_at_export(tmp_path, switches):
+    """hf.save refuses before it writes anything."""
+    cfg = dataclasses.replace(compose(["model=tiny"]).model, dtype="float32", **switches)
+    with pytest.raises(UserError) as err:
+        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "out"))
+    line = str(err.value)
+    assert "\n" not in line and all(f"model.{s}" in line for s in switches), line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
