@@ -83,7 +83,7 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
 def test_greedy_generation_equals_transformers(hf_dirs, kind):
     """nnxtrain generates the batch at once, right-padded; transformers row by row (see
     tests/integration/test_generate_hf.py)."""
-    path, new = hf_dirs[kind], 24
+    path, new = hf_dirs[kind], 16  # past the window: prompts of up to 11, 16 new tokens
     theirs, _ = hf_model(path)
     ours = hf.load(str(path))
     lengths = np.array([5, 11, 2])
@@ -179,7 +179,8 @@ def test_switches_no_family_combines_are_one_line_at_export(tmp_path, switches):
     """hf.save refuses before it writes anything."""
     cfg = dataclasses.replace(compose(["model=tiny"]).model, dtype="float32", **switches)
     with pytest.raises(UserError) as err:
-        hf.save(Transformer(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "out"))
+        # abstract (nothing allocated): a save that got past the check would fail otherwise
+        hf.save(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), str(tmp_path / "out"))
     line = str(err.value)
     assert "\n" not in line and all(f"model.{s}" in line for s in switches), line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
