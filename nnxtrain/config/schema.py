@@ -54,6 +54,19 @@ class ModelConfig:
     sliding_window: int = setting(
         0, "a query sees only this many latest keys, itself included (Mistral); 0 = all"
     )
+    global_every: int = setting(
+        0, "with sliding_window: every Nth layer attends to all keys (Gemma 3: 6); 0 = none"
+    )
+    rope_local_theta: float = setting(
+        0.0, "rotary base of the sliding-window layers, unscaled (Gemma 3); 0 = rope_theta"
+    )
+    norm_offset: float = setting(0.0, "RMSNorm scales by (norm_offset + weight) (Gemma: 1)")
+    embed_scale: bool = setting(False, "scale embeddings by sqrt(emb_dim) (Gemma)")
+    activation: str = setting("silu", "gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)")
+    sandwich_norms: bool = setting(False, "norms after attention and after the MLP too (Gemma)")
+    attn_scale: float = setting(0.0, "query scale; 0 = head_dim ** -0.5 (Gemma: its own)")
+    attn_softcap: float = setting(0.0, "tanh soft-cap of attention scores (Gemma 2); 0 = off")
+    final_softcap: float = setting(0.0, "tanh soft-cap of the logits (Gemma 2); 0 = off")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
     scan_layers: bool | None = setting(
         None, "scan stacked layers; null = auto: unrolled when compiled for CPU only"

@@ -41,15 +41,20 @@ def attend(
     k: jax.Array,
     v: jax.Array,
     segment_ids: jax.Array | None,
-    window: int = 0,
+    window: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Attention by kernel `impl` (a `model.attention` value; `auto` is JAX's choice); with
-    a sliding `window` (> 0), query i sees only keys j with i - j < window."""
+    a sliding `window` (> 0), query i sees only keys j with i - j < window. `scale`
+    replaces 1/sqrt(head_dim); a traced window (one per layer, Gemma) and a `softcap` of
+    the scores are the matmul kernel's only (the model picks it for them)."""
     if impl == "matmul":
-        return causal_attention(q, k, v, segment_ids, window)
+        return causal_attention(q, k, v, segment_ids, window, scale, softcap)
+    assert isinstance(window, int) and not softcap, impl
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, window)
-    return fused_attention(q, k, v, impl, segment_ids, window)
+        return splash_attention(q, k, v, segment_ids, window, scale)
+    return fused_attention(q, k, v, impl, segment_ids, window, scale)
 
 
 def causal_attention(
@@ -57,7 +62,9 @@ def causal_attention(
     k: jax.Array,
     v: jax.Array,
     segment_ids: jax.Array | None = None,
-    window: int = 0,
+    window: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Causal softmax attention as two batched matmuls over [batch * heads] (the `matmul`
     kernel). q [b, l, h, d]; k, v [b, l, kv_heads, d] with kv_heads dividing h. With
@@ -68,9 +75,14 @@ def causal_attention(
     def heads_first(t: jax.Array) -> jax.Array:
         return t.transpose(0, 2, 1, 3).reshape(b * h, length, d)
 
-    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * d**-0.5
+    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * (scale or d**-0.5)
+    if softcap:  # Gemma 2: cap * tanh(scores / cap), before the mask
+        scores = softcap * jnp.tanh(scores / softcap)
     mask = jnp.tril(jnp.ones((length, length), bool))
-    if window:  # within a document index and position differences are equal
+    if isinstance(window, jax.Array):  # per layer: 0 is no window
+        ago = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+        mask &= (ago < window) | (window == 0)
+    elif window:  # within a document index and position differences are equal
         mask &= jnp.triu(jnp.ones((length, length), bool), 1 - window)
     if segment_ids is not None:
         # The same masked scores, seen as [b, h, l, l] so one [b, 1, l, l] mask covers all
@@ -93,6 +105,7 @@ def fused_attention(
     impl: str,
     segment_ids: jax.Array | None,
     window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` (kernels `xla`, `cudnn`, or `auto`: JAX's choice),
     causal, and within documents when `segment_ids` are given (as a boolean mask, which
@@ -104,7 +117,14 @@ def fused_attention(
     local = (window - 1, 0) if window else None  # (keys before, keys after) a query
     try:
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=local, implementation=name
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scale,
+            is_causal=True,
+            local_window_size=local,
+            implementation=name,
         )
     except (ValueError, NotImplementedError, RuntimeError) as err:
         if name != "cudnn" or mask is None:
@@ -117,7 +137,14 @@ def fused_attention(
                 file=sys.stderr,
             )
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, local_window_size=local, implementation="xla"
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scale,
+            is_causal=True,
+            local_window_size=local,
+            implementation="xla",
         )
 
 
@@ -136,6 +163,7 @@ def splash_attention(
     v: jax.Array,
     segment_ids: jax.Array | None = None,
     window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """The Pallas splash-attention kernel (`splash`): causal, within documents when
     `segment_ids` are given, in interpret mode unless the devices are TPUs.
@@ -155,7 +183,7 @@ def splash_attention(
             "runs in Pallas's interpret mode (exact, but far slower than the other kernels)",
             file=sys.stderr,
         )
-    local = functools.partial(_splash_on_device, interpret=interpret, window=window)
+    local = functools.partial(_splash_on_device, interpret=interpret, window=window, scale=scale)
     if mesh is None:
         return local(q, k, v, segment_ids)
     # Examples and heads split as the model's activations are; the length stays whole on
@@ -187,6 +215,7 @@ def _splash_on_device(
     *,
     interpret: bool,
     window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """The kernel over one device's [b, l, h, d] arrays (all of them without a mesh)."""
     _, length, h, d = q.shape
@@ -195,7 +224,7 @@ def _splash_on_device(
     # segment id does not matter); a padded query sees at least itself, so its softmax is
     # defined, and its row is cut off at the end.
     extra = padded - length
-    q = q * d**-0.5  # as the other kernels scale the scores; the kernel does not
+    q = q * (scale or d**-0.5)  # as the other kernels scale the scores; the kernel does not
     q, k, v = (jnp.pad(t, ((0, 0), (0, extra), (0, 0), (0, 0))) for t in (q, k, v))
     # The kernel takes one example [heads, length, head_dim]; vmap gives it the batch.
     # k and v keep their kv_heads: the kernel reads kv head i // (h / kv_heads) for query

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -48,6 +50,7 @@ CLASSES: dict[str, tuple[Any, Any]] = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
 }
 TOLERANCE = 1e-4  # max abs diff of float32 logits
 
@@ -67,7 +70,7 @@ def make_hf(
     model = model_cls(config_cls(**{**BASE, **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # Gemma's (1 + w) too: scales of 0.5 .. 2.5
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):  # Qwen2's q/k/v biases: as large as a weight's effect
                 p.normal_(0.0, 0.5)

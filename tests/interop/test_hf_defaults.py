@@ -13,7 +13,7 @@ Config objects only: no model is built.
 from typing import Any
 
 import pytest
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import to_model_config
@@ -24,6 +24,7 @@ CLASSES = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "gemma3_text": Gemma3TextConfig,
 }
 # Every key present, none at its default, so that taking one out changes something.
 FULL: dict[str, Any] = {
@@ -47,7 +48,17 @@ FAMILY_KEYS = {
     # Qwen's window is off without use_sliding_window, whatever sliding_window says
     "qwen2": {"use_sliding_window": False, "sliding_window": 64},
     "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": 64},
+    "gemma3_text": {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 64,
+        "rope_local_base_freq": 2e4,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
 }
+GEMMA_LACKS = ("hidden_act",)  # Gemma's activation key is hidden_activation
 # ModelConfig field -> what it must be, read off transformers' config object
 EXPECTED = {
     "vocab_size": lambda c: c.vocab_size,
@@ -62,23 +73,36 @@ EXPECTED = {
     "norm_eps": lambda c: c.rms_norm_eps,
     "tie_embeddings": lambda c: c.tie_word_embeddings,
     "init_std": lambda c: c.initializer_range,
-    "rope_theta": lambda c: c.rope_parameters["rope_theta"],
+    "rope_theta": lambda c: _global_rope(c)["rope_theta"],
     "sliding_window": lambda c: getattr(c, "sliding_window", None) or 0,
 }
+
+
+def _global_rope(c: Any) -> dict[str, Any]:
+    """The rotary parameters of the global layers (Gemma 3 keeps one dict per layer type)."""
+    return c.rope_parameters.get("full_attention") or c.rope_parameters
+
+
 # config.json key -> whether transformers' value of it is one nnxtrain's decoder runs
 RUNNABLE = {
-    "hidden_act": lambda c: c.hidden_act == "silu",
+    "hidden_act": lambda c: getattr(c, "hidden_act", "silu") == "silu",
+    "hidden_activation": lambda c: (
+        getattr(c, "hidden_activation", "x") == "gelu_pytorch_tanh" or c.model_type != "gemma3_text"
+    ),
     # Qwen's default 32 kv heads do not divide FULL's 16 query heads: transformers' config
     # takes that, its attention cannot run it
     "num_key_value_heads": lambda c: c.num_attention_heads % c.num_key_value_heads == 0,
     "attention_bias": lambda c: not getattr(c, "attention_bias", False),
     "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
-    # Mistral's window runs (every layer); Qwen's, gated by use_sliding_window, does not
+    # Mistral's window runs (every layer), Gemma's (layer_types) too; Qwen's does not
     "sliding_window": lambda c: (
-        c.model_type == "mistral" or getattr(c, "sliding_window", None) is None
+        c.model_type in ("mistral", "gemma3_text") or getattr(c, "sliding_window", None) is None
     ),
     # transformers keeps a null rope_theta, and fails when the model computes with it
-    "rope_theta": lambda c: c.rope_parameters["rope_theta"] is not None,
+    "rope_theta": lambda c: _global_rope(c)["rope_theta"] is not None,
+    "rope_local_base_freq": lambda c: (
+        (c.rope_parameters.get("sliding_attention") or {"x": 1}).get("rope_theta", 1) is not None
+    ),
 }
 CASES = [
     (family, key, how)
@@ -108,6 +132,9 @@ def _compare(family: str, key: str, config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("family, key, how", CASES)
 def test_an_absent_or_null_key_reads_as_transformers_reads_it(family, key, how):
     config = {**FULL, **FAMILY_KEYS[family]}
+    if family == "gemma3_text":
+        for key_ in GEMMA_LACKS:
+            config.pop(key_)
     if how == "absent":
         config.pop(key)
     else:
@@ -121,8 +148,11 @@ def test_the_table_holds_what_the_config_classes_declare():
     for family, cls in CLASSES.items():
         fields = cls.__dataclass_fields__
         for key, default in DEFAULTS[family].items():
-            if key == "rope_theta":
-                assert default == cls.default_theta
+            if key in ("rope_theta", "rope_local_base_freq"):
+                theta = cls.default_theta
+                if isinstance(theta, dict):  # Gemma 3: global and local bases
+                    theta = theta["global" if key == "rope_theta" else "local"]
+                assert default == theta, (family, key)
                 continue
             assert fields[key].default == default, (family, key)
             accepts_none = "None" in str(fields[key].type)

@@ -40,8 +40,27 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
     },
     "qwen3": {"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    # Gemma 3: 2 sliding layers then a global one; two rotary bases (the global one scaled);
+    # query_pre_attn_scalar != head_dim; a final soft-cap; (1 + w) norms, four per layer
+    "gemma3_text": {
+        "num_hidden_layers": 3,
+        "sliding_window_pattern": 3,
+        "sliding_window": WINDOW,
+        "head_dim": 24,
+        "query_pre_attn_scalar": 20,
+        "final_logit_softcapping": 3.0,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        },
+    },
 }
-SWITCHES = {"mistral": (), "qwen2": ("qkv_bias",), "qwen3": ("qk_norm",)}
+SWITCHES = {
+    "mistral": (),
+    "qwen2": ("qkv_bias",),
+    "qwen3": ("qk_norm",),
+    "gemma3_text": ("qk_norm",),
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +95,7 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     print(f"parity {kind} logits: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
-    assert model.cfg.sliding_window == (WINDOW if kind == "mistral" else 0)
+    assert model.cfg.sliding_window == (WINDOW if kind in ("mistral", "gemma3_text") else 0)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -154,7 +173,12 @@ def test_qwen2_sliding_window_without_use_sliding_window_is_off():
         assert cfg.qkv_bias and transformers.Qwen2Config(**BASE, **extra).sliding_window is None
 
 
-SHIPPED = {"qwen3_0.6b": "qwen3", "qwen2.5_0.5b": "qwen2", "mistral_7b": "mistral"}
+SHIPPED = {
+    "qwen3_0.6b": "qwen3",
+    "qwen2.5_0.5b": "qwen2",
+    "mistral_7b": "mistral",
+    "gemma3_1b": "gemma3_text",
+}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -1,5 +1,5 @@
 """config.json <-> ModelConfig: what nnxtrain's decoder can represent of a Hugging Face model
-of a supported family (`families`: Llama, Mistral, Qwen2/2.5, Qwen3).
+of a supported family (`families`: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3).
 
     model_cfg = to_model_config(read_config(path), path, param_dtype="float32")
     hf_dict = from_model_config(model_cfg, dtype="bfloat16")
@@ -14,6 +14,7 @@ window, quantized weights, another model_type) and any value of the wrong type o
 a one-line `UserError` naming the config.json key.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from nnxtrain.config.checks import validate_model
 from nnxtrain.config.schema import DTYPES, ModelConfig
 from nnxtrain.errors import ConfigError, UserError, first_line
+from nnxtrain.interop.hf import gemma
 from nnxtrain.interop.hf.families import FAMILIES, Family, family_of
 from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 
@@ -154,6 +156,8 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
                 f"is {shown(hf[key])}: a mixture of experts",
                 "use a dense (non-MoE) model",
             )
+    if kind == "gemma3_text":  # its window and activation: `gemma.read`
+        return keys
     use_window = keys.get("use_sliding_window", bool, False)
     # Qwen's sliding_window means nothing unless use_sliding_window turns it on; Mistral's
     # applies to every layer, which the decoder runs (`model.sliding_window`).
@@ -196,7 +200,13 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
     head_dim = keys.get("head_dim", int)
     if head_dim is None:  # transformers' hidden_size // num_attention_heads
         head_dim = ints["emb_dim"] // heads if heads > 0 else 0
-    rope, origin = _rope(keys, ints["max_len"])
+    extra: dict[str, Any] = {}
+    if keys.family == "gemma3_text":
+        rope_keys, extra, gemma_origin = gemma.read(keys, ints["num_layers"])
+        rope, origin = _rope(Keys({**hf, **rope_keys}, where, keys.family), ints["max_len"])
+        origin |= gemma_origin
+    else:
+        rope, origin = _rope(keys, ints["max_len"])
     cfg = ModelConfig(
         name=model_name(where),
         **ints,
@@ -212,7 +222,7 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         sliding_window=(keys.get("sliding_window", int) or 0) if keys.family == "mistral" else 0,
     )
     try:
-        return validate_model(cfg)
+        return validate_model(dataclasses.replace(cfg, **extra))
     except ConfigError as e:
         field = e.key.removeprefix("model.")
         key = origin.get(field, HF_KEYS.get(field))
@@ -265,7 +275,8 @@ def from_model_config(
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    return _family_keys(out, family)
+    out = _family_keys(out, family)
+    return out | gemma.write(cfg) if family.model_type == "gemma3_text" else out
 
 
 def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
@@ -275,6 +286,8 @@ def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
         out |= {family.window_gate: False, "sliding_window": None}
     if family.model_type == "llama":
         del out["sliding_window"]
+    if family.model_type == "gemma3_text":
+        del out["hidden_act"]
     for key in ("attention_bias", "mlp_bias"):
         if key not in family.bias_keys:
             del out[key]

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from nnxtrain.config import ModelConfig
 from nnxtrain.errors import UserError
 
+# The switches that make a Gemma; its numeric ones (norm_offset, embed_scale, activation,
+# attn_scale, the soft-caps, the window) are read from config.json by the adapter.
+GEMMA = ("qk_norm", "sandwich_norms")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -50,21 +54,27 @@ FAMILIES = {
             ("attention_bias",),
             "use_sliding_window",
         ),
+        # Gemma 3 (text): these switches; its window, layer pattern, rotary bases, scale
+        # and soft-caps come from config.json (`config._gemma`)
+        Family("gemma3_text", "Gemma3ForCausalLM", dict.fromkeys(GEMMA, True), ("attention_bias",)),
     )
 }
 # Export: the first family whose switches are exactly the model's (Llama has none).
-_EXPORTS = ("qwen3", "qwen2", "mistral", "llama")
-SWITCHES = ("qkv_bias", "qk_norm", "sliding_window")
+_EXPORTS = ("gemma3_text", "qwen3", "qwen2", "mistral", "llama")
+SWITCHES = ("qkv_bias", "qk_norm", "sliding_window", "sandwich_norms")
 
 
 def family_of(cfg: ModelConfig) -> Family:
     """The family a model with this config is written as; one line if none fits."""
     on = {s for s in SWITCHES if getattr(cfg, s)}
+    if cfg.sandwich_norms:  # Gemma's window is its own (per layer), not Mistral's
+        on.discard("sliding_window")
     for name in _EXPORTS:
         if set(FAMILIES[name].switches) == on:
             return FAMILIES[name]
     both = " and ".join(f"model.{s}" for s in SWITCHES if s in on)
     raise UserError(
         f"{both} are set together, which no Hugging Face family nnxtrain writes has. Fix: keep "
-        "one (qkv_bias: Qwen2, qk_norm: Qwen3, sliding_window: Mistral) to export this model."
+        "one (qkv_bias: Qwen2, qk_norm: Qwen3, sliding_window: Mistral; Gemma 3: qk_norm and "
+        "sandwich_norms) to export this model."
     )

@@ -70,6 +70,26 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "use_sliding_window": False,
         "sliding_window": 4096,  # only with use_sliding_window
     },
+    "gemma3_text": {
+        **{k: v for k, v in _COMMON.items() if k != "hidden_act"},
+        "vocab_size": 262208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,  # the global layers'; the local ones: rope_local_base_freq
+        "rope_local_base_freq": 10000.0,
+        "attention_bias": False,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    },
 }
 # Keys whose explicit null transformers accepts (and means what an absent None means).
 NULLABLE: dict[str, frozenset[str]] = {
@@ -77,6 +97,9 @@ NULLABLE: dict[str, frozenset[str]] = {
     "mistral": frozenset({"head_dim", "sliding_window"}),
     "qwen2": frozenset({"num_key_value_heads", "sliding_window"}),
     "qwen3": frozenset({"num_key_value_heads", "sliding_window"}),
+    "gemma3_text": frozenset(
+        {"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}
+    ),
 }
 _WORDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
 

@@ -36,7 +36,7 @@ class Weight:
     path: tuple[str, ...]  # nnxtrain's parameter path; under ("layers",) it is stacked
     n_in: int  # 0: the same layout; k: HF's [out, in] transposed, nnxtrain's first k dims in
     shape_keys: str  # the config.json keys that give each dimension of the HF shape
-    needs: str = ""  # the ModelConfig switch (qkv_bias, qk_norm) without which it is absent
+    needs: str = ""  # the ModelConfig switch it needs (qkv_bias, ...); "!x": needs x off
 
     @property
     def per_layer(self) -> bool:
@@ -86,6 +86,22 @@ WEIGHTS = (
         ("layers", "mlp_norm", "scale"),
         0,
         "hidden_size",
+        "!sandwich_norms",
+    ),
+    # Gemma's four norms: its post_attention_layernorm is the attention output's norm
+    *(
+        Weight(
+            f"model.layers.{{i}}.{hf}.weight",
+            ("layers", ours, "scale"),
+            0,
+            "hidden_size",
+            "sandwich_norms",
+        )
+        for hf, ours in (
+            ("post_attention_layernorm", "attn_post_norm"),
+            ("pre_feedforward_layernorm", "mlp_norm"),
+            ("post_feedforward_layernorm", "mlp_post_norm"),
+        )
     ),
     *(
         Weight(
@@ -119,7 +135,7 @@ def weights_of(cfg: ModelConfig) -> list[Weight]:
         w
         for w in WEIGHTS
         if not (cfg.tie_embeddings and w.path == ("lm_head",))
-        and (not w.needs or getattr(cfg, w.needs))
+        and (not w.needs or bool(getattr(cfg, w.needs.lstrip("!"))) != w.needs.startswith("!"))
     ]
 
 
