@@ -151,6 +151,22 @@ REFUSED = {
         "sliding_window",
     ),
     "qwen2_moe": ({"model_type": "qwen2_moe"}, "model_type"),
+    "gemma3 irregular layer_types": (
+        {"model_type": "gemma3_text", "layer_types": ["full_attention", "sliding_attention"]},
+        "layer_types",
+    ),
+    "gemma3 layer_types not a list": (
+        {"model_type": "gemma3_text", "layer_types": 5},
+        "layer_types",
+    ),
+    "gemma3 activation": (
+        {"model_type": "gemma3_text", "hidden_activation": "silu"},
+        "hidden_activation",
+    ),
+    "gemma3 query_pre_attn_scalar": (
+        {"model_type": "gemma3_text", "query_pre_attn_scalar": 0},
+        "query_pre_attn_scalar",
+    ),
     "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type"),
 }
 

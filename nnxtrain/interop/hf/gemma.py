@@ -52,6 +52,13 @@ def read(keys: Keys, num_layers: int) -> tuple[dict[str, Any], dict[str, Any], d
     types = hf.get("layer_types")
     if types is None:
         types = _pattern(num_layers, every) if every > 0 else [FULL] * num_layers
+    if not isinstance(types, list) or len(types) != num_layers or not set(types) <= {FULL, SLIDING}:
+        raise bad(
+            where,
+            "layer_types",
+            f"is {shown(types)}",
+            f"give one of {FULL!r}, {SLIDING!r} per layer ({num_layers})",
+        )
     if FULL in types:
         every = types.index(FULL) + 1
     if types != _pattern(num_layers, every) and types != [SLIDING] * num_layers:
