@@ -57,7 +57,7 @@ def test_scanned_equals_unrolled_and_the_window_matters():
     scanned = build(dataclasses.replace(GEMMA, scan_layers=True))(toks)
     np.testing.assert_allclose(scanned, unrolled, atol=TOL, rtol=0)
     all_global = build(
-        dataclasses.replace(GEMMA, scan_layers=False, global_every=0, sliding_window=0)
+        dataclasses.replace(GEMMA, scan_layers=True, global_every=0, sliding_window=0)
     )
     assert float(jnp.max(jnp.abs(all_global(toks) - unrolled))) > 1e-3
 
