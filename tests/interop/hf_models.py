@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -51,6 +53,7 @@ CLASSES: dict[str, tuple[Any, Any]] = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
 }
 TOLERANCE = 1e-4  # max abs diff of float32 logits
 

@@ -13,7 +13,14 @@ Config objects only: no model is built.
 from typing import Any
 
 import pytest
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import to_model_config
@@ -25,6 +32,7 @@ CLASSES = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "gemma3_text": Gemma3TextConfig,
+    "gemma2": Gemma2Config,
 }
 # Every key present, none at its default, so that taking one out changes something.
 FULL: dict[str, Any] = {
@@ -58,6 +66,9 @@ FAMILY_KEYS = {
         "attn_logit_softcapping": 50.0,
     },
 }
+FAMILY_KEYS["gemma2"] = {
+    k: v for k, v in FAMILY_KEYS["gemma3_text"].items() if k != "rope_local_base_freq"
+}
 GEMMA_LACKS = ("hidden_act",)  # Gemma's activation key is hidden_activation
 # ModelConfig field -> what it must be, read off transformers' config object
 EXPECTED = {
@@ -87,7 +98,8 @@ def _global_rope(c: Any) -> dict[str, Any]:
 RUNNABLE = {
     "hidden_act": lambda c: getattr(c, "hidden_act", "silu") == "silu",
     "hidden_activation": lambda c: (
-        getattr(c, "hidden_activation", "x") == "gelu_pytorch_tanh" or c.model_type != "gemma3_text"
+        getattr(c, "hidden_activation", "x") == "gelu_pytorch_tanh"
+        or c.model_type not in ("gemma3_text", "gemma2")
     ),
     # Qwen's default 32 kv heads do not divide FULL's 16 query heads: transformers' config
     # takes that, its attention cannot run it
@@ -96,7 +108,8 @@ RUNNABLE = {
     "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
     # Mistral's window runs (every layer), Gemma's (layer_types) too; Qwen's does not
     "sliding_window": lambda c: (
-        c.model_type in ("mistral", "gemma3_text") or getattr(c, "sliding_window", None) is None
+        c.model_type in ("mistral", "gemma3_text", "gemma2")
+        or getattr(c, "sliding_window", None) is None
     ),
     # transformers keeps a null rope_theta, and fails when the model computes with it
     "rope_theta": lambda c: _global_rope(c)["rope_theta"] is not None,
@@ -132,7 +145,7 @@ def _compare(family: str, key: str, config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("family, key, how", CASES)
 def test_an_absent_or_null_key_reads_as_transformers_reads_it(family, key, how):
     config = {**FULL, **FAMILY_KEYS[family]}
-    if family == "gemma3_text":
+    if family in ("gemma3_text", "gemma2"):
         for key_ in GEMMA_LACKS:
             config.pop(key_)
     if how == "absent":

@@ -54,12 +54,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
         },
     },
+    # Gemma 2: alternating sliding and global layers, both soft-caps (transformers runs it
+    # with eager attention, which applies the attention soft-cap)
+    "gemma2": {
+        "sliding_window": WINDOW,
+        "head_dim": 24,
+        "query_pre_attn_scalar": 20,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+    },
 }
 SWITCHES = {
     "mistral": (),
     "qwen2": ("qkv_bias",),
     "qwen3": ("qk_norm",),
     "gemma3_text": ("qk_norm",),
+    "gemma2": (),
 }
 
 
@@ -95,7 +105,9 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     print(f"parity {kind} logits: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
-    assert model.cfg.sliding_window == (WINDOW if kind in ("mistral", "gemma3_text") else 0)
+    assert model.cfg.sliding_window == (
+        WINDOW if kind in ("mistral", "gemma3_text", "gemma2") else 0
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))

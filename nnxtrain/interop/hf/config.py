@@ -156,7 +156,7 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
                 f"is {shown(hf[key])}: a mixture of experts",
                 "use a dense (non-MoE) model",
             )
-    if kind == "gemma3_text":  # its window and activation: `gemma.read`
+    if kind in gemma.FAMILIES:  # its window and activation: `gemma.read`
         return keys
     use_window = keys.get("use_sliding_window", bool, False)
     # Qwen's sliding_window means nothing unless use_sliding_window turns it on; Mistral's
@@ -201,7 +201,7 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
     if head_dim is None:  # transformers' hidden_size // num_attention_heads
         head_dim = ints["emb_dim"] // heads if heads > 0 else 0
     extra: dict[str, Any] = {}
-    if keys.family == "gemma3_text":
+    if keys.family in gemma.FAMILIES:
         rope_keys, extra, gemma_origin = gemma.read(keys, ints["num_layers"])
         rope, origin = _rope(Keys({**hf, **rope_keys}, where, keys.family), ints["max_len"])
         origin |= gemma_origin
@@ -276,7 +276,7 @@ def from_model_config(
         "use_cache": True,
     }
     out = _family_keys(out, family)
-    return out | gemma.write(cfg) if family.model_type == "gemma3_text" else out
+    return out | gemma.write(cfg) if family.model_type in gemma.FAMILIES else out
 
 
 def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
@@ -286,7 +286,7 @@ def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
         out |= {family.window_gate: False, "sliding_window": None}
     if family.model_type == "llama":
         del out["sliding_window"]
-    if family.model_type == "gemma3_text":
+    if family.model_type in gemma.FAMILIES:
         del out["hidden_act"]
     for key in ("attention_bias", "mlp_bias"):
         if key not in family.bias_keys:

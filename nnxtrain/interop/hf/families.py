@@ -57,10 +57,12 @@ FAMILIES = {
         # Gemma 3 (text): these switches; its window, layer pattern, rotary bases, scale
         # and soft-caps come from config.json (`config._gemma`)
         Family("gemma3_text", "Gemma3ForCausalLM", dict.fromkeys(GEMMA, True), ("attention_bias",)),
+        # Gemma 2: Gemma 3 less the q/k norms, with its attention soft-cap applied
+        Family("gemma2", "Gemma2ForCausalLM", {"sandwich_norms": True}, ("attention_bias",)),
     )
 }
 # Export: the first family whose switches are exactly the model's (Llama has none).
-_EXPORTS = ("gemma3_text", "qwen3", "qwen2", "mistral", "llama")
+_EXPORTS = ("gemma3_text", "gemma2", "qwen3", "qwen2", "mistral", "llama")
 SWITCHES = ("qkv_bias", "qk_norm", "sliding_window", "sandwich_norms")
 
 

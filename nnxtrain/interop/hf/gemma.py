@@ -18,6 +18,7 @@ from typing import Any
 from nnxtrain.config.schema import ModelConfig
 from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 
+FAMILIES = ("gemma3_text", "gemma2")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
@@ -34,7 +35,11 @@ def read(keys: Keys, num_layers: int) -> tuple[dict[str, Any], dict[str, Any], d
     if act != "gelu_pytorch_tanh":
         raise bad(where, "hidden_activation", f"is {shown(act)}", "use gelu_pytorch_tanh")
     params = hf.get("rope_parameters")
-    if isinstance(params, dict) and (FULL in params or SLIDING in params):
+    gemma2 = keys.family == "gemma2"
+    if gemma2:  # one rotary base for every layer: config._rope reads it as Llama's
+        rope: dict[str, Any] = {}
+        local_theta, local_kind = 0.0, "default"
+    elif isinstance(params, dict) and (FULL in params or SLIDING in params):
         glob = typed(params.get(FULL) or {}, dict, f"rope_parameters.{FULL}", where)
         local = typed(params.get(SLIDING) or {}, dict, f"rope_parameters.{SLIDING}", where)
         rope = {"rope_parameters": glob, "rope_scaling": None}
@@ -48,7 +53,11 @@ def read(keys: Keys, num_layers: int) -> tuple[dict[str, Any], dict[str, Any], d
             where, f"rope_parameters.{SLIDING}.rope_type", f"is {shown(local_kind)}", "use default"
         )
     window = keys.get("sliding_window", int) or 0
-    every = typed(hf.get("sliding_window_pattern", 6), int, "sliding_window_pattern", where)
+    every = (
+        2
+        if gemma2
+        else typed(hf.get("sliding_window_pattern", 6), int, "sliding_window_pattern", where)
+    )
     types = hf.get("layer_types")
     if types is None:
         types = _pattern(num_layers, every) if every > 0 else [FULL] * num_layers
@@ -71,18 +80,20 @@ def read(keys: Keys, num_layers: int) -> tuple[dict[str, Any], dict[str, Any], d
     all_local = FULL not in types
     scalar = keys.get("query_pre_attn_scalar", float)
     fields = {
-        "rope_local_theta": typed(local_theta, float, "rope_local_base_freq", where),
+        "rope_local_theta": 0.0
+        if gemma2
+        else typed(local_theta, float, "rope_local_base_freq", where),
         "sliding_window": window if SLIDING in types else 0,
         "global_every": 0 if all_local or SLIDING not in types else every,
         "norm_offset": 1.0,
         "embed_scale": True,
         "activation": "gelu_tanh",
         "sandwich_norms": True,
-        "qk_norm": True,
+        "qk_norm": not gemma2,
         "attn_scale": scalar**-0.5 if scalar and scalar > 0 else 0.0,
-        # transformers' Gemma 3 reads attn_logit_softcapping and never applies it (Gemma 2
-        # does): so the scores are not capped here either
-        "attn_softcap": 0.0,
+        # transformers' Gemma 3 reads attn_logit_softcapping and never applies it; Gemma 2
+        # does: so only Gemma 2's scores are capped
+        "attn_softcap": (keys.get("attn_logit_softcapping", float) or 0.0) if gemma2 else 0.0,
         "final_softcap": keys.get("final_logit_softcapping", float) or 0.0,
     }
     if scalar is None or scalar <= 0:
@@ -101,12 +112,16 @@ def write(cfg: ModelConfig) -> dict[str, Any]:
     n, every = cfg.num_layers, cfg.global_every
     types = [SLIDING] * n if every == 0 else _pattern(n, every)
     types = types if cfg.sliding_window else [FULL] * n
-    return {
+    gemma2 = not cfg.qk_norm
+    out = {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": round(cfg.attn_scale**-2) if cfg.attn_scale else cfg.head_dim,
         "sliding_window": cfg.sliding_window or None,
         "layer_types": types,
         "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta,
-        "attn_logit_softcapping": None,
+        "attn_logit_softcapping": (cfg.attn_softcap or None) if gemma2 else None,
         "final_logit_softcapping": cfg.final_softcap or None,
     }
+    if gemma2:
+        del out["rope_local_base_freq"]
+    return out

@@ -90,6 +90,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": None,
         "attn_logit_softcapping": None,
     },
+    "gemma2": {
+        **{k: v for k, v in _COMMON.items() if k != "hidden_act"},
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
 }
 # Keys whose explicit null transformers accepts (and means what an absent None means).
 NULLABLE: dict[str, frozenset[str]] = {
@@ -100,6 +118,7 @@ NULLABLE: dict[str, frozenset[str]] = {
     "gemma3_text": frozenset(
         {"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}
     ),
+    "gemma2": frozenset({"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}),
 }
 _WORDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
 
