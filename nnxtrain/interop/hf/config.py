@@ -1,5 +1,5 @@
 """config.json <-> ModelConfig: what nnxtrain's decoder can represent of a Hugging Face model
-of a supported family (`families`: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3).
+of a supported family (`families`: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and 3).
 
     model_cfg = to_model_config(read_config(path), path, param_dtype="float32")
     hf_dict = from_model_config(model_cfg, dtype="bfloat16")

@@ -1,5 +1,5 @@
-"""Gemma 3 (text) config.json <-> the decoder's Gemma switches: what `config` reads and
-writes beyond Llama's keys for `model_type: gemma3_text`.
+"""Gemma 3 (text) and Gemma 2 config.json <-> the decoder's Gemma switches: what `config`
+reads and writes beyond Llama's keys for `model_type: gemma3_text` and `gemma2`.
 
     fields, origin = read(keys, max_len)     # ModelConfig fields, and the key each came from
     out |= write(cfg)                        # Gemma's keys of an export's config.json
@@ -9,8 +9,9 @@ MLP with gelu_pytorch_tanh, norms the output of attention and of the MLP too, no
 k over head_dim, scales queries by query_pre_attn_scalar ** -0.5, and has sliding-window
 layers (window `sliding_window`, rotary base `rope_local_base_freq`, unscaled) between
 global ones (every `sliding_window_pattern`-th; base `rope_theta`, with its scaling).
-`final_logit_softcapping` caps the logits (Gemma 2's attention soft-cap, which Gemma 3's
-code in transformers ignores, is the decoder's `attn_softcap`; no gemma2 adapter yet).
+`final_logit_softcapping` caps the logits. Gemma 2 is the same less the q/k norms, with
+one rotary base, every other layer global, and `attn_logit_softcapping` applied (Gemma 3's
+code in transformers reads that key and never applies it, so neither does nnxtrain).
 """
 
 from typing import Any
