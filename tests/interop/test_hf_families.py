@@ -171,6 +171,10 @@ REFUSED = {
         {"model_type": "gemma3_text", "layer_types": 5},
         "layer_types",
     ),
+    "gemma3 bidirectional": (
+        {"model_type": "gemma3_text", "use_bidirectional_attention": True},
+        "use_bidirectional_attention",
+    ),
     "gemma3 activation": (
         {"model_type": "gemma3_text", "hidden_activation": "silu"},
         "hidden_activation",

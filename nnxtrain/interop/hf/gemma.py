@@ -35,6 +35,13 @@ def read(keys: Keys, num_layers: int) -> tuple[dict[str, Any], dict[str, Any], d
     act = keys.get("hidden_activation", str)
     if act != "gelu_pytorch_tanh":
         raise bad(where, "hidden_activation", f"is {shown(act)}", "use gelu_pytorch_tanh")
+    if keys.get("use_bidirectional_attention", bool, False):  # EmbeddingGemma's encoder
+        raise bad(
+            where,
+            "use_bidirectional_attention",
+            "is true: an encoder, and nnxtrain's decoder is causal",
+            "use a causal (generative) Gemma",
+        )
     params = hf.get("rope_parameters")
     gemma2 = keys.family == "gemma2"
     if gemma2:  # one rotary base for every layer: config._rope reads it as Llama's
