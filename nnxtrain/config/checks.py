@@ -94,6 +94,22 @@ def validate_model(m: ModelConfig) -> ModelConfig:
             f"must divide the number of query heads ({m.num_heads}), got {m.num_kv_heads}",
             "choose num_kv_heads that divides num_heads",
         )
+    if m.sliding_window < 0:
+        raise ConfigError(
+            "model.sliding_window",
+            f"must be 0 (no window) or a number of positions, got {m.sliding_window}",
+            "use 0 or a positive window",
+        )
+    offs: list[tuple[str, float]] = [
+        ("model.global_every", m.global_every),
+        ("model.attn_scale", m.attn_scale),
+        ("model.attn_softcap", m.attn_softcap),
+        ("model.final_softcap", m.final_softcap),
+        ("model.rope_local_theta", m.rope_local_theta),
+    ]
+    for key, amount in offs:
+        if amount < 0:
+            raise ConfigError(key, f"must be 0 (off) or positive, got {amount}", "use 0 or more")
     if m.head_dim % 2:
         raise ConfigError(
             "model.head_dim",
@@ -106,6 +122,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         ("model.remat", m.remat, REMAT_POLICIES),
         ("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS),
         ("model.attention", m.attention, ATTENTION_IMPLS),
+        ("model.activation", m.activation, ("silu", "gelu_tanh")),
     ]
     for key, choice, allowed in choices:
         if choice not in allowed:

@@ -59,7 +59,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Llama-style decoder's shape and numerics."""
+    """The Llama-style decoder's shape and numerics, with the switches of the other families."""
 
     name: str = setting("small", "label printed in logs and run_info.json")
     vocab_size: int = setting(256, "tokens in the vocabulary")
@@ -82,6 +82,25 @@ class ModelConfig:
     )
     norm_eps: float = setting(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = setting(False, "reuse the token embedding as the output projection")
+    # Family switches (docs/models.md): each defaults to Llama's behaviour.
+    qkv_bias: bool = setting(False, "bias on the q, k and v projections (Qwen2/2.5)")
+    qk_norm: bool = setting(False, "RMSNorm over head_dim on q and k before RoPE (Qwen3)")
+    sliding_window: int = setting(
+        0, "a query sees only this many latest keys, itself included (Mistral); 0 = all"
+    )
+    global_every: int = setting(
+        0, "with sliding_window: every Nth layer attends to all keys (Gemma 3: 6); 0 = none"
+    )
+    rope_local_theta: float = setting(
+        0.0, "rotary base of the sliding-window layers, unscaled (Gemma 3); 0 = rope_theta"
+    )
+    norm_offset: float = setting(0.0, "RMSNorm scales by (norm_offset + weight) (Gemma: 1)")
+    embed_scale: bool = setting(False, "scale embeddings by sqrt(emb_dim) (Gemma)")
+    activation: str = setting("silu", "gate activation: silu (SwiGLU) or gelu_tanh (GeGLU)")
+    sandwich_norms: bool = setting(False, "norms after attention and after the MLP too (Gemma)")
+    attn_scale: float = setting(0.0, "query scale; 0 = head_dim ** -0.5 (Gemma: its own)")
+    attn_softcap: float = setting(0.0, "tanh soft-cap of attention scores (Gemma 2); 0 = off")
+    final_softcap: float = setting(0.0, "tanh soft-cap of the logits (Gemma 2); 0 = off")
     # Unrolled is faster on CPU for the small models a CPU trains; scanned compiles once.
     scan_layers: bool | None = setting(
         None, "scan stacked layers; null = auto: unrolled when compiled for CPU only"

@@ -10,7 +10,9 @@ over k, v [batch, length, kv_heads, head_dim], by the kernel `model.attention` n
 
 Every kernel scales the scores by 1/sqrt(head_dim) and lets a query see the keys at or
 before it; with `segment_ids` [batch, length] (documents numbered 1, 2, ...; padding 0) only
-those of its own segment, so padding sees only padding. Keys and values may have fewer
+those of its own segment, so padding sees only padding; with a sliding `window` (> 0, the
+`model.sliding_window` of Mistral), only the `window` latest of those, itself included.
+Keys and values may have fewer
 heads than queries (grouped-query attention): consecutive query heads share one.
 """
 
@@ -34,18 +36,35 @@ def same_document(segment_ids: jax.Array) -> jax.Array:
 
 
 def attend(
-    impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None
+    impl: str,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    window: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
-    """Attention by kernel `impl` (a `model.attention` value; `auto` is JAX's choice)."""
+    """Attention by kernel `impl` (a `model.attention` value; `auto` is JAX's choice); with
+    a sliding `window` (> 0), query i sees only keys j with i - j < window. `scale`
+    replaces 1/sqrt(head_dim); a traced window (one per layer, Gemma) and a `softcap` of
+    the scores are the matmul kernel's only (the model picks it for them)."""
     if impl == "matmul":
-        return causal_attention(q, k, v, segment_ids)
+        return causal_attention(q, k, v, segment_ids, window, scale, softcap)
+    assert isinstance(window, int) and not softcap, impl
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids)
-    return fused_attention(q, k, v, impl, segment_ids)
+        return splash_attention(q, k, v, segment_ids, window, scale)
+    return fused_attention(q, k, v, impl, segment_ids, window, scale)
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None = None,
+    window: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Causal softmax attention as two batched matmuls over [batch * heads] (the `matmul`
     kernel). q [b, l, h, d]; k, v [b, l, kv_heads, d] with kv_heads dividing h. With
@@ -56,8 +75,15 @@ def causal_attention(
     def heads_first(t: jax.Array) -> jax.Array:
         return t.transpose(0, 2, 1, 3).reshape(b * h, length, d)
 
-    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * d**-0.5
+    scores = jnp.matmul(heads_first(q), heads_first(k).transpose(0, 2, 1)) * (scale or d**-0.5)
+    if softcap:  # Gemma 2: cap * tanh(scores / cap), before the mask
+        scores = softcap * jnp.tanh(scores / softcap)
     mask = jnp.tril(jnp.ones((length, length), bool))
+    if isinstance(window, jax.Array):  # per layer: 0 is no window
+        ago = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+        mask &= (ago < window) | (window == 0)
+    elif window:  # within a document index and position differences are equal
+        mask &= jnp.triu(jnp.ones((length, length), bool), 1 - window)
     if segment_ids is not None:
         # The same masked scores, seen as [b, h, l, l] so one [b, 1, l, l] mask covers all
         # heads; a masked score's exp is exactly 0, so other documents add nothing at all.
@@ -73,7 +99,13 @@ _warned_cudnn_fallback = False
 
 
 def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, impl: str, segment_ids: jax.Array | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    impl: str,
+    segment_ids: jax.Array | None,
+    window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` (kernels `xla`, `cudnn`, or `auto`: JAX's choice),
     causal, and within documents when `segment_ids` are given (as a boolean mask, which
@@ -82,8 +114,18 @@ def fused_attention(
     global _warned_cudnn_fallback
     mask = None if segment_ids is None else same_document(segment_ids)[:, None]
     name = cast(Literal["xla", "cudnn"] | None, {"xla": "xla", "cudnn": "cudnn"}.get(impl))
+    local = (window - 1, 0) if window else None  # (keys before, keys after) a query
     try:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=name)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scale,
+            is_causal=True,
+            local_window_size=local,
+            implementation=name,
+        )
     except (ValueError, NotImplementedError, RuntimeError) as err:
         if name != "cudnn" or mask is None:
             raise
@@ -95,7 +137,14 @@ def fused_attention(
                 file=sys.stderr,
             )
         return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=True, implementation="xla"
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scale,
+            is_causal=True,
+            local_window_size=local,
+            implementation="xla",
         )
 
 
@@ -109,7 +158,12 @@ _warned_splash_interpret = False
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None = None,
+    window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """The Pallas splash-attention kernel (`splash`): causal, within documents when
     `segment_ids` are given, in interpret mode unless the devices are TPUs.
@@ -129,7 +183,7 @@ def splash_attention(
             "runs in Pallas's interpret mode (exact, but far slower than the other kernels)",
             file=sys.stderr,
         )
-    local = functools.partial(_splash_on_device, interpret=interpret)
+    local = functools.partial(_splash_on_device, interpret=interpret, window=window, scale=scale)
     if mesh is None:
         return local(q, k, v, segment_ids)
     # Examples and heads split as the model's activations are; the length stays whole on
@@ -160,6 +214,8 @@ def _splash_on_device(
     segment_ids: jax.Array | None,
     *,
     interpret: bool,
+    window: int = 0,
+    scale: float | None = None,
 ) -> jax.Array:
     """The kernel over one device's [b, l, h, d] arrays (all of them without a mesh)."""
     _, length, h, d = q.shape
@@ -168,13 +224,13 @@ def _splash_on_device(
     # segment id does not matter); a padded query sees at least itself, so its softmax is
     # defined, and its row is cut off at the end.
     extra = padded - length
-    q = q * d**-0.5  # as the other kernels scale the scores; the kernel does not
+    q = q * (scale or d**-0.5)  # as the other kernels scale the scores; the kernel does not
     q, k, v = (jnp.pad(t, ((0, 0), (0, extra), (0, 0), (0, 0))) for t in (q, k, v))
     # The kernel takes one example [heads, length, head_dim]; vmap gives it the batch.
     # k and v keep their kv_heads: the kernel reads kv head i // (h / kv_heads) for query
     # head i, so grouped-query attention needs no repeated copy of k and v.
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    kernel = _splash_kernel(h, padded, interpret)
+    kernel = _splash_kernel(h, padded, interpret, window)
     if segment_ids is None:
         out = jax.vmap(kernel)(q, k, v)
     else:
@@ -187,8 +243,9 @@ def _splash_on_device(
     return cast(jax.Array, out).transpose(0, 2, 1, 3)[:, :length]
 
 
-def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
-    """The causal kernel for `heads` query heads over `length` (a multiple of 128).
+def _splash_kernel(heads: int, length: int, interpret: bool, window: int = 0) -> Any:
+    """The causal kernel for `heads` query heads over `length` (a multiple of 128); with a
+    sliding `window`, the local mask that keeps the window-1 keys before a query and it.
 
     Built per trace, not cached: it holds the mask's block tables as arrays, which would
     be tracers of the trace that made them (splash caches the numpy work itself)."""
@@ -203,7 +260,12 @@ def _splash_kernel(heads: int, length: int, interpret: bool) -> Any:
         block_q_dq=block,
         block_kv_dq=block,
     )
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    one = (
+        splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+        if window
+        else splash.CausalMask((length, length))
+    )
+    mask = splash.MultiHeadMask([one] * heads)
     return splash.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
     )

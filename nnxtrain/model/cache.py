@@ -61,15 +61,32 @@ def write(cache: jax.Array, layer: jax.Array | int, new: jax.Array, positions: j
     return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    window: int | jax.Array = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
+) -> jax.Array:
     """Attention of q [b, t, h, d] at `positions` [b, t] over the cached k, v [b, s, kv, d]:
-    slot j is visible to a query at position p when j <= p. The query heads are grouped
+    slot j is visible to a query at position p when j <= p, and with a sliding `window`
+    (> 0; a traced 0 is none) when p - j < window too; `scale` and `softcap` as
+    `attention.causal_attention` takes them. The query heads are grouped
     by the key/value head they share, so the cache is read as stored, never repeated."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * d**-0.5
-    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [b, t, s]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * (scale or d**-0.5)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    slots = jnp.arange(k.shape[1])[None, None, :]
+    visible = slots <= positions[:, :, None]  # [b, t, s]
+    if isinstance(window, jax.Array):
+        visible &= (slots > positions[:, :, None] - window) | (window == 0)
+    elif window:
+        visible &= slots > positions[:, :, None] - window
     scores = jnp.where(
         visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
     )

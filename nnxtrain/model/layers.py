@@ -8,6 +8,7 @@ used. Every parameter carries logical axis names (`out_sharding` metadata, see
 (`nnxtrain.model.cache`); training calls only `__call__`.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -64,14 +65,30 @@ def adapted(adapter: Adapter | None, x: jax.Array, y: jax.Array) -> jax.Array:
 class RMSNorm(nnx.Module):
     """Root-mean-square normalisation with a learned scale, computed in float32."""
 
-    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), ("norm",), param_dtype, nnx.initializers.ones)
-        self.eps = eps
+    def __init__(
+        self, dim: int, eps: float, param_dtype: jnp.dtype, *, rngs: nnx.Rngs, offset: float = 0.0
+    ):
+        # Gemma scales by (1 + w): its w starts at 0, so that the scale starts at 1 too
+        init = nnx.initializers.constant(1.0 - offset)
+        self.scale = param(rngs, (dim,), ("norm",), param_dtype, init)
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.offset:
+            scale = scale + self.offset
+        return (y * scale).astype(x.dtype)
+
+
+def local_rotary_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
+    """The frequencies of sliding-window layers: base `rope_local_theta`, unscaled (Gemma 3);
+    those of every layer when it is 0."""
+    if not cfg.rope_local_theta:
+        return rotary_frequencies(cfg)
+    local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling="none")
+    return rotary_frequencies(local)
 
 
 def rotary_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
@@ -100,10 +117,13 @@ def rotary_frequencies(cfg: ModelConfig) -> tuple[float, ...]:
     return tuple(float(f) for f in inv_freq.astype(f32))
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
+def apply_rotary(
+    x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...], freqs: jax.Array | None = None
+) -> jax.Array:
     """Rotates feature pairs (i, i + d/2) of x [batch, length, heads, d] by position angles
-    (`rotary_frequencies` gives inv_freq)."""
-    freqs = jnp.asarray(np.asarray(inv_freq, np.float32))
+    (`rotary_frequencies` gives inv_freq; `freqs`, an array, replaces it when given)."""
+    if freqs is None:
+        freqs = jnp.asarray(np.asarray(inv_freq, np.float32))
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [batch, length, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -134,39 +154,97 @@ class Attention(nnx.Module):
         )
         self.q_lora, self.k_lora = lora["q_proj"], lora["k_proj"]
         self.v_lora, self.o_lora = lora["v_proj"], lora["o_proj"]
+        zeros = nnx.initializers.zeros
+        if cfg.qkv_bias:  # Qwen2: q, k and v carry a bias, o does not
+            self.bq = param(rngs, (h, d), ("q_heads", "kv"), pdt, zeros)
+            self.bk = param(rngs, (kv, d), ("kv_heads", "kv_head_dim"), pdt, zeros)
+            self.bv = param(rngs, (kv, d), ("kv_heads", "kv_head_dim"), pdt, zeros)
+        if cfg.qk_norm:  # Qwen3: each head's q and k normed over head_dim, before RoPE
+            self.q_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs, offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, pdt, rngs=rngs, offset=cfg.norm_offset)
+        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
+        self.window = cfg.sliding_window
+        # Gemma: a window on some layers only (a per-layer flag, see Transformer._layers)
+        self.mixed = bool(cfg.sliding_window and cfg.global_every)
+        self.local_freq = local_rotary_frequencies(cfg)
+        self.scale = cfg.attn_scale or None
+        self.softcap = cfg.attn_softcap
         self.inv_freq = rotary_frequencies(cfg)
         # auto: batched matmuls on CPU (measured faster there), JAX's fused kernel elsewhere
         # (cuDNN flash attention on GPU when the shapes allow it). A run that knows its
         # target platform resolves auto before the model is built (`resolve_auto`).
         cpu = jax.default_backend() == "cpu"
         self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
+        if self.mixed or self.softcap:  # masks and caps that only the matmul kernel takes
+            self.impl = "matmul"
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        local: jax.Array | None = None,
     ) -> jax.Array:
-        q, k, v = self._qkv(x, positions)
-        return self._out(attend(self.impl, q, k, v, segment_ids))
+        q, k, v = self._qkv(x, positions, local)
+        window = self._window(local)
+        return self._out(attend(self.impl, q, k, v, segment_ids, window, self.scale, self.softcap))
+
+    def _window(self, local: jax.Array | None) -> jax.Array | int:
+        """The window of this layer: the static one, or in a mixed stack (Gemma) the window
+        where the layer's flag `local` is set, else 0 (all keys)."""
+        if not self.mixed or local is None:
+            return self.window
+        return jnp.where(local, self.window, 0)
 
     def decode(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        layer: jax.Array | int,
+        local: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Generation's path: writes this chunk's keys and values into `layer` of the cache
         at `positions` (consecutive per row), then attends over the cached slots."""
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, local)
         cache = KVCache(write(cache.k, layer, k, positions), write(cache.v, layer, v, positions))
-        out = cached_attention(q, cache.k[layer], cache.v[layer], positions)
+        out = cached_attention(
+            q,
+            cache.k[layer],
+            cache.v[layer],
+            positions,
+            self._window(local),
+            self.scale,
+            self.softcap,
+        )
         return self._out(out), cache
 
-    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _qkv(
+        self, x: jax.Array, positions: jax.Array, local: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = x.dtype
         q = adapted(self.q_lora, x, project(x, self.wq[...].astype(dt)))  # [b, l, heads, d]
         k = adapted(self.k_lora, x, project(x, self.wk[...].astype(dt)))
         v = adapted(self.v_lora, x, project(x, self.wv[...].astype(dt)))
+        if self.qkv_bias:
+            q, k, v = (
+                q + self.bq[...].astype(dt),
+                k + self.bk[...].astype(dt),
+                v + self.bv[...].astype(dt),
+            )
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(q, "attention/q", (BATCH, LENGTH, "activation_heads", "activation_kv"))
         k = constrain(k, "attention/k", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
         v = constrain(v, "attention/v", (BATCH, LENGTH, "activation_kv_heads", "activation_kv"))
-        q = apply_rotary(q, positions, self.inv_freq)
-        k = apply_rotary(k, positions, self.inv_freq)
+        freqs = None
+        if self.mixed and local is not None and self.local_freq != self.inv_freq:
+            glob, loc = (
+                jnp.asarray(np.asarray(f, np.float32)) for f in (self.inv_freq, self.local_freq)
+            )
+            freqs = jnp.where(local, loc, glob)
+        q = apply_rotary(q, positions, self.inv_freq, freqs)
+        k = apply_rotary(k, positions, self.inv_freq, freqs)
         return q, k, v
 
     def _out(self, out: jax.Array) -> jax.Array:
@@ -194,10 +272,15 @@ class MLP(nnx.Module):
             lora["up_proj"],
             lora["down_proj"],
         )
+        self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        gate = jax.nn.silu(adapted(self.gate_lora, x, project(x, self.w_gate[...].astype(dt))))
+        gate = adapted(self.gate_lora, x, project(x, self.w_gate[...].astype(dt)))
+        if self.activation == "gelu_tanh":  # Gemma's GeGLU: HF's gelu_pytorch_tanh
+            gate = jax.nn.gelu(gate, approximate=True)
+        else:
+            gate = jax.nn.silu(gate)
         hidden = constrain(
             gate * adapted(self.up_lora, x, project(x, self.w_up[...].astype(dt))),
             "mlp/hidden",
@@ -210,24 +293,42 @@ class DecoderLayer(nnx.Module):
     """Pre-norm attention and pre-norm MLP, each with a residual connection."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        pdt = base_dtype(cfg)
-        self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        pdt, off = base_dtype(cfg), cfg.norm_offset
+        self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:  # Gemma: each branch's output is normed before the residual
+            self.attn_post_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
+            self.mlp_post_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        local: jax.Array | None = None,
     ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        x = x + self.mlp(self.mlp_norm(x))
+        attended = self.attn(self.attn_norm(x), positions, segment_ids, local)
+        x = x + (self.attn_post_norm(attended) if self.sandwich else attended)
+        x = x + self._mlp(x)
         return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed"))
 
+    def _mlp(self, x: jax.Array) -> jax.Array:
+        out = self.mlp(self.mlp_norm(x))
+        return self.mlp_post_norm(out) if self.sandwich else out
+
     def decode(
-        self, x: jax.Array, positions: jax.Array, cache: KVCache, layer: jax.Array | int
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        layer: jax.Array | int,
+        local: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """The same layer over the KV cache (generation; see `Attention.decode`)."""
-        attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer)
-        x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+        attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer, local)
+        x = x + (self.attn_post_norm(attended) if self.sandwich else attended)
+        x = x + self._mlp(x)
         return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed")), cache

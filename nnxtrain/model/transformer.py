@@ -80,7 +80,7 @@ class Transformer(nnx.Module):
             return DecoderLayer(cfg, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = param(
                 rngs,
@@ -155,10 +155,16 @@ class Transformer(nnx.Module):
         """Logits [batch, length, vocab] in the activation dtype of hidden states `x`."""
         dt = activation_dtype(self.cfg.dtype)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return constrain(project(x, head.astype(dt)), "logits", (BATCH, LENGTH, "activation_vocab"))
+        logits = project(x, head.astype(dt))
+        if cap := self.cfg.final_softcap:  # Gemma 2: in training too (every loss calls this)
+            logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(dt)
+        return constrain(logits, "logits", (BATCH, LENGTH, "activation_vocab"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...].astype(activation_dtype(self.cfg.dtype)), tokens, axis=0)
+        dt = activation_dtype(self.cfg.dtype)
+        x = jnp.take(self.embed[...].astype(dt), tokens, axis=0)
+        if self.cfg.embed_scale:  # Gemma: sqrt(emb_dim), rounded to the dtype as HF does
+            x = x * jnp.asarray(self.cfg.emb_dim**0.5, dt)
         return constrain(x, "embed/out", (BATCH, LENGTH, "activation_embed"))
 
     def _scan(self) -> bool:
@@ -171,18 +177,30 @@ class Transformer(nnx.Module):
         """The training forward through the stacked layers, scanned or unrolled."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
+        flags = self._local_flags()
 
-        def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+        def body(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
+            layer_state, local = xs
+            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, local), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         if self._scan():
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, (stacked, flags))
         else:
             for i in range(cfg.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], stacked))
+                local = None if flags is None else flags[i]
+                x, _ = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), local))
         return x
+
+    def _local_flags(self) -> jax.Array | None:
+        """Per layer, whether it is a sliding-window layer, where only some are (Gemma:
+        every `global_every`-th layer attends to all keys); None where all layers alike.
+        A scan input, so that one compiled layer body serves both kinds."""
+        cfg = self.cfg
+        if not (cfg.sliding_window and cfg.global_every):
+            return None
+        return jnp.asarray([(i + 1) % cfg.global_every != 0 for i in range(cfg.num_layers)])
 
     def _cached_layers(
         self, x: jax.Array, positions: jax.Array, cache: KVCache
@@ -190,18 +208,22 @@ class Transformer(nnx.Module):
         """The generation forward: the cache is carried through the layers whole, and each
         layer writes its own slice, so no layer's keys are copied out and stacked again."""
         graphdef, stacked = nnx.split(self.layers)
+        flags = self._local_flags()
 
         def body(
-            carry: tuple[jax.Array, KVCache], xs: tuple[nnx.State, jax.Array | int]
+            carry: tuple[jax.Array, KVCache],
+            xs: tuple[nnx.State, jax.Array | int, jax.Array | None],
         ) -> tuple[tuple[jax.Array, KVCache], None]:
-            (h, kv), (layer_state, i) = carry, xs
-            return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i), None
+            (h, kv), (layer_state, i, local) = carry, xs
+            return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i, local), None
 
         if self._scan():
             (x, cache), _ = jax.lax.scan(
-                body, (x, cache), (stacked, jnp.arange(self.cfg.num_layers))
+                body, (x, cache), (stacked, jnp.arange(self.cfg.num_layers), flags)
             )
         else:
             for i in range(self.cfg.num_layers):
-                (x, cache), _ = body((x, cache), (jax.tree.map(lambda a, i=i: a[i], stacked), i))
+                local = None if flags is None else flags[i]
+                layer = jax.tree.map(lambda a, i=i: a[i], stacked)
+                (x, cache), _ = body((x, cache), (layer, i, local))
         return x, cache

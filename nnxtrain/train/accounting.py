@@ -5,7 +5,10 @@
   v, o, the three SwiGLU matrices and the output projection, tied or not); the embedding
   lookup is a gather and counts nothing.
 - Attention FLOPs: the score (QK^T) and value (PV) matmuls, 2 * 2 * B * L^2 * H * D per
-  layer, halved because the causal mask makes half of the scores unused.
+  layer, halved because the causal mask makes half of the scores unused (the visible
+  pairs with the diagonal counted half: exactly L^2 / 2). With a sliding window W < L a
+  query sees at most W keys: the same count is L * W - W (W - 1) / 2 - L / 2, in each
+  sliding layer (all of them, or all but every `global_every`-th: Gemma 3).
 - Training is forward plus backward, counted as 3x forward (backward = 2x forward). The
   remat recomputation is not counted: it is overhead, not model FLOPs (as in MFU).
 
@@ -29,6 +32,9 @@ def count_params(cfg: ModelConfig) -> int:
         cfg.vocab_size,
     )
     per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m + 2 * e  # + two norms
+    per_layer += (h + 2 * kv) * d if cfg.qkv_bias else 0  # Qwen2's q, k, v biases
+    per_layer += 2 * d if cfg.qk_norm else 0  # Qwen3's and Gemma's q and k norms
+    per_layer += 2 * e if cfg.sandwich_norms else 0  # Gemma's norms after attention and MLP
     head = 0 if cfg.tie_embeddings else e * v
     return v * e + cfg.num_layers * per_layer + e + head
 
@@ -102,7 +108,15 @@ def step_flops(
     tokens = batch_size * seq_len
     learnable_fwd = 2 * tokens * matmul_params(cfg)
     # QK^T and PV: 2 matmuls x 2 FLOPs x B x L x L x H x D, halved by the causal mask.
-    attention_fwd = 2 * batch_size * seq_len**2 * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    w = cfg.sliding_window
+    # the visible (query, key) pairs, the diagonal counted half (so causal is L^2 / 2, as
+    # MaxText halves); a window shorter than the sequence cuts each query's keys to w
+    full = seq_len**2 / 2
+    pairs = seq_len * w - w * (w - 1) / 2 - seq_len / 2 if 0 < w < seq_len else full
+    # Gemma: every global_every-th layer attends to all keys, the others through the window
+    n_global = cfg.num_layers // cfg.global_every if w and cfg.global_every else 0
+    layer_pairs = (cfg.num_layers - n_global) * pairs + n_global * full
+    attention_fwd = 4 * batch_size * layer_pairs * cfg.num_heads * cfg.head_dim
     return FlopsReport(
         num_params=count_params(cfg),
         learnable_flops=3.0 * learnable_fwd,

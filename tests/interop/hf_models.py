@@ -1,6 +1,7 @@
-"""Small random Hugging Face Llama and Mistral models for the interop tests (no downloads).
+"""Small random Hugging Face models (Llama, Mistral, Qwen2, Qwen3) for the interop tests
+(no downloads).
 
-`make_hf(path, ...)` builds a `LlamaForCausalLM` (or `MistralForCausalLM`) from a config
+`make_hf(path, kind=...)` builds a `LlamaForCausalLM` (or the `kind`'s class) from a config
 object, gives it weights large enough that attention is sharp and every norm scale
 differs (so a rotary or norm mix-up moves the logits), and `save_pretrained`s it.
 `hf_logits(path, tokens)` is what transformers computes from that directory, in float32.
@@ -15,10 +16,18 @@ import torch
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 BASE: dict[str, Any] = {
@@ -38,6 +47,14 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,  # puts head_dim 16's wavelength 32.4 in the blend
 }
+CLASSES: dict[str, tuple[Any, Any]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+}
 TOLERANCE = 1e-4  # max abs diff of float32 logits
 
 
@@ -52,14 +69,14 @@ def make_hf(
 ) -> Path:
     """A random model saved with `save_pretrained` in `path`; returns `path`."""
     torch.manual_seed(seed)
-    config_cls, model_cls = (
-        (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig, MistralForCausalLM)
-    )
+    config_cls, model_cls = CLASSES[kind]
     model = model_cls(config_cls(**{**BASE, **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # Gemma's (1 + w) too: scales of 0.5 .. 2.5
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):  # Qwen2's q/k/v biases: as large as a weight's effect
+                p.normal_(0.0, 0.5)
             else:
                 p.normal_(0.0, 0.15)
     model = model.to(dtype)

@@ -13,13 +13,27 @@ Config objects only: no model is built.
 from typing import Any
 
 import pytest
-from transformers import LlamaConfig, MistralConfig
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import to_model_config
 from nnxtrain.interop.hf.keys import DEFAULTS, NULLABLE
 
-CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig}
+CLASSES = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "gemma3_text": Gemma3TextConfig,
+    "gemma2": Gemma2Config,
+}
 # Every key present, none at its default, so that taking one out changes something.
 FULL: dict[str, Any] = {
     "vocab_size": 128,
@@ -39,7 +53,23 @@ FULL: dict[str, Any] = {
 FAMILY_KEYS = {
     "llama": {"attention_bias": False, "mlp_bias": False},
     "mistral": {"sliding_window": None},
+    # Qwen's window is off without use_sliding_window, whatever sliding_window says
+    "qwen2": {"use_sliding_window": False, "sliding_window": 64},
+    "qwen3": {"attention_bias": False, "use_sliding_window": False, "sliding_window": 64},
+    "gemma3_text": {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 64,
+        "rope_local_base_freq": 2e4,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
 }
+FAMILY_KEYS["gemma2"] = {
+    k: v for k, v in FAMILY_KEYS["gemma3_text"].items() if k != "rope_local_base_freq"
+}
+GEMMA_LACKS = ("hidden_act",)  # Gemma's activation key is hidden_activation
 # ModelConfig field -> what it must be, read off transformers' config object
 EXPECTED = {
     "vocab_size": lambda c: c.vocab_size,
@@ -48,21 +78,44 @@ EXPECTED = {
     "num_layers": lambda c: c.num_hidden_layers,
     "num_heads": lambda c: c.num_attention_heads,
     "num_kv_heads": lambda c: c.num_key_value_heads,
-    "head_dim": lambda c: c.head_dim,
+    # Qwen2Config has no head_dim field: its attention takes hidden / heads without one
+    "head_dim": lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
     "max_len": lambda c: c.max_position_embeddings,
     "norm_eps": lambda c: c.rms_norm_eps,
     "tie_embeddings": lambda c: c.tie_word_embeddings,
     "init_std": lambda c: c.initializer_range,
-    "rope_theta": lambda c: c.rope_parameters["rope_theta"],
+    "rope_theta": lambda c: _global_rope(c)["rope_theta"],
+    "sliding_window": lambda c: getattr(c, "sliding_window", None) or 0,
 }
+
+
+def _global_rope(c: Any) -> dict[str, Any]:
+    """The rotary parameters of the global layers (Gemma 3 keeps one dict per layer type)."""
+    return c.rope_parameters.get("full_attention") or c.rope_parameters
+
+
 # config.json key -> whether transformers' value of it is one nnxtrain's decoder runs
 RUNNABLE = {
-    "hidden_act": lambda c: c.hidden_act == "silu",
+    "hidden_act": lambda c: getattr(c, "hidden_act", "silu") == "silu",
+    "hidden_activation": lambda c: (
+        getattr(c, "hidden_activation", "x") == "gelu_pytorch_tanh"
+        or c.model_type not in ("gemma3_text", "gemma2")
+    ),
+    # Qwen's default 32 kv heads do not divide FULL's 16 query heads: transformers' config
+    # takes that, its attention cannot run it
+    "num_key_value_heads": lambda c: c.num_attention_heads % c.num_key_value_heads == 0,
     "attention_bias": lambda c: not getattr(c, "attention_bias", False),
     "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
-    "sliding_window": lambda c: getattr(c, "sliding_window", None) is None,
+    # Mistral's window runs (every layer), Gemma's (layer_types) too; Qwen's does not
+    "sliding_window": lambda c: (
+        c.model_type in ("mistral", "gemma3_text", "gemma2")
+        or getattr(c, "sliding_window", None) is None
+    ),
     # transformers keeps a null rope_theta, and fails when the model computes with it
-    "rope_theta": lambda c: c.rope_parameters["rope_theta"] is not None,
+    "rope_theta": lambda c: _global_rope(c)["rope_theta"] is not None,
+    "rope_local_base_freq": lambda c: (
+        (c.rope_parameters.get("sliding_attention") or {"x": 1}).get("rope_theta", 1) is not None
+    ),
 }
 CASES = [
     (family, key, how)
@@ -92,6 +145,9 @@ def _compare(family: str, key: str, config: dict[str, Any]) -> None:
 @pytest.mark.parametrize("family, key, how", CASES)
 def test_an_absent_or_null_key_reads_as_transformers_reads_it(family, key, how):
     config = {**FULL, **FAMILY_KEYS[family]}
+    if family in ("gemma3_text", "gemma2"):
+        for key_ in GEMMA_LACKS:
+            config.pop(key_)
     if how == "absent":
         config.pop(key)
     else:
@@ -105,8 +161,11 @@ def test_the_table_holds_what_the_config_classes_declare():
     for family, cls in CLASSES.items():
         fields = cls.__dataclass_fields__
         for key, default in DEFAULTS[family].items():
-            if key == "rope_theta":
-                assert default == cls.default_theta
+            if key in ("rope_theta", "rope_local_base_freq"):
+                theta = cls.default_theta
+                if isinstance(theta, dict):  # Gemma 3: global and local bases
+                    theta = theta["global" if key == "rope_theta" else "local"]
+                assert default == theta, (family, key)
                 continue
             assert fields[key].default == default, (family, key)
             accepts_none = "None" in str(fields[key].type)
@@ -114,13 +173,8 @@ def test_the_table_holds_what_the_config_classes_declare():
 
 
 def test_mistral_without_sliding_window_is_a_4096_window_as_if_explicit():
-    """transformers' MistralConfig reads no sliding_window as 4096; nnxtrain does not
-    implement windows, so it refuses that config as it refuses an explicit 4096."""
+    """transformers' MistralConfig reads no sliding_window as 4096, and so does nnxtrain."""
     assert MistralConfig(**FULL).sliding_window == 4096
-    lines = []
     for extra in ({}, {"sliding_window": 4096}):
-        with pytest.raises(UserError) as err:
-            to_model_config({**FULL, **extra, "model_type": "mistral"}, "m", param_dtype="float32")
-        lines.append(str(err.value))
-    assert all("config.json key 'sliding_window' is 4096" in line for line in lines), lines
-    assert lines[0].replace(" (absent, which means 4096 for mistral)", "") == lines[1]
+        hf_cfg = {**FULL, **extra, "model_type": "mistral"}
+        assert to_model_config(hf_cfg, "m", param_dtype="float32").sliding_window == 4096

@@ -39,8 +39,11 @@ def real_param_count(cfg: ModelConfig) -> int:
         {"num_kv_heads": 4},  # multi-head
         {"num_kv_heads": 1},  # multi-query
         {"num_kv_heads": 1, "tie_embeddings": True, "num_layers": 3, "mlp_dim": 20},
+        {"qkv_bias": True, "tie_embeddings": True},  # Qwen2's q/k/v biases
+        {"qk_norm": True},  # Qwen3's q/k norms
+        {"qk_norm": True, "sandwich_norms": True, "tie_embeddings": True},  # Gemma's 4 norms
     ],
-    ids=["gqa", "tied", "mha", "mqa", "mqa-tied-3layers"],
+    ids=["gqa", "tied", "mha", "mqa", "mqa-tied-3layers", "qkv-bias", "qk-norm", "gemma"],
 )
 def test_count_params_equals_the_built_model(changes):
     cfg = dataclasses.replace(HAND, **changes)
@@ -87,6 +90,28 @@ def test_step_flops_by_hand():
     assert report.learnable_fraction == pytest.approx(88_320 / 97_920)
     assert report.tokens_per_step == 10
     assert report.num_params == 1640
+
+
+@pytest.mark.parametrize("window", [1, 5, 15, 16, 40])
+def test_a_sliding_window_counts_the_window_not_the_sequence(window):
+    """The pairs the window mask keeps, counted off the mask itself (diagonal half, as the
+    causal count halves); a window as long as the sequence is plain causal."""
+    cfg, b, seq = dataclasses.replace(HAND, sliding_window=window), 3, 16
+    ones = np.ones((seq, seq))
+    pairs = np.tril(np.triu(ones, 1 - window)).sum() - seq / 2
+    expected = 3 * 2 * 2 * b * pairs * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    assert step_flops(cfg, b, seq).attention_flops == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_mixed_stack_counts_the_window_in_its_sliding_layers_only():
+    """Gemma 3's pattern over 7 layers with global_every 3: layers 3 and 6 see all keys."""
+    cfg, b, seq = dataclasses.replace(HAND, num_layers=7, sliding_window=4, global_every=3), 2, 16
+    ones = np.ones((seq, seq))
+    local = np.tril(np.triu(ones, 1 - 4)).sum() - seq / 2
+    full = np.tril(ones).sum() - seq / 2
+    pairs = sum(full if (i + 1) % 3 == 0 else local for i in range(7))
+    expected = 3 * 2 * 2 * b * pairs * cfg.num_heads * cfg.head_dim
+    assert step_flops(cfg, b, seq).attention_flops == pytest.approx(expected, rel=1e-12)
 
 
 def test_attention_flops_are_halved_for_the_causal_mask():

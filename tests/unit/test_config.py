@@ -69,8 +69,9 @@ def override_for(group: str, option: str) -> str:
 def test_the_shipped_groups_are_all_there():
     groups = {g for g, _ in OPTIONS}
     assert groups >= {"model", "mesh", "run", "data", "optim", "callbacks", "experiment"}
-    assert {"tiny", "small", "llama1b"} <= set(options("model"))
-    assert "llama1b" in options("experiment")
+    families = {"qwen3_0.6b", "qwen2.5_0.5b", "mistral_7b", "gemma3_1b"}  # issue 26
+    assert {"tiny", "small", "llama1b", *families} <= set(options("model"))
+    assert {"llama1b", *families} <= set(options("experiment"))
     assert override_for("experiment", "llama1b") == "+experiment=llama1b"
     assert override_for("model", "tiny") == "model=tiny"
 
@@ -270,6 +271,9 @@ def test_validate_returns_a_valid_config_unchanged():
         ("run.seq_len=4096", "run.seq_len"),
         ("model.num_kv_heads=3", "model.num_kv_heads"),
         ("model.dtype=float8", "model.dtype"),
+        ("model.sliding_window=-1", "model.sliding_window"),
+        ("model.activation=relu", "model.activation"),
+        ("model.final_softcap=-1", "model.final_softcap"),
     ],
 )
 def test_compose_validates(override, key):

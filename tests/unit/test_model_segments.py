@@ -154,3 +154,18 @@ def test_segment_ids_with_a_cache_are_refused():
     toks, pos, seg = packed(documents())
     with pytest.raises(ValueError, match="segment_ids"):
         model(toks, pos, seg, cache=cache)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_sliding_window_holds_in_every_kernel_and_within_documents(kernel: str):
+    """Window 3 (shorter than both documents): each kernel's packed row equals the matmul
+    kernel's documents alone (the one tests/interop checks against transformers), and the
+    window does change the logits."""
+    model, reference = build(kernel, sliding_window=3), build("matmul", sliding_window=3)
+    docs = documents()
+    logits = model(*packed(docs))[0]
+    for i, doc in enumerate(docs):
+        alone = reference(jnp.asarray(doc[None]))[0]
+        np.testing.assert_allclose(logits[span(i)], alone, atol=ALONE_TOL, rtol=0)
+    unwindowed = build("matmul")(jnp.asarray(docs[1][None]))[0]
+    assert np.max(np.abs(np.asarray(unwindowed) - np.asarray(logits[span(1)]))) > 1e-3

@@ -141,7 +141,8 @@ def save(
     eos_token_id: Any = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
-    """Writes `model` as a `LlamaForCausalLM` directory at `path`; returns the files written.
+    """Writes `model` as a Hugging Face directory at `path` (`LlamaForCausalLM`, or the
+    family its switches make it: `families.family_of`); returns the files written.
 
     config.json and generation_config.json; the weights in `dtype` (None: the parameters'
     own) as `model.safetensors`, or as shards of at most `max_shard_bytes` with
@@ -154,6 +155,10 @@ def save(
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r} is unknown. Fix: use one of {DTYPES}.")
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    # before anything is written: a model no family has is refused with nothing on disk
+    config = from_model_config(
+        cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id
+    )
     if os.path.isdir(path) and any(
         n == "config.json" or n.endswith((".safetensors", INDEX_SUFFIX)) for n in os.listdir(path)
     ):
@@ -171,9 +176,6 @@ def save(
                 yield name, hf_shape(w, one), out, lambda w=w, v=value, i=i: _host(v, i, w, out)
 
     files = write_shards(path, tensors(), max_shard_bytes)
-    config = from_model_config(
-        cfg, dtype=dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id
-    )
     generation = {
         "_from_model_config": True,
         "bos_token_id": bos_token_id,

@@ -1,4 +1,5 @@
-"""config.json <-> ModelConfig: what nnxtrain's decoder can represent of a Hugging Face Llama.
+"""config.json <-> ModelConfig: what nnxtrain's decoder can represent of a Hugging Face model
+of a supported family (`families`: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2 and 3).
 
     model_cfg = to_model_config(read_config(path), path, param_dtype="float32")
     hf_dict = from_model_config(model_cfg, dtype="bfloat16")
@@ -13,6 +14,7 @@ window, quantized weights, another model_type) and any value of the wrong type o
 a one-line `UserError` naming the config.json key.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -20,9 +22,11 @@ from typing import Any
 from nnxtrain.config.checks import validate_model
 from nnxtrain.config.schema import DTYPES, ModelConfig
 from nnxtrain.errors import ConfigError, UserError, first_line
+from nnxtrain.interop.hf import gemma
+from nnxtrain.interop.hf.families import FAMILIES, Family, family_of
 from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = tuple(FAMILIES)
 # Keys that mean a mixture of experts when set (Mixtral, Qwen-MoE, DeepSeek, ...).
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor")  # linear: the first
@@ -121,7 +125,7 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
             where,
             "model_type",
             f"is {shown(kind)}",
-            f"nnxtrain reads {' and '.join(MODEL_TYPES)} checkpoints",
+            f"nnxtrain reads {', '.join(MODEL_TYPES[:-1])} and {MODEL_TYPES[-1]} checkpoints",
         )
     keys = Keys(hf, where, str(kind))
     quantized = hf.get("quantization_config")
@@ -134,12 +138,14 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
             "quantized, and nnxtrain reads float weights only",
             "use the unquantized checkpoint (float32, float16 or bfloat16 safetensors)",
         )
-    for key in ("attention_bias", "mlp_bias"):
+    family = FAMILIES[kind]
+    for key in family.bias_keys:
         if keys.get(key, bool, False):
+            what = "o_proj bias" if family.switches.get("qk_norm") else "biases"
             raise bad(
                 where,
                 key,
-                "is true: nnxtrain's decoder has no biases",
+                f"is true: nnxtrain's decoder has no {what}",
                 "use a model without biases",
             )
     for key in MOE_KEYS:
@@ -150,17 +156,23 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
                 f"is {shown(hf[key])}: a mixture of experts",
                 "use a dense (non-MoE) model",
             )
-    window = keys.get("sliding_window", int)
+    if kind in gemma.FAMILIES:  # its window and activation: `gemma.read`
+        return keys
     use_window = keys.get("use_sliding_window", bool, False)
-    if window is not None or use_window:
+    # Qwen's sliding_window means nothing unless use_sliding_window turns it on; Mistral's
+    # applies to every layer, which the decoder runs (`model.sliding_window`).
+    gated = family.window_gate and not use_window
+    window = None if gated or kind == "mistral" else keys.get("sliding_window", int)
+    if window is not None or (use_window and family.window_gate):
         key = "sliding_window" if window is not None else "use_sliding_window"
-        absent = " (absent, which means 4096 for mistral)" if key not in hf else ""
+        absent = f" (absent, which means 4096 for {kind})" if key not in hf else ""
         raise bad(
             where,
             key,
             f"is {window if window is not None else 'true'}{absent}: sliding-window attention "
-            "is not implemented",
-            "use a checkpoint with sliding_window null",
+            f"is implemented for mistral only",
+            f"use a checkpoint with {family.window_gate or 'sliding_window'} "
+            f"{'false' if family.window_gate else 'null'}",
         )
     act = keys.get("hidden_act", str)
     if act != "silu":
@@ -188,7 +200,13 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
     head_dim = keys.get("head_dim", int)
     if head_dim is None:  # transformers' hidden_size // num_attention_heads
         head_dim = ints["emb_dim"] // heads if heads > 0 else 0
-    rope, origin = _rope(keys, ints["max_len"])
+    extra: dict[str, Any] = {}
+    if keys.family in gemma.FAMILIES:
+        rope_keys, extra, gemma_origin = gemma.read(keys, ints["num_layers"])
+        rope, origin = _rope(Keys({**hf, **rope_keys}, where, keys.family), ints["max_len"])
+        origin |= gemma_origin
+    else:
+        rope, origin = _rope(keys, ints["max_len"])
     cfg = ModelConfig(
         name=model_name(where),
         **ints,
@@ -199,9 +217,12 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         param_dtype=param_dtype,
         init_std=keys.get("initializer_range", float),
         **rope,
+        qkv_bias=FAMILIES[keys.family].switches.get("qkv_bias", False),
+        qk_norm=FAMILIES[keys.family].switches.get("qk_norm", False),
+        sliding_window=(keys.get("sliding_window", int) or 0) if keys.family == "mistral" else 0,
     )
     try:
-        return validate_model(cfg)
+        return validate_model(dataclasses.replace(cfg, **extra))
     except ConfigError as e:
         field = e.key.removeprefix("model.")
         key = origin.get(field, HF_KEYS.get(field))
@@ -213,8 +234,10 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
 def from_model_config(
     cfg: ModelConfig, *, dtype: str, bos_token_id: Any = None, eos_token_id: Any = None
 ) -> dict[str, Any]:
-    """config.json of a `LlamaForCausalLM` with the shape and numerics of `cfg`."""
+    """config.json of the family `cfg`'s switches make it (`families.family_of`: Llama,
+    Qwen2 or Qwen3) with the shape and numerics of `cfg`."""
     assert dtype in DTYPES, dtype
+    family = family_of(cfg)
     scaling: dict[str, Any] | None = None
     if cfg.rope_scaling == "linear":
         scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
@@ -226,9 +249,9 @@ def from_model_config(
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_len,
         }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    out = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.emb_dim,
         "intermediate_size": cfg.mlp_dim,
@@ -242,6 +265,7 @@ def from_model_config(
         "rope_theta": cfg.rope_theta,
         "rope_scaling": scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window or None,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -251,3 +275,20 @@ def from_model_config(
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    out = _family_keys(out, family)
+    return out | gemma.write(cfg) if family.model_type in gemma.FAMILIES else out
+
+
+def _family_keys(out: dict[str, Any], family: Family) -> dict[str, Any]:
+    """Llama's config.json keys made `family`'s: its window switched off, and no bias key
+    it does not read."""
+    if family.window_gate:
+        out |= {family.window_gate: False, "sliding_window": None}
+    if family.model_type == "llama":
+        del out["sliding_window"]
+    if family.model_type in gemma.FAMILIES:
+        del out["hidden_act"]
+    for key in ("attention_bias", "mlp_bias"):
+        if key not in family.bias_keys:
+            del out[key]
+    return out

@@ -1,5 +1,6 @@
 """config.json's keys as nnxtrain reads them: each key's JSON type, and its value when the
-key is absent, family by family, as transformers' `LlamaConfig` and `MistralConfig` give it.
+key is absent, family by family, as transformers' config classes (`LlamaConfig`, `MistralConfig`,
+`Qwen2Config`, `Qwen3Config`) give it.
 
     keys = Keys(hf, where)               # hf: config.json parsed; where: the model directory
     keys.get("hidden_size", int)         # the value, the family's default, or one line
@@ -49,11 +50,75 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096 * 32,
         "sliding_window": 4096,  # a window, which nnxtrain refuses (not implemented)
     },
+    "qwen2": {  # Qwen2Config has no head_dim field: config.json's, else hidden / heads
+        **{k: v for k, v in _COMMON.items() if k != "head_dim"},
+        "vocab_size": 151936,
+        "intermediate_size": 22016,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "use_sliding_window": False,
+        "sliding_window": 4096,  # only with use_sliding_window
+    },
+    "qwen3": {
+        **_COMMON,
+        "vocab_size": 151936,
+        "head_dim": 128,  # explicit, not hidden / heads
+        "intermediate_size": 22016,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": 4096,  # only with use_sliding_window
+    },
+    "gemma3_text": {
+        **{k: v for k, v in _COMMON.items() if k != "hidden_act"},
+        "vocab_size": 262208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,  # the global layers'; the local ones: rope_local_base_freq
+        "rope_local_base_freq": 10000.0,
+        "attention_bias": False,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    },
+    "gemma2": {
+        **{k: v for k, v in _COMMON.items() if k != "hidden_act"},
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
 }
 # Keys whose explicit null transformers accepts (and means what an absent None means).
 NULLABLE: dict[str, frozenset[str]] = {
     "llama": frozenset({"num_key_value_heads", "head_dim"}),
     "mistral": frozenset({"head_dim", "sliding_window"}),
+    "qwen2": frozenset({"num_key_value_heads", "sliding_window"}),
+    "qwen3": frozenset({"num_key_value_heads", "sliding_window"}),
+    "gemma3_text": frozenset(
+        {"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}
+    ),
+    "gemma2": frozenset({"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}),
 }
 _WORDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
 

@@ -36,6 +36,7 @@ class Weight:
     path: tuple[str, ...]  # nnxtrain's parameter path; under ("layers",) it is stacked
     n_in: int  # 0: the same layout; k: HF's [out, in] transposed, nnxtrain's first k dims in
     shape_keys: str  # the config.json keys that give each dimension of the HF shape
+    needs: str = ""  # the ModelConfig switch it needs (qkv_bias, ...); "!x": needs x off
 
     @property
     def per_layer(self) -> bool:
@@ -44,6 +45,7 @@ class Weight:
 
 _ATTN_Q = "num_attention_heads*head_dim, hidden_size"
 _ATTN_KV = "num_key_value_heads*head_dim, hidden_size"
+_BIAS_Q, _BIAS_KV = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
 WEIGHTS = (
     Weight("model.embed_tokens.weight", ("embed",), 0, "vocab_size, hidden_size"),
     Weight("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "wq"), 1, _ATTN_Q),
@@ -84,6 +86,42 @@ WEIGHTS = (
         ("layers", "mlp_norm", "scale"),
         0,
         "hidden_size",
+        "!sandwich_norms",
+    ),
+    # Gemma's four norms: its post_attention_layernorm is the attention output's norm
+    *(
+        Weight(
+            f"model.layers.{{i}}.{hf}.weight",
+            ("layers", ours, "scale"),
+            0,
+            "hidden_size",
+            "sandwich_norms",
+        )
+        for hf, ours in (
+            ("post_attention_layernorm", "attn_post_norm"),
+            ("pre_feedforward_layernorm", "mlp_norm"),
+            ("post_feedforward_layernorm", "mlp_post_norm"),
+        )
+    ),
+    *(
+        Weight(
+            f"model.layers.{{i}}.self_attn.{x}_proj.bias",
+            ("layers", "attn", f"b{x}"),
+            0,
+            dims,
+            "qkv_bias",
+        )
+        for x, dims in (("q", _BIAS_Q), ("k", _BIAS_KV), ("v", _BIAS_KV))
+    ),
+    *(
+        Weight(
+            f"model.layers.{{i}}.self_attn.{x}_norm.weight",
+            ("layers", "attn", f"{x}_norm", "scale"),
+            0,
+            "head_dim",
+            "qk_norm",
+        )
+        for x in ("q", "k")
     ),
     Weight("model.norm.weight", ("final_norm", "scale"), 0, "hidden_size"),
     Weight("lm_head.weight", ("lm_head",), 1, "vocab_size, hidden_size"),
@@ -91,8 +129,14 @@ WEIGHTS = (
 
 
 def weights_of(cfg: ModelConfig) -> list[Weight]:
-    """The weights of a model with this config (a tied model has no lm_head)."""
-    return [w for w in WEIGHTS if not (cfg.tie_embeddings and w.path == ("lm_head",))]
+    """The weights of a model with this config (a tied model has no lm_head; a bias or q/k
+    norm only with its switch on)."""
+    return [
+        w
+        for w in WEIGHTS
+        if not (cfg.tie_embeddings and w.path == ("lm_head",))
+        and (not w.needs or bool(getattr(cfg, w.needs.lstrip("!"))) != w.needs.startswith("!"))
+    ]
 
 
 def hf_names(w: Weight, num_layers: int) -> list[str]:
@@ -109,14 +153,15 @@ def hf_dims(w: Weight, cfg: ModelConfig) -> tuple[tuple[int, str], ...]:
         "intermediate_size": cfg.mlp_dim,
         "num_attention_heads*head_dim": cfg.num_heads * cfg.head_dim,
         "num_key_value_heads*head_dim": cfg.num_kv_heads * cfg.head_dim,
+        "head_dim": cfg.head_dim,
     }
     return tuple((sizes[k], k) for k in w.shape_keys.split(", "))
 
 
 def hf_shape(w: Weight, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF shape of one tensor of `w`, from nnxtrain's shape of it (one layer's)."""
-    if not w.n_in:
-        return shape
+    if not w.n_in:  # a bias [heads, head_dim] is one flat vector in HF
+        return (math.prod(shape),) if "," not in w.shape_keys else shape
     return (math.prod(shape[w.n_in :]), math.prod(shape[: w.n_in]))
 
 
@@ -136,7 +181,7 @@ def put_nnx(dst: np.ndarray, t: np.ndarray, w: Weight) -> None:
 def to_hf(a: np.ndarray, w: Weight) -> np.ndarray:
     """nnxtrain's layout of one layer -> HF tensor."""
     if not w.n_in:
-        return a
+        return a.reshape(-1) if "," not in w.shape_keys else a
     return a.reshape(math.prod(a.shape[: w.n_in]), -1).T
 
 
