@@ -42,13 +42,13 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Two worker processes, a group of tests each at a time: a file, or the files that share a
-# costly session fixture (tests/conftest.py groups them and starts the slow ones first, in
-# collection order, which --no-loadscope-reorder keeps). On two cores the suite takes a
+# Two worker processes, a file of tests each at a time (its module fixtures built once);
+# tests/conftest.py starts the files with slow tests first, in an order that
+# --no-loadscope-reorder keeps. On two cores the suite takes a
 # quarter less wall time than in one process. PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 $(VENV312)/bin/python:
 	@test -n "$(PY312)" || { echo "no Python 3.12 found: set PY312=/path/to/python3.12"; exit 1; }
@@ -63,7 +63,7 @@ $(DEV312_STAMP): pyproject.toml setup.py | $(VENV312)/bin/python
 # our calls against the newer jax and flax. Its own cache: the two venvs' packages differ.
 test-py312: $(DEV312_STAMP)
 	$(VENV312)/bin/mypy --cache-dir .mypy_cache/py312
-	$(VENV312)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder --ignore=tests/interop $(PYTEST_ARGS)
+	$(VENV312)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --ignore=tests/interop $(PYTEST_ARGS)
 
 bench: $(RUN_STAMP)
 	$(VENV)/bin/python bench/trainer_vs_bare.py

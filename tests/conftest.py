@@ -100,16 +100,17 @@ TINY = ModelConfig(
 )
 
 
-# Scheduling under pytest-xdist (`make test`: `-n 2 --dist loadgroup --no-loadscope-reorder`).
-# Each file is one group, so its module fixtures are built once; files that read the same
-# costly session fixture (a CLI run, the two-process run) are one group, so it runs once
-# in one worker rather than once per worker. Groups holding `slow` tests (real CLI runs,
-# subprocesses, TPU compiles) start first: the many quick unit files then fill both
-# workers to the end, instead of one worker finishing alone on a long file.
+# Scheduling under pytest-xdist (`make test`: `-n 2 --dist loadfile --no-loadscope-reorder`).
+# Each file goes to one worker, so its module fixtures are built once. (`--dist loadgroup`
+# with xdist_group marks did not hold: xdist 3.8 names a test's group before this hook
+# marks it, so files were split and their module fixtures built in both workers.) Files
+# holding `slow` tests (real CLI runs, subprocesses, TPU compiles) start first, those that
+# read the same costly session fixture (a CLI run, the two-process run) next to each
+# other: the many quick unit files then fill both workers to the end, instead of one
+# worker finishing alone on a long file.
 SHARED_SESSION_FIXTURES = ("short_run", "two_process_run")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     groups: dict[Path, str] = {}
     for item in items:
@@ -117,8 +118,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if shared or item.path not in groups:
             groups[item.path] = shared[0] if shared else str(item.path.relative_to(TESTS_DIR))
     slow = {groups[item.path] for item in items if item.get_closest_marker("slow")}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.path]))
     items.sort(key=lambda item: groups[item.path] not in slow)  # stable: files stay in order
 
 
