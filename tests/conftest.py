@@ -102,8 +102,8 @@ TINY = ModelConfig(
 
 # Scheduling under pytest-xdist (`make test`: `-n 2 --dist loadfile --no-loadscope-reorder`).
 # Each file goes to one worker, so its module fixtures are built once. (`--dist loadgroup`
-# with xdist_group marks did not hold: xdist 3.8 names a test's group before this hook
-# marks it, so files were split and their module fixtures built in both workers.) Files
+# with xdist_group marks set here did not hold under xdist 3.8: the test ids carried no
+# group, a file's tests ran in both workers and its module fixtures were built twice.) Files
 # holding `slow` tests (real CLI runs, subprocesses, TPU compiles) start first, those that
 # read the same costly session fixture (a CLI run, the two-process run) next to each
 # other: the many quick unit files then fill both workers to the end, instead of one
