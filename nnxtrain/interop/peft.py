@@ -19,6 +19,7 @@ a tensor moves by a reshape and a transpose, the same as the base weight it adap
   run (`model.lora.adapter`), refusing in one line an option nnxtrain cannot represent.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -150,7 +151,7 @@ def merged(model: Transformer) -> Transformer:
         n, r = a.shape[0], a.shape[-1]
         delta = np.matmul(a.reshape(n, -1, r), b.reshape(n, r, -1)) * scale
         layer[BASE[target][-1]] = jnp.asarray(w + delta.reshape(w.shape))
-    plain = ModelConfig(**{**vars(cfg), "lora": LoraConfig()})
+    plain = dataclasses.replace(cfg, lora=LoraConfig())
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(plain, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, base)
     return nnx.merge(graphdef, state)
@@ -272,7 +273,7 @@ def attach_adapter(model: Transformer, path: str, console: Console) -> Transform
     """`model` (a base, e.g. `nnxtrain.hf.load`'s) with the PEFT adapter of dir `path`
     (for `nnxtrain-generate --adapter`): the base's arrays, the adapter's A and B."""
     lora = read_config(path)
-    cfg = ModelConfig(**{**vars(model.cfg), "lora": lora})
+    cfg = dataclasses.replace(model.cfg, lora=lora)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     nnx.replace_by_pure_dict(state, base)

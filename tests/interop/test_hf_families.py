@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
+from hf_models import BASE, CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
 
 import nnxtrain.interop.hf as hf
 from nnxtrain import compose, generate
@@ -147,14 +147,6 @@ def test_round_trip_is_bitwise_and_loads_as_the_same_family(hf_dirs, tmp_path, k
         assert getattr(a, key, None) == getattr(b, key, None), key
 
 
-BASE = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 # config.json -> the key the one-line refusal names
 REFUSED = {
     "qwen3 attention_bias": ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
