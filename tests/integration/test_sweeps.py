@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, run_cli_in_process
 
 pytestmark = pytest.mark.slow
 
 TINY = [
     "model=tiny",
     "run.steps=8",
+    "run.host_devices=1",  # as the in-process fresh run (its JAX has 1 CPU device)
     "run.batch_size=4",
     "run.seq_len=16",
     "run.log_every=1",
@@ -38,15 +39,36 @@ def _status(job_dir: Path) -> dict:
     return json.loads((job_dir / "job_status.json").read_text())
 
 
+# A plugin holds the host for SLEEP seconds after step 3 of every job (see
+# test_tokens_per_sec_counts_the_train_steps_time_only); it changes no loss.
+SLEEP = 1.0
+SLEEP_PLUGIN = [
+    "+callbacks.sleep._target_=callbacks_for_tests.SleepAt",
+    "+callbacks.sleep.at=3",
+    f"+callbacks.sleep.seconds={SLEEP}",
+]
+
+
 @pytest.fixture(scope="module")
 def basic_sweep(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One sweep of four jobs in one process, two of which fail (seq_len 999 > the model's)."""
     sweep = tmp_path_factory.mktemp("sweep")
     proc = _nnxtrain(
-        "-m", *TINY, "run.seq_len=999,16", "optim.lr=0.001,0.003", f"hydra.sweep.dir={sweep}"
+        "-m",
+        *TINY,
+        *SLEEP_PLUGIN,
+        "run.seq_len=999,16",
+        "optim.lr=0.001,0.003",
+        f"hydra.sweep.dir={sweep}",
     )
     return sweep, proc
+
+
+def _job(sweep: Path, *overrides: str) -> int:
+    """The number of the sweep's job run with these overrides."""
+    return next(i for i in range(4) if set(overrides) <= set(_status(sweep / str(i))["overrides"]))
 
 
 def test_failed_jobs_do_not_stop_the_sweep(
@@ -91,29 +113,25 @@ def test_sequential_jobs_match_fresh_runs(
 ) -> None:
     sweep, _ = basic_sweep
     # That job (seq_len=16, lr=0.003) ran last, after three others in the same process.
-    job = next(
-        i
-        for i in range(4)
-        if {"run.seq_len=16", "optim.lr=0.003"} <= set(_status(sweep / str(i))["overrides"])
-    )
-    fresh = _nnxtrain(*TINY, "optim.lr=0.003", f"hydra.run.dir={tmp_path}")
+    job = _job(sweep, "run.seq_len=16", "optim.lr=0.003")
+    fresh = run_cli_in_process([*TINY, "optim.lr=0.003", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert _losses(sweep / str(job)) == _losses(tmp_path)
 
 
-def test_tokens_per_sec_counts_the_train_steps_time_only(tmp_path: Path) -> None:
+def test_tokens_per_sec_counts_the_train_steps_time_only(
+    basic_sweep: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
     """The summary's tokens/s is the job's non-padding tokens over the device's time on its
     train steps after the first (whose time holds the compiled program's one-time start):
     not compilation, evaluation (after steps 4 and 8) or a plugin holding the host for
     `sleep` seconds after step 3 (the device idles)."""
-    sleep = 1.0
-    plugin = ["+callbacks.sleep._target_=callbacks_for_tests.SleepAt", "+callbacks.sleep.at=3"]
-    proc = _nnxtrain(
-        "-m", *TINY, *plugin, f"+callbacks.sleep.seconds={sleep}", f"hydra.sweep.dir={tmp_path}"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "summary.json").read_text())
-    status = _status(tmp_path / "0")
+    sweep, _ = basic_sweep
+    sleep = SLEEP
+    job = _job(sweep, "run.seq_len=16", "optim.lr=0.001")
+    row = json.loads((sweep / "summary.json").read_text())[job]
+    assert row["job"] == job
+    status = _status(sweep / str(job))
     # The same floats through JSON: equal to rounding.
     tokens, timed = status["timed_tokens"], status["timed_seconds"]
     assert row["tokens_per_sec"] == pytest.approx(tokens / timed, rel=1e-12)
@@ -121,7 +139,7 @@ def test_tokens_per_sec_counts_the_train_steps_time_only(tmp_path: Path) -> None
     # metrics.jsonl, a line a step: each line's seconds run from the step before's
     # completion (the first: from its dispatch, after compilation) to its own, so those of
     # steps 2-8 add up to their span, the sleep and the evaluations included.
-    lines = (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()
+    lines = (sweep / str(job) / "metrics.jsonl").read_text().splitlines()
     seconds = {r["step"]: r["seconds"] for r in map(json.loads, lines) if "loss" in r}
     assert sorted(seconds) == list(range(1, 9))
     span = sum(seconds[s] for s in range(2, 9))
@@ -133,7 +151,9 @@ def test_tokens_per_sec_counts_the_train_steps_time_only(tmp_path: Path) -> None
 
 
 def test_unknown_override_in_a_sweep_is_one_line(tmp_path: Path) -> None:
-    proc = _nnxtrain("-m", *TINY, "optim.lrr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}")
+    proc = run_cli_in_process(
+        ["-m", *TINY, "optim.lrr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}"], tmp_path
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "optim.lrr" in proc.stderr
 

@@ -158,8 +158,8 @@ def test_installed_config_groups_equal_the_checkout(installed: Installed) -> Non
 def _option_runs(installed: Installed) -> list[list[str]]:
     """Override lists that, between them, select every option of every group once.
 
-    Run i takes the i-th option of each group that has one: a `--cfg job` costs ~2 s (it
-    imports JAX), so as many runs as the largest group has options, not one per option.
+    Run i takes the i-th option of each group that has one, so as many compositions as the
+    largest group has options, not one per option.
     Groups outside the root defaults list are added with `+`; Hydra's own groups
     (hydra/...) are in Hydra's defaults.
     """
@@ -176,18 +176,39 @@ def _option_runs(installed: Installed) -> list[list[str]]:
     return runs
 
 
+# Composes each override list with Hydra inside the fresh venv, from the installed
+# `nnxtrain.conf` module, and prints them as one JSON list: one interpreter for all of them
+# (the CLI's own `--cfg job` run of the first list covers the entry point).
+_COMPOSE_ALL = """
+import json, sys
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from nnxtrain.config import register_schemas
+register_schemas()
+out = []
+for overrides in json.loads(sys.argv[1]):
+    with initialize_config_module(config_module="nnxtrain.conf", version_base="1.3"):
+        out.append(OmegaConf.to_container(compose("config", overrides=overrides)))
+print(json.dumps(out))
+"""
+
+
 def test_every_config_option_composes_from_the_wheel(installed: Installed) -> None:
     register_schemas()
     runs = _option_runs(installed)
     assert runs, f"no config groups under {installed.conf}"
-    for overrides in runs:
-        proc = installed.run("nnxtrain", "--cfg", "job", *overrides)
-        assert proc.returncode == 0, (overrides, proc.stderr[-3000:])
+    cli = installed.run("nnxtrain", "--cfg", "job", *runs[0])
+    assert cli.returncode == 0, (runs[0], cli.stderr[-3000:])
+    composed = installed.run("python", "-c", _COMPOSE_ALL, json.dumps(runs))
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    from_wheel = json.loads(composed.stdout)
+    assert yaml.safe_load(cli.stdout) == from_wheel[0]
+    for overrides, got in zip(runs, from_wheel, strict=True):
         # The installed configs compose to exactly what the checkout's conf/ composes to.
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             expected = OmegaConf.to_container(compose("config", overrides=overrides))
-        assert yaml.safe_load(proc.stdout) == expected, overrides
+        assert got == expected, overrides
     GlobalHydra.instance().clear()
 
 
