@@ -32,7 +32,6 @@ from typing import IO, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nnxtrain import (
-    METRIC_NAMES,
     Callback,
     EvalEndEvent,
     SetupEvent,
@@ -142,7 +141,7 @@ class MetricsLogger(Callback):
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             # packed rows differ in padding: the window's own non-padding tokens per step
             "tokens_per_sec_per_device": tokens / len(records) / devices / seconds,
-            **{k: m[k] for k in METRIC_NAMES},
+            **m,  # every scalar of the step (DPO's too)
             "goodput": trainer.goodput.report().goodput,
             "time": time.time(),
         }

@@ -1,0 +1,52 @@
+"""The checks of the `dpo` group and of data=preference that need no file and no device.
+
+A bad value is one line naming the key and the fix (`nnxtrain.errors.ConfigError`).
+"""
+
+from nnxtrain.config.schema import DPO_LOSSES, Config
+from nnxtrain.errors import ConfigError
+
+
+def validate_dpo(cfg: Config) -> None:
+    """Raises ConfigError on a bad dpo.* value, or a run data=preference cannot train."""
+    p, d, r = cfg.dpo, cfg.data, cfg.run
+    if p.loss_type not in DPO_LOSSES:
+        raise ConfigError(
+            "dpo.loss_type", f"unknown loss {p.loss_type!r}", f"use {' or '.join(DPO_LOSSES)}"
+        )
+    if not p.beta > 0:
+        raise ConfigError("dpo.beta", f"must be > 0, got {p.beta}", "use e.g. 0.1")
+    if not 0 <= p.label_smoothing < 0.5:
+        raise ConfigError(
+            "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}", "use e.g. 0.1"
+        )
+    if p.label_smoothing and p.loss_type != "sigmoid":
+        raise ConfigError(
+            "dpo.label_smoothing",
+            f"applies to dpo.loss_type=sigmoid only, not {p.loss_type}",
+            "set dpo.label_smoothing=0",
+        )
+    for key, value in (
+        ("data.max_prompt_len", d.max_prompt_len),
+        ("data.max_completion_len", d.max_completion_len),
+    ):
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}", f"set {key}=0 for no limit")
+    if d.name != "preference":
+        return
+    if r.eval_every:
+        raise ConfigError(
+            "run.eval_every",
+            "data=preference has no held-out evaluation yet",
+            "set run.eval_every=0",
+        )
+    if r.loss_chunk:
+        raise ConfigError(
+            "run.loss_chunk", "data=preference projects all positions at once", "set it to 0"
+        )
+    if p.reference != "init" and cfg.model.lora.rank:
+        raise ConfigError(
+            "dpo.reference",
+            "with LoRA the reference is the model with its adapters off",
+            "set dpo.reference=init",
+        )
