@@ -123,6 +123,11 @@ class PairReader:
                 raise BadRecord("missing field", f"no {name!r} field")
         if isinstance(record["prompt"], list):
             return (*self._chat_ids(record), "chat")
+        if not isinstance(record["prompt"], str):
+            got = _json_type(record["prompt"])
+            raise BadRecord(
+                "wrong type", f"'prompt' must be a string or an array of messages, got {got}"
+            )
         prompt = _string(record, "prompt")
         bos = np.array(self.tok.bos_ids, np.int64)
         eos = np.array([self.tok.eos_id], np.int64)
