@@ -153,7 +153,7 @@ class MetricsLogger(Callback):
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
             f"{m['total_weights']:,.0f} | loss {_fixed(m['loss'], 4)} | lm_loss "
             f"{_fixed(m['lm_loss'], 4)} | ppl {_fixed(m['perplexity'], 3)} | lr {m['lr']:.3e} | "
-            f"grad_norm {m['grad_norm']:.3f} | "
+            f"grad_norm {m['grad_norm']:.3f} | {_dpo(m)}"
             f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
@@ -238,3 +238,10 @@ class MetricsLogger(Callback):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _dpo(m: dict[str, Any]) -> str:
+    """A DPO step's reward accuracy and margin for the console line ("" for others)."""
+    if "rewards/accuracies" not in m:
+        return ""
+    return f"rewards acc {m['rewards/accuracies']:.3f} margin {m['rewards/margins']:.4f} | "

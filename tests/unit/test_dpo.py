@@ -162,6 +162,21 @@ def test_pairs_are_read_limited_counted_and_laid_out_chosen_then_rejected(tmp_pa
     assert tight.cut["to fit"] == 1 and tight.cut["dropped"] == 1  # "10+20=" leaves no room
 
 
+def test_chat_pairs_go_through_the_template_and_the_reply_follows_the_prompt(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    prompt = [{"role": "user", "content": "2+3?"}]
+    record = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "5"}], "rejected": "6!"}
+    path.write_text(json.dumps(record) + "\n")
+    tok = ByteTokenizer()
+    reader = PairReader(tok, seq_len=64, chat_template="default")
+    got = reader.read([str(path)], "data.path")
+    assert "1 pairs (1 chat)" in reader.report()
+    text = bytes(int(x) for x in got.prompts[0] if x < 256).decode()
+    assert text.endswith("2+3?\n<|assistant|>\n")  # the generation prompt ends the prompt
+    assert got.chosen[0].tolist() == [*b"5", tok.eos_id, *b"\n"]  # the reply, end of turn
+    assert got.rejected[0].tolist() == [*b"6!", tok.eos_id, *b"\n"]  # a string: a message
+
+
 def saved(run_dir: Path, step: int) -> dict:
     mngr = open_manager(str(run_dir / "checkpoints"), read_only=True)
     try:
