@@ -7,7 +7,7 @@ Device checks live in `nnxtrain.parallel.mesh`, and checks of a file's contents 
 import dataclasses
 import math
 
-from nnxtrain.config.dpo import validate_dpo
+from nnxtrain.config.dpo import validate_dpo, validate_grpo
 from nnxtrain.config.lora import validate_lora
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
@@ -300,6 +300,7 @@ def validate(cfg: Config) -> Config:
             "use a small number such as 4",
         )
     validate_dpo(cfg)
+    validate_grpo(cfg)
     _validate_data(d, r)
     return cfg
 

@@ -1,10 +1,43 @@
-"""The checks of the `dpo` group and of data=preference that need no file and no device.
+"""The checks of the `dpo` and `grpo` groups and of data=preference that need no file and
+no device.
 
 A bad value is one line naming the key and the fix (`nnxtrain.errors.ConfigError`).
 """
 
 from nnxtrain.config.schema import DPO_LOSSES, Config
 from nnxtrain.errors import ConfigError
+
+
+def validate_grpo(cfg: Config) -> None:
+    """Raises ConfigError on a bad grpo.* value (the reward targets load when GRPO starts)."""
+    g = cfg.grpo
+    if g.generations < 2:
+        raise ConfigError(
+            "grpo.generations", f"must be >= 2 (a group), got {g.generations}", "use e.g. 8"
+        )
+    if g.max_new_tokens < 1:
+        raise ConfigError("grpo.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}", "use 16")
+    if not g.temperature > 0:
+        raise ConfigError("grpo.temperature", f"must be > 0, got {g.temperature}", "use 1.0")
+    for key, value in (("grpo.epsilon_low", g.epsilon_low), ("grpo.epsilon_high", g.epsilon_high)):
+        if not 0 < value < 1:
+            raise ConfigError(key, f"must be in (0, 1), got {value}", "use 0.2")
+    if g.beta < 0:
+        raise ConfigError("grpo.beta", f"must be >= 0, got {g.beta}", "use 0 (no KL) or e.g. 0.04")
+    for name, spec in g.rewards.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
+            raise ConfigError(
+                f"grpo.rewards.{name}",
+                "needs a _target_ (module.function)",
+                f"set grpo.rewards.{name}._target_=my_module.my_reward",
+            )
+        extra = set(spec) - {"_target_", "weight"}
+        if extra or not isinstance(spec.get("weight", 1.0), int | float):
+            raise ConfigError(
+                f"grpo.rewards.{name}",
+                f"takes _target_ and a numeric weight, got {sorted(spec)}",
+                "give only _target_ and weight",
+            )
 
 
 def validate_dpo(cfg: Config) -> None:

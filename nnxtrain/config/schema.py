@@ -290,6 +290,24 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO: sample, reward, update (`nnxtrain.train.grpo`, docs/preference.md)."""
+
+    generations: int = setting(8, "G: completions sampled per prompt (a group); >= 2")
+    max_new_tokens: int = setting(16, "longest completion, in tokens")
+    temperature: float = setting(1.0, "sampling temperature (> 0)")
+    epsilon_low: float = setting(0.2, "the ratio is clipped below at 1 - this")
+    epsilon_high: float = setting(0.2, "the ratio is clipped above at 1 + this")
+    beta: float = setting(
+        0.0, "weight of the k3 KL to the reference (the starting model); 0 = none"
+    )
+    # name -> {"_target_": "module.function", "weight": float}; (prompt, completion, row) -> float
+    rewards: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "reward functions by name: _target_ and weight"}
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: one field per config group, plus the callbacks keyed by name."""
 
@@ -299,6 +317,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     # name -> {"_target_": "pkg.Class" or a registered short name, **kwargs}; fired in order
     callbacks: dict[str, Any] = field(default_factory=dict)
 
@@ -310,4 +329,5 @@ GROUPS: dict[str, type] = {
     "data": DataConfig,
     "optim": OptimConfig,
     "dpo": DpoConfig,
+    "grpo": GrpoConfig,
 }
