@@ -77,6 +77,10 @@ def validate_dpo(cfg: Config) -> None:
         raise ConfigError(
             "run.loss_chunk", "data=preference projects all positions at once", "set it to 0"
         )
+    if r.fit:
+        raise ConfigError(
+            "run.fit", "the largest-batch search compiles SFT's step, not DPO's", "leave it empty"
+        )
     if p.reference != "init" and cfg.model.lora.rank:
         raise ConfigError(
             "dpo.reference",

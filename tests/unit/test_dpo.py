@@ -20,6 +20,7 @@ from nnxtrain.checkpoint import open_manager
 from nnxtrain.checkpoint.storage import read_meta
 from nnxtrain.data.preference import PairReader, PreferenceData
 from nnxtrain.data.tokenizer import ByteTokenizer
+from nnxtrain.errors import ConfigError
 from nnxtrain.model import Transformer, adapters_off
 from nnxtrain.prefs import pair_sums, row_logps
 
@@ -228,6 +229,11 @@ BAD_KEYS = {
 }
 
 
+# Through the real command (one line, exit 2): a bad row, a bad key, a reference that is
+# not there (found at compile time); the others' one line is checked where it is raised.
+CLI_CASES = ("invalid JSON", "dpo.loss_type", "dpo.reference")
+
+
 def test_bad_rows_and_keys_are_one_line_and_exit_2(pairs, tmp_path):
     files = {}
     for i, (why, line) in enumerate(BAD_ROWS.items()):
@@ -241,11 +247,20 @@ def test_bad_rows_and_keys_are_one_line_and_exit_2(pairs, tmp_path):
             return args(files[case], tmp_path / "r", "run.steps=1"), tmp_path
         return args(pairs, tmp_path / "r", "run.steps=1", *BAD_KEYS[case]), tmp_path
 
-    done = run_cli_cases([*BAD_ROWS, *BAD_KEYS], args_of, in_subprocess=())
+    done = run_cli_cases(CLI_CASES, args_of, in_subprocess=())
     for case, proc in done.items():
-        if case in BAD_ROWS:
-            assert_one_line_error(proc, "data.path")
-            assert f"bad{list(BAD_ROWS).index(case)}.jsonl:2: {case}" in proc.stderr, proc.stderr
-        else:
-            assert_one_line_error(proc, case.strip())
+        assert_one_line_error(proc, "data.path" if case in BAD_ROWS else case)
         print(proc.stderr.strip())
+    assert "bad0.jsonl:2: invalid JSON" in done["invalid JSON"].stderr
+    for why, path in files.items():
+        with pytest.raises(ConfigError) as e:
+            PairReader(ByteTokenizer(), seq_len=16).read([str(path)], "data.path")
+        line = str(e.value)
+        assert line.startswith(f"data.path: {path}:2: {why}") and "Fix: " in line, line
+        assert "\n" not in line
+    for key, extra in BAD_KEYS.items():
+        if key not in CLI_CASES:
+            argv = args(pairs, tmp_path / "r", "run.steps=1", *extra)
+            with pytest.raises(ConfigError) as e:
+                Trainer(compose(argv)) if key == "data.truncate" else compose(argv)
+            assert str(e.value).startswith(f"{key.strip()}: ") and "Fix: " in str(e.value)

@@ -68,7 +68,12 @@ def test_the_toy_tasks_reward_rises():
     assert np.mean(history[-10:]) > np.mean(history[:10]) + 0.1
 
 
-def test_a_reward_function_that_fails_is_one_line():
+def test_bad_grpo_keys_and_reward_functions_are_one_line():
+    for key, value in [("generations", 1), ("temperature", 0), ("epsilon_high", 1.5)]:
+        with pytest.raises(UserError, match=rf"^grpo.{key}: .*Fix: "):
+            compose([f"grpo.{key}={value}"])
+    with pytest.raises(UserError, match=r"^grpo.rewards.x: needs a _target_"):
+        compose(["+grpo.rewards.x.weight=2"])
     base = ["model=tiny", "mesh=single", "run.steps=1", "run.batch_size=2", "grpo.max_new_tokens=2"]
     bad = compose([*base, "+grpo.rewards.x._target_=nnxtrain.prefs.rewards.nope"])
     with pytest.raises(UserError, match=r"grpo.rewards.x._target_: cannot import"):
