@@ -67,12 +67,6 @@ def validate_dpo(cfg: Config) -> None:
             raise ConfigError(key, f"must be >= 0, got {value}", f"set {key}=0 for no limit")
     if d.name != "preference":
         return
-    if r.eval_every:
-        raise ConfigError(
-            "run.eval_every",
-            "data=preference has no held-out evaluation yet",
-            "set run.eval_every=0",
-        )
     if r.loss_chunk:
         raise ConfigError(
             "run.loss_chunk", "data=preference projects all positions at once", "set it to 0"

@@ -295,8 +295,15 @@ def _build_preference(cfg: Config) -> PreferenceData:
             f"no usable pair ({reader.report()})",
             'give lines of {"prompt", "chosen", "rejected"} (docs/preference.md)',
         )
+    val = None
+    if as_list(d.val_path):
+        val = reader.read(expand_paths(d.val_path, "data.val_path"), "data.val_path")
+    elif cfg.run.eval_every > 0 and d.val_fraction > 0 and len(pairs) > 1:  # from the end
+        held = min(max(round(len(pairs) * d.val_fraction), 1), len(pairs) - 1)
+        pairs, val = pairs.split(len(pairs) - held)
     return PreferenceData(
         pairs,
+        val,
         seq_len=cfg.run.seq_len,
         seed=cfg.run.seed,
         shuffle=d.shuffle,

@@ -24,8 +24,11 @@ data=jsonl's one-line errors (`nnxtrain.data.jsonl`), and data.skip_bad_records.
 
 A training batch of B pairs is a pure function of (seed, step): pair j of step s is the
 pair at global index s*B + j of a seeded per-epoch permutation (`IndexShuffle`, as for
-the other sources), so a resumed run reads the same pairs. Each row holds one sequence
-from place 0, padded on the right (weights 0 there and on the prompt).
+the other sources), so a resumed run reads the same pairs. Held-out batch i holds the
+held-out pairs i*B .. i*B + B - 1 in order (data.val_path's, else the last
+data.val_fraction of the pairs); rows past their end are padding (weight 0: no pair).
+Each row holds one sequence from place 0, padded on the right (weights 0 there and on
+the prompt).
 """
 
 import hashlib
@@ -58,6 +61,11 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def split(self, at: int) -> tuple["Pairs", "Pairs"]:
+        """The first `at` pairs and the rest."""
+        parts = (self.prompts, self.chosen, self.rejected)
+        return Pairs(*(x[:at] for x in parts)), Pairs(*(x[at:] for x in parts))
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -245,6 +253,10 @@ class PairReader:
         return out
 
 
+def _parts(pairs: Pairs) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    return pairs.prompts, pairs.chosen, pairs.rejected
+
+
 class PreferenceData(StepBatches):
     """Training batches of pairs: 2 rows per pair, chosen block then rejected block."""
 
@@ -255,6 +267,7 @@ class PreferenceData(StepBatches):
     def __init__(
         self,
         pairs: Pairs,
+        val: Pairs | None = None,
         *,
         seq_len: int,
         seed: int,
@@ -268,46 +281,59 @@ class PreferenceData(StepBatches):
     ):
         super().__init__(seed, shuffle, prefetch)
         self.pairs, self.seq_len, self.eos_id, self.vocab_size = pairs, seq_len, eos_id, vocab_size
+        self.val = val if val is not None and len(val) else None
         self.tokenizer, self.tokenizer_digest, self.summary = tokenizer, tokenizer_digest, summary
         self._fingerprint: dict[str, Any] | None = None
         # per pair and side, the tokens of its row (prompt + reply, at most seq_len + 1)
         self._lengths = np.array(
-            [[len(p) + len(c), len(p) + len(r)] for p, c, r in zip(*self._parts(), strict=True)],
+            [[len(p) + len(c), len(p) + len(r)] for p, c, r in zip(*_parts(pairs), strict=True)],
             np.int64,
         ).reshape(-1, 2)
-
-    def _parts(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        return self.pairs.prompts, self.pairs.chosen, self.pairs.rejected
 
     def check(self, batch_size: int, seq_len: int, evaluate: bool) -> None:
         if not len(self.pairs):
             raise ConfigError("data.path", "no usable pair to train on", "give pairs")
+        if evaluate and self.val is None:
+            raise ConfigError(
+                "data.val_fraction",
+                "the held-out split has no pairs",
+                "raise data.val_fraction, give data.val_path, or set run.eval_every=0",
+            )
 
-    def _which(self, step: int, rows: int, asked: np.ndarray | None) -> tuple[Any, Any]:
-        """For each asked row: its pair's index and its side (0 chosen, 1 rejected)."""
+    def _which(self, step: int, rows: int, asked: np.ndarray | None, split: str) -> Any:
+        """For each asked row: its pair's index, its side (0 chosen, 1 rejected) and
+        whether it is real (held-out rows past the split's end are padding)."""
         r = np.arange(rows) if asked is None else np.asarray(asked, np.int64)
         side, j = np.divmod(r, rows // 2)
         g = step * (rows // 2) + j
+        if split == "eval":  # held-out batch `step`: pairs step*B .. step*B + B - 1, in order
+            assert self.val is not None
+            real = g < len(self.val)
+            return np.where(real, g, 0), side, real
         epoch, pos = np.divmod(g, len(self.pairs))
         which = IndexShuffle(len(self.pairs), self.seed)(pos, epoch) if self.shuffle else pos
-        return np.asarray(which, np.int64), side
+        return np.asarray(which, np.int64), side, np.ones(len(r), bool)
 
     def count_tokens(self, step: int, batch_size: int, seq_len: int, split: str = "train") -> int:
-        which, side = self._which(step, batch_size, None)
+        which, side, _ = self._which(step, batch_size, None, "train")
         return int(np.sum(self._lengths[which, side] - 1))
 
     def _make(
         self, step: int, batch_size: int, seq_len: int, split: str, rows: np.ndarray | None
     ) -> Batch:
-        which, side = self._which(step, batch_size, rows)
+        which, side, real = self._which(step, batch_size, rows, split)
         shape = (len(which), seq_len)
         out = {
             "inputs": np.full(shape, self.eos_id, np.int32),
             "targets": np.full(shape, self.eos_id, np.int32),
             "weights": np.zeros(shape, np.float32),
         }
-        prompts, chosen, rejected = self._parts()
+        source = self.val if split == "eval" else self.pairs
+        assert source is not None
+        prompts, chosen, rejected = _parts(source)
         for i, (k, s) in enumerate(zip(which, side, strict=True)):
+            if not real[i]:
+                continue
             p = prompts[k]
             ids = np.concatenate([p, (chosen if s == 0 else rejected)[k]])
             n = len(ids) - 1
@@ -323,11 +349,13 @@ class PreferenceData(StepBatches):
                 "seq_len": self.seq_len,
                 "train_pairs": len(self.pairs),
                 "train_digest": self.pairs.digest(),
+                "val_pairs": len(self.val) if self.val is not None else 0,
             }
         return self._fingerprint
 
     def describe(self) -> str:
+        held = f"{len(self.val):,} pairs" if self.val is not None else "none"
         return (
             f"data: preference, {self.summary}; one pair is 2 rows of {self.seq_len} "
-            f"(chosen, rejected); tokenizer {self.tokenizer}"
+            f"(chosen, rejected); held-out {held}; tokenizer {self.tokenizer}"
         )

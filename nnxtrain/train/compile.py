@@ -226,14 +226,20 @@ def compile_steps(
         )
     if not with_eval:
         return compiled_train, None
+    zero = zero_sums() if preference is None else preference.zero_sums()
     totals = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
-        for k, v in zero_sums().items()
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in zero.items()
     }
     evaluate = jax.jit(
-        make_eval_step(plan.graphdef, z_loss, loss_chunk),
-        in_shardings=(plan.shardings.params, batch_shardings, replicated),
+        make_eval_step(plan.graphdef, z_loss, loss_chunk, pair_loss),
+        in_shardings=(plan.shardings.params, batch_shardings, replicated)
+        + ((plan.shardings.params,) if holds else ()),
         out_shardings=replicated,
     )
-    args = (plan.abstract.params, batch, totals)
-    return compiled_train, _compile("eval", mesh, rules, evaluate, *args)
+    args = (plan.abstract.params, batch, totals, *ref_args)
+    compiled_eval = _compile("eval", mesh, rules, evaluate, *args)
+    if preference is not None:
+        compiled_eval = dataclasses.replace(
+            compiled_eval, compiled=preference.wrap_eval(compiled_eval.compiled)
+        )
+    return compiled_train, compiled_eval

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -36,7 +37,8 @@ from nnxtrain.config import Config, DpoConfig
 from nnxtrain.errors import ConfigError
 from nnxtrain.interop.init_from import load_params, source
 from nnxtrain.model.lora import adapters_off
-from nnxtrain.prefs import pair_sums, row_logps
+from nnxtrain.prefs import DPO_METRICS, pair_sums, row_logps
+from nnxtrain.train.loss import SUM_KEYS
 from nnxtrain.train.step import PairLoss, metric_names
 
 # The model fields a dpo.reference=PATH must share with the policy.
@@ -95,7 +97,9 @@ def check_reference(config: Config) -> None:
 
 
 class Preference:
-    """The DPO parts of one run; reads the trainer's plan, mesh and feed when it needs them."""
+    """The DPO parts of one run; reads the trainer's plan, mesh and feed when it needs them.
+    It keeps the held reference (built once, shared by the train and eval steps) and the
+    precomputed log-probs (per train step, and per held-out batch)."""
 
     def __init__(self, trainer: Any):
         self.trainer, cfg = trainer, trainer.config
@@ -104,6 +108,9 @@ class Preference:
         self.precompute = cfg.dpo.precompute_ref
         self.holds_reference = not (self.lora or self.precompute)
         self.metric_names = metric_names(cfg)
+        self.reference: Any = None  # the held reference's parameters, once built
+        self.train_table: dict[int, jax.Array] | None = None  # step -> [2B] log-probs
+        self.eval_table: dict[int, jax.Array] = {}  # held-out batch -> [2B] log-probs
         check_reference(cfg)
 
     @classmethod
@@ -114,6 +121,11 @@ class Preference:
     def loss(self, graphdef: nnx.GraphDef) -> PairLoss:
         return dpo_loss(self.config, graphdef, self.lora)
 
+    @staticmethod
+    def zero_sums() -> dict[str, np.ndarray]:
+        """The running totals of a DPO eval pass before its first batch."""
+        return {k: np.zeros((), np.float32) for k in (*SUM_KEYS, *DPO_METRICS)}
+
     def batch_spec(self, replicated: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
         """The batch keys the step gets beyond the feed's: the precomputed log-probs."""
         if not self.precompute:
@@ -123,6 +135,15 @@ class Preference:
 
     def wrap(self, compiled: Any) -> "ReferencedStep":
         return ReferencedStep(compiled, self)
+
+    def wrap_eval(self, compiled: Any) -> "ReferencedEval":
+        return ReferencedEval(compiled, self)
+
+    def held(self) -> Any:
+        """The held reference's parameters, built at the first call."""
+        if self.reference is None:
+            self.reference = self.reference_params()
+        return self.reference
 
     def reference_params(self) -> Any:
         """The reference's parameters in the policy's shards: the run's starting weights
@@ -138,19 +159,28 @@ class Preference:
             params = load_params(cfg, params, t.mesh, t.console)
         return params
 
-    def precomputed(self, state: Any, start: int) -> dict[int, jax.Array]:
-        """The reference log-probs of the batches of steps start .. run.steps - 1."""
+    def precompute_from(self, params: Any, start: int) -> None:
+        """The reference log-probs of the batches of steps start .. run.steps - 1 and of
+        the held-out batches (`params`: the policy's, for LoRA's adapters off); the
+        reference is dropped after."""
         t = self.trainer
-        params = state.params if self.lora else self.reference_params()
+        ref = params if self.lora else self.reference_params()
         graphdef, lora = t.plan.graphdef, self.lora
         replicated = NamedSharding(t.mesh, jax.sharding.PartitionSpec())
         logps = jax.jit(
             lambda p, batch: row_logps(reference_model(graphdef, p, lora), batch),
             out_shardings=replicated,
         )
-        table = {s: logps(params, t.feed.train(s)) for s in range(start, t.config.run.steps)}
-        t.console.print(f"dpo: precomputed the reference log-probs of {len(table)} steps")
-        return table
+        steps = range(start, t.config.run.steps)
+        self.train_table = {s: logps(ref, t.feed.train(s)) for s in steps}
+        if t.config.run.eval_every > 0:
+            self.eval_table = {
+                i: logps(ref, t.feed.eval(i)) for i in range(t.config.run.eval_batches)
+            }
+        held_out = f" and of {len(self.eval_table)} held-out batches" if self.eval_table else ""
+        t.console.print(
+            f"dpo: precomputed the reference log-probs of {len(self.train_table)} steps{held_out}"
+        )
 
 
 class ReferencedStep:
@@ -160,23 +190,50 @@ class ReferencedStep:
 
     def __init__(self, compiled: Any, preference: Preference):
         self.compiled, self.preference = compiled, preference
-        self.reference: Any = None  # the held reference's parameters, once built
-        self._table: dict[int, jax.Array] | None = None
         self._next = 0  # the step the next call trains (precomputed)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.compiled, name)
 
+    @property
+    def reference(self) -> Any:
+        return self.preference.reference
+
     def __call__(self, state: Any, batch: dict[str, jax.Array], guard: jax.Array) -> Any:
         p = self.preference
         if p.holds_reference:
-            if self.reference is None:
-                self.reference = p.reference_params()
-            return self.compiled(state, batch, guard, self.reference)
+            return self.compiled(state, batch, guard, p.held())
         if p.precompute:
-            if self._table is None:
+            if p.train_table is None:
                 self._next = int(jax.device_get(state.step))
-                self._table = p.precomputed(state, self._next)
-            batch = {**batch, "ref_logps": self._table.pop(self._next)}
+                p.precompute_from(state.params, self._next)
+            assert p.train_table is not None
+            batch = {**batch, "ref_logps": p.train_table.pop(self._next)}
             self._next += 1
         return self.compiled(state, batch, guard)
+
+
+class ReferencedEval:
+    """The compiled DPO eval step, called as every eval step is: (params, batch, totals).
+    A pass starts from the loop's `zero_sums()`, which lacks DPO's keys: they are added,
+    and the pass's batches counted (for their precomputed log-probs)."""
+
+    def __init__(self, compiled: Any, preference: Preference):
+        self.compiled, self.preference = compiled, preference
+        self._index = 0  # the held-out batch of this call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.compiled, name)
+
+    def __call__(self, params: Any, batch: dict[str, jax.Array], totals: Any) -> Any:
+        p = self.preference
+        if DPO_METRICS[0] not in totals:  # the first batch of a pass
+            totals, self._index = {**p.zero_sums(), **totals}, 0
+        if p.holds_reference:
+            return self.compiled(params, batch, totals, p.held())
+        if p.precompute:
+            if not p.eval_table:  # (evaluated before any train step: never in the loop)
+                p.precompute_from(params, p.trainer.config.run.steps)
+            batch = {**batch, "ref_logps": p.eval_table[self._index]}
+        self._index += 1
+        return self.compiled(params, batch, totals)

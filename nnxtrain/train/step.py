@@ -252,20 +252,24 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, z_loss: float, loss_chunk: int = 0
+    graphdef: nnx.GraphDef, z_loss: float, loss_chunk: int = 0, pair_loss: PairLoss | None = None
 ) -> Callable[..., Any]:
     """The eval step: adds one batch's weighted loss sums to the running `totals` under the
     current parameters (no update); returns the new totals and their means.
 
     Evaluating N batches is N calls threading `totals` (start from `zero_sums()`); the
     means the last call returns are the pass's metrics, and nothing runs outside the
-    compiled step.
+    compiled step. With `pair_loss` (DPO) its sums, given the reference `ref`.
     """
 
     def eval_step(
-        params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array]
+        params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array], *ref: Any
     ) -> tuple[dict[str, jax.Array], Metrics]:
-        sums = batch_loss_sums(nnx.merge(graphdef, params), batch, z_loss, loss_chunk)
+        model = nnx.merge(graphdef, params)
+        if pair_loss is not None:
+            sums = pair_loss(model, batch, ref[0] if ref else None)
+        else:
+            sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
         totals = jax.tree.map(jnp.add, totals, sums)
         return totals, summarize(totals)
 

@@ -56,6 +56,7 @@ def args(pairs: Path, run_dir: Path, *extra: str) -> list[str]:
         "optim.lr=3e-3",
         "optim.warmup_fraction=0",
         "optim.warmup_steps=0",
+        "run.eval_every=0",
         f"run.dir={run_dir}",
         *extra,
     ]
@@ -190,8 +191,10 @@ def saved(run_dir: Path, step: int) -> dict:
 @pytest.mark.slow  # three real CLI runs
 def test_resume_after_sigterm_is_bitwise(pairs, tmp_path):
     """With the reference precomputed: the resumed run rebuilds the reference (as the
-    held one is rebuilt) and recomputes the log-probs of its remaining steps."""
+    held one is rebuilt) and recomputes the log-probs of its remaining steps and of the
+    held-out pairs, evaluated every 2 steps."""
     extra = ["run.steps=4", "callbacks.checkpoint.every=2", "dpo.precompute_ref=true"]
+    extra += ["run.eval_every=2", "run.eval_batches=1"]
     base = args(pairs, tmp_path, *extra)
     signal = ["+callbacks.sig._target_=callbacks_for_tests.SignalAtStep", "+callbacks.sig.at=2"]
     whole = run_cli_in_process([*base, f"run.dir={tmp_path / 'whole'}"], tmp_path)
@@ -199,11 +202,18 @@ def test_resume_after_sigterm_is_bitwise(pairs, tmp_path):
     assert whole.returncode == 0 and cut.returncode == 143, cut.stderr
     again = run_cli_in_process([*base, f"run.dir={tmp_path / 'cut'}"], tmp_path)
     assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stderr
-    assert "dpo: precomputed the reference log-probs of 2 steps" in again.stdout
-    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert "precomputed the reference log-probs of 2 steps and of 1 held-out" in again.stdout
+    lines = (tmp_path / "cut" / "metrics.jsonl").open()
+    records = [r for line in lines if "grad_norm" in (r := json.loads(line))]  # train steps
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["loss"] == LOG2 and records[0]["rewards/margins"] == 0.0
     assert saved(tmp_path / "whole", 4) == saved(tmp_path / "cut", 4)  # bitwise
+    evals = [
+        json.loads(p.read_text())["final"]["eval_metrics"]
+        for p in (tmp_path / "whole" / "run_info.json", tmp_path / "cut" / "run_info.json")
+    ]
+    assert evals[0] == evals[1] and evals[0]["eval/total_weights"] > 0
+    assert 0 <= evals[0]["eval/rewards/accuracies"] <= 1
 
 
 BAD_ROWS = {
@@ -222,7 +232,6 @@ BAD_KEYS = {
     "dpo.beta": ["dpo.beta=0"],
     "dpo.label_smoothing": ["dpo.label_smoothing=0.5"],
     "dpo.label_smoothing ": ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"],
-    "run.eval_every": ["run.eval_every=10"],
     "data.max_prompt_len": ["data.max_prompt_len=-1"],
     "dpo.reference": ["dpo.reference=/no/such/dir"],
     "data.truncate": ["data.truncate=error", "run.seq_len=8"],
