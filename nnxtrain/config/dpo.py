@@ -15,6 +15,8 @@ def validate_grpo(cfg: Config) -> None:
         raise ConfigError(
             "grpo.generations", f"must be >= 2 (a group), got {g.generations}", "use e.g. 8"
         )
+    if g.iterations < 1:
+        raise ConfigError("grpo.iterations", f"must be >= 1, got {g.iterations}", "use 1")
     if g.max_new_tokens < 1:
         raise ConfigError("grpo.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}", "use 16")
     if not g.temperature > 0:

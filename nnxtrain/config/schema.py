@@ -301,6 +301,7 @@ class GrpoConfig:
     beta: float = setting(
         0.0, "weight of the k3 KL to the reference (the starting model); 0 = none"
     )
+    iterations: int = setting(1, "updates per batch of samples (the old policy: the sampler's)")
     # name -> {"_target_": "module.function", "weight": float}; (prompt, completion, row) -> float
     rewards: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "reward functions by name: _target_ and weight"}

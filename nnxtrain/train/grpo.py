@@ -20,8 +20,10 @@ state.params)`, a model over the very arrays of the train state on the same mesh
 copy); what sampling adds is its KV cache (rows x (prompt + new tokens) x layers x 2 x
 kv heads x head_dim) and its own compiled prefill and decode programs. The reference of
 the KL (beta > 0) is a copy of the starting parameters, or with LoRA the model with its
-adapters off (no copy). One update per batch of samples: the old log-probs are the new
-ones, detached (the ratio is 1; the clip bites only with several updates, not done here).
+adapters off (no copy). `grpo.iterations` updates per batch of samples: with one, the old
+log-probs are the new ones, detached (the ratio is 1, the clip inactive, TRL's default);
+with more, the old ones are the sampler's (computed once before the updates) and the
+clip bites from the second update on.
 Single process; no checkpointing of a GRPO run yet.
 """
 
@@ -127,7 +129,7 @@ def grpo_loss(cfg: GrpoConfig, graphdef: nnx.GraphDef, lora: bool) -> PairLoss:
             ref_logps = token_logps(reference, batch)
         return policy_sums(
             logps,
-            logps,  # one update per batch of samples: the old policy is this one
+            batch.get("old_logps", logps),  # one update per batch: the old policy is this one
             batch["advantages"],
             batch["weights"],
             eps_low=cfg.epsilon_low,
@@ -187,6 +189,8 @@ class GRPO:
             grpo_loss(cfg.grpo, self.plan.graphdef, lora),
         )
         self._update = jax.jit(step, donate_argnums=0)
+        graphdef = self.plan.graphdef
+        self._logps = jax.jit(lambda p, batch: token_logps(nnx.merge(graphdef, p), batch))
 
     def _prompts(self, step: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
         """The step's rows, each repeated G times, their ids right-padded, and lengths."""
@@ -242,7 +246,10 @@ class GRPO:
         total = np.sum([r.weight * scores[r.name] for r in self.rewards], axis=0)
         batch["advantages"] = np.asarray(group_advantages(jnp.asarray(total), g.generations))
         with use_rules(self.mesh, self.rules):
-            self.state, metrics = self._update(self.state, batch, None, self.reference)
+            if g.iterations > 1:  # the sampler's log-probs: the ratio's old policy
+                batch["old_logps"] = np.asarray(self._logps(self.state.params, batch))
+            for _ in range(g.iterations):
+                self.state, metrics = self._update(self.state, batch, None, self.reference)
         m = jax.device_get(metrics)
         return GrpoStep(
             step + 1,
