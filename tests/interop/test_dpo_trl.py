@@ -6,7 +6,8 @@ pairs whose prompts and replies all differ in length, collated by TRL's
 `DataCollatorForPreference` (right padding; completion mask on the replies), goes through
 TRL's `DPOTrainer._compute_loss` (its loss, and the four reward and two log-prob metrics
 it logs) and `compute_ref_log_probs` (per-pair log-probs of any model), and through
-`nnxtrain.prefs` on nnxtrain's models, laid out as a data=preference batch.
+nnxtrain's on its own models, laid out as a data=preference batch: `row_logps`, and the
+train step's loss (`nnxtrain.train.preference.dpo_loss`).
 
 Tolerances are the issue's: 1e-4 on per-pair log-probs, 1e-5 on the loss and the reward
 metrics. The two stacks compute the same float32 forward in different orders; the
@@ -20,10 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_models import make_hf
 
 import nnxtrain.hf
-from nnxtrain.prefs import pair_sums, row_logps
+from nnxtrain.config import DpoConfig
+from nnxtrain.prefs import row_logps
+from nnxtrain.train.preference import dpo_loss
 
 VOCAB = 128
 # (prompt, chosen, rejected) lengths: every one differs, so a mask off by one shows
@@ -115,16 +119,11 @@ def test_loss_and_metrics_equal_trls(setup, loss_type, beta, smoothing):
     trainer, examples, collate = setup["trainer"], setup["examples"], setup["collate"]
     batch = collate(examples)
     mine = our_batch(batch)
-    logps = row_logps(setup["ours"]["policy"], mine)
-    ref = row_logps(setup["ours"]["ref"], mine)
-    sums = pair_sums(
-        logps,
-        ref,
-        mine["weights"].sum(-1),
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=smoothing,
-    )
+    # the train step's own loss (nnxtrain.train.preference.dpo_loss): the policy's forward,
+    # the held reference's parameters, the reply lengths from the batch's weights
+    graphdef, ref_params = nnx.split(setup["ours"]["ref"])
+    cfg = DpoConfig(beta=beta, loss_type=loss_type, label_smoothing=smoothing)
+    sums = dpo_loss(cfg, graphdef, lora=False)(setup["ours"]["policy"], mine, ref_params)
     ours = {k: float(v / sums["weight"]) for k, v in sums.items() if k not in ("z", "weight")}
     trainer.beta, trainer.label_smoothing = beta, smoothing
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
