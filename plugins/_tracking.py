@@ -38,7 +38,6 @@ from typing import Any, ClassVar
 import jax
 
 from nnxtrain import (
-    METRIC_NAMES,
     Callback,
     ConfigError,
     EvalEndEvent,
@@ -201,7 +200,7 @@ class Tracker(Callback):
             return
         record = event.record()  # waits for this step only
         # (no loss token: the loss metrics are left out, not logged as a perfect 0)
-        taken = without_loss({k: record.metrics[k] for k in METRIC_NAMES})
+        taken = without_loss(record.metrics)  # every scalar of the step (DPO's too)
         metrics = {f"train/{k}": float(v) for k, v in taken.items() if v is not None}
         if self._last is not None and record.completed_at > self._last[1]:
             seconds = (record.completed_at - self._last[1]) / (event.step - self._last[0])

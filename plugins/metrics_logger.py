@@ -32,7 +32,6 @@ from typing import IO, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nnxtrain import (
-    METRIC_NAMES,
     Callback,
     EvalEndEvent,
     SetupEvent,
@@ -142,7 +141,7 @@ class MetricsLogger(Callback):
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             # packed rows differ in padding: the window's own non-padding tokens per step
             "tokens_per_sec_per_device": tokens / len(records) / devices / seconds,
-            **{k: m[k] for k in METRIC_NAMES},
+            **m,  # every scalar of the step (DPO's too)
             "goodput": trainer.goodput.report().goodput,
             "time": time.time(),
         }
@@ -154,7 +153,7 @@ class MetricsLogger(Callback):
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
             f"{m['total_weights']:,.0f} | loss {_fixed(m['loss'], 4)} | lm_loss "
             f"{_fixed(m['lm_loss'], 4)} | ppl {_fixed(m['perplexity'], 3)} | lr {m['lr']:.3e} | "
-            f"grad_norm {m['grad_norm']:.3f} | "
+            f"grad_norm {m['grad_norm']:.3f} | {_dpo(m)}"
             f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
@@ -239,3 +238,10 @@ class MetricsLogger(Callback):
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _dpo(m: dict[str, Any]) -> str:
+    """A DPO step's reward accuracy and margin for the console line ("" for others)."""
+    if "rewards/accuracies" not in m:
+        return ""
+    return f"rewards acc {m['rewards/accuracies']:.3f} margin {m['rewards/margins']:.4f} | "

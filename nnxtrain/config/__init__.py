@@ -9,6 +9,7 @@
 - `checks`: `validate()`, the checks that need no device and no file (`validate_model`,
   the model group's alone, also runs on every Hugging Face config.json read);
 - `lora`: `model.lora`'s checks and its targets (`lora_targets`);
+- `dpo`: the checks of the `dpo` group and of data=preference;
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
@@ -26,6 +27,8 @@ from nnxtrain.config.schema import (
     TOKEN_DTYPES,
     Config,
     DataConfig,
+    DpoConfig,
+    GrpoConfig,
     LoraConfig,
     MeshConfig,
     ModelConfig,
@@ -45,6 +48,8 @@ __all__ = [
     "TOKEN_DTYPES",
     "Config",
     "DataConfig",
+    "DpoConfig",
+    "GrpoConfig",
     "LoraConfig",
     "MeshConfig",
     "ModelConfig",

@@ -7,6 +7,7 @@ Device checks live in `nnxtrain.parallel.mesh`, and checks of a file's contents 
 import dataclasses
 import math
 
+from nnxtrain.config.dpo import validate_dpo, validate_grpo
 from nnxtrain.config.lora import validate_lora
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
@@ -298,6 +299,8 @@ def validate(cfg: Config) -> Config:
             f"must be in [1, model.vocab_size], got {d.branching}",
             "use a small number such as 4",
         )
+    validate_dpo(cfg)
+    validate_grpo(cfg)
     _validate_data(d, r)
     return cfg
 
@@ -335,7 +338,7 @@ def _validate_data(d: DataConfig, r: RunConfig) -> None:
             "char builds its vocabulary from text, and data=tokens has none",
             "give the char_vocab.json the corpus was made with, or leave it empty",
         )
-    if d.name == "jsonl":
+    if d.name in ("jsonl", "preference"):
         _validate_jsonl(d)
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(

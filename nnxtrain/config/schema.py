@@ -12,7 +12,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FIT_MODES = ("", "max_batch")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # Hugging Face's rope_type names
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "matmul", "splash")
-DATA_KINDS = ("synthetic", "text", "tokens", "jsonl")
+DATA_KINDS = ("synthetic", "text", "tokens", "jsonl", "preference")
+DPO_LOSSES = ("sigmoid", "ipo")  # dpo.loss_type: TRL's names
 TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a row
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
 DOCUMENT_MASKS = ("auto", True, False)  # data.document_mask
@@ -189,7 +190,9 @@ class RunConfig:
 class DataConfig:
     """Where batches come from."""
 
-    name: str = setting("synthetic", "dataset kind: synthetic, text, tokens or jsonl")
+    name: str = setting(
+        "synthetic", "dataset kind: synthetic, text, tokens, jsonl or preference (trains DPO)"
+    )
     branching: int = setting(4, "synthetic: likely successors of each token in the Markov source")
     source_seed: int = setting(1234, "synthetic: seed of the Markov source (fixed across runs)")
     path: Any = setting(
@@ -239,6 +242,12 @@ class DataConfig:
         "packed documents attend only within themselves, positions restart; auto = on for "
         "jsonl, text, tokens with a known EOS",
     )
+    max_prompt_len: int = setting(
+        0, "preference: a prompt keeps its last this many tokens (counted); 0 = no limit"
+    )
+    max_completion_len: int = setting(
+        0, "preference: a reply keeps its first this many tokens (counted); 0 = no limit"
+    )
     shuffle: bool = setting(True, "shuffle training sequences each epoch, seeded by run.seed")
     prefetch: int = setting(2, "training batches prepared ahead on a background thread; 0 = none")
 
@@ -264,6 +273,42 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    """Direct preference optimisation, trained when data=preference (docs/preference.md)."""
+
+    beta: float = setting(0.1, "how far the policy may move from the reference (> 0)")
+    loss_type: str = setting("sigmoid", "sigmoid (DPO) or ipo (length-normalised, squared)")
+    label_smoothing: float = setting(
+        0.0, "sigmoid: the share of pairs taken as mislabelled (conservative DPO), in [0, 0.5)"
+    )
+    reference: str = setting(
+        "init", "the reference model: init (the starting weights), or an HF dir or run dir"
+    )
+    precompute_ref: bool = setting(
+        False, "compute the reference log-probs in one pass before training, then free it"
+    )
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """GRPO: sample, reward, update (`nnxtrain.train.grpo`, docs/preference.md)."""
+
+    generations: int = setting(8, "G: completions sampled per prompt (a group); >= 2")
+    max_new_tokens: int = setting(16, "longest completion, in tokens")
+    temperature: float = setting(1.0, "sampling temperature (> 0)")
+    epsilon_low: float = setting(0.2, "the ratio is clipped below at 1 - this")
+    epsilon_high: float = setting(0.2, "the ratio is clipped above at 1 + this")
+    beta: float = setting(
+        0.0, "weight of the k3 KL to the reference (the starting model); 0 = none"
+    )
+    iterations: int = setting(1, "updates per batch of samples (the old policy: the sampler's)")
+    # name -> {"_target_": "module.function", "weight": float}; (prompt, completion, row) -> float
+    rewards: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "reward functions by name: _target_ and weight"}
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: one field per config group, plus the callbacks keyed by name."""
 
@@ -272,6 +317,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     # name -> {"_target_": "pkg.Class" or a registered short name, **kwargs}; fired in order
     callbacks: dict[str, Any] = field(default_factory=dict)
 
@@ -282,4 +329,6 @@ GROUPS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
     "optim": OptimConfig,
+    "dpo": DpoConfig,
+    "grpo": GrpoConfig,
 }

@@ -8,7 +8,8 @@
 Kinds: `synthetic` (a Markov source with a known loss floor, `synthetic.py`), `text` (UTF-8
 files tokenized at start-up, `text.py` + `tokenizer.py`), `tokens` (pre-tokenized
 `.npy`/`.bin` files, memory-mapped, `tokens.py`) and `jsonl` (records with loss masks,
-`jsonl.py` + `chat.py`). Text and tokens are packed into fixed-length sequences with a
+`jsonl.py` + `chat.py`) and `preference` (prompt, chosen and rejected replies for DPO,
+`preference.py`). Text and tokens are packed into fixed-length sequences with a
 held-out split by `packing.PackedData`; jsonl records are packed whole into rows, with
 segment ids and positions, by `documents.DocumentData`. Every dataset's
 `batch(step, ...)` is a pure function of (run.seed, step), so a resumed run reads exactly
@@ -32,6 +33,7 @@ from nnxtrain.data.chat import special_token, tokenizer_config
 from nnxtrain.data.documents import DocumentData
 from nnxtrain.data.jsonl import Fields, RecordReader, check_loss, describe_files
 from nnxtrain.data.packing import PackedData, TokenStream
+from nnxtrain.data.preference import PairReader, PreferenceData
 from nnxtrain.data.synthetic import MarkovSource, SyntheticData
 from nnxtrain.data.text import (
     as_list,
@@ -76,7 +78,12 @@ def build_dataset(cfg: Config) -> Any:
     d = cfg.data
     if d.name == "synthetic":
         return SyntheticData(cfg.model.vocab_size, d.branching, d.source_seed, cfg.run.seed)
-    builders: dict[str, Any] = {"text": _build_text, "tokens": _build_tokens, "jsonl": _build_jsonl}
+    builders: dict[str, Any] = {
+        "text": _build_text,
+        "tokens": _build_tokens,
+        "jsonl": _build_jsonl,
+        "preference": _build_preference,
+    }
     data = builders[d.name](cfg)
     batch = cfg.run.batch_size if cfg.run.batch_size > 0 else jax.device_count()
     data.check(batch, cfg.run.seq_len, evaluate=cfg.run.eval_every > 0)
@@ -266,6 +273,46 @@ def _build_jsonl(cfg: Config) -> DocumentData:
         summary=reader.report(),
         val_key="data.val_path" if val_files else "data.val_fraction",
         document_mask=document_mask(cfg),
+    )
+
+
+def _build_preference(cfg: Config) -> PreferenceData:
+    d = cfg.data
+    tok = _record_tokenizer(cfg)
+    reader = PairReader(
+        tok,
+        seq_len=cfg.run.seq_len,
+        max_prompt=d.max_prompt_len,
+        max_reply=d.max_completion_len,
+        truncate=d.truncate,
+        skip_bad=d.skip_bad_records,
+        chat_template=d.chat_template,
+    )
+    pairs = reader.read(expand_paths(d.path, "data.path"), "data.path")
+    if not len(pairs):
+        raise ConfigError(
+            "data.path",
+            f"no usable pair ({reader.report()})",
+            'give lines of {"prompt", "chosen", "rejected"} (docs/preference.md)',
+        )
+    val = None
+    if as_list(d.val_path):
+        val = reader.read(expand_paths(d.val_path, "data.val_path"), "data.val_path")
+    elif cfg.run.eval_every > 0 and d.val_fraction > 0 and len(pairs) > 1:  # from the end
+        held = min(max(round(len(pairs) * d.val_fraction), 1), len(pairs) - 1)
+        pairs, val = pairs.split(len(pairs) - held)
+    return PreferenceData(
+        pairs,
+        val,
+        seq_len=cfg.run.seq_len,
+        seed=cfg.run.seed,
+        shuffle=d.shuffle,
+        eos_id=tok.eos_id,
+        vocab_size=tok.vocab_size,
+        tokenizer=tok.describe(),
+        tokenizer_digest=tok.digest(),
+        prefetch=d.prefetch,
+        summary=reader.report(),
     )
 
 

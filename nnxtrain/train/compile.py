@@ -31,6 +31,7 @@ from nnxtrain.parallel.preemption import interruptible
 from nnxtrain.parallel.sharding import ActivationRecord, state_shardings, use_rules
 from nnxtrain.train.step import (
     GUARD_OFF,
+    METRIC_NAMES,
     TrainState,
     make_eval_step,
     make_train_step,
@@ -185,41 +186,60 @@ def compile_steps(
     grad_accum: int,
     loss_chunk: int = 0,
     with_eval: bool,
+    preference: Any = None,
 ) -> tuple[CompiledStep, CompiledStep | None]:
     """The train step `(state, batch, guard) -> (state, metrics vector)`, state donated
     (guard: float32 [on, loss limit, grad-norm limit], see `step.GUARD_OFF`), and (when
     `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
-    for `batch`'s shapes and shardings on `mesh` under `rules`."""
+    for `batch`'s shapes and shardings on `mesh` under `rules`. With `preference`
+    (`nnxtrain.train.preference.Preference`: DPO) the train step computes its loss, and
+    is called as above through `preference.wrap`, which hands it the reference."""
+    pair_loss = preference.loss(plan.graphdef) if preference is not None else None
     step_fn = make_train_step(
-        plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk, plan.trainable
+        plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk, plan.trainable, pair_loss
     )
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    names = METRIC_NAMES if preference is None else preference.metric_names
+    batch = batch if preference is None else {**batch, **preference.batch_spec(replicated)}
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 
     def train_step(
-        state: TrainState, batch: dict[str, jax.Array], guard: jax.Array
+        state: TrainState, batch: dict[str, jax.Array], guard: jax.Array, *ref: Any
     ) -> tuple[Any, jax.Array]:
-        state, metrics = step_fn(state, batch, guard)
-        return state, pack_metrics(metrics)
+        state, metrics = step_fn(state, batch, guard, *ref)
+        return state, pack_metrics(metrics, names)
 
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    holds = preference is not None and preference.holds_reference
+    ref_args = (plan.abstract.params,) if holds else ()
     train = jax.jit(
         train_step,
-        in_shardings=(plan.shardings, batch_shardings, replicated),
+        in_shardings=(plan.shardings, batch_shardings, replicated)
+        + ((plan.shardings.params,) if holds else ()),
         out_shardings=(plan.shardings, None),
         donate_argnums=0,
     )
     guard = jax.ShapeDtypeStruct((len(GUARD_OFF),), jnp.float32, sharding=replicated)
-    compiled_train = _compile("train", mesh, rules, train, plan.abstract, batch, guard)
+    compiled_train = _compile("train", mesh, rules, train, plan.abstract, batch, guard, *ref_args)
+    if preference is not None:
+        compiled_train = dataclasses.replace(
+            compiled_train, compiled=preference.wrap(compiled_train.compiled)
+        )
     if not with_eval:
         return compiled_train, None
+    zero = zero_sums() if preference is None else preference.zero_sums()
     totals = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
-        for k, v in zero_sums().items()
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in zero.items()
     }
     evaluate = jax.jit(
-        make_eval_step(plan.graphdef, z_loss, loss_chunk),
-        in_shardings=(plan.shardings.params, batch_shardings, replicated),
+        make_eval_step(plan.graphdef, z_loss, loss_chunk, pair_loss),
+        in_shardings=(plan.shardings.params, batch_shardings, replicated)
+        + ((plan.shardings.params,) if holds else ()),
         out_shardings=replicated,
     )
-    args = (plan.abstract.params, batch, totals)
-    return compiled_train, _compile("eval", mesh, rules, evaluate, *args)
+    args = (plan.abstract.params, batch, totals, *ref_args)
+    compiled_eval = _compile("eval", mesh, rules, evaluate, *args)
+    if preference is not None:
+        compiled_eval = dataclasses.replace(
+            compiled_eval, compiled=preference.wrap_eval(compiled_eval.compiled)
+        )
+    return compiled_train, compiled_eval

@@ -200,7 +200,8 @@ class TrainStartEvent:
 class LazyMetrics(Mapping[str, float]):
     """A step's scalar metrics, fetched from the device only when first read.
 
-    Keys: loss, lm_loss, z_loss, perplexity, total_weights, grad_norm, lr.
+    Keys: loss, lm_loss, z_loss, perplexity, total_weights, grad_norm, lr, skipped; with
+    data=preference also DPO's (nnxtrain.prefs.DPO_METRICS).
     """
 
     def __init__(self, record: Callable[[], "StepRecord"]):

@@ -39,9 +39,11 @@ class Feed:
     """Turns `dataset.batch(step, batch_size, seq_len, split, rows)` into global arrays."""
 
     def __init__(self, dataset: Any, mesh: Mesh, batch_size: int, seq_len: int):
-        self.dataset, self.shape = dataset, (batch_size, seq_len)
+        # a preference dataset gives two rows (chosen, rejected) per example of the batch
+        rows = batch_size * getattr(dataset, "rows_per_example", 1)
+        self.dataset, self.shape = dataset, (rows, seq_len)
         self.sharding = batch_sharding(mesh)
-        self.rows = process_rows(self.sharding, batch_size)  # None: this process holds all
+        self.rows = process_rows(self.sharding, rows)  # None: this process holds all
         self.dtypes = dict(BATCH_DTYPES)
         if getattr(dataset, "document_mask", False):
             self.dtypes.update(DOCUMENT_DTYPES)

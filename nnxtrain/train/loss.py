@@ -43,10 +43,12 @@ def loss_sums(
 
 
 def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Means and perplexity from the weighted sums."""
+    """Means and perplexity from the weighted sums; a sum of another key (a DPO metric's)
+    becomes its mean over what `weight` counts."""
     denom = jnp.maximum(sums["weight"], 1.0)
     lm_loss = sums["ce"] / denom
-    return {
+    extra = {k: v / denom for k, v in sums.items() if k not in SUM_KEYS}
+    return extra | {
         "loss": lm_loss + sums["z"] / denom,
         "lm_loss": lm_loss,
         "z_loss": sums["z"] / denom,

@@ -81,7 +81,7 @@ def header(
         f"nnxtrain: model {cfg.model.name} | mesh "
         + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
         + f" ({devices}) | {cfg.model.dtype} activations, {cfg.model.attention} attention | batch "
-        f"{cfg.run.batch_size} x {cfg.run.seq_len} tokens | {cfg.run.steps} steps",
+        f"{batch_rows(cfg)} x {cfg.run.seq_len} tokens{pairs(cfg)} | {cfg.run.steps} steps",
         dataclasses.replace(flops, num_params=num_params).summary(),
     ]
     if cfg.model.lora.rank > 0 and trained:
@@ -106,3 +106,13 @@ def results(run_dir: str) -> str:
     folders = [f"{n}/" for n in names if os.path.isdir(os.path.join(run_dir, n))]
     files = [n for n in names if f"{n}/" not in folders]
     return f"results in {run_dir}:\n  " + "  ".join(folders + files)
+
+
+def batch_rows(cfg: Config) -> int:
+    """The rows of a step's batch: run.batch_size, or 2 per pair with data=preference."""
+    return cfg.run.batch_size * (2 if cfg.data.name == "preference" else 1)
+
+
+def pairs(cfg: Config) -> str:
+    """The header's note on a DPO batch: its rows hold pairs."""
+    return f" ({cfg.run.batch_size} pairs)" if cfg.data.name == "preference" else ""

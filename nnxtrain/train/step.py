@@ -22,9 +22,13 @@ from flax import nnx
 
 from nnxtrain.config import OptimConfig
 from nnxtrain.model.lora import lora_dropout
+from nnxtrain.prefs import DPO_METRICS
 from nnxtrain.train.loss import SUM_KEYS, batch_loss_sums, summarize
 
 Metrics = dict[str, jax.Array]
+# A loss other than cross-entropy (DPO, `nnxtrain.train.preference`): (model, batch, the
+# reference or None) -> sums in `loss.SUM_KEYS` (and any metric's sum), over what `weight` counts.
+PairLoss = Callable[[Any, dict[str, jax.Array], Any], dict[str, jax.Array]]
 
 # The scalars every train step reports, in the order of `pack_metrics`.
 METRIC_NAMES = (
@@ -59,9 +63,14 @@ def without_loss(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 GUARD_OFF = (0.0, math.inf, math.inf)
 
 
-def pack_metrics(metrics: Metrics) -> jax.Array:
+def metric_names(config: Any) -> tuple[str, ...]:
+    """The scalars a run's train step reports: METRIC_NAMES, then DPO's with data=preference."""
+    return METRIC_NAMES + (DPO_METRICS if config.data.name == "preference" else ())
+
+
+def pack_metrics(metrics: Metrics, names: tuple[str, ...] = METRIC_NAMES) -> jax.Array:
     """The step's scalars as one float32 vector: one device-to-host copy instead of seven."""
-    return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in METRIC_NAMES])
+    return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
 
 
 @jax.tree_util.register_dataclass
@@ -162,6 +171,7 @@ def make_train_step(
     grad_accum: int,
     loss_chunk: int = 0,
     trainable: nnx.filterlib.Filter = nnx.Param,
+    pair_loss: PairLoss | None = None,
 ) -> Callable[..., tuple[TrainState, Metrics]]:
     """The train step: forward, backward (over `grad_accum` micro-batches), update; with a
     `guard` ([on, loss limit, grad-norm limit], see GUARD_OFF) a bad step is skipped. A
@@ -169,10 +179,13 @@ def make_train_step(
     there is nothing to learn from it. The loss projects `loss_chunk` positions at a time
     (`loss.batch_loss_sums`). Only the parameters `trainable` selects (LoRA: the adapters,
     `nnxtrain.model.trainable`) get a gradient and an update; `tx`'s state covers them
-    alone (`split_trainable`)."""
+    alone (`split_trainable`). With `pair_loss` (DPO) the loss is its sums, given `ref`."""
 
     def step(
-        state: TrainState, batch: dict[str, jax.Array], guard: jax.Array | None = None
+        state: TrainState,
+        batch: dict[str, jax.Array],
+        guard: jax.Array | None = None,
+        ref: Any = None,
     ) -> tuple[TrainState, Metrics]:
         train, frozen = split_trainable(state.params, trainable)
 
@@ -181,7 +194,10 @@ def make_train_step(
                 model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
                 # LoRA dropout's masks: a key per step (a resumed step draws the same)
                 with lora_dropout(jax.random.fold_in(jax.random.key(0x10A), state.step)):
-                    sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
+                    if pair_loss is not None:
+                        sums = pair_loss(model, batch, ref)
+                    else:
+                        sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
                 return sums["ce"] + sums["z"], sums
 
             (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
@@ -236,20 +252,24 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, z_loss: float, loss_chunk: int = 0
+    graphdef: nnx.GraphDef, z_loss: float, loss_chunk: int = 0, pair_loss: PairLoss | None = None
 ) -> Callable[..., Any]:
     """The eval step: adds one batch's weighted loss sums to the running `totals` under the
     current parameters (no update); returns the new totals and their means.
 
     Evaluating N batches is N calls threading `totals` (start from `zero_sums()`); the
     means the last call returns are the pass's metrics, and nothing runs outside the
-    compiled step.
+    compiled step. With `pair_loss` (DPO) its sums, given the reference `ref`.
     """
 
     def eval_step(
-        params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array]
+        params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array], *ref: Any
     ) -> tuple[dict[str, jax.Array], Metrics]:
-        sums = batch_loss_sums(nnx.merge(graphdef, params), batch, z_loss, loss_chunk)
+        model = nnx.merge(graphdef, params)
+        if pair_loss is not None:
+            sums = pair_loss(model, batch, ref[0] if ref else None)
+        else:
+            sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
         totals = jax.tree.map(jnp.add, totals, sums)
         return totals, summarize(totals)
 

@@ -68,10 +68,11 @@ from nnxtrain.train.fit import compiled_for, fit_lines
 from nnxtrain.train.goodput import Goodput, cache_hits
 from nnxtrain.train.goodput import table as goodput_table
 from nnxtrain.train.hooks import Hooks
+from nnxtrain.train.preference import Preference
 from nnxtrain.train.registry import build_callbacks
-from nnxtrain.train.report import header, results, run_info
+from nnxtrain.train.report import batch_rows, header, results, run_info
 from nnxtrain.train.result import FitResult, nothing_to_do
-from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.train.step import TrainState, make_optimizer, metric_names, zero_sums
 from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
@@ -169,7 +170,7 @@ class Trainer(RunControls):
             if self.config.run.dry_run:
                 self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
-            where, watcher = "loop", StepWatcher(METRIC_NAMES)
+            where, watcher = "loop", StepWatcher(metric_names(self.config))
             self._watcher = watcher
             return self._train(watcher)
         except BaseException as e:
@@ -198,7 +199,7 @@ class Trainer(RunControls):
         self.run_lock.take(self.run_dir, cfg.mesh.init_timeout)  # before any file is written
         rules = merge_rules(cfg.mesh.rules)
         self._earlier_goodput = read_run_info(self.run_dir).get("goodput")  # before it's rewritten
-        self.flops = step_flops(cfg.model, cfg.run.batch_size, cfg.run.seq_len, self.mesh.size)
+        self.flops = step_flops(cfg.model, batch_rows(cfg), cfg.run.seq_len, self.mesh.size)
         tx, _ = self._optimizer or make_optimizer(cfg.optim, cfg.run.steps)
         plan = self.plan = plan_state(
             self.model_factory, tx, cfg.run.seed, self.mesh, rules, trainable(cfg.model)
@@ -234,6 +235,7 @@ class Trainer(RunControls):
             grad_accum=cfg.run.grad_accum,
             loss_chunk=cfg.run.loss_chunk,
             with_eval=cfg.run.eval_every > 0,
+            preference=Preference.of(self),
         )
         self.compiled, self.activations = train.compiled, train.activations
         steps = [step for step in (train, self.eval_step) if step is not None]

@@ -58,6 +58,8 @@ NEEDS = {
     ("data", "text"): ["data.path=corpus.txt"],
     ("data", "tokens"): ["data.path=tokens.bin"],
     ("data", "jsonl"): ["data.path=train.jsonl"],
+    ("data", "preference"): ["data.path=pairs.jsonl"],
+    ("experiment", "dpo"): ["data.path=pairs.jsonl"],
 }
 
 
