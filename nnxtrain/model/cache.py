@@ -1,23 +1,36 @@
 """The key/value cache that generation carries between decode steps.
 
     cache = KVCache.empty(model.cfg, batch=2, length=64, dtype=jnp.float32)
-    logits, cache = model(prompt, positions, cache=cache)      # prefill: slots 0 .. P-1
+    logits, cache = model(prompt, positions, cache=cache)      # prefill: positions 0 .. P-1
     logits, cache = model(token[:, None], pos[:, None], cache=cache)  # one decode step
 
-A functional pytree of two arrays, `k` and `v`, each [layers, batch, length, kv_heads,
-head_dim]: only the key/value heads are stored (grouped-query attention shares them among
-the query heads). Slot `s` of a row holds the keys and values of position `s`, so the
-positions handed to the model are also where its new entries are written, and a query at
-position `p` sees exactly the slots `0 .. p`. Rows of a batch may therefore sit at
-different positions (right-padded prompts of different lengths): a slot past a row's
-position may hold a padding token's entry, but it is masked until that row writes its own
-entry there. The training step never builds one: `model(tokens)` is the plain forward.
+A functional pytree of two stacks of keys and values, each [layers of its kind, batch,
+slots, kv_heads, head_dim]: only the key/value heads are stored (grouped-query attention
+shares them among the query heads). `k`, `v` hold the global layers (every key stays
+visible), one slot per position: `length` slots. `local_k`, `local_v` hold the
+sliding-window layers (Mistral's every layer, Gemma's 5 in 6) in a ring of
+`min(window, length)` slots: position p goes to slot p % slots, over the key of position
+p - slots, which no later query can see. A model without one kind has a stack of 0
+layers. A layer's cache is its kind's stack at the layer's index among its kind
+(`stack_index`); in a scanned mixed stack the kind rides along the scan and `lax.cond`
+picks the stack.
+
+Which position a slot holds follows from the call's positions [batch, t] alone, so no
+position table is stored: a call's positions are consecutive per row from p0, and every
+position before p0 was written by earlier calls (generation prefills from 0, then steps
+one token at a time). A slot then holds the latest position before p0 that maps to it;
+the call's own keys and values are attended to straight from the chunk (a prefill longer
+than the ring overwrites its own early keys), and written after. A position of -1 is
+padding: never written, and it sees no key. So rows of a batch may sit at different
+positions (right-padded prompts of different lengths). The training step never builds a
+cache: `model(tokens)` is the plain forward.
 
 `KVCache.nbytes` is a cache's size before it exists, and `free_bytes` the memory a device
 can still allocate, so that generation refuses a cache that cannot fit before allocating.
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -27,71 +40,148 @@ import numpy as np
 from nnxtrain.config import ModelConfig
 
 
+def layer_kinds(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Per layer, whether it is a sliding-window layer (every layer of a model with a
+    window; with `global_every`, all but every global_every-th)."""
+    every = cfg.global_every if cfg.sliding_window else 0
+    return tuple(
+        bool(cfg.sliding_window) and (not every or (i + 1) % every != 0)
+        for i in range(cfg.num_layers)
+    )
+
+
+def stack_index(cfg: ModelConfig) -> tuple[int, ...]:
+    """Per layer, its index in its kind's stack of the cache."""
+    kinds = layer_kinds(cfg)
+    return tuple(sum(k == kind for k in kinds[:i]) for i, kind in enumerate(kinds))
+
+
+def _shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+    """(the global stack's shape, the local ring's shape)."""
+    kinds = layer_kinds(cfg)
+    ring = min(cfg.sliding_window, length) if any(kinds) else 0
+    tail = (cfg.num_kv_heads, cfg.head_dim)
+    return (
+        (len(kinds) - sum(kinds), batch, length, *tail),
+        (sum(kinds), batch, ring, *tail),
+    )
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer: k, v [layers, batch, length, kv_heads, head_dim]."""
+    """Keys and values: k, v [global layers, batch, length, kv_heads, head_dim]; local_k,
+    local_v [sliding-window layers, batch, min(window, length), kv_heads, head_dim]."""
 
     k: jax.Array
     v: jax.Array
+    local_k: jax.Array
+    local_v: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> "KVCache":
         """A zeroed cache for `batch` rows of up to `length` positions."""
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        full, ring = _shapes(cfg, batch, length)
+        return cls(*(jnp.zeros(s, dtype) for s in (full, full, ring, ring)))
 
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> int:
         """The bytes of `empty(cfg, batch, length, dtype)`, computed without allocating."""
-        per_position = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-        return 2 * batch * length * per_position * np.dtype(dtype).itemsize
+        elements = sum(int(np.prod(s)) for s in _shapes(cfg, batch, length))
+        return 2 * elements * np.dtype(dtype).itemsize
 
-    @property
-    def length(self) -> int:
-        """Positions a row can hold."""
-        return int(self.k.shape[2])
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        positions: jax.Array,
+        index: jax.Array | int,
+        local: jax.Array | bool | None,
+        window: int,
+        scale: float | None = None,
+        softcap: float = 0.0,
+    ) -> tuple[jax.Array, "KVCache"]:
+        """Attention of one layer's q [b, t, h, d] over its cached keys and the chunk's own
+        k, v [b, t, kv, d] at `positions` [b, t]; the chunk written into the layer's stack
+        at `index`. `local`: the layer's kind where a model has both (a traced flag in a
+        scanned stack); the local kind sees the `window` latest keys."""
+
+        def on(kind: bool) -> Callable[["KVCache"], tuple[jax.Array, "KVCache"]]:
+            def run(c: KVCache) -> tuple[jax.Array, KVCache]:
+                ks, vs = (c.local_k, c.local_v) if kind else (c.k, c.v)
+                out = ring_attention(
+                    q, ks[index], vs[index], k, v, positions, window if kind else 0, scale, softcap
+                )
+                ks, vs = write(ks, index, k, positions), write(vs, index, v, positions)
+                new = KVCache(c.k, c.v, ks, vs) if kind else KVCache(ks, vs, c.local_k, c.local_v)
+                return out, new
+
+            return run
+
+        if not self.local_k.shape[0] or not self.k.shape[0]:  # one kind only
+            return on(bool(self.local_k.shape[0]))(self)
+        if isinstance(local, bool):
+            return on(local)(self)
+        assert local is not None, "a model with both kinds of layer passes each layer's kind"
+        return jax.lax.cond(local, on(True), on(False), self)
 
 
-def write(cache: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array):
-    """`cache` [layers, batch, length, kv, d] with `new` [batch, t, kv, d] written into
-    `layer` at slots `positions` [batch, t] (a scatter into the whole cache, so the
-    surrounding loop updates its buffer in place)."""
+def write(stack: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array):
+    """`stack` [layers, batch, slots, kv, d] with `new` [batch, t, kv, d] written into
+    `layer` at slots `positions % slots` (a scatter into the whole stack, so the
+    surrounding loop updates its buffer in place). Padding (-1) is not written, nor a
+    position that a later one of the same row overwrites (a chunk longer than a ring)."""
+    slots = stack.shape[2]
+    last = jnp.max(positions, axis=1, keepdims=True)
+    keep = (positions >= 0) & (positions > last - slots)
+    at = jnp.where(keep, positions % slots, slots)  # out of range: dropped
     rows = jnp.arange(new.shape[0])[:, None]
-    return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
+    return stack.at[layer, rows, at].set(new.astype(stack.dtype), mode="drop")
 
 
-def cached_attention(
+def ring_attention(
     q: jax.Array,
+    cached_k: jax.Array,
+    cached_v: jax.Array,
     k: jax.Array,
     v: jax.Array,
     positions: jax.Array,
-    window: int | jax.Array = 0,
+    window: int = 0,
     scale: float | None = None,
     softcap: float = 0.0,
 ) -> jax.Array:
-    """Attention of q [b, t, h, d] at `positions` [b, t] over the cached k, v [b, s, kv, d]:
-    slot j is visible to a query at position p when j <= p, and with a sliding `window`
-    (> 0; a traced 0 is none) when p - j < window too; `scale` and `softcap` as
-    `attention.causal_attention` takes them. The query heads are grouped
-    by the key/value head they share, so the cache is read as stored, never repeated."""
+    """Attention of q [b, t, h, d] at `positions` [b, t] over the cached keys and values
+    [b, slots, kv, d] (the positions before the chunk's first; see the module docstring)
+    and the chunk's own k, v [b, t, kv, d]: a key at position j is visible to a query at
+    p when 0 <= j <= p, and with a `window` (> 0) when p - j < window too; `scale` and
+    `softcap` as `attention.causal_attention` takes them. The query heads are grouped by
+    the key/value head they share, so the cache is read as stored, never repeated."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv, slots = k.shape[2], cached_k.shape[1]
+    first = positions[:, :1] - 1  # the last position written before this call
+    held = first - jnp.mod(first - jnp.arange(slots)[None], slots)  # [b, slots]; < 0: empty
+    keys = jnp.concatenate([held, positions], axis=1)[:, None, :]  # [b, 1, slots + t]
+    p = positions[:, :, None]
+    visible = (keys >= 0) & (keys <= p)
+    if window:
+        visible &= p - keys < window
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)) * (scale or d**-0.5)
+    scores = jnp.concatenate(
+        [
+            jnp.einsum("btkgd,bskd->bkgts", q, cached_k.astype(q.dtype)),
+            jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)),
+        ],
+        axis=-1,
+    ) * (scale or d**-0.5)
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
-    slots = jnp.arange(k.shape[1])[None, None, :]
-    visible = slots <= positions[:, :, None]  # [b, t, s]
-    if isinstance(window, jax.Array):
-        visible &= (slots > positions[:, :, None] - window) | (window == 0)
-    elif window:
-        visible &= slots > positions[:, :, None] - window
     scores = jnp.where(
         visible[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
     )
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :slots], cached_v.astype(q.dtype))
+    out += jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v.astype(q.dtype))
     return out.reshape(b, t, h, d)
 
 

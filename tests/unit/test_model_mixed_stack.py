@@ -1,12 +1,14 @@
 """A stack of sliding-window and global layers (Gemma 3's pattern, `model.global_every`)
 with every Gemma switch on: the layer kind rides along the scan as a per-layer flag, so the
 scanned and unrolled forwards agree, a packed row equals its documents alone, and the KV
-cache (prefill and one token at a time) gives the plain forward's logits. The packed and
+cache (prefill and one token at a time, rows at different positions) gives the plain
+forward's logits, its sliding layers caching only their window. The packed and
 cached cases run scanned (the flags as scan inputs); unrolled, the same code is checked
 against transformers by tests/interop/test_hf_families.py (CPU unrolls by default)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import TINY
@@ -72,15 +74,36 @@ def test_a_packed_row_equals_its_documents_alone():
 
 
 def test_the_kv_cache_gives_the_plain_forward():
-    """Prefill 5 tokens, then 7 one at a time: past the window of 3 on the sliding layers."""
+    """Two rows, prefilled with 5 tokens and with 2 (then padding, position -1), then 7
+    tokens one at a time: past the window of 3 on the sliding layers, whose cache is a
+    ring of 3 slots that the 5-token prefill already wraps."""
     model = build(dataclasses.replace(GEMMA, scan_layers=True))
     toks = row()
-    plain = model(toks)
-    cache = KVCache.empty(model.cfg, batch=1, length=12, dtype=jnp.float32)
-    pos = jnp.arange(12)[None]
-    logits, cache = model(toks[:, :5], pos[:, :5], cache=cache)
-    steps = [logits]
-    for t in range(5, 12):
-        logits, cache = model(toks[:, t : t + 1], pos[:, t : t + 1], cache=cache)
+    cache = KVCache.empty(model.cfg, batch=2, length=12, dtype=jnp.float32)
+    pos = jnp.asarray([[0, 1, 2, 3, 4], [0, 1, -1, -1, -1]])
+    logits, cache = model(jnp.concatenate([toks[:, :5]] * 2), pos, cache=cache)
+    steps = [logits[:, :2]]
+    for t in range(7):
+        now = jnp.asarray([[5 + t], [2 + t]])
+        logits, cache = model(toks[0, now], now, cache=cache)
         steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), plain, atol=TOL, rtol=0)
+    got = jnp.concatenate(steps, axis=1)
+    plain = model(toks)  # row 1 is row 0's tokens 0, 1, then 2..8: the same row
+    np.testing.assert_allclose(got[0, 2:], plain[0, 5:12], atol=TOL, rtol=0)
+    np.testing.assert_allclose(got[1], plain[0, :9], atol=TOL, rtol=0)
+
+
+def test_the_cache_of_a_sliding_layer_holds_only_its_window():
+    """Gemma's stack (sliding, global, sliding; window 3): one global layer of 12 slots and
+    two sliding ones of 3, not three of 12; Mistral's (every layer sliding): no global."""
+    b, kv, d = 2, GEMMA.num_kv_heads, GEMMA.head_dim
+    cache = KVCache.empty(GEMMA, batch=b, length=12, dtype=jnp.float32)
+    assert cache.k.shape == cache.v.shape == (1, b, 12, kv, d)
+    assert cache.local_k.shape == cache.local_v.shape == (2, b, 3, kv, d)
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(cache))
+    assert KVCache.nbytes(GEMMA, b, 12, jnp.float32) == nbytes == 2 * 4 * b * kv * d * (12 + 3 * 2)
+    mistral = dataclasses.replace(GEMMA, global_every=0)
+    cache = KVCache.empty(mistral, batch=b, length=12, dtype=jnp.float32)
+    assert cache.k.shape[0] == 0 and cache.local_k.shape == (3, b, 3, kv, d)
+    short = KVCache.empty(mistral, batch=b, length=2, dtype=jnp.float32)  # shorter than a window
+    assert short.local_k.shape == (3, b, 2, kv, d)
