@@ -175,7 +175,7 @@ class Attention(nnx.Module):
         # target platform resolves auto before the model is built (`resolve_auto`).
         cpu = jax.default_backend() == "cpu"
         self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
-        if self.mixed or self.softcap:  # masks and caps that only the matmul kernel takes
+        if self.softcap:  # a cap of the scores only the matmul kernel takes (Gemma 2)
             self.impl = "matmul"
 
     def __call__(
@@ -186,6 +186,13 @@ class Attention(nnx.Module):
         local: jax.Array | None = None,
     ) -> jax.Array:
         q, k, v = self._qkv(x, positions, local)
+        if self.mixed and local is not None and self.impl != "matmul":
+            # The fused kernels take a static mask: one call for each kind of layer, and
+            # the layer's flag picks which runs (the matmul kernel takes the window traced).
+            def kernel(window: int) -> Callable[..., jax.Array]:
+                return lambda q, k, v: attend(self.impl, q, k, v, segment_ids, window, self.scale)
+
+            return self._out(jax.lax.cond(local, kernel(self.window), kernel(0), q, k, v))
         window = self._window(local)
         return self._out(attend(self.impl, q, k, v, segment_ids, window, self.scale, self.softcap))
 

@@ -64,6 +64,22 @@ def test_scanned_equals_unrolled_and_the_window_matters():
     assert float(jnp.max(jnp.abs(all_global(toks) - unrolled))) > 1e-3
 
 
+def test_a_fused_kernel_runs_each_kind_with_its_static_mask():
+    """Without the attention soft-cap (Gemma 3), `xla` (and splash, cuDNN: a static mask
+    each) runs a mixed stack, the layer's flag picking the local or the causal call; on a
+    packed row it gives the matmul kernel's logits."""
+    cfg = dataclasses.replace(GEMMA, scan_layers=True, attn_softcap=0.0)
+    fused = build(dataclasses.replace(cfg, attention="xla"))
+    assert fused.layers.attn.impl == "xla"
+    toks, segments = row(), jnp.asarray([[1] * 7 + [2] * 5])
+    np.testing.assert_allclose(
+        fused(toks, segment_ids=segments),
+        build(cfg)(toks, segment_ids=segments),
+        atol=TOL,
+        rtol=0,
+    )
+
+
 def test_a_packed_row_equals_its_documents_alone():
     model = build(dataclasses.replace(GEMMA, scan_layers=True))
     toks = row()
