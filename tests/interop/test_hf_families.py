@@ -149,7 +149,7 @@ REFUSED = {
         {"model_type": "gemma3_text", "query_pre_attn_scalar": 0},
         "query_pre_attn_scalar",
     ),
-    "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type"),
+    "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 8}, "model_type"),
 }
 
 

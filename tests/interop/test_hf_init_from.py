@@ -110,6 +110,11 @@ def test_a_family_finetunes_and_exports_as_itself(hf_dir, tmp_path, kind):
 
 def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "deepseek").mkdir()  # a family nnxtrain does not read (a MoE with MLA)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (tmp_path / "deepseek" / "config.json").write_text(
+        json.dumps({**config, "model_type": "deepseek_v3"})
+    )
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run_info.json").write_text("{}")
     cases = {
@@ -120,6 +125,7 @@ def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path):
         "run.init_from: ": [f"run.init_from={tmp_path}/nope"],
         "holds neither config.json": [f"run.init_from={tmp_path}/empty"],
         "has no complete checkpoint": [f"run.init_from={tmp_path}/run"],
+        "config.json key 'model_type' is \"deepseek_v3\"": [f"run.init_from={tmp_path}/deepseek"],
     }
     # In this process (no interpreter and JAX start each), and one as the real command, to
     # prove the exit code and the output end to end. Each case has its own run dir: the
