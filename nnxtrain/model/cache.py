@@ -12,18 +12,19 @@ sliding-window layers (Mistral's every layer, Gemma's 5 in 6) in a ring of
 `min(window, length)` slots: position p goes to slot p % slots, over the key of position
 p - slots, which no later query can see. A model without one kind has a stack of 0
 layers. A layer's cache is its kind's stack at the layer's index among its kind
-(`stack_index`); in a scanned mixed stack the kind rides along the scan and `lax.cond`
-picks the stack.
+(`stack_index`); in a scanned mixed stack the kind rides along the scan, `lax.cond` picks
+the stack to attend over, and the write to the other stack is dropped.
 
 Which position a slot holds follows from the call's positions [batch, t] alone, so no
 position table is stored: a call's positions are consecutive per row from p0, and every
 position before p0 was written by earlier calls (generation prefills from 0, then steps
-one token at a time). A slot then holds the latest position before p0 that maps to it;
-the call's own keys and values are attended to straight from the chunk (a prefill longer
-than the ring overwrites its own early keys), and written after. A position of -1 is
-padding: never written, and it sees no key. So rows of a batch may sit at different
-positions (right-padded prompts of different lengths). The training step never builds a
-cache: `model(tokens)` is the plain forward.
+one token at a time). A slot then holds the latest position before p0 that maps to it,
+unless this call wrote it: the call's keys and values are written first (a stack read
+before its write would be copied), then attended to straight from the chunk (a prefill
+longer than the ring overwrites its own early keys), the slots it wrote masked. A
+position of -1 is padding: never written, and it sees no key. So rows of a batch may sit
+at different positions (right-padded prompts of different lengths). The training step
+never builds a cache: `model(tokens)` is the plain forward.
 
 `KVCache.nbytes` is a cache's size before it exists, and `free_bytes` the memory a device
 can still allocate, so that generation refuses a cache that cannot fit before allocating.
@@ -107,24 +108,42 @@ class KVCache:
         at `index`. `local`: the layer's kind where a model has both (a traced flag in a
         scanned stack); the local kind sees the `window` latest keys."""
 
-        def on(kind: bool) -> Callable[["KVCache"], tuple[jax.Array, "KVCache"]]:
-            def run(c: KVCache) -> tuple[jax.Array, KVCache]:
-                ks, vs = (c.local_k, c.local_v) if kind else (c.k, c.v)
-                out = ring_attention(
-                    q, ks[index], vs[index], k, v, positions, window if kind else 0, scale, softcap
+        def attention(kind: bool) -> Callable[..., jax.Array]:
+            def run(k_stack: jax.Array, v_stack: jax.Array) -> jax.Array:
+                w = window if kind else 0
+                return ring_attention(
+                    q, k_stack[index], v_stack[index], k, v, positions, w, scale, softcap
                 )
-                ks, vs = write(ks, index, k, positions), write(vs, index, v, positions)
-                new = KVCache(c.k, c.v, ks, vs) if kind else KVCache(ks, vs, c.local_k, c.local_v)
-                return out, new
 
             return run
 
-        if not self.local_k.shape[0] or not self.k.shape[0]:  # one kind only
-            return on(bool(self.local_k.shape[0]))(self)
-        if isinstance(local, bool):
-            return on(local)(self)
+        if not self.local_k.shape[0] or not self.k.shape[0] or isinstance(local, bool):
+            kind = bool(self.local_k.shape[0]) if local is None else bool(local)
+            ks, vs = (self.local_k, self.local_v) if kind else (self.k, self.v)
+            # written first, then read: a stack read before its write would be copied
+            ks, vs = write(ks, index, k, positions), write(vs, index, v, positions)
+            out = attention(kind)(ks, vs)
+            if kind:
+                return out, KVCache(self.k, self.v, ks, vs)
+            return out, KVCache(ks, vs, self.local_k, self.local_v)
         assert local is not None, "a model with both kinds of layer passes each layer's kind"
-        return jax.lax.cond(local, on(True), on(False), self)
+        # Only the attention is a branch: a branch that returned an updated stack would make
+        # XLA copy every stack per layer and step. Both stacks are written, the other
+        # kind's write dropped (an index out of range).
+        at_local = jnp.where(local, index, self.local_k.shape[0])
+        at_global = jnp.where(local, self.k.shape[0], index)
+        cache = KVCache(
+            write(self.k, at_global, k, positions),
+            write(self.v, at_global, v, positions),
+            write(self.local_k, at_local, k, positions),
+            write(self.local_v, at_local, v, positions),
+        )
+        out = jax.lax.cond(
+            local,
+            lambda: attention(True)(cache.local_k, cache.local_v),
+            lambda: attention(False)(cache.k, cache.v),
+        )
+        return out, cache
 
 
 def write(stack: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array):
@@ -152,15 +171,22 @@ def ring_attention(
     softcap: float = 0.0,
 ) -> jax.Array:
     """Attention of q [b, t, h, d] at `positions` [b, t] over the cached keys and values
-    [b, slots, kv, d] (the positions before the chunk's first; see the module docstring)
-    and the chunk's own k, v [b, t, kv, d]: a key at position j is visible to a query at
+    [b, slots, kv, d] (the chunk already written: its slots are read from the chunk, the
+    others hold positions before its first; see the module docstring) and the chunk's own
+    k, v [b, t, kv, d]: a key at position j is visible to a query at
     p when 0 <= j <= p, and with a `window` (> 0) when p - j < window too; `scale` and
     `softcap` as `attention.causal_attention` takes them. The query heads are grouped by
     the key/value head they share, so the cache is read as stored, never repeated."""
     b, t, h, d = q.shape
     kv, slots = k.shape[2], cached_k.shape[1]
-    first = positions[:, :1] - 1  # the last position written before this call
-    held = first - jnp.mod(first - jnp.arange(slots)[None], slots)  # [b, slots]; < 0: empty
+    slot = jnp.arange(slots)[None]
+    before = positions[:, :1] - 1  # the last position written before this call
+    held = before - jnp.mod(before - slot, slots)  # [b, slots]; < 0: never written
+    # The slots this call wrote (its last `slots` real positions) are read from the chunk.
+    last = jnp.max(positions, axis=1, keepdims=True)
+    since = jnp.maximum(before + 1, last - slots + 1)
+    fresh = jnp.mod(slot - since, slots) < last - since + 1
+    held = jnp.where(fresh, -1, held)
     keys = jnp.concatenate([held, positions], axis=1)[:, None, :]  # [b, 1, slots + t]
     p = positions[:, :, None]
     visible = (keys >= 0) & (keys <= p)
