@@ -121,7 +121,7 @@ class KVCache:
             kind = bool(self.local_k.shape[0]) if local is None else bool(local)
             ks, vs = (self.local_k, self.local_v) if kind else (self.k, self.v)
             # written first, then read: a stack read before its write would be copied
-            ks, vs = write(ks, index, k, positions), write(vs, index, v, positions)
+            ks, vs = (write(a, index, new, positions, ring=kind) for a, new in ((ks, k), (vs, v)))
             out = attention(kind)(ks, vs)
             if kind:
                 return out, KVCache(self.k, self.v, ks, vs)
@@ -135,8 +135,8 @@ class KVCache:
         cache = KVCache(
             write(self.k, at_global, k, positions),
             write(self.v, at_global, v, positions),
-            write(self.local_k, at_local, k, positions),
-            write(self.local_v, at_local, v, positions),
+            write(self.local_k, at_local, k, positions, ring=True),
+            write(self.local_v, at_local, v, positions, ring=True),
         )
         out = jax.lax.cond(
             local,
@@ -146,15 +146,24 @@ class KVCache:
         return out, cache
 
 
-def write(stack: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array):
+def write(
+    stack: jax.Array,
+    layer: jax.Array | int,
+    new: jax.Array,
+    positions: jax.Array,
+    ring: bool = False,
+) -> jax.Array:
     """`stack` [layers, batch, slots, kv, d] with `new` [batch, t, kv, d] written into
-    `layer` at slots `positions % slots` (a scatter into the whole stack, so the
-    surrounding loop updates its buffer in place). Padding (-1) is not written, nor a
-    position that a later one of the same row overwrites (a chunk longer than a ring)."""
+    `layer` at slots `positions`, or in a `ring` at `positions % slots` (a scatter into the
+    whole stack, so the surrounding loop updates its buffer in place). Padding (-1) is not
+    written, nor a position past a global stack's end (generation's last block may run
+    past the tokens asked for), nor one that a later one of the same row overwrites (a
+    chunk longer than a ring)."""
     slots = stack.shape[2]
     last = jnp.max(positions, axis=1, keepdims=True)
     keep = (positions >= 0) & (positions > last - slots)
-    at = jnp.where(keep, positions % slots, slots)  # out of range: dropped
+    at = jnp.where(keep, positions % slots, slots) if ring else positions
+    at = jnp.where(at >= 0, at, slots)  # out of range: dropped
     rows = jnp.arange(new.shape[0])[:, None]
     return stack.at[layer, rows, at].set(new.astype(stack.dtype), mode="drop")
 
