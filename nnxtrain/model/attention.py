@@ -48,7 +48,8 @@ def attend(
     """Attention by kernel `impl` (a `model.attention` value; `auto` is JAX's choice); with
     a sliding `window` (> 0), query i sees only keys j with i - j < window. `scale`
     replaces 1/sqrt(head_dim); a traced window (one per layer, Gemma) and a `softcap` of
-    the scores are the matmul kernel's only (the model picks it for them)."""
+    the scores are the matmul kernel's only (for a fused kernel the model calls it once
+    per kind of layer, each with its static window, and runs a soft-cap with matmul)."""
     if impl == "matmul":
         return causal_attention(q, k, v, segment_ids, window, scale, softcap)
     assert isinstance(window, int) and not softcap, impl

@@ -19,7 +19,8 @@ lengths, seeds, temperatures, top-k, top-p or eos ids do not compile again. Toke
 never compiled per step. After a row emits `eos_id` its remaining tokens are `eos_id`;
 the loop ends early when every row has.
 
-The cache holds the widest prompt plus the new tokens, and no more: a `block` larger than
+The cache holds the widest prompt plus the new tokens, and no more (a sliding-window
+layer only its window, see `nnxtrain.model.cache`): a `block` larger than
 the tokens left is cut to them. A cache that would not fit in the memory free on the
 device (twice over: the prefill holds a second copy while it fills it) is refused before
 anything is allocated or compiled, with one line (`UserError`).
@@ -186,7 +187,11 @@ def _check_cache(model: Transformer, shape: tuple[int, ...], max_new_tokens: int
     free = free_bytes(device)
     if free is None or need <= free:
         return
-    fits = free // (2 * KVCache.nbytes(cfg, batch, 1, dtype)) - width
+    lo, hi = 0, length  # the longest cache that fits (a ring's size stops growing)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if 2 * KVCache.nbytes(cfg, batch, mid, dtype) <= free else (lo, mid - 1)
+    fits = lo - width
     fix = (
         f"ask for at most {fits} new tokens"
         if fits > 0
@@ -288,11 +293,13 @@ def _prefill(
 ) -> Decoding:
     """Runs the prompts through the model into a fresh cache; chooses the first tokens."""
     model = nnx.merge(graphdef, params)
-    # padding may be any value: make it a valid id, so no NaN reaches a (masked) slot
-    prompts = jnp.where(jnp.arange(prompts.shape[1]) < lengths[:, None], prompts, 0)
+    # padding may be any value: make it a valid id, so no NaN reaches a (masked) slot; its
+    # position -1 keeps it out of the cache (a ring's slot may hold a real key it would hide)
+    real = jnp.arange(prompts.shape[1]) < lengths[:, None]
+    prompts = jnp.where(real, prompts, 0)
     dtype = activation_dtype(model.cfg.dtype)
     cache = KVCache.empty(model.cfg, prompts.shape[0], cache_len, dtype)
-    _, cache = model(prompts, cache=cache)
+    _, cache = model(prompts, jnp.where(real, jnp.arange(prompts.shape[1]), -1), cache=cache)
     # Each row's last prompt token again, alone, at its position (its slot gets the same
     # keys and values): only these logits are needed, and the prefill's go unused, so XLA
     # drops the output projection at every other position (most of the prefill of a small

@@ -19,7 +19,7 @@ from flax import nnx
 
 from nnxtrain.config import ModelConfig
 from nnxtrain.model.attention import attend
-from nnxtrain.model.cache import KVCache, cached_attention, write
+from nnxtrain.model.cache import KVCache
 from nnxtrain.model.lora import Adapter, adapters, base_dtype
 from nnxtrain.parallel.sharding import constrain
 
@@ -175,7 +175,7 @@ class Attention(nnx.Module):
         # target platform resolves auto before the model is built (`resolve_auto`).
         cpu = jax.default_backend() == "cpu"
         self.impl = "matmul" if cfg.attention == "auto" and cpu else cfg.attention
-        if self.mixed or self.softcap:  # masks and caps that only the matmul kernel takes
+        if self.softcap:  # a cap of the scores only the matmul kernel takes (Gemma 2)
             self.impl = "matmul"
 
     def __call__(
@@ -186,6 +186,13 @@ class Attention(nnx.Module):
         local: jax.Array | None = None,
     ) -> jax.Array:
         q, k, v = self._qkv(x, positions, local)
+        if self.mixed and local is not None and self.impl != "matmul":
+            # The fused kernels take a static mask: one call for each kind of layer, and
+            # the layer's flag picks which runs (the matmul kernel takes the window traced).
+            def kernel(window: int) -> Callable[..., jax.Array]:
+                return lambda q, k, v: attend(self.impl, q, k, v, segment_ids, window, self.scale)
+
+            return self._out(jax.lax.cond(local, kernel(self.window), kernel(0), q, k, v))
         window = self._window(local)
         return self._out(attend(self.impl, q, k, v, segment_ids, window, self.scale, self.softcap))
 
@@ -202,25 +209,19 @@ class Attention(nnx.Module):
         positions: jax.Array,
         cache: KVCache,
         layer: jax.Array | int,
-        local: jax.Array | None = None,
+        local: jax.Array | bool | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Generation's path: writes this chunk's keys and values into `layer` of the cache
-        at `positions` (consecutive per row), then attends over the cached slots."""
+        """Generation's path: attends over the cached keys and this chunk's (positions
+        consecutive per row), and writes the chunk's keys and values into the cache;
+        `layer` is the layer's index among its kind (`cache.stack_index`)."""
         q, k, v = self._qkv(x, positions, local)
-        cache = KVCache(write(cache.k, layer, k, positions), write(cache.v, layer, v, positions))
-        out = cached_attention(
-            q,
-            cache.k[layer],
-            cache.v[layer],
-            positions,
-            self._window(local),
-            self.scale,
-            self.softcap,
+        out, cache = cache.attend(
+            q, k, v, positions, layer, local, self.window, self.scale, self.softcap
         )
         return self._out(out), cache
 
     def _qkv(
-        self, x: jax.Array, positions: jax.Array, local: jax.Array | None = None
+        self, x: jax.Array, positions: jax.Array, local: jax.Array | bool | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = x.dtype
         q = adapted(self.q_lora, x, project(x, self.wq[...].astype(dt)))  # [b, l, heads, d]
@@ -325,7 +326,7 @@ class DecoderLayer(nnx.Module):
         positions: jax.Array,
         cache: KVCache,
         layer: jax.Array | int,
-        local: jax.Array | None = None,
+        local: jax.Array | bool | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """The same layer over the KV cache (generation; see `Attention.decode`)."""
         attended, cache = self.attn.decode(self.attn_norm(x), positions, cache, layer, local)

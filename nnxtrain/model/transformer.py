@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnxtrain.config import ModelConfig
-from nnxtrain.model.cache import KVCache
+from nnxtrain.model.cache import KVCache, layer_kinds, stack_index
 from nnxtrain.model.layers import (
     BATCH,
     LENGTH,
@@ -206,24 +206,23 @@ class Transformer(nnx.Module):
         self, x: jax.Array, positions: jax.Array, cache: KVCache
     ) -> tuple[jax.Array, KVCache]:
         """The generation forward: the cache is carried through the layers whole, and each
-        layer writes its own slice, so no layer's keys are copied out and stacked again."""
+        layer writes its own slice of its kind's stack (`nnxtrain.model.cache`), so no
+        layer's keys are copied out and stacked again."""
         graphdef, stacked = nnx.split(self.layers)
-        flags = self._local_flags()
+        flags, index = self._local_flags(), stack_index(self.cfg)
 
         def body(
             carry: tuple[jax.Array, KVCache],
-            xs: tuple[nnx.State, jax.Array | int, jax.Array | None],
+            xs: tuple[nnx.State, jax.Array | int, jax.Array | bool | None],
         ) -> tuple[tuple[jax.Array, KVCache], None]:
             (h, kv), (layer_state, i, local) = carry, xs
             return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i, local), None
 
         if self._scan():
-            (x, cache), _ = jax.lax.scan(
-                body, (x, cache), (stacked, jnp.arange(self.cfg.num_layers), flags)
-            )
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.asarray(index), flags))
         else:
-            for i in range(self.cfg.num_layers):
-                local = None if flags is None else flags[i]
+            for i in range(self.cfg.num_layers):  # the kinds static: no lax.cond
+                local = None if flags is None else layer_kinds(self.cfg)[i]
                 layer = jax.tree.map(lambda a, i=i: a[i], stacked)
-                (x, cache), _ = body((x, cache), (layer, i, local))
+                (x, cache), _ = body((x, cache), (layer, index[i], local))
         return x, cache

@@ -1,5 +1,5 @@
-"""Small random Hugging Face models (Llama, Mistral, Qwen2, Qwen3) for the interop tests
-(no downloads).
+"""Small random Hugging Face models (Llama and the families of `FAMILIES`) for the interop
+tests (no downloads).
 
 `make_hf(path, kind=...)` builds a `LlamaForCausalLM` (or the `kind`'s class) from a config
 object, gives it weights large enough that attention is sharp and every norm scale
@@ -56,6 +56,41 @@ CLASSES: dict[str, tuple[Any, Any]] = {
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
 }
 TOLERANCE = 1e-4  # max abs diff of float32 logits
+WINDOW = 8  # shorter than the tests' sequences and than their generations
+# family beyond Llama -> make_hf overrides (issue 26), each the family's distinctive case:
+# Qwen2.5's q/k/v biases, tied embeddings and rope_theta 1e6; Qwen3's q/k norms with
+# head_dim 24 != 64 / 4; Mistral's sliding window.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": WINDOW, "head_dim": 24},
+    "qwen2": {
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+    },
+    "qwen3": {"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    # Gemma 3: 2 sliding layers then a global one; two rotary bases (the global one scaled);
+    # query_pre_attn_scalar != head_dim; a final soft-cap; (1 + w) norms, four per layer
+    "gemma3_text": {
+        "num_hidden_layers": 3,
+        "sliding_window_pattern": 3,
+        "sliding_window": WINDOW,
+        "head_dim": 24,
+        "query_pre_attn_scalar": 20,
+        "final_logit_softcapping": 3.0,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        },
+    },
+    # Gemma 2: alternating sliding and global layers, both soft-caps (transformers runs it
+    # with eager attention, which applies the attention soft-cap)
+    "gemma2": {
+        "sliding_window": WINDOW,
+        "head_dim": 24,
+        "query_pre_attn_scalar": 20,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+    },
+}
 
 
 def make_hf(

@@ -11,7 +11,6 @@ Run with `-s` to see the max abs diff of each family (the closing note's parity 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,17 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import BASE, CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
+from hf_models import (
+    BASE,
+    CLASSES,
+    FAMILIES,
+    TOLERANCE,
+    WINDOW,
+    hf_model,
+    make_hf,
+    tensors,
+    tokens,
+)
 
 import nnxtrain.interop.hf as hf
 from nnxtrain import compose, generate
@@ -29,41 +38,6 @@ from nnxtrain.model import Transformer
 from nnxtrain.train.accounting import count_params
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
-WINDOW = 8  # Mistral's: shorter than the 40-token sequences and than the generations
-# family -> make_hf overrides; each is the family's distinctive case: Qwen2.5's q/k/v biases,
-# tied embeddings and rope_theta 1e6; Qwen3's q/k norms with head_dim 24 != 64 / 4;
-# Mistral's sliding window.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "mistral": {"sliding_window": WINDOW, "head_dim": 24},
-    "qwen2": {
-        "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-    },
-    "qwen3": {"head_dim": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
-    # Gemma 3: 2 sliding layers then a global one; two rotary bases (the global one scaled);
-    # query_pre_attn_scalar != head_dim; a final soft-cap; (1 + w) norms, four per layer
-    "gemma3_text": {
-        "num_hidden_layers": 3,
-        "sliding_window_pattern": 3,
-        "sliding_window": WINDOW,
-        "head_dim": 24,
-        "query_pre_attn_scalar": 20,
-        "final_logit_softcapping": 3.0,
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
-        },
-    },
-    # Gemma 2: alternating sliding and global layers, both soft-caps (transformers runs it
-    # with eager attention, which applies the attention soft-cap)
-    "gemma2": {
-        "sliding_window": WINDOW,
-        "head_dim": 24,
-        "query_pre_attn_scalar": 20,
-        "attn_logit_softcapping": 2.0,
-        "final_logit_softcapping": 3.0,
-    },
-}
 SWITCHES = {
     "mistral": (),
     "qwen2": ("qkv_bias",),
@@ -175,7 +149,7 @@ REFUSED = {
         {"model_type": "gemma3_text", "query_pre_attn_scalar": 0},
         "query_pre_attn_scalar",
     ),
-    "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type"),
+    "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 8}, "model_type"),
 }
 
 

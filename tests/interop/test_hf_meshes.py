@@ -2,7 +2,9 @@
 fsdp=2 x tensor=2 x data=2) the parameters are split by the logical-axis rules and the
 logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8 devices).
 The same model with a PEFT LoRA adapter on it gives PEFT's logits on both meshes, each
-adapter split like the weight it adapts (issue 25)."""
+adapter split like the weight it adapts (issue 25). Every family of issue 26 (q/k/v biases,
+q/k norms, sliding windows, Gemma's mixed stacks) gives transformers' logits on both meshes
+too, in the same subprocess."""
 
 import json
 import subprocess
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import cli_env, xla_flags
-from hf_models import LLAMA3, TOLERANCE, hf_logits, make_hf, tokens
+from hf_models import FAMILIES, LLAMA3, TOLERANCE, hf_logits, make_hf, tokens
 
 CHILD = Path(__file__).with_name("hf_mesh_child.py")
 
@@ -27,6 +29,10 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     env["XLA_FLAGS"] = xla_flags(8)
     files = [str(path), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy")]
     files.append(f"adapter={tmp_path / 'adapter'}:{tmp_path / 'peft.npy'}")
+    for kind, overrides in FAMILIES.items():  # 80 tokens: past every window of 8
+        family = make_hf(tmp_path / kind, kind=kind, intermediate_size=128, **overrides)
+        np.save(tmp_path / f"{kind}.npy", hf_logits(family, toks))
+        files.append(f"family={kind}:{family}:{tmp_path / kind}.npy")
     out = subprocess.run(
         [sys.executable, str(CHILD), *files, "1,8,1", "2,2,2"],
         env=env,
@@ -41,6 +47,10 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
         assert r["max_abs_diff"] <= TOLERANCE and r["devices"] == 8
         print(f"parity LoRA mesh {shape}: max abs diff {r['lora']['max_abs_diff']:.2e}")
         assert r["lora"]["max_abs_diff"] <= TOLERANCE
+        assert sorted(r["families"]) == sorted(FAMILIES)
+        for kind, diff in r["families"].items():
+            print(f"parity {kind} mesh {shape}: max abs diff {diff:.2e}")
+            assert diff <= TOLERANCE, kind
     # wq [layers, embed 64, q_heads 4, kv 16]: embed over fsdp, q_heads over tensor.
     fsdp8, mixed = report["1,8,1"], report["2,2,2"]
     assert fsdp8["wq_shard"] == [2, 8, 4, 16] and fsdp8["embed_shard"] == [128, 8]

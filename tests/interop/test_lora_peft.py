@@ -5,7 +5,9 @@ with non-square projections (GQA k/v 32 x 64, MLP 96 vs 64) and alpha/r = 1.5:
   them with warnings as errors and gives our logits (and not the base's), and the keys and
   shapes are exactly those PEFT saves for the same LoraConfig;
 - the merged export equals PEFT's `merge_and_unload()`, untargeted tensors bitwise the
-  base's; both with alpha/r and with rsLoRA's alpha/sqrt(r);
+  base's; both with alpha/r and with rsLoRA's alpha/sqrt(r); both also on a Qwen2 base
+  (q/k/v biases, tied embeddings) and a Gemma 3 one (four (1 + w) norms per layer, q/k
+  norms, sliding and global layers), issue 26;
 - a run trained through the CLI exports with `--adapter` and `--merge` to the same logits;
 - a PEFT adapter read in gives PEFT's logits and greedy tokens (also through
   `nnxtrain-generate --adapter`), and training continues from it;
@@ -24,10 +26,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli_in_process
 from flax import nnx
-from hf_models import TOLERANCE, make_hf, tensors, tokens, word_tokenizer
+from hf_models import FAMILIES, TOLERANCE, make_hf, tensors, tokens, word_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from rich.console import Console
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import nnxtrain.hf
 from nnxtrain import generate
@@ -52,8 +54,16 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf(tmp_path_factory.mktemp("lora") / "base")
 
 
-def hf_base(path: Path) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def bases(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The base of each kind the parity test runs on (the families' with their switches)."""
+    root = tmp_path_factory.mktemp("families")
+    kinds = ("qwen2", "gemma3_text")
+    return {"llama": base} | {k: make_hf(root / k, kind=k, **FAMILIES[k]) for k in kinds}
+
+
+def hf_base(path: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def torch_logits(model: torch.nn.Module, toks: np.ndarray = TOKENS) -> np.ndarray:
@@ -76,8 +86,13 @@ def strict_peft(base: Path, adapter: Path) -> PeftModel:
         return PeftModel.from_pretrained(hf_base(base), str(adapter))
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["alpha_over_r", "rslora"])
-def test_adapter_and_merged_exports_equal_peft(base, tmp_path, rslora) -> None:
+@pytest.mark.parametrize(
+    ("kind", "rslora"),
+    [("llama", False), ("llama", True), ("qwen2", False), ("gemma3_text", False)],
+    ids=["alpha_over_r", "rslora", "qwen2", "gemma3_text"],
+)
+def test_adapter_and_merged_exports_equal_peft(bases, tmp_path, kind, rslora) -> None:
+    base = bases[kind]
     plain = nnxtrain.hf.load(str(base))
     lora = OurLora(rank=R, alpha=ALPHA, use_rslora=rslora, targets=list(LORA_TARGETS))
     model = attach_adapter_config(plain, lora)
@@ -90,7 +105,7 @@ def test_adapter_and_merged_exports_equal_peft(base, tmp_path, rslora) -> None:
     peft_model = strict_peft(base, tmp_path / "adapter")
     theirs = torch_logits(peft_model)
     diff = float(np.abs(theirs - expected).max())
-    print(f"parity PEFT adapter (rslora={rslora}): max abs diff {diff:.2e}")
+    print(f"parity PEFT adapter ({kind}, rslora={rslora}): max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
     assert not np.allclose(torch_logits(hf_base(base)), expected, atol=1e-2)  # not the base
 
@@ -104,9 +119,10 @@ def test_adapter_and_merged_exports_equal_peft(base, tmp_path, rslora) -> None:
     nnxtrain.hf.save(merged(model), str(tmp_path / "merged"))
     theirs_merged = peft_model.merge_and_unload().state_dict()
     written, original = tensors(tmp_path / "merged"), tensors(base)
-    assert set(written) == set(theirs_merged)
+    # the base's names (a tied base's state_dict also lists lm_head, which it does not save)
+    assert set(written) == set(original) and set(written) <= set(theirs_merged)
     worst = max(float(np.abs(written[k] - theirs_merged[k].numpy()).max()) for k in written)
-    print(f"parity merged export vs merge_and_unload (rslora={rslora}): max abs diff {worst:.2e}")
+    print(f"parity merged vs merge_and_unload ({kind}, rslora={rslora}): max abs diff {worst:.2e}")
     assert worst <= 1e-6
     for name in written:  # LoRA did not touch these: the base's, bit for bit
         if not name.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS)):
