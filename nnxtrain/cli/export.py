@@ -1,4 +1,5 @@
-"""`nnxtrain-export`: writes a Hugging Face Llama directory from a run's checkpoint.
+"""`nnxtrain-export`: writes a Hugging Face directory from a run's checkpoint, in the
+model's own family (Llama, Qwen, Mistral, Gemma: `nnxtrain.hf`'s registry).
 
     nnxtrain-export runs/a hf/a                      # the latest checkpoint, as trained
     nnxtrain-export runs/a hf/a --step 200 --dtype bfloat16
@@ -209,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     parser = ArgumentParser(
         prog=PROG,
-        description="Write a Hugging Face Llama directory (config.json, safetensors, "
-        "tokenizer) from an nnxtrain run's checkpoint.",
+        description="Write a Hugging Face directory in the model's family (config.json, "
+        "safetensors, tokenizer) from an nnxtrain run's checkpoint.",
     )
     parser.add_argument("run_dir", help="the run directory (or its checkpoints/ directory)")
     parser.add_argument("out_dir", help="the directory to write (new or empty)")
