@@ -16,10 +16,10 @@ from flax import nnx
 from nnxtrain import Trainer, compose
 from nnxtrain.checkpoint import open_manager
 from nnxtrain.checkpoint.storage import read_meta
-from nnxtrain.config import LoraConfig, ModelConfig
+from nnxtrain.config import LoraConfig, ModelConfig, OptimConfig
 from nnxtrain.model import Transformer, adapters_off
 from nnxtrain.model.lora import lora_dropout
-from nnxtrain.train.step import make_optimizer, split_trainable
+from nnxtrain.train.step import TrainState, make_optimizer, make_train_step, split_trainable
 
 # Non-square everywhere (GQA k/v 16 wide, q 32, MLP 24 vs 16) and alpha/r = 1.5, not 1.
 LORA = LoraConfig(rank=4, alpha=6.0)
@@ -122,7 +122,9 @@ def saved_bytes(run_dir: Path, step: int) -> tuple[int, dict]:
 def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_names_its_base(
     tmp_path,
 ) -> None:
-    args = [*RUN, "run.steps=4", "callbacks.checkpoint.every=2"]
+    # dropout over two micro-batches a step: each draws its own masks, the same again on resume
+    args = [*RUN, "run.steps=4", "callbacks.checkpoint.every=2", "run.grad_accum=2"]
+    args.append("model.lora.dropout=0.1")
     signal = ["+callbacks.sig._target_=callbacks_for_tests.SignalAtStep", "+callbacks.sig.at=2"]
     runs = {
         "whole": [*args, *LORA_KEYS],
@@ -194,3 +196,23 @@ def test_dropout_drops_adapter_inputs_in_the_train_step_only() -> None:
     one, again, two = (np.asarray(train_forward(model, jnp.asarray(s))) for s in (1, 1, 2))
     assert not np.allclose(one, plain, atol=1e-4) and not np.allclose(one, two, atol=1e-4)
     assert np.array_equal(one, again)  # a step's masks are its own: resume draws the same
+
+
+def test_each_micro_batch_of_a_step_draws_its_own_dropout_masks() -> None:
+    # grad_accum=2, row i in micro-batch i: the rows [x, x] against [x, padding] (weight 0,
+    # no loss). Were the two micro-batches' masks one, both losses would be x's under it,
+    # bit for bit ((s + s) / 2w is s / w exactly); with masks of their own they differ.
+    lora = dataclasses.replace(LORA, dropout=0.5, targets=["down_proj"])  # one mask a layer
+    model = build(dataclasses.replace(TINY, lora=lora))
+    randomize_b(model)
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(OptimConfig(), 4)
+    train, _ = split_trainable(params, nnx.LoRAParam)
+    state = TrainState(jnp.asarray(1, jnp.int32), params, tx.init(train))
+    step = jax.jit(make_train_step(graphdef, tx, schedule, 0.0, 2, trainable=nnx.LoRAParam))
+    rows = jnp.tile(TOKENS[:1], (2, 1))
+    loss = [
+        float(step(state, {"inputs": rows, "targets": rows, "weights": w})[1]["loss"])
+        for w in (jnp.ones(rows.shape), jnp.ones(rows.shape).at[1].set(0.0))
+    ]
+    assert loss[0] != loss[1], loss
