@@ -12,7 +12,8 @@ PEFT (`peft.PeftModel`) stores a LoRA adapter of a `LlamaForCausalLM` as two fil
 a tensor moves by a reshape and a transpose, the same as the base weight it adapts
 (`nnxtrain.interop.hf.weights`), so no q/o projection's square shape can hide a transpose.
 
-- `save_adapter(model, out, base)`: the two files, from a model with adapters;
+- `save_adapter(model, out, base)`: the two files, from a model with adapters (and its
+  trained embeddings as PEFT's `modules_to_save`);
 - `merged(model)`: the model without adapters, each targeted weight W + scale * A B
   computed in float32 (the untargeted ones are the base's arrays, untouched);
 - `read_config(dir)` and `load_adapter(config, params, console)`: a PEFT adapter into a
@@ -59,6 +60,11 @@ BASE = {
     "gate_proj": ("mlp", "w_gate"),
     "up_proj": ("mlp", "w_up"),
     "down_proj": ("mlp", "w_down"),
+}
+# PEFT's keys of the modules a run with model.lora.train_embeddings trains in full.
+EMBED_KEYS = {
+    "embed_tokens": "base_model.model.model.embed_tokens.weight",
+    "lm_head": "base_model.model.lm_head.weight",
 }
 # adapter_config.json options nnxtrain cannot represent, and the value it supports.
 UNSUPPORTED: dict[str, Any] = {
@@ -111,19 +117,29 @@ def adapter_config(cfg: ModelConfig, base: str) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(EMBED_KEYS) if lora.train_embeddings else None,
+        "ensure_weight_tying": bool(lora.train_embeddings and cfg.tie_embeddings),
         "use_dora": False,
     }
 
 
+def _embedding_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """The trained embeddings (model.lora.train_embeddings) as PEFT saves the modules of
+    `modules_to_save=["embed_tokens", "lm_head"]`: whole weights in torch's layout
+    `[vocab, hidden]`, under the wrapped module's own name. A tied head is saved as the
+    embedding again (PEFT does so with `ensure_weight_tying`, which ties them back)."""
+    embed = np.asarray(model.embed.get_value(), np.float32)
+    head = embed if model.cfg.tie_embeddings else np.asarray(model.lm_head.get_value()).T
+    return {
+        EMBED_KEYS["embed_tokens"]: np.ascontiguousarray(embed),
+        EMBED_KEYS["lm_head"]: np.ascontiguousarray(head, np.float32),
+    }
+
+
 def save_adapter(model: Transformer, out_dir: str, base: str) -> list[str]:
-    """Writes the model's adapters as a PEFT adapter directory; returns the files."""
-    if model.cfg.lora.train_embeddings:
-        raise UserError(
-            "the run also trained the embeddings (model.lora.train_embeddings), which a "
-            "LoRA adapter cannot carry. Fix: export with --merge"
-        )
-    tensors = {}
+    """Writes the model's adapters (and with model.lora.train_embeddings its trained
+    embeddings) as a PEFT adapter directory; returns the files."""
+    tensors = _embedding_tensors(model) if model.cfg.lora.train_embeddings else {}
     for target, (a, b) in _adapter_arrays(model).items():
         for i in range(a.shape[0]):
             r = a.shape[-1]
