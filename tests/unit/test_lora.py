@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 from conftest import TINY, assert_one_line_error, run_cli_in_process
 from flax import nnx
+from rich.console import Console
 
 from nnxtrain import Trainer, compose
 from nnxtrain.checkpoint import open_manager
+from nnxtrain.checkpoint.model import read_model
 from nnxtrain.checkpoint.storage import read_meta
 from nnxtrain.config import LoraConfig, ModelConfig, OptimConfig
+from nnxtrain.interop.init_from import load_params
 from nnxtrain.model import Transformer, adapters_off
 from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.step import TrainState, make_optimizer, make_train_step, split_trainable
@@ -159,6 +162,29 @@ def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_nam
     full = nbytes(base) + nbytes(jax.eval_shape(tx.init, base)) + 4  # + the step counter
     assert whole < full
     assert whole / full == pytest.approx(nbytes(adapters) / nbytes(base), rel=0.02)
+
+    # run.init_from=a LoRA run: the model it trained, its adapters merged into the base,
+    # for a full fine-tune and for new adapters alike (which start at zero: the same logits).
+    _, _, trained = read_model(str(tmp_path / "whole"))
+    expected = np.asarray(forward(trained, TOKENS))
+    starts = {}
+    for extra in ([], LORA_KEYS):
+        config = compose([*RUN, *extra, f"run.init_from={tmp_path / 'whole'}"])
+        graphdef, fresh = nnx.split(
+            nnx.eval_shape(lambda c=config: Transformer(c.model, rngs=nnx.Rngs(0)))
+        )
+        fresh = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fresh)
+        starts[len(extra)] = graphdef, load_params(config, fresh, None, Console(quiet=True))
+    (graphdef, full), (_, lora_start) = starts[0], starts[len(LORA_KEYS)]
+    model = nnx.merge(graphdef, full)
+    # Merging reorders float32 sums (x W + s (x A) B against x (W + s A B)): logits of
+    # size ~1 over sums of 32-64 products differ by a few 1e-7; 1e-5 is far above that.
+    assert np.allclose(np.asarray(forward(model, TOKENS)), expected, rtol=0, atol=1e-5)
+    base_wq = adapters_off(trained).layers.attn.wq.get_value()
+    assert not np.array_equal(np.asarray(full["layers"]["attn"]["wq"].get_value()), base_wq)
+    lora_base, _ = split_trainable(lora_start, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    for a, b in zip(jax.tree.leaves(lora_base), jax.tree.leaves(full), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
     # The same run dir with another base (run.seed builds it) is refused, nothing removed.
     longer = [*RUN, "run.steps=6", *LORA_KEYS, "run.seed=1", f"run.dir={tmp_path / 'cut'}"]
