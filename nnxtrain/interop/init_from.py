@@ -220,7 +220,7 @@ def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console
         loaded = jax.tree.map(
             lambda a, b: a.astype(b.dtype), _merged_lora_run(src.checkpoint), nnx.to_pure_dict(base)
         )
-        where = f"step {src.checkpoint.step} ({src.checkpoint.path}), its LoRA adapters merged in"
+        where = f"the merged LoRA model of step {src.checkpoint.step} ({src.checkpoint.path})"
     else:
         assert src.checkpoint is not None
         target = jax.tree.map(
