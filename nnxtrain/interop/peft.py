@@ -77,7 +77,6 @@ UNSUPPORTED: dict[str, Any] = {
     "alpha_pattern": {},
     "layers_to_transform": None,
     "layer_replication": None,
-    "modules_to_save": None,
     "trainable_token_indices": None,
     "target_parameters": None,
     "exclude_modules": None,
@@ -202,6 +201,19 @@ def read_config(path: str) -> LoraConfig:
                 f"{file}: {option}={shown} is not supported (only {json.dumps(supported)})",
                 fix,
             )
+    saved = raw.get("modules_to_save") or []
+    # PEFT may name a module by its full path (model.embed_tokens): the last part counts
+    embeddings = (
+        sorted({str(m).rsplit(".", 1)[-1] for m in saved}) if isinstance(saved, list) else []
+    )
+    if saved and embeddings != sorted(EMBED_KEYS):
+        shown = json.dumps(saved)[:60]
+        raise ConfigError(
+            KEY,
+            f"{file}: modules_to_save={shown} is not supported",
+            "nnxtrain trains in full beside the adapters embed_tokens and lm_head together, "
+            "or nothing",
+        )
     targets = raw.get("target_modules")
     names = [targets] if isinstance(targets, str) else targets
     # PEFT saves all-linear resolved to full module names (model.layers.0.self_attn.q_proj):
@@ -221,6 +233,7 @@ def read_config(path: str) -> LoraConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
         targets=list(names),
+        train_embeddings=bool(saved),
         adapter=path,
     )
 
@@ -262,6 +275,21 @@ def load_adapter(config: Config, params: Any, console: Console) -> Any:
         for var, stack in ((var_a, layers_a), (var_b, layers_b)):
             old = var.get_value()
             var.set_value(jax.device_put(np.stack(stack).astype(old.dtype), old.sharding))
+    if cfg.lora.train_embeddings:  # modules_to_save: the embeddings, trained in full
+        expected |= set(EMBED_KEYS.values())
+        embed = _tensor(tensors, EMBED_KEYS["embed_tokens"], path)
+        heads = [] if cfg.tie_embeddings else [("lm_head", EMBED_KEYS["lm_head"], True)]
+        for name, key, transpose in [("embed", EMBED_KEYS["embed_tokens"], False), *heads]:
+            var, t = flat[(name,)], embed if name == "embed" else _tensor(tensors, key, path)
+            old = var.get_value()
+            t = t.T if transpose else t
+            if t.shape != old.shape:
+                raise UserError(
+                    f"{KEY}: {path}/{WEIGHTS} does not fit this base: {key} is {list(t.shape)}"
+                    f", the model needs {list(old.shape[::-1] if transpose else old.shape)}. "
+                    "Fix: give the adapter trained on run.init_from's model"
+                )
+            var.set_value(jax.device_put(t.astype(old.dtype), old.sharding))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise UserError(

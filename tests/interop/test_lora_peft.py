@@ -197,6 +197,10 @@ def test_a_cli_run_exports_to_peft_and_merged_with_its_logits(base, tmp_path) ->
     )
     assert float(np.abs(torch_logits(hf_base(tmp_path / "merge")) - expected).max()) <= TOLERANCE
     assert not np.allclose(torch_logits(hf_base(base)), expected, atol=1e-2)  # it trained
+    # and read back (model.lora.adapter, nnxtrain-generate --adapter): the same float32
+    # arrays on the same base, so the same logits bit for bit
+    back = attach_adapter(nnxtrain.hf.load(str(base)), str(tmp_path / "adapter"), QUIET)
+    assert np.array_equal(np.asarray(ours(back, jnp.asarray(TOKENS))), expected)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +260,15 @@ def test_unsupported_or_mismatched_adapters_are_one_line(base, peft_adapter, tmp
     shutil.copytree(peft_adapter, dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    heads = tmp_path / "heads"  # modules PEFT trains in full: the embeddings only
+    shutil.copytree(peft_adapter, heads)
+    (heads / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
     other = make_hf(tmp_path / "other", intermediate_size=128)
-    cases = {"dora": (base, dora, "use_dora"), "other base": (other, peft_adapter, "does not fit")}
+    cases = {
+        "dora": (base, dora, "use_dora"),
+        "heads": (base, heads, "modules_to_save"),
+        "other base": (other, peft_adapter, "does not fit"),
+    }
     for name, (model_dir, adapter, key) in cases.items():
         args = [*RUN, "run.steps=1", f"run.init_from={model_dir}", f"model.lora.adapter={adapter}"]
         proc = run_cli_in_process([*args, f"run.dir={tmp_path / name}"], tmp_path)
