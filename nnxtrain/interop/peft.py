@@ -17,7 +17,8 @@ a tensor moves by a reshape and a transpose, the same as the base weight it adap
 - `merged(model)`: the model without adapters, each targeted weight W + scale * A B
   computed in float32 (the untargeted ones are the base's arrays, untouched);
 - `read_config(dir)` and `load_adapter(config, params, console)`: a PEFT adapter into a
-  run (`model.lora.adapter`), refusing in one line an option nnxtrain cannot represent.
+  run (`model.lora.adapter`; its embed_tokens and lm_head among `modules_to_save` as
+  `train_embeddings`), refusing in one line an option nnxtrain cannot represent.
 """
 
 import dataclasses
