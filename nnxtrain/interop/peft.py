@@ -278,18 +278,19 @@ def load_adapter(config: Config, params: Any, console: Console) -> Any:
             var.set_value(jax.device_put(np.stack(stack).astype(old.dtype), old.sharding))
     if cfg.lora.train_embeddings:  # modules_to_save: the embeddings, trained in full
         expected |= set(EMBED_KEYS.values())
-        embed = _tensor(tensors, EMBED_KEYS["embed_tokens"], path)
-        heads = [] if cfg.tie_embeddings else [("lm_head", EMBED_KEYS["lm_head"], True)]
-        for name, key, transpose in [("embed", EMBED_KEYS["embed_tokens"], False), *heads]:
-            var, t = flat[(name,)], embed if name == "embed" else _tensor(tensors, key, path)
-            old = var.get_value()
-            t = t.T if transpose else t
-            if t.shape != old.shape:
+        # both [vocab, hidden]; nnxtrain's lm_head is [hidden, vocab], a tied one is embed
+        names = ["embed_tokens"] if cfg.tie_embeddings else ["embed_tokens", "lm_head"]
+        for name in names:
+            key, var = EMBED_KEYS[name], flat[("embed",) if name == "embed_tokens" else (name,)]
+            t, old = _tensor(tensors, key, path), var.get_value()
+            want = old.shape if name == "embed_tokens" else old.shape[::-1]
+            if t.shape != want:
                 raise UserError(
                     f"{KEY}: {path}/{WEIGHTS} does not fit this base: {key} is {list(t.shape)}"
-                    f", the model needs {list(old.shape[::-1] if transpose else old.shape)}. "
-                    "Fix: give the adapter trained on run.init_from's model"
+                    f", the model needs {list(want)}. Fix: give the adapter trained on "
+                    "run.init_from's model"
                 )
+            t = t if name == "embed_tokens" else t.T
             var.set_value(jax.device_put(t.astype(old.dtype), old.sharding))
     extra = sorted(set(tensors) - expected)
     if extra:
