@@ -4,6 +4,10 @@ directory or of an nnxtrain run's checkpoint; the step and the optimizer start f
     nnxtrain run.init_from=hf/TinyLlama data=text data.path=corpus.txt +experiment=finetune
     nnxtrain run.init_from=runs/a run.dir=runs/b   # the parameters of a's latest checkpoint
 
+A LoRA run's checkpoint holds adapters only: as `run.init_from` it gives the model that run
+trained, its base with the adapters merged in (what `nnxtrain-export --merge` writes), to a
+full fine-tune or to new adapters alike.
+
 Two moments, one owner:
 - as the config is composed, `resolve(config, overrides)` takes the model's shape from PATH
   (an HF directory's config.json checked against its safetensors headers, so absurd sizes
@@ -37,11 +41,13 @@ from jax.sharding import Mesh
 from rich.console import Console
 
 from nnxtrain.checkpoint import reader as checkpoint_reader
+from nnxtrain.checkpoint.model import read_model
 from nnxtrain.config import Config, LoraConfig, ModelConfig, validate
 from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
 from nnxtrain.interop.hf import open_model
+from nnxtrain.interop.peft import merged
 from nnxtrain.interop.peft import read_config as read_peft_config
 from nnxtrain.parallel.sharding import merge_rules
 
@@ -210,6 +216,11 @@ def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console
                 if name in loaded:
                     loaded[name] = loaded[name].astype(pdt)
         where = src.path
+    elif src.checkpoint is not None and src.checkpoint.lora_base is not None:
+        loaded = jax.tree.map(
+            lambda a, b: a.astype(b.dtype), _merged_lora_run(src.checkpoint), nnx.to_pure_dict(base)
+        )
+        where = f"the merged LoRA model of step {src.checkpoint.step} ({src.checkpoint.path})"
     else:
         assert src.checkpoint is not None
         target = jax.tree.map(
@@ -228,3 +239,17 @@ def load_params(config: Config, params: Any, mesh: Mesh | None, console: Console
         highlight=False,
     )
     return fresh
+
+
+def _merged_lora_run(ckpt: checkpoint_reader.Checkpoint) -> dict[str, Any]:
+    """The weights a LoRA run's checkpoint computes with: its base (built again as that run
+    built it, its digest checked) with the adapters merged in, W + scale * A B in float32,
+    as `nnxtrain-export --merge` writes them. Full fine-tune or new adapters start from the
+    model the LoRA run trained; continuing its own adapters is `--adapter`'s export read
+    back with model.lora.adapter (docs/lora.md)."""
+
+    def quiet_base(config: Config, params: Any) -> Any:
+        return load_params(config, params, None, Console(quiet=True))
+
+    _, _, model = read_model(ckpt.path, load_base=quiet_base)
+    return nnx.to_pure_dict(nnx.state(merged(model)))

@@ -12,11 +12,13 @@ PEFT (`peft.PeftModel`) stores a LoRA adapter of a `LlamaForCausalLM` as two fil
 a tensor moves by a reshape and a transpose, the same as the base weight it adapts
 (`nnxtrain.interop.hf.weights`), so no q/o projection's square shape can hide a transpose.
 
-- `save_adapter(model, out, base)`: the two files, from a model with adapters;
+- `save_adapter(model, out, base)`: the two files, from a model with adapters (and its
+  trained embeddings as PEFT's `modules_to_save`);
 - `merged(model)`: the model without adapters, each targeted weight W + scale * A B
   computed in float32 (the untargeted ones are the base's arrays, untouched);
 - `read_config(dir)` and `load_adapter(config, params, console)`: a PEFT adapter into a
-  run (`model.lora.adapter`), refusing in one line an option nnxtrain cannot represent.
+  run (`model.lora.adapter`; its embed_tokens and lm_head among `modules_to_save` as
+  `train_embeddings`), refusing in one line an option nnxtrain cannot represent.
 """
 
 import dataclasses
@@ -60,6 +62,11 @@ BASE = {
     "up_proj": ("mlp", "w_up"),
     "down_proj": ("mlp", "w_down"),
 }
+# PEFT's keys of the modules a run with model.lora.train_embeddings trains in full.
+EMBED_KEYS = {
+    "embed_tokens": "base_model.model.model.embed_tokens.weight",
+    "lm_head": "base_model.model.lm_head.weight",
+}
 # adapter_config.json options nnxtrain cannot represent, and the value it supports.
 UNSUPPORTED: dict[str, Any] = {
     "use_dora": False,
@@ -71,7 +78,6 @@ UNSUPPORTED: dict[str, Any] = {
     "alpha_pattern": {},
     "layers_to_transform": None,
     "layer_replication": None,
-    "modules_to_save": None,
     "trainable_token_indices": None,
     "target_parameters": None,
     "exclude_modules": None,
@@ -111,19 +117,29 @@ def adapter_config(cfg: ModelConfig, base: str) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(EMBED_KEYS) if lora.train_embeddings else None,
+        "ensure_weight_tying": bool(lora.train_embeddings and cfg.tie_embeddings),
         "use_dora": False,
     }
 
 
+def _embedding_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """The trained embeddings (model.lora.train_embeddings) as PEFT saves the modules of
+    `modules_to_save=["embed_tokens", "lm_head"]`: whole weights in torch's layout
+    `[vocab, hidden]`, under the wrapped module's own name. A tied head is saved as the
+    embedding again (PEFT does so with `ensure_weight_tying`, which ties them back)."""
+    embed = np.asarray(model.embed.get_value(), np.float32)
+    head = embed if model.cfg.tie_embeddings else np.asarray(model.lm_head.get_value()).T
+    return {
+        EMBED_KEYS["embed_tokens"]: np.ascontiguousarray(embed),
+        EMBED_KEYS["lm_head"]: np.ascontiguousarray(head, np.float32),
+    }
+
+
 def save_adapter(model: Transformer, out_dir: str, base: str) -> list[str]:
-    """Writes the model's adapters as a PEFT adapter directory; returns the files."""
-    if model.cfg.lora.train_embeddings:
-        raise UserError(
-            "the run also trained the embeddings (model.lora.train_embeddings), which a "
-            "LoRA adapter cannot carry. Fix: export with --merge"
-        )
-    tensors = {}
+    """Writes the model's adapters (and with model.lora.train_embeddings its trained
+    embeddings) as a PEFT adapter directory; returns the files."""
+    tensors = _embedding_tensors(model) if model.cfg.lora.train_embeddings else {}
     for target, (a, b) in _adapter_arrays(model).items():
         for i in range(a.shape[0]):
             r = a.shape[-1]
@@ -186,6 +202,19 @@ def read_config(path: str) -> LoraConfig:
                 f"{file}: {option}={shown} is not supported (only {json.dumps(supported)})",
                 fix,
             )
+    saved = raw.get("modules_to_save") or []
+    # PEFT may name a module by its full path (model.embed_tokens): the last part counts
+    embeddings = (
+        sorted({str(m).rsplit(".", 1)[-1] for m in saved}) if isinstance(saved, list) else []
+    )
+    if saved and embeddings != sorted(EMBED_KEYS):
+        shown = json.dumps(saved)[:60]
+        raise ConfigError(
+            KEY,
+            f"{file}: modules_to_save={shown} is not supported",
+            "nnxtrain trains in full beside the adapters embed_tokens and lm_head together, "
+            "or nothing",
+        )
     targets = raw.get("target_modules")
     names = [targets] if isinstance(targets, str) else targets
     # PEFT saves all-linear resolved to full module names (model.layers.0.self_attn.q_proj):
@@ -205,6 +234,7 @@ def read_config(path: str) -> LoraConfig:
         use_rslora=bool(raw.get("use_rslora", False)),
         dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
         targets=list(names),
+        train_embeddings=bool(saved),
         adapter=path,
     )
 
@@ -246,6 +276,22 @@ def load_adapter(config: Config, params: Any, console: Console) -> Any:
         for var, stack in ((var_a, layers_a), (var_b, layers_b)):
             old = var.get_value()
             var.set_value(jax.device_put(np.stack(stack).astype(old.dtype), old.sharding))
+    if cfg.lora.train_embeddings:  # modules_to_save: the embeddings, trained in full
+        expected |= set(EMBED_KEYS.values())
+        # both [vocab, hidden]; nnxtrain's lm_head is [hidden, vocab], a tied one is embed
+        names = ["embed_tokens"] if cfg.tie_embeddings else ["embed_tokens", "lm_head"]
+        for name in names:
+            key, var = EMBED_KEYS[name], flat[("embed",) if name == "embed_tokens" else (name,)]
+            t, old = _tensor(tensors, key, path), var.get_value()
+            want = old.shape if name == "embed_tokens" else old.shape[::-1]
+            if t.shape != want:
+                raise UserError(
+                    f"{KEY}: {path}/{WEIGHTS} does not fit this base: {key} is {list(t.shape)}"
+                    f", the model needs {list(want)}. Fix: give the adapter trained on "
+                    "run.init_from's model"
+                )
+            t = t if name == "embed_tokens" else t.T
+            var.set_value(jax.device_put(t.astype(old.dtype), old.sharding))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise UserError(

@@ -189,11 +189,16 @@ def make_train_step(
     ) -> tuple[TrainState, Metrics]:
         train, frozen = split_trainable(state.params, trainable)
 
-        def sums_and_grads(params: nnx.State, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        def sums_and_grads(
+            params: nnx.State, batch: dict[str, jax.Array], micro: jax.Array | int = 0
+        ) -> tuple[Any, Any]:
+            # LoRA dropout's masks: a key per step and micro-batch (a resumed step draws
+            # the same; the micro-batches of one step draw apart)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0x10A), state.step), micro)
+
             def total(p: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
                 model = nnx.merge(graphdef, p) if frozen is None else nnx.merge(graphdef, p, frozen)
-                # LoRA dropout's masks: a key per step (a resumed step draws the same)
-                with lora_dropout(jax.random.fold_in(jax.random.key(0x10A), state.step)):
+                with lora_dropout(key):
                     if pair_loss is not None:
                         sums = pair_loss(model, batch, ref)
                     else:
@@ -213,15 +218,17 @@ def make_train_step(
                 lambda x: jnp.swapaxes(x.reshape(-1, grad_accum, *x.shape[1:]), 0, 1), batch
             )
 
-            def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
-                sums, grads = sums_and_grads(train, mb)
+            def accumulate(
+                carry: Any, xs: tuple[dict[str, jax.Array], jax.Array]
+            ) -> tuple[Any, None]:
+                sums, grads = sums_and_grads(train, *xs)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
             zero = jax.tree.map(
                 jnp.zeros_like,
                 jax.eval_shape(sums_and_grads, train, jax.tree.map(lambda x: x[0], micro)),
             )
-            (sums, grads), _ = jax.lax.scan(accumulate, zero, micro)
+            (sums, grads), _ = jax.lax.scan(accumulate, zero, (micro, jnp.arange(grad_accum)))
         # Gradients of sums over tokens -> gradient of the mean over unmasked tokens.
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, train)

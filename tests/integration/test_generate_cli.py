@@ -92,6 +92,8 @@ def test_the_console_script_runs_a_block_past_the_tokens_left_as_one(run):
         ),
         (["{run}", "--prompt", "\ud800"], "--prompt: not valid UTF-8 (a lone surrogate U+D800"),
         (["{run}", "--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
+        # a run dir brings its own LoRA adapters (if any): a PEFT adapter goes on an HF dir
+        (["{run}", "--adapter", "{tmp}"], "--adapter: SOURCE is a run dir"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, args, says):

@@ -8,7 +8,9 @@ with non-square projections (GQA k/v 32 x 64, MLP 96 vs 64) and alpha/r = 1.5:
   base's; both with alpha/r and with rsLoRA's alpha/sqrt(r); both also on a Qwen2 base
   (q/k/v biases, tied embeddings) and a Gemma 3 one (four (1 + w) norms per layer, q/k
   norms, sliding and global layers), issue 26;
-- a run trained through the CLI exports with `--adapter` and `--merge` to the same logits;
+- a run trained through the CLI (its embeddings too) exports with `--adapter` (the
+  embeddings as PEFT's `modules_to_save`) and `--merge` to the same logits; tied
+  embeddings export as PEFT writes them with `ensure_weight_tying`;
 - a PEFT adapter read in gives PEFT's logits and greedy tokens (also through
   `nnxtrain-generate --adapter`), and training continues from it;
 - an adapter with an option nnxtrain cannot represent, or for another base, is one line.
@@ -96,9 +98,7 @@ def test_adapter_and_merged_exports_equal_peft(bases, tmp_path, kind, rslora) ->
     plain = nnxtrain.hf.load(str(base))
     lora = OurLora(rank=R, alpha=ALPHA, use_rslora=rslora, targets=list(LORA_TARGETS))
     model = attach_adapter_config(plain, lora)
-    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
-        value = var.get_value()  # B (and A) random, non-zero: every adapter matters
-        var.set_value(jax.random.normal(jax.random.key(i), value.shape, value.dtype) * 0.2)
+    randomize(model)
     expected = np.asarray(ours(model, jnp.asarray(TOKENS)))
 
     save_adapter(model, str(tmp_path / "adapter"), str(base))
@@ -131,6 +131,13 @@ def test_adapter_and_merged_exports_equal_peft(bases, tmp_path, kind, rslora) ->
     assert float(np.abs(merged_logits - expected).max()) <= TOLERANCE
 
 
+def randomize(model: Transformer) -> None:
+    """B (and A) random, non-zero: every adapter matters."""
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+        value = var.get_value()
+        var.set_value(jax.random.normal(jax.random.key(i), value.shape, value.dtype) * 0.2)
+
+
 def attach_adapter_config(plain: Transformer, lora: OurLora) -> Transformer:
     """`plain` with fresh adapters of `lora` (A as PEFT's init, B zero)."""
     import dataclasses
@@ -141,12 +148,44 @@ def attach_adapter_config(plain: Transformer, lora: OurLora) -> Transformer:
     return model
 
 
+def test_trained_tied_embeddings_export_as_peft_modules_to_save(tmp_path) -> None:
+    tied = make_hf(tmp_path / "tied", tie_word_embeddings=True)
+    plain = nnxtrain.hf.load(str(tied))
+    lora = OurLora(rank=R, alpha=ALPHA, targets=["q_proj"], train_embeddings=True)
+    model = attach_adapter_config(plain, lora)
+    randomize(model)
+    embed = model.embed.get_value()  # trained: no longer the base's
+    model.embed.set_value(embed + jax.random.normal(jax.random.key(9), embed.shape) * 0.5)
+    expected = np.asarray(ours(model, jnp.asarray(TOKENS)))
+    save_adapter(model, str(tmp_path / "adapter"), str(tied))
+    theirs = torch_logits(strict_peft(tied, tmp_path / "adapter"))
+    assert float(np.abs(theirs - expected).max()) <= TOLERANCE
+    assert not np.allclose(torch_logits(hf_base(tied)), expected, atol=1e-2)
+    config = LoraConfig(
+        r=R,
+        lora_alpha=ALPHA,
+        target_modules=["q_proj"],
+        modules_to_save=list(EMBEDDINGS),
+        ensure_weight_tying=True,
+    )
+    reference = get_peft_model_state_dict(get_peft_model(hf_base(tied), config))
+    saved = tensors(tmp_path / "adapter")
+    assert {k: v.shape for k, v in saved.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
+
+
 RUN = ["run.batch_size=4", "run.seq_len=16", "run.eval_every=0", "optim.warmup_steps=0"]
 
 
+EMBEDDINGS = ("embed_tokens", "lm_head")  # PEFT extends the list it is given: copied
+
+
 def test_a_cli_run_exports_to_peft_and_merged_with_its_logits(base, tmp_path) -> None:
+    # model.lora.train_embeddings: the adapter carries them as PEFT's modules_to_save
     args = [*RUN, "run.steps=3", f"run.init_from={base}", "model.lora.rank=4"]
     args += ["model.lora.alpha=6", "model.lora.targets=[q_proj,k_proj,v_proj,down_proj]"]
+    args += ["model.lora.train_embeddings=true"]
     done = run_cli_in_process([*args, "optim.lr=0.05", f"run.dir={tmp_path / 'run'}"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     for flag in ("--adapter", "--merge"):
@@ -156,12 +195,28 @@ def test_a_cli_run_exports_to_peft_and_merged_with_its_logits(base, tmp_path) ->
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base)
     assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "down_proj"]
+    assert config["modules_to_save"] == list(EMBEDDINGS)
+    peft_config = LoraConfig(
+        r=4, lora_alpha=6, target_modules=config["target_modules"], modules_to_save=list(EMBEDDINGS)
+    )
+    reference = get_peft_model_state_dict(get_peft_model(hf_base(base), peft_config))
+    saved = tensors(tmp_path / "adapter")
+    assert {k: v.shape for k, v in saved.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
+    assert not np.array_equal(
+        saved["base_model.model.lm_head.weight"], tensors(base)["lm_head.weight"]
+    )
     assert (
         float(np.abs(torch_logits(strict_peft(base, tmp_path / "adapter")) - expected).max())
         <= TOLERANCE
     )
     assert float(np.abs(torch_logits(hf_base(tmp_path / "merge")) - expected).max()) <= TOLERANCE
     assert not np.allclose(torch_logits(hf_base(base)), expected, atol=1e-2)  # it trained
+    # and read back (model.lora.adapter, nnxtrain-generate --adapter): the same float32
+    # arrays on the same base, so the same logits bit for bit
+    back = attach_adapter(nnxtrain.hf.load(str(base)), str(tmp_path / "adapter"), QUIET)
+    assert np.array_equal(np.asarray(ours(back, jnp.asarray(TOKENS))), expected)
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +276,15 @@ def test_unsupported_or_mismatched_adapters_are_one_line(base, peft_adapter, tmp
     shutil.copytree(peft_adapter, dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    heads = tmp_path / "heads"  # modules PEFT trains in full: the embeddings only
+    shutil.copytree(peft_adapter, heads)
+    (heads / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
     other = make_hf(tmp_path / "other", intermediate_size=128)
-    cases = {"dora": (base, dora, "use_dora"), "other base": (other, peft_adapter, "does not fit")}
+    cases = {
+        "dora": (base, dora, "use_dora"),
+        "heads": (base, heads, "modules_to_save"),
+        "other base": (other, peft_adapter, "does not fit"),
+    }
     for name, (model_dir, adapter, key) in cases.items():
         args = [*RUN, "run.steps=1", f"run.init_from={model_dir}", f"model.lora.adapter={adapter}"]
         proc = run_cli_in_process([*args, f"run.dir={tmp_path / name}"], tmp_path)

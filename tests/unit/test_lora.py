@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from conftest import TINY, assert_one_line_error, run_cli_in_process
 from flax import nnx
+from rich.console import Console
 
 from nnxtrain import Trainer, compose
 from nnxtrain.checkpoint import open_manager
+from nnxtrain.checkpoint.model import read_model
 from nnxtrain.checkpoint.storage import read_meta
-from nnxtrain.config import LoraConfig, ModelConfig
+from nnxtrain.config import LoraConfig, ModelConfig, OptimConfig
+from nnxtrain.interop.init_from import load_params
 from nnxtrain.model import Transformer, adapters_off
-from nnxtrain.model.lora import lora_dropout
-from nnxtrain.train.step import make_optimizer, split_trainable
+from nnxtrain.train.step import TrainState, make_optimizer, make_train_step, split_trainable
 
 # Non-square everywhere (GQA k/v 16 wide, q 32, MLP 24 vs 16) and alpha/r = 1.5, not 1.
 LORA = LoraConfig(rank=4, alpha=6.0)
@@ -158,6 +160,29 @@ def test_resume_after_sigterm_is_bitwise_the_checkpoint_is_adapters_only_and_nam
     assert whole < full
     assert whole / full == pytest.approx(nbytes(adapters) / nbytes(base), rel=0.02)
 
+    # run.init_from=a LoRA run: the model it trained, its adapters merged into the base,
+    # for a full fine-tune and for new adapters alike (which start at zero: the same logits).
+    _, _, trained = read_model(str(tmp_path / "whole"))
+    expected = np.asarray(forward(trained, TOKENS))
+    starts = {}
+    for extra in ([], LORA_KEYS):
+        config = compose([*RUN, *extra, f"run.init_from={tmp_path / 'whole'}"])
+        graphdef, fresh = nnx.split(
+            nnx.eval_shape(lambda c=config: Transformer(c.model, rngs=nnx.Rngs(0)))
+        )
+        fresh = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fresh)
+        starts[len(extra)] = graphdef, load_params(config, fresh, None, Console(quiet=True))
+    (graphdef, full), (_, lora_start) = starts[0], starts[len(LORA_KEYS)]
+    model = nnx.merge(graphdef, full)
+    # Merging reorders float32 sums (x W + s (x A) B against x (W + s A B)): logits of
+    # size ~1 over sums of 32-64 products differ by a few 1e-7; 1e-5 is far above that.
+    assert np.allclose(np.asarray(forward(model, TOKENS)), expected, rtol=0, atol=1e-5)
+    base_wq = adapters_off(trained).layers.attn.wq.get_value()
+    assert not np.array_equal(np.asarray(full["layers"]["attn"]["wq"].get_value()), base_wq)
+    lora_base, _ = split_trainable(lora_start, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    for a, b in zip(jax.tree.leaves(lora_base), jax.tree.leaves(full), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
     # The same run dir with another base (run.seed builds it) is refused, nothing removed.
     longer = [*RUN, "run.steps=6", *LORA_KEYS, "run.seed=1", f"run.dir={tmp_path / 'cut'}"]
     other = run_cli_in_process(longer, tmp_path)
@@ -181,16 +206,38 @@ def test_bad_lora_keys_are_one_line(tmp_path, override, key) -> None:
     assert_one_line_error(proc, key)
 
 
-def test_dropout_drops_adapter_inputs_in_the_train_step_only() -> None:
-    model = build(dataclasses.replace(TINY, lora=dataclasses.replace(LORA, dropout=0.5)))
-    randomize_b(model)
-    plain = np.asarray(forward(model, TOKENS))  # eval, generation: no dropout
+def test_dropout_masks_are_the_train_steps_own_per_step_and_micro_batch() -> None:
+    lora = dataclasses.replace(LORA, dropout=0.5, targets=["down_proj"])  # one mask a layer
+    model = build(dataclasses.replace(TINY, lora=lora))
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
+        value = var.get_value()  # large B: dropping an adapter input moves the loss
+        var.set_value(jax.random.normal(jax.random.key(i), value.shape, value.dtype))
+    x = TOKENS[:1]
+    logits = np.asarray(forward(model, x), np.float64)[0, :-1]  # eval, generation: no dropout
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    eval_loss = -np.mean(logp[np.arange(len(logp)), np.asarray(x)[0, 1:]])
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(OptimConfig(), 4)
+    train, _ = split_trainable(params, nnx.LoRAParam)
+    step = jax.jit(make_train_step(graphdef, tx, schedule, 0.0, 2, trainable=nnx.LoRAParam))
 
-    @jax.jit
-    def train_forward(model: Transformer, step: jax.Array) -> jax.Array:
-        with lora_dropout(jax.random.fold_in(jax.random.key(0), step)):
-            return model(TOKENS)
+    def loss(at: int, second: str) -> float:
+        # grad_accum=2, row i in micro-batch i: [x, x] or [x, padding] (weight 0, no loss)
+        state = TrainState(jnp.asarray(at, jnp.int32), params, tx.init(train))
+        rows = jnp.concatenate([x, x])
+        weights = jnp.ones(rows.shape).at[1].set(0.0 if second == "padding" else 1.0)
+        batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:], "weights": weights[:, 1:]}
+        return float(step(state, batch)[1]["loss"])
 
-    one, again, two = (np.asarray(train_forward(model, jnp.asarray(s))) for s in (1, 1, 2))
-    assert not np.allclose(one, plain, atol=1e-4) and not np.allclose(one, two, atol=1e-4)
-    assert np.array_equal(one, again)  # a step's masks are its own: resume draws the same
+    alone = loss(1, "padding")  # state and batch in, loss out: a pure function of them
+    # The step's loss of x is not the eval's: the train step drops. Without dropout the two
+    # agree to float32 rounding (measured 5e-8 of a loss near 3.5); dropout moved it 1e-2.
+    assert abs(alone - eval_loss) > 1e-3
+    # A step's masks are its own: a resume, its state restored bitwise (the SIGTERM test
+    # below), draws the same.
+    assert loss(1, "padding") == alone
+    assert loss(2, "padding") != alone  # another step, other masks
+    # Were the two micro-batches' masks one, [x, x] would give x's loss under it bit for bit
+    # ((s + s) / 2w is s / w exactly); each draws its own, so they differ.
+    assert loss(1, "x") != alone
