@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 from nnxtrain.config.lora import validate_lora
+from nnxtrain.config.moe import validate_moe
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -143,7 +144,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     ]
     _in_ranges(ranges, {"model": ModelConfig()})
     validate_lora(m.lora)
-    return m
+    return validate_moe(m)
 
 
 def fit_remats(cfg: Config) -> list[str]:

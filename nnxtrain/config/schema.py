@@ -58,6 +58,29 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """A mixture of experts in place of every layer's MLP (docs/moe.md); experts 0 = dense."""
+
+    experts: int = setting(0, "routed SwiGLU experts per layer; 0 = a dense MLP (no MoE)")
+    top_k: int = setting(2, "experts each token is sent to (HF: num_experts_per_tok)")
+    mlp_dim: int = setting(0, "hidden features of each expert; 0 = model.mlp_dim")
+    norm_topk_prob: bool = setting(
+        True, "renormalise the top-k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: key)"
+    )
+    aux_loss_coef: float = setting(
+        0.001, "weight of the load-balancing loss in the training loss (HF: router_aux_loss_coef)"
+    )
+    z_loss_coef: float = setting(
+        0.0, "weight of the router z-loss (mean squared log-sum-exp of router logits); 0 = off"
+    )
+    capacity_factor: float = setting(
+        0.0,
+        "0 = dropless (ragged matmuls); > 0: each expert takes at most "
+        "ceil(factor * tokens * top_k / experts) tokens, the rest dropped and counted",
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The Llama-style decoder's shape and numerics, with the switches of the other families."""
 
@@ -116,6 +139,9 @@ class ModelConfig:
     init_std: float = setting(0.02, "stddev of the normal initialiser for weight matrices")
     lora: LoraConfig = field(
         default_factory=LoraConfig, metadata={"help": "LoRA adapters (model.lora.*)"}
+    )
+    moe: MoeConfig = field(
+        default_factory=MoeConfig, metadata={"help": "mixture of experts (model.moe.*)"}
     )
 
 
