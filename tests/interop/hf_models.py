@@ -1,5 +1,5 @@
-"""Small random Hugging Face models (Llama, Mistral, Qwen2, Qwen3) for the interop tests
-(no downloads).
+"""Small random Hugging Face models (Llama, Mistral, Qwen2, Qwen3, Gemma, Mixtral, Qwen3-MoE)
+for the interop tests (no downloads).
 
 `make_hf(path, kind=...)` builds a `LlamaForCausalLM` (or the `kind`'s class) from a config
 object, gives it weights large enough that attention is sharp and every norm scale
@@ -24,10 +24,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 BASE: dict[str, Any] = {
@@ -54,6 +58,8 @@ CLASSES: dict[str, tuple[Any, Any]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
 TOLERANCE = 1e-4  # max abs diff of float32 logits
 

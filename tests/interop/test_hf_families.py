@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import rounding_tolerance
 from flax import nnx
 from hf_models import BASE, CLASSES, TOLERANCE, hf_model, make_hf, tensors, tokens
 
@@ -26,6 +27,7 @@ from nnxtrain import compose, generate
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import from_model_config, to_model_config
 from nnxtrain.model import Transformer
+from nnxtrain.model.moe import aux_losses
 from nnxtrain.train.accounting import count_params
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
@@ -63,6 +65,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "attn_logit_softcapping": 2.0,
         "final_logit_softcapping": 3.0,
     },
+    # Mixtures of experts: 8 experts, top 2, of 48 features (Qwen3-MoE: not its dense
+    # intermediate_size); Mixtral renormalises the top-2 weights and has Mistral's window,
+    # Qwen3-MoE (norm_topk_prob false) does not. Generation's decode steps route 3 tokens:
+    # at most 6 of the 8 experts get one, the rest none.
+    "mixtral": {"num_local_experts": 8, "intermediate_size": 48, "sliding_window": WINDOW},
+    "qwen3_moe": {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 48,
+        "head_dim": 24,
+    },
 }
 SWITCHES = {
     "mistral": (),
@@ -70,6 +83,8 @@ SWITCHES = {
     "qwen3": ("qk_norm",),
     "gemma3_text": ("qk_norm",),
     "gemma2": (),
+    "mixtral": (),
+    "qwen3_moe": ("qk_norm",),
 }
 
 
@@ -106,7 +121,7 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
     assert model.cfg.sliding_window == (
-        WINDOW if kind in ("mistral", "gemma3_text", "gemma2") else 0
+        WINDOW if kind in ("mistral", "gemma3_text", "gemma2", "mixtral") else 0
     )
 
 
@@ -147,6 +162,34 @@ def test_round_trip_is_bitwise_and_loads_as_the_same_family(hf_dirs, tmp_path, k
         assert getattr(a, key, None) == getattr(b, key, None), key
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
+    """The load-balancing loss of `output_router_logits=True`, over all tokens and with an
+    attention mask (right padding: HF leaves the masked tokens out, nnxtrain's segment id
+    0 does); the total loss adds router_aux_loss_coef times it."""
+    path = hf_dirs[kind]
+    model = hf.load(str(path), param_dtype="float32")
+    theirs, _ = hf_model(path)
+    toks = tokens(40, vocab=VOCAB)
+    mask = np.ones_like(toks)
+    mask[1, 25:] = 0
+    for attention in (None, mask):
+        with torch.no_grad():
+            out = theirs(
+                torch.tensor(toks, dtype=torch.long),
+                attention_mask=None if attention is None else torch.tensor(attention),
+                output_router_logits=True,
+            )
+        seg = None if attention is None else jnp.asarray(attention)
+        _, stats = model.routed_hidden(jnp.asarray(toks), segment_ids=seg)
+        ours = float(aux_losses(stats, model.cfg.moe.experts)["aux"])
+        masked = attention is not None
+        print(f"parity {kind} aux loss (mask {masked}): {ours} vs {float(out.aux_loss)}")
+        # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
+        np.testing.assert_allclose(ours, float(out.aux_loss), rtol=rounding_tolerance(1280))
+    assert model.cfg.moe.aux_loss_coef == theirs.config.router_aux_loss_coef
+
+
 # config.json -> the key the one-line refusal names
 REFUSED = {
     "qwen3 attention_bias": ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
@@ -175,7 +218,20 @@ REFUSED = {
         {"model_type": "gemma3_text", "query_pre_attn_scalar": 0},
         "query_pre_attn_scalar",
     ),
-    "qwen3_moe": ({"model_type": "qwen3_moe", "num_experts": 8}, "model_type"),
+    "dbrx": ({"model_type": "dbrx", "num_experts": 8}, "model_type"),
+    "qwen3_moe dense layers": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [1]},
+        "mlp_only_layers",
+    ),
+    "qwen3_moe sparse step": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 2},
+        "decoder_sparse_step",
+    ),
+    "mixtral jitter": (
+        {"model_type": "mixtral", "router_jitter_noise": 0.1},
+        "router_jitter_noise",
+    ),
+    "mixtral top_k": ({"model_type": "mixtral", "num_experts_per_tok": 9}, "num_experts_per_tok"),
 }
 
 
@@ -202,6 +258,8 @@ SHIPPED = {
     "qwen2.5_0.5b": "qwen2",
     "mistral_7b": "mistral",
     "gemma3_1b": "gemma3_text",
+    "qwen3_30b_a3b": "qwen3_moe",
+    "mixtral_8x7b": "mixtral",
 }
 
 
