@@ -3,7 +3,8 @@
 Every `log_every` steps (and on the last) it prints, for the steps since the previous
 line: step, seconds per step, TFLOP/s and tokens/s per device (non-padding tokens; the
 FLOPs count whole rows), total weights (unmasked target tokens), loss, lm_loss,
-perplexity, learning rate and gradient norm. The same
+perplexity, learning rate and gradient norm (a mixture of experts also its load-balancing
+loss and expert load, and every `MOE_METRIC_NAMES` metric in the record). The same
 record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
 installed. On a terminal a rich progress bar runs below the lines. A step (or evaluation)
 whose total weights are 0 had no token to take a loss over: its loss, lm_loss, z_loss and
@@ -33,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nnxtrain import (
     METRIC_NAMES,
+    MOE_METRIC_NAMES,
     Callback,
     EvalEndEvent,
     SetupEvent,
@@ -142,7 +144,7 @@ class MetricsLogger(Callback):
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             # packed rows differ in padding: the window's own non-padding tokens per step
             "tokens_per_sec_per_device": tokens / len(records) / devices / seconds,
-            **{k: m[k] for k in METRIC_NAMES},
+            **{k: m[k] for k in METRIC_NAMES + MOE_METRIC_NAMES if k in m},
             "goodput": trainer.goodput.report().goodput,
             "time": time.time(),
         }
@@ -155,7 +157,14 @@ class MetricsLogger(Callback):
             f"{m['total_weights']:,.0f} | loss {_fixed(m['loss'], 4)} | lm_loss "
             f"{_fixed(m['lm_loss'], 4)} | ppl {_fixed(m['perplexity'], 3)} | lr {m['lr']:.3e} | "
             f"grad_norm {m['grad_norm']:.3f} | "
-            f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
+            + (
+                f"moe_aux {m['moe_aux_loss']:.4f} | load {m['moe_load_min']:.2f}.."
+                f"{m['moe_load_max']:.2f} | "
+                if "moe_aux_loss" in m
+                else ""
+            )
+            + f"goodput {100 * record['goodput']:.1f}%"
+            + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
         )

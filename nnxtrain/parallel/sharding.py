@@ -49,6 +49,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
     "lora_rank": None,  # a LoRA adapter's rank: small, replicated (nnxtrain.model.lora)
+    "expert": None,  # a mixture of experts' stacked experts (nnxtrain.model.moe)
 }
 
 

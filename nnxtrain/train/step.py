@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nnxtrain.config import OptimConfig
+from nnxtrain.config import ModelConfig, OptimConfig
 from nnxtrain.model.lora import lora_dropout
 from nnxtrain.train.loss import SUM_KEYS, batch_loss_sums, summarize
 
@@ -37,6 +37,17 @@ METRIC_NAMES = (
     "lr",
     "skipped",
 )
+
+# A mixture of experts' train-step metrics (model.moe; nnxtrain.train.loss.MOE_SUM_KEYS):
+# the load-balancing loss, the busiest and idlest expert's tokens over the mean (the worst
+# layer's), the share of (token, expert) pairs dropped (capacity mode).
+MOE_METRIC_NAMES = ("moe_aux_loss", "moe_load_max", "moe_load_min", "moe_dropped")
+
+
+def metric_names(model: ModelConfig) -> tuple[str, ...]:
+    """The scalars a train step of this model reports, in `pack_metrics`' order."""
+    return METRIC_NAMES + (MOE_METRIC_NAMES if model.moe.experts else ())
+
 
 # The metrics a step (or evaluation) with no loss token (total weights 0) cannot measure: the
 # step reports 0 and 1 for them, which are no measurement, and must not read as a perfect loss.
@@ -61,7 +72,8 @@ GUARD_OFF = (0.0, math.inf, math.inf)
 
 def pack_metrics(metrics: Metrics) -> jax.Array:
     """The step's scalars as one float32 vector: one device-to-host copy instead of seven."""
-    return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in METRIC_NAMES])
+    names = [k for k in METRIC_NAMES + MOE_METRIC_NAMES if k in metrics]
+    return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names])
 
 
 @jax.tree_util.register_dataclass
@@ -182,7 +194,7 @@ def make_train_step(
                 # LoRA dropout's masks: a key per step (a resumed step draws the same)
                 with lora_dropout(jax.random.fold_in(jax.random.key(0x10A), state.step)):
                     sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
-                return sums["ce"] + sums["z"], sums
+                return sums["ce"] + sums["z"] + sums.get("moe_loss", 0.0), sums
 
             (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
             return sums, grads
@@ -250,7 +262,8 @@ def make_eval_step(
         params: nnx.State, batch: dict[str, jax.Array], totals: dict[str, jax.Array]
     ) -> tuple[dict[str, jax.Array], Metrics]:
         sums = batch_loss_sums(nnx.merge(graphdef, params), batch, z_loss, loss_chunk)
-        totals = jax.tree.map(jnp.add, totals, sums)
+        # the language-model loss alone (a mixture of experts' router losses train it)
+        totals = jax.tree.map(jnp.add, totals, {k: sums[k] for k in SUM_KEYS})
         return totals, summarize(totals)
 
     return eval_step

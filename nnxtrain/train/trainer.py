@@ -71,7 +71,7 @@ from nnxtrain.train.hooks import Hooks
 from nnxtrain.train.registry import build_callbacks
 from nnxtrain.train.report import header, results, run_info
 from nnxtrain.train.result import FitResult, nothing_to_do
-from nnxtrain.train.step import METRIC_NAMES, TrainState, make_optimizer, zero_sums
+from nnxtrain.train.step import TrainState, make_optimizer, metric_names, zero_sums
 from nnxtrain.train.timing import StepRecord, StepWatcher, nonfinite_reason
 
 __all__ = ["CompiledMemory", "FitResult", "Trainer"]
@@ -169,7 +169,7 @@ class Trainer(RunControls):
             if self.config.run.dry_run:
                 self.console.print("dry run: steps compiled, no parameters allocated; exiting")
                 return FitResult(None, 0, "dry run", {}, {}, self.run_dir)
-            where, watcher = "loop", StepWatcher(METRIC_NAMES)
+            where, watcher = "loop", StepWatcher(metric_names(self.config.model))
             self._watcher = watcher
             return self._train(watcher)
         except BaseException as e:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from nnxtrain.interop.hf.config import from_model_config, to_model_config
 from nnxtrain.model import Transformer
 from nnxtrain.model.moe import aux_losses
 from nnxtrain.train.accounting import count_params
+from nnxtrain.train.loss import batch_loss_sums, summarize
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
 WINDOW = 8  # Mistral's: shorter than the 40-token sequences and than the generations
@@ -188,6 +190,23 @@ def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
         # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
         np.testing.assert_allclose(ours, float(out.aux_loss), rtol=rounding_tolerance(1280))
     assert model.cfg.moe.aux_loss_coef == theirs.config.router_aux_loss_coef
+    # The training loss: cross-entropy plus coef x aux, as transformers' loss with labels
+    # (a coefficient large enough to show). HF shifts labels itself: its last position
+    # has no target, so ours gets weight 0 there.
+    coef = 0.5
+    theirs.config.router_aux_loss_coef = theirs.router_aux_loss_coef = coef
+    model.cfg = dataclasses.replace(
+        model.cfg, moe=dataclasses.replace(model.cfg.moe, aux_loss_coef=coef)
+    )
+    weights = np.ones(toks[:, 1:].shape, np.float32)
+    weights[:, -1] = 0
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": weights}
+    ours = summarize(batch_loss_sums(model, jax.tree.map(jnp.asarray, batch), 0.0))
+    with torch.no_grad():
+        ids = torch.tensor(toks[:, :-1], dtype=torch.long)
+        out = theirs(ids, labels=ids, output_router_logits=True)
+    np.testing.assert_allclose(float(ours["loss"]), float(out.loss), rtol=1e-5)
+    np.testing.assert_allclose(float(ours["moe_aux_loss"]), float(out.aux_loss), rtol=1e-5)
 
 
 # config.json -> the key the one-line refusal names
