@@ -6,7 +6,7 @@ expert_mlp_dim(cfg.model)        # model.moe.mlp_dim, or model.mlp_dim when it i
 
 import math
 
-from nnxtrain.config.schema import ModelConfig
+from nnxtrain.config.schema import MOE_IMPLS, ModelConfig
 from nnxtrain.errors import ConfigError
 
 
@@ -41,6 +41,10 @@ def validate_moe(m: ModelConfig) -> ModelConfig:
     ]:
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {value}", "use 0 or more")
+    if moe.impl not in MOE_IMPLS:
+        raise ConfigError(
+            "model.moe.impl", f"unknown value {moe.impl!r}", f"use one of {', '.join(MOE_IMPLS)}"
+        )
     if moe.experts and m.lora.rank:
         raise ConfigError(
             "model.lora.rank",

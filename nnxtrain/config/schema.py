@@ -17,6 +17,7 @@ TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a ro
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
 DOCUMENT_MASKS = ("auto", True, False)  # data.document_mask
 # model.lora.targets: the projections by their Hugging Face names (PEFT's target_modules)
+MOE_IMPLS = ("auto", "ragged", "blocks")  # model.moe.impl
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -75,8 +76,13 @@ class MoeConfig:
     )
     capacity_factor: float = setting(
         0.0,
-        "0 = dropless (ragged matmuls); > 0: each expert takes at most "
+        "0 = dropless (grouped matmuls); > 0: each expert takes at most "
         "ceil(factor * tokens * top_k / experts) tokens, the rest dropped and counted",
+    )
+    impl: str = setting(
+        "auto",
+        "dropless grouped matmul: ragged (jax.lax.ragged_dot), blocks (expert-sorted tiles, "
+        "one batched matmul); auto = blocks on CPU, ragged elsewhere",
     )
 
 

@@ -10,17 +10,22 @@ as Mixtral and Qwen3-MoE compute it in transformers. The experts' weights are st
 a leading `expert` axis ([experts, embed, mlp], [experts, mlp, embed]).
 
 Compute (`model.moe.capacity_factor`): dropless by default. The (token, expert) pairs are
-sorted by expert and each projection is one grouped matmul, `jax.lax.ragged_dot`, over the
-groups: every pair computed once, none dropped, no expert computed for a token it was not
-given. With a capacity factor > 0, each expert takes at most
+sorted by expert and each projection is one grouped matmul over the groups: every pair
+computed once, none dropped, no expert computed for a token it was not given. The grouped
+matmul (`model.moe.impl`) is `jax.lax.ragged_dot` on accelerators; on CPU, where JAX
+lowers ragged_dot to a dense product over every group (as slow as computing every expert),
+expert-sorted tiles and one batched matmul (`_blocks`).
+
+With a capacity factor > 0, each expert takes at most
 `capacity = ceil(factor * tokens * top_k / experts)` pairs, in token order, into a dense
 [experts, capacity, embed] buffer (one batched matmul, static shapes); pairs past the
 capacity are dropped (they add nothing) and counted.
 
-Each call sows the router's statistics (`ROUTER_STATS`, sums over the tokens of the mask)
-as an `nnx.Intermediate`; the decoder collects them per layer (`Transformer`), and the
-training loss reads them with `pop_router_stats` to add the load-balancing loss exactly as
-transformers' `load_balancing_loss_func` (and the optional router z-loss).
+Each call keeps the router's statistics (`ROUTER_STATS`, sums over the tokens of the mask)
+on the block as an `nnx.Intermediate`; the decoder takes them out of each layer
+(`layer_stats`) and returns them stacked per layer (`Transformer.routed_hidden`), and the
+training loss adds the load-balancing loss exactly as transformers'
+`load_balancing_loss_func` computes it (`aux_losses`), and the optional router z-loss.
 """
 
 import math
@@ -73,20 +78,63 @@ def _swiglu(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
     return act * up
 
 
-def experts_ragged(
-    x: jax.Array, ids: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], activation: str
+def impl_of(cfg: ModelConfig) -> str:
+    """The dropless grouped matmul `model.moe.impl` names (`auto`: by JAX's backend; a run
+    compiled for other devices resolves it first, `nnxtrain.model.resolve_auto`)."""
+    impl = cfg.moe.impl
+    if impl == "auto":
+        return "blocks" if jax.default_backend() == "cpu" else "ragged"
+    return impl
+
+
+def _blocks(
+    xs: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], sizes: jax.Array, activation: str
+) -> jax.Array:
+    """The experts on expert-sorted rows `xs` [pairs, embed] (group sizes `sizes`) as
+    tiles: each group padded to whole tiles of one expert, one batched matmul per
+    projection with each tile's expert weights. Dropless: at most experts x (tile - 1)
+    padding rows; the tile is half a group of even routing, so the padded rows are at most
+    about twice the pairs and the tiles about three per expert."""
+    pairs, d = xs.shape
+    n = w[0].shape[0]
+    tile = max(8, -(-pairs // (2 * n) // 8) * 8)
+    blocks = -(-pairs // tile) + n
+    padded = (sizes + tile - 1) // tile * tile
+    ends = jnp.cumsum(padded)
+    expert = jnp.repeat(jnp.arange(n), sizes, total_repeat_length=pairs)
+    starts = jnp.cumsum(sizes) - sizes
+    dest = (ends - padded)[expert] + jnp.arange(pairs) - starts[expert]
+    buf = jnp.zeros((blocks * tile, d), xs.dtype).at[dest].set(xs).reshape(blocks, tile, d)
+    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(blocks) * tile, side="right"), n - 1)
+    gate = jnp.einsum("btd,bdm->btm", buf, jnp.take(w[0], owner, axis=0))
+    up = jnp.einsum("btd,bdm->btm", buf, jnp.take(w[1], owner, axis=0))
+    h = _swiglu(gate, up, activation)
+    out = jnp.einsum("btm,bmd->btd", h, jnp.take(w[2], owner, axis=0))
+    return jnp.take(out.reshape(blocks * tile, d), dest, axis=0)
+
+
+def experts_dropless(
+    x: jax.Array,
+    ids: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array],
+    activation: str,
+    impl: str = "ragged",
 ) -> jax.Array:
     """Every (token, expert) pair's expert output [tokens, k, embed], dropless: the pairs
-    sorted by expert, one `ragged_dot` per projection over the experts' groups."""
+    sorted by expert, then one grouped matmul per projection over the experts' groups,
+    `ragged_dot` or tiles (`_blocks`)."""
     tokens, k = ids.shape
     n = w[0].shape[0]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # pairs by expert, in token order within each
     sizes = jnp.bincount(flat, length=n).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    gate = jax.lax.ragged_dot(xs, w[0], sizes)
-    up = jax.lax.ragged_dot(xs, w[1], sizes)
-    ys = jax.lax.ragged_dot(_swiglu(gate, up, activation), w[2], sizes)
+    if impl == "blocks":
+        ys = _blocks(xs, w, sizes, activation)
+    else:
+        gate = jax.lax.ragged_dot(xs, w[0], sizes)
+        up = jax.lax.ragged_dot(xs, w[1], sizes)
+        ys = jax.lax.ragged_dot(_swiglu(gate, up, activation), w[2], sizes)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     return jnp.take(ys, inverse, axis=0).reshape(tokens, k, -1)
 
@@ -147,7 +195,8 @@ class MoE(nnx.Module):
             ys, kept = experts_capacity(flat, ids, w, self.activation, cap)
             dropped = jnp.sum(~kept).astype(jnp.float32)
         else:
-            ys, dropped = experts_ragged(flat, ids, w, self.activation), jnp.zeros((), jnp.float32)
+            ys = experts_dropless(flat, ids, w, self.activation, impl_of(self.cfg))
+            dropped = jnp.zeros((), jnp.float32)
         out = jnp.sum(ys * weights.astype(dt)[..., None], axis=1).reshape(b, length, d)
         m = jnp.ones(flat.shape[0], jnp.float32) if mask is None else mask.reshape(-1)
         m = m.astype(jnp.float32)

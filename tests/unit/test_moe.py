@@ -1,7 +1,8 @@
 """The mixture-of-experts block (nnxtrain/model/moe.py) against a dense reference written
 here in plain jnp: every expert computed for every token, masked to the router's top-k.
 The router is built so that the experts receive unequal numbers of tokens and some none.
-Dropless (ragged_dot) equals it, values and gradients; capacity mode with room for every
+Dropless equals it, values and gradients, both ways (`jax.lax.ragged_dot`, and the
+expert-sorted tiles CPU runs by default); capacity mode with room for every
 pair equals dropless, and with a small capacity drops exactly the pairs past each expert's
 first `capacity` (in token order) and counts them. Also: the load-balancing statistics, the
 scanned and unrolled stacks, and the `model.moe.*` checks."""
@@ -63,8 +64,9 @@ def test_routing_is_unequal_with_idle_experts() -> None:
     assert counts[6] == counts[7] == 0 and len(set(counts[:6].tolist())) > 2, counts
 
 
-def test_dropless_equals_the_dense_reference_values_and_gradients() -> None:
-    moe = block()
+@pytest.mark.parametrize("impl", ["ragged", "blocks"])
+def test_dropless_equals_the_dense_reference_values_and_gradients(impl: str) -> None:
+    moe = block(dataclasses.replace(MOE, moe=dataclasses.replace(MOE.moe, impl=impl)))
     graphdef, params = nnx.split(moe)
 
     def loss(p: nnx.State, f: object) -> jax.Array:
@@ -131,8 +133,8 @@ def test_scanned_and_unrolled_stacks_agree() -> None:
     tokens = jnp.arange(24).reshape(2, 12) % TINY.vocab_size
     model, out = Transformer(MOE, rngs=nnx.Rngs(0)), {}
     for scan in (True, False):
-        model.cfg = dataclasses.replace(MOE, scan_layers=scan)  # read at trace time
-        out[scan] = model.routed_hidden(tokens)
+        model.cfg = dataclasses.replace(MOE, scan_layers=scan)  # a static of the graph
+        out[scan] = nnx.jit(lambda m: m.routed_hidden(tokens))(model)
     np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[True][1]["counts"], out[False][1]["counts"])
     assert out[True][1]["counts"].shape == (TINY.num_layers, EXPERTS)
@@ -146,6 +148,7 @@ def test_scanned_and_unrolled_stacks_agree() -> None:
         (MoeConfig(experts=4, mlp_dim=-1), "model.moe.mlp_dim"),
         (MoeConfig(experts=4, capacity_factor=-1.0), "model.moe.capacity_factor"),
         (MoeConfig(experts=4, aux_loss_coef=float("nan")), "model.moe.aux_loss_coef"),
+        (MoeConfig(experts=4, impl="megablox"), "model.moe.impl"),
     ],
 )
 def test_bad_moe_settings_are_one_line_errors(moe: MoeConfig, key: str) -> None:
