@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from nnxtrain.config.lora import validate_lora
-from nnxtrain.config.moe import validate_moe
+from nnxtrain.config.moe import validate_moe, validate_moe_mesh
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -207,7 +207,8 @@ def validate(cfg: Config) -> Config:
             "use -1 for one device per core, 0 for JAX's default",
         )
     mc = cfg.mesh
-    for axis in ("data", "fsdp", "tensor"):
+    validate_moe_mesh(cfg)
+    for axis in ("data", "fsdp", "tensor", "expert"):
         size = getattr(mc, axis)
         if size == 0 or size < -1:
             raise ConfigError(

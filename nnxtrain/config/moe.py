@@ -6,7 +6,7 @@ expert_mlp_dim(cfg.model)        # model.moe.mlp_dim, or model.mlp_dim when it i
 
 import math
 
-from nnxtrain.config.schema import MOE_IMPLS, ModelConfig
+from nnxtrain.config.schema import MOE_IMPLS, Config, ModelConfig
 from nnxtrain.errors import ConfigError
 
 
@@ -52,3 +52,13 @@ def validate_moe(m: ModelConfig) -> ModelConfig:
             "set model.lora.rank=0 (full fine-tune) for an MoE model",
         )
     return m
+
+
+def validate_moe_mesh(cfg: Config) -> None:
+    """What expert parallelism (mesh.expert) does not run: capacity mode."""
+    if cfg.mesh.expert != 1 and cfg.model.moe.capacity_factor:
+        raise ConfigError(
+            "model.moe.capacity_factor",
+            "capacity mode with expert parallelism (mesh.expert) is not implemented",
+            "set model.moe.capacity_factor=0 (dropless) or mesh.expert=1",
+        )

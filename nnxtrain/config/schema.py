@@ -158,6 +158,9 @@ class MeshConfig:
     data: int = setting(1, "data-parallel replicas (batch split, weights replicated)")
     fsdp: int = setting(-1, "fully sharded data parallel (batch and weights split)")
     tensor: int = setting(1, "tensor parallel (heads and MLP features split)")
+    expert: int = setting(
+        1, "expert parallel: experts split, tokens sent to them all-to-all; the batch too"
+    )
     rules: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "logical name -> mesh axes overrides"}
     )

@@ -34,16 +34,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from nnxtrain.config import ModelConfig, expert_mlp_dim
 from nnxtrain.model.lora import base_dtype
-from nnxtrain.parallel.sharding import constrain
+from nnxtrain.parallel.sharding import active_mesh, active_spec, constrain
 
 EXPERT = "expert"  # the logical name of the experts' axis of their stacked weights
 # Per layer, summed over the (masked) tokens: assignments per expert [experts], router
 # probability per expert [experts], tokens, squared router log-sum-exp, dropped pairs.
 ROUTER_STATS = ("counts", "probs", "rows", "z", "dropped")
 STATS_NAME = "router_stats"
+ACTIVATIONS = ("activation_batch", "activation_length", "activation_embed")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[Any, ...], cfg: ModelConfig):
@@ -88,29 +90,53 @@ def impl_of(cfg: ModelConfig) -> str:
 
 
 def _blocks(
-    xs: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array], sizes: jax.Array, activation: str
+    xs: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array],
+    sizes: jax.Array,
+    activation: str,
+    rows: int = 0,
 ) -> jax.Array:
     """The experts on expert-sorted rows `xs` [pairs, embed] (group sizes `sizes`) as
     tiles: each group padded to whole tiles of one expert, one batched matmul per
     projection with each tile's expert weights. Dropless: at most experts x (tile - 1)
-    padding rows; the tile is half a group of even routing, so the padded rows are at most
-    about twice the pairs and the tiles about three per expert."""
+    padding rows; the tile is half a group of even routing over `rows` pairs (all of xs
+    when 0), so the padded rows are at most about twice the pairs and the tiles about
+    three per expert. Rows past the groups (an all-to-all's padding) come out zero."""
     pairs, d = xs.shape
     n = w[0].shape[0]
-    tile = max(8, -(-pairs // (2 * n) // 8) * 8)
+    tile = max(8, -(-(rows or pairs) // (2 * n) // 8) * 8)
     blocks = -(-pairs // tile) + n
     padded = (sizes + tile - 1) // tile * tile
     ends = jnp.cumsum(padded)
     expert = jnp.repeat(jnp.arange(n), sizes, total_repeat_length=pairs)
     starts = jnp.cumsum(sizes) - sizes
     dest = (ends - padded)[expert] + jnp.arange(pairs) - starts[expert]
-    buf = jnp.zeros((blocks * tile, d), xs.dtype).at[dest].set(xs).reshape(blocks, tile, d)
+    dest = jnp.where(jnp.arange(pairs) < jnp.sum(sizes), dest, blocks * tile)  # padding: out
+    buf = jnp.zeros((blocks * tile, d), xs.dtype).at[dest].set(xs, mode="drop")
+    buf = buf.reshape(blocks, tile, d)
     owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(blocks) * tile, side="right"), n - 1)
     gate = jnp.einsum("btd,bdm->btm", buf, jnp.take(w[0], owner, axis=0))
     up = jnp.einsum("btd,bdm->btm", buf, jnp.take(w[1], owner, axis=0))
     h = _swiglu(gate, up, activation)
     out = jnp.einsum("btm,bmd->btd", h, jnp.take(w[2], owner, axis=0))
-    return jnp.take(out.reshape(blocks * tile, d), dest, axis=0)
+    return jnp.take(out.reshape(blocks * tile, d), dest, axis=0, mode="fill", fill_value=0)
+
+
+def grouped(
+    xs: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array],
+    sizes: jax.Array,
+    activation: str,
+    impl: str,
+    rows: int = 0,
+) -> jax.Array:
+    """The SwiGLU experts on expert-sorted rows `xs` (group sizes `sizes`; rows past them
+    come out zero), as `ragged_dot`s or tiles (`_blocks`)."""
+    if impl == "blocks":
+        return _blocks(xs, w, sizes, activation, rows)
+    gate = jax.lax.ragged_dot(xs, w[0], sizes)
+    up = jax.lax.ragged_dot(xs, w[1], sizes)
+    return jax.lax.ragged_dot(_swiglu(gate, up, activation), w[2], sizes)
 
 
 def experts_dropless(
@@ -129,12 +155,7 @@ def experts_dropless(
     order = jnp.argsort(flat, stable=True)  # pairs by expert, in token order within each
     sizes = jnp.bincount(flat, length=n).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    if impl == "blocks":
-        ys = _blocks(xs, w, sizes, activation)
-    else:
-        gate = jax.lax.ragged_dot(xs, w[0], sizes)
-        up = jax.lax.ragged_dot(xs, w[1], sizes)
-        ys = jax.lax.ragged_dot(_swiglu(gate, up, activation), w[2], sizes)
+    ys = grouped(xs, w, sizes, activation, impl)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     return jnp.take(ys, inverse, axis=0).reshape(tokens, k, -1)
 
@@ -187,33 +208,128 @@ class MoE(nnx.Module):
         (true: a real token) selects the tokens the router's statistics count."""
         b, length, d = x.shape
         dt = x.dtype
-        flat = x.reshape(-1, d)
-        logits, probs, weights, ids = route(flat, self.router[...], self.top_k, self.norm_topk_prob)
+        m = jnp.ones((b, length), jnp.float32) if mask is None else mask.astype(jnp.float32)
         w = (self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-        cap = capacity(flat.shape[0], self.cfg)
-        if cap:
-            ys, kept = experts_capacity(flat, ids, w, self.activation, cap)
-            dropped = jnp.sum(~kept).astype(jnp.float32)
+        mesh = active_mesh()
+        if mesh is not None and EXPERT in mesh.axis_names and mesh.shape[EXPERT] > 1:
+            out, stats = expert_parallel(x, m, self.router[...], w, self.cfg, mesh)
         else:
-            ys = experts_dropless(flat, ids, w, self.activation, impl_of(self.cfg))
-            dropped = jnp.zeros((), jnp.float32)
-        out = jnp.sum(ys * weights.astype(dt)[..., None], axis=1).reshape(b, length, d)
-        m = jnp.ones(flat.shape[0], jnp.float32) if mask is None else mask.reshape(-1)
-        m = m.astype(jnp.float32)
-        stats = {
-            "counts": jnp.zeros(probs.shape[1], jnp.float32)
-            .at[ids.reshape(-1)]
-            .add(jnp.repeat(m, self.top_k)),
-            "probs": jnp.sum(probs * m[:, None], axis=0),
-            "rows": jnp.sum(m),
-            "z": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * m),
-            "dropped": dropped,
-        }
+            out, stats = _local(x.reshape(-1, d), m.reshape(-1), self.router[...], w, self.cfg)
+            out = out.reshape(b, length, d)
         # the latest call's only (a repeated call replaces them, never accumulates)
         setattr(self, STATS_NAME, nnx.Intermediate(stats))
-        return constrain(
-            out, "moe/out", ("activation_batch", "activation_length", "activation_embed")
+        return constrain(out, "moe/out", ACTIVATIONS)
+
+
+def _stats(
+    logits: jax.Array, probs: jax.Array, ids: jax.Array, m: jax.Array, dropped: jax.Array
+) -> dict[str, jax.Array]:
+    """The ROUTER_STATS of tokens with mask `m` [tokens]."""
+    k = ids.shape[1]
+    counts = jnp.zeros(probs.shape[1], jnp.float32).at[ids.reshape(-1)].add(jnp.repeat(m, k))
+    return {
+        "counts": counts,
+        "probs": jnp.sum(probs * m[:, None], axis=0),
+        "rows": jnp.sum(m),
+        "z": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * m),
+        "dropped": dropped,
+    }
+
+
+def _local(
+    flat: jax.Array,
+    m: jax.Array,
+    router: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array],
+    cfg: ModelConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The block on tokens [tokens, embed] whose experts all lie on this device."""
+    logits, probs, weights, ids = route(flat, router, cfg.moe.top_k, cfg.moe.norm_topk_prob)
+    cap = capacity(flat.shape[0], cfg)
+    if cap:
+        ys, kept = experts_capacity(flat, ids, w, cfg.activation, cap)
+        dropped = jnp.sum(~kept).astype(jnp.float32)
+    else:
+        ys = experts_dropless(flat, ids, w, cfg.activation, impl_of(cfg))
+        dropped = jnp.zeros((), jnp.float32)
+    out = jnp.sum(ys * weights.astype(flat.dtype)[..., None], axis=1)
+    return out, _stats(logits, probs, ids, m, dropped)
+
+
+def _axes(part: Any) -> tuple[str, ...]:
+    return (part,) if isinstance(part, str) else tuple(part or ())
+
+
+def expert_parallel(
+    x: jax.Array,
+    m: jax.Array,
+    router: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array],
+    cfg: ModelConfig,
+    mesh: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The block with its experts split over the mesh's `expert` axis (dropless).
+
+    Each device routes its own tokens, sends each (token, expert) pair to the device that
+    holds the expert (an all-to-all over `expert`), runs its experts on what it received
+    (the grouped matmul), and sends the outputs back (a second all-to-all). The buffers
+    are sized for the worst case (every pair of a device to one other), so nothing is
+    dropped; the experts' weights arrive gathered over fsdp, split over tensor on their
+    hidden features (the down projection's partial sums are added over tensor)."""
+    x_spec = active_spec(ACTIVATIONS)
+    batch_axes = _axes(x_spec[0])
+    up_spec, down_spec = active_spec((EXPERT, None, "mlp")), active_spec((EXPERT, "mlp", None))
+    tensor_axes = _axes(up_spec[2])
+    k, impl = cfg.moe.top_k, impl_of(cfg)
+
+    def local(x: jax.Array, m: jax.Array, router: jax.Array, *w: jax.Array) -> Any:
+        b, length, d = x.shape
+        flat = x.reshape(-1, d)
+        logits, probs, weights, ids = route(flat, router, k, cfg.moe.norm_topk_prob)
+        ep, n_local = mesh.shape[EXPERT], w[0].shape[0]
+        pairs = ids.size
+        order = jnp.argsort(ids.reshape(-1), stable=True)
+        sorted_ids = ids.reshape(-1)[order]
+        dest = sorted_ids // n_local  # the device holding the pair's expert
+        per_dest = jnp.bincount(dest, length=ep)
+        rank = jnp.arange(pairs) - (jnp.cumsum(per_dest) - per_dest)[dest]
+        send = jnp.zeros((ep, pairs, d), x.dtype).at[dest, rank].set(flat[order // k])
+        # the pair's expert on the receiving device; n_local marks an empty slot
+        send_ids = (
+            jnp.full((ep, pairs), n_local, jnp.int32)
+            .at[dest, rank]
+            .set((sorted_ids % n_local).astype(jnp.int32))
         )
+        got = jax.lax.all_to_all(send, EXPERT, 0, 0).reshape(ep * pairs, d)
+        got_ids = jax.lax.all_to_all(send_ids, EXPERT, 0, 0).reshape(-1)
+        by_expert = jnp.argsort(got_ids, stable=True)  # empty slots last
+        sizes = jnp.bincount(got_ids, length=n_local + 1)[:n_local].astype(jnp.int32)
+        ys = grouped(got[by_expert], tuple(w), sizes, cfg.activation, impl, rows=pairs)
+        ys = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(ep, pairs, d)
+        back = jax.lax.all_to_all(ys, EXPERT, 0, 0)[dest, rank]  # pairs in sorted order
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype))
+        out = jnp.sum(back[inverse].reshape(-1, k, d) * weights.astype(x.dtype)[..., None], 1)
+        if tensor_axes:
+            out = jax.lax.psum(out, tensor_axes)
+        stats = _stats(logits, probs, ids, m.reshape(-1), jnp.zeros((), jnp.float32))
+        if batch_axes:
+            stats = jax.lax.psum(stats, batch_axes)
+        return out.reshape(b, length, d), stats
+
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(
+            x_spec,
+            PartitionSpec(x_spec[0], x_spec[1]),
+            PartitionSpec(),
+            up_spec,
+            up_spec,
+            down_spec,
+        ),
+        out_specs=(x_spec, PartitionSpec()),
+    )
+    return run(x, m, router, *w)
 
 
 def layer_stats(layer: nnx.Module) -> dict[str, jax.Array] | None:
