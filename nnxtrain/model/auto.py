@@ -45,6 +45,6 @@ def resolve_auto(cfg: ModelConfig, platform: str) -> ModelConfig:
     attention = attention if cfg.attention == "auto" else cfg.attention
     scan = cfg.scan_layers if cfg.scan_layers is not None else platform != "cpu"
     moe = cfg.moe
-    if moe.impl == "auto":  # JAX runs ragged_dot on CPU as a dense product per expert
+    if moe.experts and moe.impl == "auto":  # JAX's ragged_dot on CPU: dense, per expert
         moe = dataclasses.replace(moe, impl="blocks" if platform == "cpu" else "ragged")
     return dataclasses.replace(cfg, attention=attention, dtype=dtype, scan_layers=scan, moe=moe)

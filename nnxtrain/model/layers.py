@@ -298,8 +298,8 @@ class DecoderLayer(nnx.Module):
         self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
-        self.moe = bool(cfg.moe.experts)  # routed experts in place of the MLP (model/moe.py)
-        self.mlp = MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
+        # routed experts in place of the MLP with model.moe.experts (model/moe.py)
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.moe.experts else MLP(cfg, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
         if cfg.sandwich_norms:  # Gemma: each branch's output is normed before the residual
             self.attn_post_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
@@ -320,7 +320,10 @@ class DecoderLayer(nnx.Module):
     def _mlp(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         h = self.mlp_norm(x)
         # the router's statistics count real tokens only (segment id 0: padding)
-        out = self.mlp(h, segment_ids != 0) if self.moe and segment_ids is not None else self.mlp(h)
+        mlp = self.mlp
+        out = (
+            mlp(h, segment_ids != 0) if isinstance(mlp, MoE) and segment_ids is not None else mlp(h)
+        )
         return self.mlp_post_norm(out) if self.sandwich else out
 
     def decode(

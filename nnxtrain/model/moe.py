@@ -282,7 +282,10 @@ def expert_parallel(
     tensor_axes = _axes(up_spec[2])
     k, impl = cfg.moe.top_k, impl_of(cfg)
 
-    def local(x: jax.Array, m: jax.Array, router: jax.Array, *w: jax.Array) -> Any:
+    def local(
+        x: jax.Array, m: jax.Array, router: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array
+    ) -> Any:
+        w = (wg, wu, wd)
         b, length, d = x.shape
         flat = x.reshape(-1, d)
         logits, probs, weights, ids = route(flat, router, k, cfg.moe.norm_topk_prob)
@@ -304,7 +307,7 @@ def expert_parallel(
         got_ids = jax.lax.all_to_all(send_ids, EXPERT, 0, 0).reshape(-1)
         by_expert = jnp.argsort(got_ids, stable=True)  # empty slots last
         sizes = jnp.bincount(got_ids, length=n_local + 1)[:n_local].astype(jnp.int32)
-        ys = grouped(got[by_expert], tuple(w), sizes, cfg.activation, impl, rows=pairs)
+        ys = grouped(got[by_expert], w, sizes, cfg.activation, impl, rows=pairs)
         ys = jnp.zeros_like(ys).at[by_expert].set(ys).reshape(ep, pairs, d)
         back = jax.lax.all_to_all(ys, EXPERT, 0, 0)[dest, rank]  # pairs in sorted order
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(pairs, dtype=order.dtype))

@@ -155,3 +155,10 @@ def test_bad_moe_settings_are_one_line_errors(moe: MoeConfig, key: str) -> None:
     with pytest.raises(ConfigError) as e:
         validate_model(dataclasses.replace(TINY, moe=moe))
     assert e.value.key == key and "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_auto_grouped_matmul_is_tiles_on_cpu_and_ragged_dot_on_accelerators() -> None:
+    from nnxtrain.model import resolve_auto
+
+    picked = {p: resolve_auto(MOE, p).moe.impl for p in ("cpu", "tpu", "gpu")}
+    assert picked == {"cpu": "blocks", "tpu": "ragged", "gpu": "ragged"}
