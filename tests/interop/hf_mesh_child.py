@@ -10,6 +10,7 @@ With `moe=DIR:TOKENS.npy:LOGITS.npy`, a mixture of experts (issue 28, `moe_repor
         [moe=DIR:TOKENS.npy:LOGITS.npy] d,f,t ...
 """
 
+import dataclasses
 import json
 import sys
 
@@ -42,7 +43,8 @@ def moe_report(path: str, tokens: np.ndarray, reference: np.ndarray) -> dict:
     """An HF mixture of experts loaded straight into the shards of expert=4 x fsdp=2 (the
     experts split 4 ways, tokens sent to them all-to-all): its logits against
     transformers', and its logits and gradients of the training loss (the load-balancing
-    loss in it) against the same model on one device."""
+    loss in it) against the same model on one device; the layers scanned on the mesh,
+    unrolled on the one device (CPU's default), so that both stacks are checked."""
 
     def loss(graphdef: nnx.GraphDef, state: nnx.State, toks: jax.Array) -> tuple:
         model = nnx.merge(graphdef, state)
@@ -52,7 +54,9 @@ def moe_report(path: str, tokens: np.ndarray, reference: np.ndarray) -> dict:
     grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
     (_, one_logits), one_grads = grad(*nnx.split(hf.load(path, param_dtype="float32")), tokens)
     mesh = build_mesh(MeshConfig(data=1, fsdp=2, tensor=1, expert=4))
-    graphdef, state = nnx.split(hf.load(path, param_dtype="float32", mesh=mesh))
+    model = hf.load(path, param_dtype="float32", mesh=mesh)
+    model.cfg = dataclasses.replace(model.cfg, scan_layers=True)  # one device: unrolled
+    graphdef, state = nnx.split(model)
     with use_rules(mesh, DEFAULT_RULES):
         toks = jax.device_put(tokens, batch_sharding(mesh))
         (_, logits), grads = grad(graphdef, state, toks)

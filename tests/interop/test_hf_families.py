@@ -127,7 +127,8 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     )
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILIES))
+# qwen3_moe's decode path is mixtral's (experts) with qwen3's q/k norms: both covered
+@pytest.mark.parametrize("kind", sorted(set(FAMILIES) - {"qwen3_moe"}))
 def test_greedy_generation_equals_transformers(hf_dirs, kind):
     """nnxtrain generates the batch at once, right-padded; transformers row by row (see
     tests/integration/test_generate_hf.py)."""
