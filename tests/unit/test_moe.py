@@ -119,6 +119,9 @@ def test_router_statistics_and_load_balancing_loss() -> None:
     expected = EXPERTS * np.sum(counts / 24 * np.asarray(probs).mean(0))
     np.testing.assert_allclose(losses["aux"], expected, rtol=1e-5)
     np.testing.assert_allclose(losses["load_max"], counts.max() / counts.mean(), rtol=1e-6)
+    # the router z-loss: mean over tokens of the squared log-sum-exp of the router logits
+    lse = jax.nn.logsumexp(X.reshape(-1, TINY.emb_dim) @ moe.router[...], axis=-1)
+    np.testing.assert_allclose(losses["z"], np.mean(np.asarray(lse) ** 2), rtol=1e-5)
     assert float(losses["load_min"]) == 0.0
     # a mask leaves the masked tokens out of every statistic
     mask = jnp.arange(24).reshape(2, 12) % 3 != 0
