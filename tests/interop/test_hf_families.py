@@ -167,29 +167,26 @@ def test_round_trip_is_bitwise_and_loads_as_the_same_family(hf_dirs, tmp_path, k
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
-    """The load-balancing loss of `output_router_logits=True`, over all tokens and with an
-    attention mask (right padding: HF leaves the masked tokens out, nnxtrain's segment id
-    0 does); the total loss adds router_aux_loss_coef times it."""
+    """The load-balancing loss of `output_router_logits=True` with an attention mask (right
+    padding: HF leaves the masked tokens out, nnxtrain's segment id 0 does), and over all
+    tokens in the training loss, which adds router_aux_loss_coef times it."""
     path = hf_dirs[kind]
     model = hf.load(str(path), param_dtype="float32")
     theirs, _ = hf_model(path)
     toks = tokens(40, vocab=VOCAB)
     mask = np.ones_like(toks)
     mask[1, 25:] = 0
-    for attention in (None, mask):
-        with torch.no_grad():
-            out = theirs(
-                torch.tensor(toks, dtype=torch.long),
-                attention_mask=None if attention is None else torch.tensor(attention),
-                output_router_logits=True,
-            )
-        seg = None if attention is None else jnp.asarray(attention)
-        _, stats = model.routed_hidden(jnp.asarray(toks), segment_ids=seg)
-        ours = float(aux_losses(stats, model.cfg.moe.experts)["aux"])
-        masked = attention is not None
-        print(f"parity {kind} aux loss (mask {masked}): {ours} vs {float(out.aux_loss)}")
-        # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
-        np.testing.assert_allclose(ours, float(out.aux_loss), rtol=rounding_tolerance(1280))
+    with torch.no_grad():
+        out = theirs(
+            torch.tensor(toks, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
+    _, stats = model.routed_hidden(jnp.asarray(toks), segment_ids=jnp.asarray(mask))
+    ours = float(aux_losses(stats, model.cfg.moe.experts)["aux"])
+    print(f"parity {kind} aux loss (masked): {ours} vs {float(out.aux_loss)}")
+    # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
+    np.testing.assert_allclose(ours, float(out.aux_loss), rtol=rounding_tolerance(1280))
     assert model.cfg.moe.aux_loss_coef == theirs.config.router_aux_loss_coef
     # The training loss: cross-entropy plus coef x aux, as transformers' loss with labels
     # (a coefficient large enough to show). HF shifts labels itself: its last position
@@ -206,6 +203,7 @@ def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
     with torch.no_grad():
         ids = torch.tensor(toks[:, :-1], dtype=torch.long)
         out = theirs(ids, labels=ids, output_router_logits=True)
+    print(f"parity {kind} loss with aux: {float(ours['loss'])} vs {float(out.loss)}")
     np.testing.assert_allclose(float(ours["loss"]), float(out.loss), rtol=1e-5)
     np.testing.assert_allclose(float(ours["moe_aux_loss"]), float(out.aux_loss), rtol=1e-5)
 
