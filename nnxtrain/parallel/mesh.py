@@ -103,7 +103,7 @@ def resolve_batch(cfg: Config, mesh: Mesh) -> Config:
         raise ConfigError(
             "run.batch_size",
             f"micro-batch of {batch // run.grad_accum} "
-            f"sequences cannot be split over data*fsdp={dp} devices",
+            f"sequences cannot be split over {'*'.join(_batch_axes(mesh))}={dp} devices",
             f"use a batch size that is a multiple of {dp * run.grad_accum}",
         )
     return dataclasses.replace(cfg, run=dataclasses.replace(run, batch_size=batch))
