@@ -161,7 +161,7 @@ class Transformer(nnx.Module):
                 if segment_ids is None
                 else document_positions(segment_ids)
             )
-        x, stats = self._layers(self._embed(tokens), positions, segment_ids)
+        x, stats = self._routed_layers(self._embed(tokens), positions, segment_ids)
         return self.final_norm(x), stats
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -186,9 +186,14 @@ class Transformer(nnx.Module):
 
     def _layers(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    ) -> jax.Array:
+        """The training forward through the stacked layers, scanned or unrolled."""
+        return self._routed_layers(x, positions, segment_ids)[0]
+
+    def _routed_layers(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
     ) -> tuple[jax.Array, Any]:
-        """The training forward through the stacked layers, scanned or unrolled; and the
-        layers' router statistics, stacked (None without experts)."""
+        """`_layers`, and the layers' router statistics, stacked (None without experts)."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         flags = self._local_flags()
