@@ -44,7 +44,7 @@ from nnxtrain.train.events import (
 )
 from nnxtrain.train.goodput import Goodput, GoodputReport
 from nnxtrain.train.result import FitResult
-from nnxtrain.train.step import METRIC_NAMES, all_finite, without_loss
+from nnxtrain.train.step import METRIC_NAMES, MOE_METRIC_NAMES, all_finite, without_loss
 from nnxtrain.train.timing import StepRecord
 from nnxtrain.train.trainer import Trainer
 from nnxtrain.units import format_bytes
@@ -53,6 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METRIC_NAMES",
+    "MOE_METRIC_NAMES",
     "ActivationRecord",
     "Callback",
     "CompileEvent",

@@ -3,7 +3,8 @@
 Every `log_every` steps (and on the last) it prints, for the steps since the previous
 line: step, seconds per step, TFLOP/s and tokens/s per device (non-padding tokens; the
 FLOPs count whole rows), total weights (unmasked target tokens), loss, lm_loss,
-perplexity, learning rate and gradient norm. The same
+perplexity, learning rate and gradient norm (a mixture of experts also its load-balancing
+loss and expert load, and every `MOE_METRIC_NAMES` metric in the record). The same
 record goes to `<run_dir>/metrics.jsonl`, and to TensorBoard when tensorboardX is
 installed. On a terminal a rich progress bar runs below the lines. A step (or evaluation)
 whose total weights are 0 had no token to take a loss over: its loss, lm_loss, z_loss and
@@ -141,7 +142,7 @@ class MetricsLogger(Callback):
             "tflops_per_sec_per_device": self.flops.tflops_per_step_per_device / seconds,
             # packed rows differ in padding: the window's own non-padding tokens per step
             "tokens_per_sec_per_device": tokens / len(records) / devices / seconds,
-            **m,  # every scalar of the step (DPO's too)
+            **m,  # every scalar of the step (DPO's and the routers' too)
             "goodput": trainer.goodput.report().goodput,
             "time": time.time(),
         }
@@ -153,7 +154,7 @@ class MetricsLogger(Callback):
             f"{record['tokens_per_sec_per_device']:,.0f} tok/s/dev | weights "
             f"{m['total_weights']:,.0f} | loss {_fixed(m['loss'], 4)} | lm_loss "
             f"{_fixed(m['lm_loss'], 4)} | ppl {_fixed(m['perplexity'], 3)} | lr {m['lr']:.3e} | "
-            f"grad_norm {m['grad_norm']:.3f} | {_dpo(m)}"
+            f"grad_norm {m['grad_norm']:.3f} | {_dpo(m)}{_moe(m)}"
             f"goodput {100 * record['goodput']:.1f}%" + (f" | note: {note}" if note else ""),
             markup=False,
             highlight=False,
@@ -245,3 +246,11 @@ def _dpo(m: dict[str, Any]) -> str:
     if "rewards/accuracies" not in m:
         return ""
     return f"rewards acc {m['rewards/accuracies']:.3f} margin {m['rewards/margins']:.4f} | "
+
+
+def _moe(m: dict[str, Any]) -> str:
+    """A mixture of experts' load-balancing loss and expert loads for the console line."""
+    if "moe_aux_loss" not in m:
+        return ""
+    load = f"load {m['moe_load_min']:.2f}..{m['moe_load_max']:.2f}"
+    return f"moe_aux {m['moe_aux_loss']:.4f} | {load} | "

@@ -10,12 +10,14 @@
   the model group's alone, also runs on every Hugging Face config.json read);
 - `lora`: `model.lora`'s checks and its targets (`lora_targets`);
 - `dpo`: the checks of the `dpo` group and of data=preference;
+- `moe`: `model.moe`'s checks and the experts' width (`expert_mlp_dim`);
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
 from nnxtrain.config.checks import fit_remats, validate, validate_model
 from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
 from nnxtrain.config.lora import targets as lora_targets
+from nnxtrain.config.moe import expert_mlp_dim
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -32,6 +34,7 @@ from nnxtrain.config.schema import (
     LoraConfig,
     MeshConfig,
     ModelConfig,
+    MoeConfig,
     OptimConfig,
     RunConfig,
     setting,
@@ -53,9 +56,11 @@ __all__ = [
     "LoraConfig",
     "MeshConfig",
     "ModelConfig",
+    "MoeConfig",
     "OptimConfig",
     "RunConfig",
     "compose",
+    "expert_mlp_dim",
     "fit_remats",
     "from_dict",
     "from_omegaconf",

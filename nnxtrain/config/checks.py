@@ -9,6 +9,7 @@ import math
 
 from nnxtrain.config.dpo import validate_dpo, validate_grpo
 from nnxtrain.config.lora import validate_lora
+from nnxtrain.config.moe import validate_moe, validate_moe_mesh
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -144,7 +145,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     ]
     _in_ranges(ranges, {"model": ModelConfig()})
     validate_lora(m.lora)
-    return m
+    return validate_moe(m)
 
 
 def fit_remats(cfg: Config) -> list[str]:
@@ -207,7 +208,8 @@ def validate(cfg: Config) -> Config:
             "use -1 for one device per core, 0 for JAX's default",
         )
     mc = cfg.mesh
-    for axis in ("data", "fsdp", "tensor"):
+    validate_moe_mesh(cfg)
+    for axis in ("data", "fsdp", "tensor", "expert"):
         size = getattr(mc, axis)
         if size == 0 or size < -1:
             raise ConfigError(

@@ -18,6 +18,7 @@ TRUNCATE_MODES = ("right", "drop", "error")  # of jsonl records longer than a ro
 TOKEN_DTYPES = ("uint16", "uint32")  # of raw .bin token files
 DOCUMENT_MASKS = ("auto", True, False)  # data.document_mask
 # model.lora.targets: the projections by their Hugging Face names (PEFT's target_modules)
+MOE_IMPLS = ("auto", "ragged", "blocks")  # model.moe.impl
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,6 +57,34 @@ class LoraConfig:
         # A model's config is static data of its graph, hashed by jit: a tuple, not a list.
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture of experts in place of every layer's MLP (docs/moe.md); experts 0 = dense."""
+
+    experts: int = setting(0, "routed SwiGLU experts per layer; 0 = a dense MLP (no MoE)")
+    top_k: int = setting(2, "experts each token is sent to (HF: num_experts_per_tok)")
+    mlp_dim: int = setting(0, "hidden features of each expert; 0 = model.mlp_dim")
+    norm_topk_prob: bool = setting(
+        True, "renormalise the top-k routing weights to sum to 1 (Mixtral: always; Qwen3-MoE: key)"
+    )
+    aux_loss_coef: float = setting(
+        0.001, "weight of the load-balancing loss in the training loss (HF: router_aux_loss_coef)"
+    )
+    z_loss_coef: float = setting(
+        0.0, "weight of the router z-loss (mean squared log-sum-exp of router logits); 0 = off"
+    )
+    capacity_factor: float = setting(
+        0.0,
+        "0 = dropless (grouped matmuls); > 0: each expert takes at most "
+        "ceil(factor * tokens * top_k / experts) tokens, the rest dropped and counted",
+    )
+    impl: str = setting(
+        "auto",
+        "dropless grouped matmul: ragged (jax.lax.ragged_dot), blocks (expert-sorted tiles, "
+        "one batched matmul); auto = blocks on CPU, ragged elsewhere",
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +147,9 @@ class ModelConfig:
     lora: LoraConfig = field(
         default_factory=LoraConfig, metadata={"help": "LoRA adapters (model.lora.*)"}
     )
+    moe: MoeConfig = field(
+        default_factory=MoeConfig, metadata={"help": "mixture of experts (model.moe.*)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +159,9 @@ class MeshConfig:
     data: int = setting(1, "data-parallel replicas (batch split, weights replicated)")
     fsdp: int = setting(-1, "fully sharded data parallel (batch and weights split)")
     tensor: int = setting(1, "tensor parallel (heads and MLP features split)")
+    expert: int = setting(
+        1, "expert parallel: experts split, tokens sent to them all-to-all; the batch too"
+    )
     rules: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "logical name -> mesh axes overrides"}
     )

@@ -42,7 +42,7 @@ from rich.console import Console
 
 from nnxtrain.checkpoint import reader as checkpoint_reader
 from nnxtrain.checkpoint.model import read_model
-from nnxtrain.config import Config, LoraConfig, ModelConfig, validate
+from nnxtrain.config import Config, LoraConfig, ModelConfig, MoeConfig, validate
 from nnxtrain.config import compose as compose_config
 from nnxtrain.errors import ConfigError, UserError
 from nnxtrain.interop.hf import load as load_hf
@@ -116,9 +116,10 @@ def _model_config(saved: dict[str, Any]) -> ModelConfig:
     """The ModelConfig a checkpoint recorded (keys this version lacks are left out)."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     kwargs = {k: v for k, v in saved.items() if k in known}
-    if isinstance(kwargs.get("lora"), dict):  # a nested section comes back as a dict
-        lora = {k: v for k, v in kwargs["lora"].items() if k in LoraConfig.__dataclass_fields__}
-        kwargs["lora"] = LoraConfig(**lora)
+    for name, section in (("lora", LoraConfig), ("moe", MoeConfig)):
+        if isinstance(kwargs.get(name), dict):  # a nested section comes back as a dict
+            known = set(section.__dataclass_fields__)
+            kwargs[name] = section(**{k: v for k, v in kwargs[name].items() if k in known})
     return ModelConfig(**kwargs)
 
 

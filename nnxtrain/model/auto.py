@@ -1,6 +1,7 @@
 """What `auto` means on each platform: `resolve_auto` turns a model config's
-`attention=auto`, `dtype=auto` and `scan_layers=null` into the concrete kernel, activation
-dtype and layer loop for the platform a run targets.
+`attention=auto`, `dtype=auto`, `moe.impl=auto` and `scan_layers=null` into the concrete
+kernel, activation dtype, experts' grouped matmul and layer loop for the platform a run
+targets.
 
 The model alone only knows JAX's default backend, which is not the target when a CPU host
 compiles for TPUs ahead of time; the trainer knows its devices and resolves the config
@@ -43,4 +44,7 @@ def resolve_auto(cfg: ModelConfig, platform: str) -> ModelConfig:
         attention = "xla"
     attention = attention if cfg.attention == "auto" else cfg.attention
     scan = cfg.scan_layers if cfg.scan_layers is not None else platform != "cpu"
-    return dataclasses.replace(cfg, attention=attention, dtype=dtype, scan_layers=scan)
+    moe = cfg.moe
+    if moe.experts and moe.impl == "auto":  # JAX's ragged_dot on CPU: dense, per expert
+        moe = dataclasses.replace(moe, impl="blocks" if platform == "cpu" else "ragged")
+    return dataclasses.replace(cfg, attention=attention, dtype=dtype, scan_layers=scan, moe=moe)

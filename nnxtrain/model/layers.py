@@ -21,6 +21,7 @@ from nnxtrain.config import ModelConfig
 from nnxtrain.model.attention import attend
 from nnxtrain.model.cache import KVCache
 from nnxtrain.model.lora import Adapter, adapters, base_dtype
+from nnxtrain.model.moe import MoE
 from nnxtrain.parallel.sharding import constrain
 
 BATCH, LENGTH = "activation_batch", "activation_length"
@@ -298,7 +299,8 @@ class DecoderLayer(nnx.Module):
         self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
-        self.mlp = MLP(cfg, rngs=rngs)
+        # routed experts in place of the MLP with model.moe.experts (model/moe.py)
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.moe.experts else MLP(cfg, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
         if cfg.sandwich_norms:  # Gemma: each branch's output is normed before the residual
             self.attn_post_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
@@ -313,11 +315,16 @@ class DecoderLayer(nnx.Module):
     ) -> jax.Array:
         attended = self.attn(self.attn_norm(x), positions, segment_ids, local)
         x = x + (self.attn_post_norm(attended) if self.sandwich else attended)
-        x = x + self._mlp(x)
+        x = x + self._mlp(x, segment_ids)
         return constrain(x, "layer/residual", (BATCH, LENGTH, "activation_embed"))
 
-    def _mlp(self, x: jax.Array) -> jax.Array:
-        out = self.mlp(self.mlp_norm(x))
+    def _mlp(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        h = self.mlp_norm(x)
+        # the router's statistics count real tokens only (segment id 0: padding)
+        mlp = self.mlp
+        out = (
+            mlp(h, segment_ids != 0) if isinstance(mlp, MoE) and segment_ids is not None else mlp(h)
+        )
         return self.mlp_post_norm(out) if self.sandwich else out
 
     def decode(

@@ -20,7 +20,7 @@ The cache path is separate code (`_cached_layers`, `DecoderLayer.decode`): a cal
 a cache, the one the train and eval steps make, traces exactly the plain forward.
 """
 
-from typing import overload
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from nnxtrain.model.layers import (
     project,
 )
 from nnxtrain.model.lora import base_dtype
+from nnxtrain.model.moe import layer_stats
 from nnxtrain.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -143,13 +144,25 @@ class Transformer(nnx.Module):
         """The final-normed hidden states [batch, length, emb_dim] that `logits` projects:
         the training forward up to the output head (a loss that projects a chunk of
         positions at a time never holds the whole [batch, length, vocab] logits)."""
+        return self.routed_hidden(tokens, positions, segment_ids)[0]
+
+    def routed_hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """`hidden`, and a mixture of experts' router statistics per layer (each
+        `moe.ROUTER_STATS` leaf stacked [layers, ...]; None for a dense model): what the
+        training loss needs for the load-balancing loss (`moe.aux_losses`)."""
         if positions is None:
             positions = (
                 jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
                 if segment_ids is None
                 else document_positions(segment_ids)
             )
-        return self.final_norm(self._layers(self._embed(tokens), positions, segment_ids))
+        x, stats = self._routed_layers(self._embed(tokens), positions, segment_ids)
+        return self.final_norm(x), stats
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Logits [batch, length, vocab] in the activation dtype of hidden states `x`."""
@@ -175,23 +188,33 @@ class Transformer(nnx.Module):
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
     ) -> jax.Array:
         """The training forward through the stacked layers, scanned or unrolled."""
+        return self._routed_layers(x, positions, segment_ids)[0]
+
+    def _routed_layers(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    ) -> tuple[jax.Array, Any]:
+        """`_layers`, and the layers' router statistics, stacked (None without experts)."""
         cfg = self.cfg
         graphdef, stacked = nnx.split(self.layers)
         flags = self._local_flags()
 
-        def body(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, None]:
+        def body(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, Any]:
             layer_state, local = xs
-            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, local), None
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, positions, segment_ids, local), layer_stats(layer)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         if self._scan():
-            x, _ = jax.lax.scan(body, x, (stacked, flags))
-        else:
-            for i in range(cfg.num_layers):
-                local = None if flags is None else flags[i]
-                x, _ = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), local))
-        return x
+            return jax.lax.scan(body, x, (stacked, flags))
+        per_layer = []
+        for i in range(cfg.num_layers):
+            local = None if flags is None else flags[i]
+            x, stats = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), local))
+            per_layer.append(stats)
+        return x, None if per_layer[0] is None else jax.tree.map(
+            lambda *a: jnp.stack(a), *per_layer
+        )
 
     def _local_flags(self) -> jax.Array | None:
         """Per layer, whether it is a sliding-window layer, where only some are (Gemma:

@@ -52,7 +52,7 @@ def auto_host_devices(cfg: Config, cores: int | None = None) -> int:
     (and `AUTO_MAX_CPU_DEVICES`), that the mesh's fixed axes and the micro-batch split into.
     Multi-process runs and an XLA_FLAGS device count keep JAX's default.
     """
-    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert)
     if -1 not in sizes:
         return math.prod(sizes)
     if cfg.mesh.num_processes != 1 or "xla_force_host_platform_device_count" in os.environ.get(
@@ -66,7 +66,7 @@ def auto_host_devices(cfg: Config, cores: int | None = None) -> int:
     for n in range(min(cores or 1, AUTO_MAX_CPU_DEVICES), 1, -1):
         if n % known:
             continue
-        batch_split = n if cfg.mesh.tensor != -1 else cfg.mesh.data * cfg.mesh.fsdp
+        batch_split = n if cfg.mesh.tensor != -1 else known  # data * fsdp * expert
         if batch == -1 or (batch % accum == 0 and (batch // accum) % batch_split == 0):
             return n
     return 0

@@ -1,4 +1,5 @@
-"""The device mesh from config: axes `data`, `fsdp`, `tensor`; -1 takes the rest.
+"""The device mesh from config: axes `data`, `fsdp`, `tensor`, and `expert` when
+mesh.expert != 1 (a mixture of experts' expert parallelism); -1 takes the rest.
 
     mesh = build_mesh(cfg.mesh)                 # uses jax.devices()
     batch_sharding(mesh)                        # batch split over data and fsdp
@@ -19,13 +20,20 @@ from nnxtrain.errors import ConfigError
 from nnxtrain.parallel.sharding import MESH_AXES
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes (data, fsdp, tensor) with at most one -1 filled from `num_devices`.
+def mesh_axes(cfg: MeshConfig) -> tuple[str, ...]:
+    """The mesh's axes: data, fsdp, tensor, and expert unless mesh.expert is 1."""
+    return MESH_AXES if cfg.expert != 1 else MESH_AXES[:3]
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes (data, fsdp, tensor[, expert]: `mesh_axes`) with at most one -1 filled
+    from `num_devices`.
 
     Each size is already >= 1 or -1 (`nnxtrain.config.validate` checks that, before the
     CPU device count is chosen from the sizes)."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    keys = [f"mesh.{a}" for a in MESH_AXES]
+    axes = mesh_axes(cfg)
+    sizes = [getattr(cfg, a) for a in axes]
+    keys = [f"mesh.{a}" for a in axes]
     fill = [i for i, s in enumerate(sizes) if s == -1]
     if len(fill) > 1:
         raise ConfigError(
@@ -46,20 +54,18 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     if math.prod(sizes) != num_devices:
         raise ConfigError(
             "mesh",
-            f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
+            f"{'*'.join(axes)} = {'*'.join(map(str, sizes))} = "
             f"{math.prod(sizes)} but {devices(num_devices)} visible",
             "make the product equal the device count (or set one axis to -1)",
         )
-    return sizes[0], sizes[1], sizes[2]
+    return tuple(sizes)
 
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over all (or the given) devices with the configured axis sizes."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    shape, axes = mesh_shape(cfg, len(devices)), mesh_axes(cfg)
+    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def devices(n: int) -> str:
@@ -67,14 +73,19 @@ def devices(n: int) -> str:
     return f"{n} device is" if n == 1 else f"{n} devices are"
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split (data x fsdp)."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+    """How many ways the batch is split (data x fsdp x expert)."""
+    return math.prod(int(mesh.shape[a]) for a in _batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches [batch, length] are split over data and fsdp along the batch axis."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    """Batches [batch, length] are split over data and fsdp (and expert) along the batch
+    axis."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh), None))
 
 
 def resolve_batch(cfg: Config, mesh: Mesh) -> Config:
@@ -92,7 +103,7 @@ def resolve_batch(cfg: Config, mesh: Mesh) -> Config:
         raise ConfigError(
             "run.batch_size",
             f"micro-batch of {batch // run.grad_accum} "
-            f"sequences cannot be split over data*fsdp={dp} devices",
+            f"sequences cannot be split over {'*'.join(_batch_axes(mesh))}={dp} devices",
             f"use a batch size that is a multiple of {dp * run.grad_accum}",
         )
     return dataclasses.replace(cfg, run=dataclasses.replace(run, batch_size=batch))

@@ -25,11 +25,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnxtrain.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Every mesh axis a rule may name; a mesh has `expert` only when mesh.expert != 1
+# (`mesh.mesh_axes`), and a rule's axes that the mesh lacks are left out.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Logical name -> mesh axes. Names follow MaxText so that its users can read them.
 DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
-    "activation_batch": ("data", "fsdp"),
+    # the batch is split over the expert axis too: its devices hold different tokens
+    "activation_batch": ("data", "fsdp", "expert"),
     "activation_length": None,
     "activation_embed": None,
     "activation_heads": ("tensor",),
@@ -49,6 +52,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
     "lora_rank": None,  # a LoRA adapter's rank: small, replicated (nnxtrain.model.lora)
+    "expert": ("expert",),  # a mixture of experts' stacked experts (nnxtrain.model.moe)
 }
 
 
@@ -78,10 +82,13 @@ def merge_rules(overrides: Mapping[str, Any]) -> dict[str, tuple[str, ...] | Non
 
 
 def logical_to_spec(
-    names: Sequence[str | None], rules: Mapping[str, tuple[str, ...] | None]
+    names: Sequence[str | None],
+    rules: Mapping[str, tuple[str, ...] | None],
+    mesh_axes: Sequence[str] = MESH_AXES,
 ) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
-    used: set[str] = set()
+    """Maps logical axis names to a PartitionSpec over a mesh with `mesh_axes` (the rules'
+    axes it lacks are left out); a mesh axis is used at most once."""
+    used = set(MESH_AXES) - set(mesh_axes)
     parts: list[Any] = []
     for name in names:
         if name is None:
@@ -112,7 +119,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...] 
 
     def one(path: Any, leaf: Any) -> Any:
         names = leaf.get_metadata().get("out_sharding") if _is_variable(leaf) else None
-        spec = logical_to_spec(names, rules) if names else PartitionSpec()
+        spec = logical_to_spec(names, rules, mesh.axis_names) if names else PartitionSpec()
         shape = leaf.get_value().shape if _is_variable(leaf) else leaf.shape
         for dim, name, axes in zip(shape, names or (), spec, strict=False):
             axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -171,14 +178,15 @@ def active_mesh() -> Mesh | None:
 
 def active_spec(logical: tuple[str | None, ...]) -> PartitionSpec:
     """The PartitionSpec of `logical` axes under the enclosing `use_rules`' rules."""
-    return logical_to_spec(logical, _ctx.rules)
+    axes = _ctx.mesh.axis_names if _ctx.mesh is not None else MESH_AXES
+    return logical_to_spec(logical, _ctx.rules, axes)
 
 
 def constrain(x: jax.Array, name: str, logical: tuple[str | None, ...]) -> jax.Array:
     """Constrains activation `x` to the layout of its logical axes (identity when bare)."""
     if _ctx.mesh is None:
         return x
-    spec = logical_to_spec(logical, _ctx.rules)
+    spec = logical_to_spec(logical, _ctx.rules, _ctx.mesh.axis_names)
     if _ctx.records is not None and name not in _ctx.records:
         _ctx.records[name] = ActivationRecord(name, tuple(x.shape), logical, spec)
     return jax.lax.with_sharding_constraint(x, NamedSharding(_ctx.mesh, spec))

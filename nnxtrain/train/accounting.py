@@ -9,6 +9,10 @@
   pairs with the diagonal counted half: exactly L^2 / 2). With a sliding window W < L a
   query sees at most W keys: the same count is L * W - W (W - 1) / 2 - L / 2, in each
   sliding layer (all of them, or all but every `global_every`-th: Gemma 3).
+- A mixture of experts (`model.moe`): its layers hold the router [embed, experts] and
+  every expert's three matrices, all counted in the parameters; a token runs through the
+  router and its top_k experts only, so the FLOPs and the active parameters count those
+  (MFU is of active FLOPs). Capacity mode's dropped pairs are counted as computed.
 - Training is forward plus backward, counted as 3x forward (backward = 2x forward). The
   remat recomputation is not counted: it is overhead, not model FLOPs (as in MFU).
 
@@ -18,20 +22,28 @@
 
 from dataclasses import dataclass
 
-from nnxtrain.config import ModelConfig
+from nnxtrain.config import ModelConfig, expert_mlp_dim
+
+
+def _mlp_params(cfg: ModelConfig, active: bool) -> int:
+    """One layer's feed-forward weights: the SwiGLU MLP, or the router and the experts
+    (those a token runs through when `active`)."""
+    e = cfg.emb_dim
+    if not cfg.moe.experts:
+        return 3 * e * cfg.mlp_dim
+    experts = cfg.moe.top_k if active else cfg.moe.experts
+    return e * cfg.moe.experts + experts * 3 * e * expert_mlp_dim(cfg)
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """The parameters one token runs through: all but the experts it is not routed to."""
+    return count_params(cfg) - cfg.num_layers * (_mlp_params(cfg, False) - _mlp_params(cfg, True))
 
 
 def count_params(cfg: ModelConfig) -> int:
     """Number of parameters of the decoder with this config, every leaf included."""
-    e, h, kv, d, m, v = (
-        cfg.emb_dim,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.mlp_dim,
-        cfg.vocab_size,
-    )
-    per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m + 2 * e  # + two norms
+    e, h, kv, d, v = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e + _mlp_params(cfg, False) + 2 * e
     per_layer += (h + 2 * kv) * d if cfg.qkv_bias else 0  # Qwen2's q, k, v biases
     per_layer += 2 * d if cfg.qk_norm else 0  # Qwen3's and Gemma's q and k norms
     per_layer += 2 * e if cfg.sandwich_norms else 0  # Gemma's norms after attention and MLP
@@ -40,9 +52,10 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token (embedding lookup and norms excluded)."""
-    e, h, kv, d, m = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-    per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * m
+    """Weights that take part in a matmul per token (embedding lookup and norms excluded;
+    of a mixture of experts, the router and the token's top_k experts)."""
+    e, h, kv, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e + _mlp_params(cfg, True)
     return cfg.num_layers * per_layer + e * cfg.vocab_size
 
 
@@ -57,6 +70,7 @@ class FlopsReport:
     # batch_size * seq_len: the FLOPs count every place of every row, padding included
     # (the device computes it); tokens/s counts only non-padding (StepEndEvent.tokens)
     tokens_per_step: int
+    active_params: int = 0  # per token (a mixture of experts: less than num_params); 0 = all
 
     @property
     def flops_per_step_per_device(self) -> float:
@@ -89,12 +103,20 @@ class FlopsReport:
             "learnable_fraction": self.learnable_fraction,
             "tokens_per_step": self.tokens_per_step,
             "num_devices": self.num_devices,
+            "active_params": self.active_params or self.num_params,
         }
 
     def summary(self) -> str:
         """The two lines every run prints."""
+        active = self.active_params
+        sparse = (
+            f", active per token: {active / 1e9:.3f} billion ({active:,})"
+            if active and active != self.num_params
+            else ""
+        )
         return (
-            f"number of parameters: {self.num_params / 1e9:.3f} billion ({self.num_params:,})\n"
+            f"number of parameters: {self.num_params / 1e9:.3f} billion ({self.num_params:,})"
+            f"{sparse}\n"
             f"per train step: total TFLOPs {self.tflops_per_step_per_device:.6g} per device, "
             f"split as {100 * self.learnable_fraction:.2f}% learnable weight flops and "
             f"{100 * (1 - self.learnable_fraction):.2f}% attention flops"
@@ -123,4 +145,5 @@ def step_flops(
         attention_flops=3.0 * attention_fwd,
         num_devices=num_devices,
         tokens_per_step=tokens,
+        active_params=active_params(cfg),
     )

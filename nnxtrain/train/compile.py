@@ -187,19 +187,20 @@ def compile_steps(
     loss_chunk: int = 0,
     with_eval: bool,
     preference: Any = None,
+    names: tuple[str, ...] = METRIC_NAMES,
 ) -> tuple[CompiledStep, CompiledStep | None]:
     """The train step `(state, batch, guard) -> (state, metrics vector)`, state donated
     (guard: float32 [on, loss limit, grad-norm limit], see `step.GUARD_OFF`), and (when
     `with_eval`) the eval step `(params, batch, totals) -> (totals, means)`, both compiled
     for `batch`'s shapes and shardings on `mesh` under `rules`. With `preference`
     (`nnxtrain.train.preference.Preference`: DPO) the train step computes its loss, and
-    is called as above through `preference.wrap`, which hands it the reference."""
+    is called as above through `preference.wrap`, which hands it the reference. The
+    metrics vector holds `names` (`step.metric_names` of the run), in that order."""
     pair_loss = preference.loss(plan.graphdef) if preference is not None else None
     step_fn = make_train_step(
         plan.graphdef, tx, schedule, z_loss, grad_accum, loss_chunk, plan.trainable, pair_loss
     )
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    names = METRIC_NAMES if preference is None else preference.metric_names
     batch = batch if preference is None else {**batch, **preference.batch_spec(replicated)}
     batch_shardings = {k: v.sharding for k, v in batch.items()}
 

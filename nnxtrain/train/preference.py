@@ -39,7 +39,7 @@ from nnxtrain.interop.init_from import load_params, source
 from nnxtrain.model.lora import adapters_off
 from nnxtrain.prefs import DPO_METRICS, pair_sums, row_logps
 from nnxtrain.train.loss import SUM_KEYS
-from nnxtrain.train.step import PairLoss, metric_names
+from nnxtrain.train.step import PairLoss
 
 # The model fields a dpo.reference=PATH must share with the policy.
 SHAPE = ("vocab_size", "emb_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
@@ -107,7 +107,6 @@ class Preference:
         self.lora = bool(cfg.model.lora.rank)
         self.precompute = cfg.dpo.precompute_ref
         self.holds_reference = not (self.lora or self.precompute)
-        self.metric_names = metric_names(cfg)
         self.reference: Any = None  # the held reference's parameters, once built
         self.train_table: dict[int, jax.Array] | None = None  # step -> [2B] log-probs
         self.eval_table: dict[int, jax.Array] = {}  # held-out batch -> [2B] log-probs

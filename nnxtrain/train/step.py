@@ -42,6 +42,12 @@ METRIC_NAMES = (
     "skipped",
 )
 
+# A mixture of experts' train-step metrics (model.moe; nnxtrain.train.loss.MOE_SUM_KEYS):
+# the load-balancing loss, the busiest and idlest expert's tokens over the mean (the worst
+# layer's), the share of (token, expert) pairs dropped (capacity mode).
+MOE_METRIC_NAMES = ("moe_aux_loss", "moe_load_max", "moe_load_min", "moe_dropped")
+
+
 # The metrics a step (or evaluation) with no loss token (total weights 0) cannot measure: the
 # step reports 0 and 1 for them, which are no measurement, and must not read as a perfect loss.
 LOSS_METRICS = ("loss", "lm_loss", "z_loss", "perplexity")
@@ -64,8 +70,10 @@ GUARD_OFF = (0.0, math.inf, math.inf)
 
 
 def metric_names(config: Any) -> tuple[str, ...]:
-    """The scalars a run's train step reports: METRIC_NAMES, then DPO's with data=preference."""
-    return METRIC_NAMES + (DPO_METRICS if config.data.name == "preference" else ())
+    """The scalars a run's train step reports, in `pack_metrics`' order: METRIC_NAMES, then
+    DPO's with data=preference, then a mixture of experts' (model.moe)."""
+    dpo = DPO_METRICS if config.data.name == "preference" else ()
+    return METRIC_NAMES + dpo + (MOE_METRIC_NAMES if config.model.moe.experts else ())
 
 
 def pack_metrics(metrics: Metrics, names: tuple[str, ...] = METRIC_NAMES) -> jax.Array:
@@ -203,7 +211,7 @@ def make_train_step(
                         sums = pair_loss(model, batch, ref)
                     else:
                         sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
-                return sums["ce"] + sums["z"], sums
+                return sums["ce"] + sums["z"] + sums.get("moe_loss", 0.0), sums
 
             (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
             return sums, grads
@@ -277,7 +285,9 @@ def make_eval_step(
             sums = pair_loss(model, batch, ref[0] if ref else None)
         else:
             sums = batch_loss_sums(model, batch, z_loss, loss_chunk)
-        totals = jax.tree.map(jnp.add, totals, sums)
+        # the keys `totals` holds: a mixture of experts' router losses train it, and its
+        # evaluation reports the language-model loss alone
+        totals = jax.tree.map(jnp.add, totals, {k: sums[k] for k in totals})
         return totals, summarize(totals)
 
     return eval_step

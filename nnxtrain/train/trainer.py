@@ -236,6 +236,7 @@ class Trainer(RunControls):
             loss_chunk=cfg.run.loss_chunk,
             with_eval=cfg.run.eval_every > 0,
             preference=Preference.of(self),
+            names=metric_names(cfg),
         )
         self.compiled, self.activations = train.compiled, train.activations
         steps = [step for step in (train, self.eval_step) if step is not None]

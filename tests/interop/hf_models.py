@@ -1,5 +1,5 @@
-"""Small random Hugging Face models (Llama and the families of `FAMILIES`) for the interop
-tests (no downloads).
+"""Small random Hugging Face models (Llama, the dense families of `FAMILIES` and the
+mixtures of experts of `MOE_FAMILIES`) for the interop tests (no downloads).
 
 `make_hf(path, kind=...)` builds a `LlamaForCausalLM` (or the `kind`'s class) from a config
 object, gives it weights large enough that attention is sharp and every norm scale
@@ -24,10 +24,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 BASE: dict[str, Any] = {
@@ -54,6 +58,8 @@ CLASSES: dict[str, tuple[Any, Any]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
 }
 TOLERANCE = 1e-4  # max abs diff of float32 logits
 WINDOW = 8  # shorter than the tests' sequences and than their generations
@@ -89,6 +95,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "query_pre_attn_scalar": 20,
         "attn_logit_softcapping": 2.0,
         "final_logit_softcapping": 3.0,
+    },
+}
+# Mixtures of experts (issue 28): 8 experts, top 2, of 48 features (Qwen3-MoE: not its dense
+# intermediate_size); Mixtral renormalises the top-2 weights and has Mistral's window,
+# Qwen3-MoE (norm_topk_prob false) does not. Generation's decode steps route 3 tokens:
+# at most 6 of the 8 experts get one, the rest none.
+MOE_FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 8, "intermediate_size": 48, "sliding_window": WINDOW},
+    "qwen3_moe": {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 48,
+        "head_dim": 24,
     },
 }
 

@@ -18,10 +18,13 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
+from nnxtrain.config import MoeConfig
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import to_model_config
 from nnxtrain.interop.hf.keys import DEFAULTS, NULLABLE
@@ -33,6 +36,8 @@ CLASSES = {
     "qwen3": Qwen3Config,
     "gemma3_text": Gemma3TextConfig,
     "gemma2": Gemma2Config,
+    "mixtral": MixtralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
 }
 # Every key present, none at its default, so that taking one out changes something.
 FULL: dict[str, Any] = {
@@ -66,6 +71,23 @@ FAMILY_KEYS = {
         "attn_logit_softcapping": 50.0,
     },
 }
+FAMILY_KEYS["mixtral"] = {
+    "sliding_window": 64,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 3,
+    "router_aux_loss_coef": 0.01,
+    "router_jitter_noise": 0.0,  # anything else is refused: nnxtrain's router has no jitter
+}
+FAMILY_KEYS["qwen3_moe"] = {
+    **FAMILY_KEYS["qwen3"],
+    "decoder_sparse_step": 1,  # anything else means dense layers, refused
+    "moe_intermediate_size": 40,
+    "num_experts_per_tok": 3,
+    "num_experts": 4,
+    "norm_topk_prob": True,
+    "router_aux_loss_coef": 0.01,
+    "mlp_only_layers": [],
+}
 FAMILY_KEYS["gemma2"] = {
     k: v for k, v in FAMILY_KEYS["gemma3_text"].items() if k != "rope_local_base_freq"
 }
@@ -86,6 +108,17 @@ EXPECTED = {
     "init_std": lambda c: c.initializer_range,
     "rope_theta": lambda c: _global_rope(c)["rope_theta"],
     "sliding_window": lambda c: getattr(c, "sliding_window", None) or 0,
+    "moe": lambda c: (
+        MoeConfig(
+            experts=c.num_local_experts,  # Qwen3-MoE's num_experts is an alias of it
+            top_k=c.num_experts_per_tok,
+            mlp_dim=getattr(c, "moe_intermediate_size", 0),
+            norm_topk_prob=getattr(c, "norm_topk_prob", True),  # Mixtral: always
+            aux_loss_coef=c.router_aux_loss_coef,
+        )
+        if c.model_type in ("mixtral", "qwen3_moe")
+        else MoeConfig()
+    ),
 }
 
 
@@ -96,6 +129,12 @@ def _global_rope(c: Any) -> dict[str, Any]:
 
 # config.json key -> whether transformers' value of it is one nnxtrain's decoder runs
 RUNNABLE = {
+    "num_experts_per_tok": lambda c: (
+        getattr(c, "num_experts_per_tok", 1) <= getattr(c, "num_local_experts", 1)
+    ),
+    "router_jitter_noise": lambda c: not getattr(c, "router_jitter_noise", 0.0),
+    "decoder_sparse_step": lambda c: getattr(c, "decoder_sparse_step", 1) == 1,
+    "mlp_only_layers": lambda c: not getattr(c, "mlp_only_layers", None),
     "hidden_act": lambda c: getattr(c, "hidden_act", "silu") == "silu",
     "hidden_activation": lambda c: (
         getattr(c, "hidden_activation", "x") == "gelu_pytorch_tanh"
@@ -108,7 +147,7 @@ RUNNABLE = {
     "mlp_bias": lambda c: not getattr(c, "mlp_bias", False),
     # Mistral's window runs (every layer), Gemma's (layer_types) too; Qwen's does not
     "sliding_window": lambda c: (
-        c.model_type in ("mistral", "gemma3_text", "gemma2")
+        c.model_type in ("mistral", "gemma3_text", "gemma2", "mixtral")
         or getattr(c, "sliding_window", None) is None
     ),
     # transformers keeps a null rope_theta, and fails when the model computes with it

@@ -12,16 +12,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import rounding_tolerance
 from flax import nnx
 from hf_models import (
     BASE,
     CLASSES,
-    FAMILIES,
+    MOE_FAMILIES,
     TOLERANCE,
     WINDOW,
     hf_model,
@@ -29,21 +31,30 @@ from hf_models import (
     tensors,
     tokens,
 )
+from hf_models import (
+    FAMILIES as DENSE_FAMILIES,
+)
 
 import nnxtrain.interop.hf as hf
 from nnxtrain import compose, generate
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.config import from_model_config, to_model_config
 from nnxtrain.model import Transformer
+from nnxtrain.model.moe import aux_losses
 from nnxtrain.train.accounting import count_params
+from nnxtrain.train.loss import batch_loss_sums, summarize
 
 VOCAB = 131  # odd: no vocabulary-sized dimension lines up with another by chance
+# every family: the dense ones (also run on meshes by test_hf_meshes) and the experts'
+FAMILIES = DENSE_FAMILIES | MOE_FAMILIES
 SWITCHES = {
     "mistral": (),
     "qwen2": ("qkv_bias",),
     "qwen3": ("qk_norm",),
     "gemma3_text": ("qk_norm",),
     "gemma2": (),
+    "mixtral": (),
+    "qwen3_moe": ("qk_norm",),
 }
 
 
@@ -80,11 +91,12 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
     assert model.cfg.sliding_window == (
-        WINDOW if kind in ("mistral", "gemma3_text", "gemma2") else 0
+        WINDOW if kind in ("mistral", "gemma3_text", "gemma2", "mixtral") else 0
     )
 
 
-@pytest.mark.parametrize("kind", sorted(FAMILIES))
+# qwen3_moe's decode path is mixtral's (experts) with qwen3's q/k norms: both covered
+@pytest.mark.parametrize("kind", sorted(set(FAMILIES) - {"qwen3_moe"}))
 def test_greedy_generation_equals_transformers(hf_dirs, kind):
     """nnxtrain generates the batch at once, right-padded; transformers row by row (see
     tests/integration/test_generate_hf.py)."""
@@ -121,6 +133,49 @@ def test_round_trip_is_bitwise_and_loads_as_the_same_family(hf_dirs, tmp_path, k
         assert getattr(a, key, None) == getattr(b, key, None), key
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
+    """The load-balancing loss of `output_router_logits=True` with an attention mask (right
+    padding: HF leaves the masked tokens out, nnxtrain's segment id 0 does), and over all
+    tokens in the training loss, which adds router_aux_loss_coef times it."""
+    path = hf_dirs[kind]
+    model = hf.load(str(path), param_dtype="float32")
+    theirs, _ = hf_model(path)
+    toks = tokens(40, vocab=VOCAB)
+    mask = np.ones_like(toks)
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        out = theirs(
+            torch.tensor(toks, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
+    _, stats = model.routed_hidden(jnp.asarray(toks), segment_ids=jnp.asarray(mask))
+    ours = float(aux_losses(stats, model.cfg.moe.experts)["aux"])
+    print(f"parity {kind} aux loss (masked): {ours} vs {float(out.aux_loss)}")
+    # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
+    np.testing.assert_allclose(ours, float(out.aux_loss), rtol=rounding_tolerance(1280))
+    assert model.cfg.moe.aux_loss_coef == theirs.config.router_aux_loss_coef
+    # The training loss: cross-entropy plus coef x aux, as transformers' loss with labels
+    # (a coefficient large enough to show). HF shifts labels itself: its last position
+    # has no target, so ours gets weight 0 there.
+    coef = 0.5
+    theirs.config.router_aux_loss_coef = theirs.router_aux_loss_coef = coef
+    model.cfg = dataclasses.replace(
+        model.cfg, moe=dataclasses.replace(model.cfg.moe, aux_loss_coef=coef)
+    )
+    weights = np.ones(toks[:, 1:].shape, np.float32)
+    weights[:, -1] = 0
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": weights}
+    ours = summarize(batch_loss_sums(model, jax.tree.map(jnp.asarray, batch), 0.0))
+    with torch.no_grad():
+        ids = torch.tensor(toks[:, :-1], dtype=torch.long)
+        out = theirs(ids, labels=ids, output_router_logits=True)
+    print(f"parity {kind} loss with aux: {float(ours['loss'])} vs {float(out.loss)}")
+    np.testing.assert_allclose(float(ours["loss"]), float(out.loss), rtol=1e-5)
+    np.testing.assert_allclose(float(ours["moe_aux_loss"]), float(out.aux_loss), rtol=1e-5)
+
+
 # config.json -> the key the one-line refusal names
 REFUSED = {
     "qwen3 attention_bias": ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
@@ -150,6 +205,19 @@ REFUSED = {
         "query_pre_attn_scalar",
     ),
     "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 8}, "model_type"),
+    "qwen3_moe dense layers": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [1]},
+        "mlp_only_layers",
+    ),
+    "qwen3_moe sparse step": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 2},
+        "decoder_sparse_step",
+    ),
+    "mixtral jitter": (
+        {"model_type": "mixtral", "router_jitter_noise": 0.1},
+        "router_jitter_noise",
+    ),
+    "mixtral top_k": ({"model_type": "mixtral", "num_experts_per_tok": 9}, "num_experts_per_tok"),
 }
 
 
@@ -176,6 +244,8 @@ SHIPPED = {
     "qwen2.5_0.5b": "qwen2",
     "mistral_7b": "mistral",
     "gemma3_1b": "gemma3_text",
+    "qwen3_30b_a3b": "qwen3_moe",
+    "mixtral_8x7b": "mixtral",
 }
 
 

@@ -4,7 +4,9 @@ logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8
 The same model with a PEFT LoRA adapter on it gives PEFT's logits on both meshes, each
 adapter split like the weight it adapts (issue 25). Every family of issue 26 (q/k/v biases,
 q/k norms, sliding windows, Gemma's mixed stacks) gives transformers' logits on both meshes
-too, in the same subprocess."""
+too, in the same subprocess. A Mixtral (8 experts, top 2) on expert=4 x fsdp=2 gives
+transformers' logits, and the logits and gradients of the training loss it has on one
+device (issue 28)."""
 
 import json
 import subprocess
@@ -33,6 +35,7 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
         family = make_hf(tmp_path / kind, kind=kind, intermediate_size=128, **overrides)
         np.save(tmp_path / f"{kind}.npy", hf_logits(family, toks))
         files.append(f"family={kind}:{family}:{tmp_path / kind}.npy")
+    files.append(moe_case(tmp_path))
     out = subprocess.run(
         [sys.executable, str(CHILD), *files, "1,8,1", "2,2,2"],
         env=env,
@@ -42,6 +45,15 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
+    moe = report.pop("moe")
+    print(f"parity MoE expert=4 x fsdp=2: {moe}")
+    assert moe["max_abs_diff"] <= TOLERANCE
+    # one device against 8: the same float32 math summed in other orders, a few ulps of
+    # the logits and gradients apart: within the issue's 1e-5
+    assert moe["one_device_diff"] <= 1e-5 and moe["grad_diff"] <= 1e-5
+    # w_gate [layers, experts 8, embed 64, mlp 32]: experts over expert, embed over fsdp
+    assert moe["w_gate_spec"] == "P(None, 'expert', 'fsdp', 'tensor')"
+    assert moe["w_gate_shard"] == [2, 2, 32, 32] and moe["all_to_all"] > 0
     for shape, r in report.items():
         print(f"parity mesh data,fsdp,tensor={shape}: max abs diff {r['max_abs_diff']:.2e}")
         assert r["max_abs_diff"] <= TOLERANCE and r["devices"] == 8
@@ -58,6 +70,16 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     # q_proj's A [layers, embed, r] splits embed as wq does; B [layers, r, q_heads, kv] q_heads.
     assert fsdp8["lora"]["q_a_shard"] == [2, 8, 4] and fsdp8["lora"]["q_b_shard"] == [2, 4, 4, 16]
     assert mixed["lora"]["q_a_shard"] == [2, 32, 4] and mixed["lora"]["q_b_shard"] == [2, 4, 2, 16]
+
+
+def moe_case(tmp_path: Path) -> str:
+    """A Mixtral of 8 experts (top 2, 32 features each), its tokens and transformers'
+    logits saved: the child's `moe=` argument."""
+    path = make_hf(tmp_path / "moe", kind="mixtral", num_local_experts=8, intermediate_size=32)
+    toks = tokens(24, batch=8)
+    np.save(tmp_path / "moe_tokens.npy", toks)
+    np.save(tmp_path / "moe_logits.npy", hf_logits(path, toks))
+    return f"moe={path}:{tmp_path / 'moe_tokens.npy'}:{tmp_path / 'moe_logits.npy'}"
 
 
 def peft_logits(base: Path, out: Path, toks: np.ndarray) -> np.ndarray:

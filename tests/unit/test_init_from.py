@@ -164,3 +164,13 @@ def test_the_finetune_experiment_warms_up_over_3_percent_then_decays_to_0():
     assert [float(lr(s)) for s in (0, 3)] == pytest.approx([0.0, 2e-5])
     assert float(lr(1)) == pytest.approx(2e-5 / 3) and float(lr(100)) == pytest.approx(0.0)
     assert float(make_schedule(optim, 20)(1)) == pytest.approx(2e-5)  # ceil(0.6) = 1 step
+
+
+def test_a_recorded_moe_section_comes_back_as_its_config():
+    """A run's recorded config.yaml holds model.moe as a mapping (like model.lora): it is
+    rebuilt as MoeConfig, so a mixture of experts' run dir is a run.init_from source."""
+    from nnxtrain.config import MoeConfig
+    from nnxtrain.interop.init_from import _model_config
+
+    saved = {"name": "m", "moe": {"experts": 4, "top_k": 2, "a_key_of_a_later_version": 1}}
+    assert _model_config(saved).moe == MoeConfig(experts=4, top_k=2)

@@ -3,12 +3,12 @@ count fail with a ConfigError naming the key."""
 
 import jax
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, PartitionSpec
 
 from nnxtrain.config import MeshConfig
 from nnxtrain.errors import ConfigError
 from nnxtrain.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, mesh_shape
-from nnxtrain.parallel.sharding import DEFAULT_RULES, merge_rules
+from nnxtrain.parallel.sharding import DEFAULT_RULES, logical_to_spec, merge_rules
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,21 @@ def test_mesh_rules_override_the_defaults():
     rules = merge_rules({"embed": ["fsdp", "tensor"], "mlp": None, "vocab": "data"})
     assert rules["embed"] == ("fsdp", "tensor") and rules["mlp"] is None
     assert rules["vocab"] == ("data",) and rules["heads"] == DEFAULT_RULES["heads"]
+
+
+def test_the_expert_axis_exists_only_when_asked_for_and_splits_the_batch():
+    """mesh.expert=1 (the default) leaves the three-axis mesh as it was; another size adds
+    the `expert` axis (a mixture of experts' expert parallelism), and the batch is split
+    over it too."""
+    assert mesh_shape(MeshConfig(1, -1, 1), 8) == (1, 8, 1)
+    assert mesh_shape(MeshConfig(1, -1, 1, expert=4), 8) == (1, 2, 1, 4)
+    with pytest.raises(ConfigError, match=r"data\*fsdp\*tensor\*expert = 1\*3\*1\*2 = 6"):
+        mesh_shape(MeshConfig(1, 3, 1, expert=2), 8)
+    mesh = AbstractMesh((1, 2, 1, 4), ("data", "fsdp", "tensor", "expert"))
+    assert data_parallel_size(mesh) == 8
+    assert batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp", "expert"), None)
+    # a rule's axes the mesh lacks are left out: the default rules on a mesh without expert
+    assert logical_to_spec(("expert", "embed"), DEFAULT_RULES, ("data", "fsdp", "tensor")) == (
+        PartitionSpec(None, "fsdp")
+    )
+    assert logical_to_spec(("expert", "embed"), DEFAULT_RULES) == PartitionSpec("expert", "fsdp")

@@ -200,12 +200,13 @@ MESH_SCRIPT = textwrap.dedent(
     import jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import Mesh
-    from nnxtrain.config import LoraConfig, ModelConfig
+    from nnxtrain.config import LoraConfig, ModelConfig, MoeConfig
     from nnxtrain.model import Transformer
     from nnxtrain.parallel.sharding import DEFAULT_RULES, use_rules
 
     fields, seg = json.loads(sys.argv[1]), np.asarray(json.loads(sys.argv[2]))
-    cfg = ModelConfig(**fields | {"lora": LoraConfig(**fields["lora"])})
+    nested = {"lora": LoraConfig(**fields["lora"]), "moe": MoeConfig(**fields["moe"])}
+    cfg = ModelConfig(**fields | nested)
     tokens = jnp.asarray(np.arange(seg.size).reshape(seg.shape) % cfg.vocab_size)
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
     # kv heads replicated, query heads split 2 ways: MQA's one kv head must be repeated

@@ -33,8 +33,8 @@ from nnxtrain.interop.hf.config import from_model_config, read_config, to_model_
 from nnxtrain.interop.hf.reader import Reader
 from nnxtrain.interop.hf.weights import (
     Weight,
-    hf_names,
     hf_shape,
+    hf_slots,
     put_nnx,
     to_hf,
     weights_of,
@@ -93,7 +93,7 @@ def load(
     order = sorted(weights_of(cfg), key=lambda w: -flat[w.path].get_value().size)
     values: dict[Any, jax.Array] = {}
     for w in order:
-        host = _assemble(reader, w, flat[w.path].get_value().shape, dtype, cfg.num_layers)
+        host = _assemble(reader, w, flat[w.path].get_value().shape, dtype, cfg)
         values[w.path] = _place(host, shardings[w.path])
         del host
     for p, var in flat.items():
@@ -119,15 +119,12 @@ def _place(host: np.ndarray, sharding: Sharding) -> jax.Array:
 
 
 def _assemble(
-    reader: Reader, w: Weight, shape: tuple[int, ...], dtype: str, num_layers: int
+    reader: Reader, w: Weight, shape: tuple[int, ...], dtype: str, cfg: ModelConfig
 ) -> np.ndarray:
     """One parameter in nnxtrain's layout and `dtype`, read tensor by tensor."""
     host = np.empty(shape, np.dtype(jax.numpy.dtype(dtype)))
-    if w.per_layer:
-        for i, name in enumerate(hf_names(w, num_layers)):
-            put_nnx(host[i], reader.read(name), w)
-    else:
-        put_nnx(host, reader.read(w.hf), w)
+    for index, name in hf_slots(w, cfg.num_layers, cfg.moe.experts):
+        put_nnx(host[index], reader.read(name), w)
     return host
 
 
@@ -170,10 +167,9 @@ def save(
     def tensors() -> Iterator[tuple[str, tuple[int, ...], np.dtype, Any]]:
         for w in weights_of(cfg):
             value = params[w.path]
-            layers = list(range(cfg.num_layers)) if w.per_layer else [None]
-            for i, name in zip(layers, hf_names(w, cfg.num_layers), strict=True):
-                one = value.shape[1:] if w.per_layer else value.shape
-                yield name, hf_shape(w, one), out, lambda w=w, v=value, i=i: _host(v, i, w, out)
+            for index, name in hf_slots(w, cfg.num_layers, cfg.moe.experts):
+                one = value.shape[len(index) :]
+                yield name, hf_shape(w, one), out, lambda w=w, v=value, i=index: _host(v, i, w, out)
 
     files = write_shards(path, tensors(), max_shard_bytes)
     generation = {
@@ -193,9 +189,10 @@ def save(
     return files
 
 
-def _host(value: jax.Array, i: int | None, w: Weight, dtype: np.dtype) -> np.ndarray:
-    """One HF tensor on the host: layer i of a stacked parameter, in HF's layout."""
-    a = np.asarray(value if i is None else value[i])
+def _host(value: jax.Array, index: tuple[int, ...], w: Weight, dtype: np.dtype) -> np.ndarray:
+    """One HF tensor on the host: `index` (layer, expert) of a stacked parameter, in HF's
+    layout."""
+    a = np.asarray(value[index])
     return to_hf(a, w).astype(dtype, copy=False)
 
 

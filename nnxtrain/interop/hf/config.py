@@ -22,7 +22,7 @@ from typing import Any
 from nnxtrain.config.checks import validate_model
 from nnxtrain.config.schema import DTYPES, ModelConfig
 from nnxtrain.errors import ConfigError, UserError, first_line
-from nnxtrain.interop.hf import gemma
+from nnxtrain.interop.hf import gemma, moe
 from nnxtrain.interop.hf.families import FAMILIES, Family, family_of
 from nnxtrain.interop.hf.keys import Keys, bad, shown, typed
 
@@ -148,7 +148,7 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
                 f"is true: nnxtrain's decoder has no {what}",
                 "use a model without biases",
             )
-    for key in MOE_KEYS:
+    for key in () if kind in moe.FAMILIES else MOE_KEYS:
         if hf.get(key):
             raise bad(
                 where,
@@ -162,7 +162,8 @@ def _check_supported(hf: dict[str, Any], where: str) -> Keys:
     # Qwen's sliding_window means nothing unless use_sliding_window turns it on; Mistral's
     # applies to every layer, which the decoder runs (`model.sliding_window`).
     gated = family.window_gate and not use_window
-    window = None if gated or kind == "mistral" else keys.get("sliding_window", int)
+    every_layer = kind in ("mistral", "mixtral")
+    window = None if gated or every_layer else keys.get("sliding_window", int)
     if window is not None or (use_window and family.window_gate):
         key = "sliding_window" if window is not None else "use_sliding_window"
         absent = f" (absent, which means 4096 for {kind})" if key not in hf else ""
@@ -207,6 +208,9 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         origin |= gemma_origin
     else:
         rope, origin = _rope(keys, ints["max_len"])
+    if keys.family in moe.FAMILIES:
+        extra, moe_origin = moe.read(keys)
+        origin |= moe_origin
     cfg = ModelConfig(
         name=model_name(where),
         **ints,
@@ -219,7 +223,9 @@ def to_model_config(hf: dict[str, Any], where: str, *, param_dtype: str) -> Mode
         **rope,
         qkv_bias=FAMILIES[keys.family].switches.get("qkv_bias", False),
         qk_norm=FAMILIES[keys.family].switches.get("qk_norm", False),
-        sliding_window=(keys.get("sliding_window", int) or 0) if keys.family == "mistral" else 0,
+        sliding_window=(keys.get("sliding_window", int) or 0)
+        if keys.family in ("mistral", "mixtral")
+        else 0,
     )
     try:
         return validate_model(dataclasses.replace(cfg, **extra))
@@ -276,6 +282,8 @@ def from_model_config(
         "use_cache": True,
     }
     out = _family_keys(out, family)
+    if family.model_type in moe.FAMILIES:
+        return out | moe.write(cfg)
     return out | gemma.write(cfg) if family.model_type in gemma.FAMILIES else out
 
 

@@ -59,19 +59,30 @@ FAMILIES = {
         Family("gemma3_text", "Gemma3ForCausalLM", dict.fromkeys(GEMMA, True), ("attention_bias",)),
         # Gemma 2: Gemma 3 less the q/k norms, with its attention soft-cap applied
         Family("gemma2", "Gemma2ForCausalLM", {"sandwich_norms": True}, ("attention_bias",)),
+        # Mixtures of experts (model.moe, `moe`): Mistral's window, or Qwen3's q/k norms
+        Family("mixtral", "MixtralForCausalLM"),
+        Family(
+            "qwen3_moe",
+            "Qwen3MoeForCausalLM",
+            {"qk_norm": True},
+            ("attention_bias",),
+            "use_sliding_window",
+        ),
     )
 }
 # Export: the first family whose switches are exactly the model's (Llama has none).
 _EXPORTS = ("gemma3_text", "gemma2", "qwen3", "qwen2", "mistral", "llama")
+_MOE_EXPORTS = ("qwen3_moe", "mixtral")
 SWITCHES = ("qkv_bias", "qk_norm", "sliding_window", "sandwich_norms")
 
 
 def family_of(cfg: ModelConfig) -> Family:
     """The family a model with this config is written as; one line if none fits."""
     on = {s for s in SWITCHES if getattr(cfg, s)}
-    if cfg.sandwich_norms:  # Gemma's window is its own (per layer), not Mistral's
+    moe = bool(cfg.moe.experts)
+    if cfg.sandwich_norms or (moe and not cfg.qk_norm):  # Gemma's, Mixtral's own window
         on.discard("sliding_window")
-    for name in _EXPORTS:
+    for name in _MOE_EXPORTS if moe else _EXPORTS:
         if set(FAMILIES[name].switches) == on:
             return FAMILIES[name]
     both = " and ".join(f"model.{s}" for s in SWITCHES if s in on)

@@ -108,6 +108,39 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": 30.0,
         "attn_logit_softcapping": 50.0,
     },
+    "mixtral": {
+        **_COMMON,
+        "intermediate_size": 14336,  # each expert's
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,  # MixtralConfig.default_theta
+        "sliding_window": None,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+    },
+    "qwen3_moe": {  # no head_dim field: config.json's, else hidden / heads
+        **{k: v for k, v in _COMMON.items() if k != "head_dim"},
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,  # the dense layers' (mlp_only_layers), not the experts'
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": 4096,  # only with use_sliding_window
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": 768,
+        "num_experts_per_tok": 8,
+        "num_experts": 128,  # also read as num_local_experts (transformers 5 writes that)
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": None,
+    },
 }
 # Keys whose explicit null transformers accepts (and means what an absent None means).
 NULLABLE: dict[str, frozenset[str]] = {
@@ -119,8 +152,16 @@ NULLABLE: dict[str, frozenset[str]] = {
         {"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}
     ),
     "gemma2": frozenset({"sliding_window", "final_logit_softcapping", "attn_logit_softcapping"}),
+    "mixtral": frozenset({"head_dim", "sliding_window"}),
+    "qwen3_moe": frozenset({"sliding_window", "mlp_only_layers"}),
 }
-_WORDS = {int: "an integer", bool: "true or false", str: "a string", dict: "an object"}
+_WORDS = {
+    int: "an integer",
+    bool: "true or false",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def bad(where: str, key: str, problem: str, fix: str) -> UserError:

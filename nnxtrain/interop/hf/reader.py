@@ -22,6 +22,7 @@ import json
 import os
 import re
 from collections.abc import Set
+from operator import attrgetter
 from typing import Any
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors needs
@@ -51,6 +52,9 @@ _FIELDS = {
     "num_attention_heads": "num_heads",
     "num_key_value_heads": "num_kv_heads",
     "head_dim": "head_dim",
+    "num_local_experts": "moe.experts",
+    "num_experts": "moe.experts",
+    "moe_intermediate_size": "moe.mlp_dim",
 }
 
 
@@ -136,7 +140,7 @@ class Reader:
         first = [w for name in _FIRST for w in weights if w.hf == name]
         expected: set[str] = set()
         for w in [*first, *(w for w in weights if w not in first)]:
-            for name in hf_names(w, cfg.num_layers):
+            for name in hf_names(w, cfg.num_layers, cfg.moe.experts):
                 self._check_tensor(name, w, cfg)
                 expected.add(name)
         unknown = [
@@ -180,7 +184,7 @@ class Reader:
             keys = next((k for (size, k), got in zip(dims, shape, strict=False) if size != got), "")
             keys = keys or dims[0][1]  # a different number of dimensions
             says = " * ".join(
-                f"{k!r} ({shown(getattr(cfg, _FIELDS[k.strip()]))})" for k in keys.split("*")
+                f"{k!r} ({shown(attrgetter(_FIELDS[k.strip()])(cfg))})" for k in keys.split("*")
             )
             raise UserError(
                 f"{self.files[name]}: tensor {name} has shape {list(shape)}, but config.json "

@@ -22,7 +22,7 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensor
 import numpy as np
 from safetensors.numpy import save_file
 
-from nnxtrain.config import ModelConfig
+from nnxtrain.config import ModelConfig, expert_mlp_dim
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,10 +42,15 @@ class Weight:
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
+    @property
+    def per_expert(self) -> bool:  # one tensor per layer and expert (`{j}`), stacked [L, E]
+        return "{j}" in self.hf
+
 
 _ATTN_Q = "num_attention_heads*head_dim, hidden_size"
 _ATTN_KV = "num_key_value_heads*head_dim, hidden_size"
 _BIAS_Q, _BIAS_KV = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
+_QWEN_MOE = "gate_proj up_proj down_proj"
 WEIGHTS = (
     Weight("model.embed_tokens.weight", ("embed",), 0, "vocab_size, hidden_size"),
     Weight("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "wq"), 1, _ATTN_Q),
@@ -62,18 +67,41 @@ WEIGHTS = (
         ("layers", "mlp", "w_gate"),
         1,
         "intermediate_size, hidden_size",
+        "!experts",
     ),
     Weight(
         "model.layers.{i}.mlp.up_proj.weight",
         ("layers", "mlp", "w_up"),
         1,
         "intermediate_size, hidden_size",
+        "!experts",
     ),
     Weight(
         "model.layers.{i}.mlp.down_proj.weight",
         ("layers", "mlp", "w_down"),
         1,
         "hidden_size, intermediate_size",
+        "!experts",
+    ),
+    # A mixture of experts (model/moe.py): the router, and each expert's SwiGLU per expert
+    # in HF, stacked [layers, experts, ...] in nnxtrain. Mixtral's names, or Qwen3-MoE's.
+    *(
+        Weight(f"model.layers.{{i}}.{block}.{hf}.weight", ("layers", "mlp", ours), 1, dims, kind)
+        for kind, block, experts, inner, names in (
+            ("mixtral", "block_sparse_moe", "num_local_experts", "intermediate_size", "w1 w3 w2"),
+            ("qwen3_moe", "mlp", "num_experts", "moe_intermediate_size", _QWEN_MOE),
+        )
+        for hf, ours, dims in zip(
+            ("gate", *(f"experts.{{j}}.{n}" for n in names.split())),
+            ("router", "w_gate", "w_up", "w_down"),
+            (
+                f"{experts}, hidden_size",
+                f"{inner}, hidden_size",
+                f"{inner}, hidden_size",
+                f"hidden_size, {inner}",
+            ),
+            strict=True,
+        )
     ),
     Weight(
         "model.layers.{i}.input_layernorm.weight",
@@ -128,20 +156,36 @@ WEIGHTS = (
 )
 
 
+def _on(cfg: ModelConfig, switch: str) -> bool:
+    """Whether a `Weight.needs` switch is on: a ModelConfig field, or a mixture of experts
+    (`experts`) written as Qwen3-MoE (with Qwen3's q/k norms) or as Mixtral."""
+    moe = bool(cfg.moe.experts)
+    kinds = {"experts": moe, "qwen3_moe": moe and cfg.qk_norm, "mixtral": moe and not cfg.qk_norm}
+    return kinds[switch] if switch in kinds else bool(getattr(cfg, switch))
+
+
 def weights_of(cfg: ModelConfig) -> list[Weight]:
     """The weights of a model with this config (a tied model has no lm_head; a bias or q/k
-    norm only with its switch on)."""
+    norm only with its switch on; experts in place of the MLP with model.moe.experts)."""
     return [
         w
         for w in WEIGHTS
         if not (cfg.tie_embeddings and w.path == ("lm_head",))
-        and (not w.needs or bool(getattr(cfg, w.needs.lstrip("!"))) != w.needs.startswith("!"))
+        and (not w.needs or _on(cfg, w.needs.lstrip("!")) != w.needs.startswith("!"))
     ]
 
 
-def hf_names(w: Weight, num_layers: int) -> list[str]:
-    """The HF tensor names of `w`: one per layer, or just one."""
-    return [w.hf.format(i=i) for i in range(num_layers)] if w.per_layer else [w.hf]
+def hf_slots(w: Weight, num_layers: int, experts: int = 0) -> list[tuple[tuple[int, ...], str]]:
+    """(the index into nnxtrain's stacked parameter, the HF tensor name) of each tensor of
+    `w`: one per layer, per layer and expert, or just one (index ())."""
+    if w.per_expert:
+        return [((i, j), w.hf.format(i=i, j=j)) for i in range(num_layers) for j in range(experts)]
+    return [((i,), w.hf.format(i=i)) for i in range(num_layers)] if w.per_layer else [((), w.hf)]
+
+
+def hf_names(w: Weight, num_layers: int, experts: int = 0) -> list[str]:
+    """The HF tensor names of `w` (see `hf_slots`)."""
+    return [name for _, name in hf_slots(w, num_layers, experts)]
 
 
 def hf_dims(w: Weight, cfg: ModelConfig) -> tuple[tuple[int, str], ...]:
@@ -154,6 +198,9 @@ def hf_dims(w: Weight, cfg: ModelConfig) -> tuple[tuple[int, str], ...]:
         "num_attention_heads*head_dim": cfg.num_heads * cfg.head_dim,
         "num_key_value_heads*head_dim": cfg.num_kv_heads * cfg.head_dim,
         "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.moe.experts,
+        "num_experts": cfg.moe.experts,
+        "moe_intermediate_size": expert_mlp_dim(cfg),
     }
     return tuple((sizes[k], k) for k in w.shape_keys.split(", "))
 
