@@ -3,14 +3,15 @@ with invalid UTF-8 warns once, evaluates, and resumes on the same batches.
 
 Most bad-input cases call the CLI's `main()` in this process (conftest's
 `run_cli_in_process`: no interpreter and JAX start per case); two run the real command in
-subprocesses, concurrently, to prove the exit code and the one line end to end."""
+subprocesses, concurrently, to prove the exit code and the one line end to end. The text
+run calls `main()` in this process too."""
 
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_cli, run_cli_cases
+from conftest import assert_one_line_error, run_cli_cases, run_cli_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,7 @@ def test_text_run_warns_once_evaluates_and_resumes(tmp_path):
         "run.log_every=1",
         f"hydra.run.dir={run_dir}",
     ]
-    first = run_cli([*args, "run.steps=3"], cwd=tmp_path)
+    first = run_cli_in_process([*args, "run.steps=3"], tmp_path)
     assert first.returncode == 0, first.stderr
     assert "Traceback" not in first.stderr
     output = (first.stdout + first.stderr).splitlines()  # Hydra logs to stdout and cli.log
@@ -120,7 +121,7 @@ def test_text_run_warns_once_evaluates_and_resumes(tmp_path):
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["loss_floor"] is None
 
-    again = run_cli([*args, "run.steps=6"], cwd=tmp_path)
+    again = run_cli_in_process([*args, "run.steps=6"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert "resumed from step 3" in again.stdout
     assert "dataset differs" not in again.stdout + again.stderr

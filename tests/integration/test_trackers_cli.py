@@ -1,7 +1,7 @@
-"""The tracker plugins through the real CLI: a 2-job multirun (jobs in turn, and at once) is
-one MLflow experiment and one W&B group, each job tagged with its number and swept value;
-a required tracker that cannot connect exits 2 in one line, before anything is saved. No
-network."""
+"""The tracker plugins through the real CLI: a 2-job multirun, its jobs at once in two
+processes, is one MLflow experiment and one W&B group, each job tagged with its number and
+swept value; a required tracker that cannot connect exits 2 in one line, before anything is
+saved. No network."""
 
 import os
 from pathlib import Path
@@ -31,23 +31,19 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-# Hydra's basic launcher runs the jobs one after the other in one process (each tool starts
-# a second run there); joblib runs them at once in two (both open one new MLflow store).
-LAUNCHERS = {
-    "basic": [],
-    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mesh=single"],
-}
+# joblib runs the jobs at once in two processes (both open one new MLflow store and attach
+# to one experiment): the case with code of its own (mlflow_logger's lock). Hydra's basic
+# launcher puts the same experiment and tags on its jobs; two runs of the trackers in one
+# process, one after the other: tests/unit/test_trackers.py (a resumed run).
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mesh=single"]
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(
-    tmp_path: Path, launcher: str
-) -> None:
+def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = run_cli(
         [
             "-m",
-            *LAUNCHERS[launcher],
+            *JOBLIB,
             *TINY,
             "~callbacks.checkpoint",
             "+callbacks.wandb._target_=wandb_logger",

@@ -1,6 +1,7 @@
-"""Instruction tuning end to end through the CLI: a random LlamaForCausalLM saved by
-transformers, with its own tokenizer, fine-tuned 30 steps with `run.init_from=DIR
-data=jsonl` on prompt/completion records, then exported with `nnxtrain-export`.
+"""Instruction tuning end to end through the CLI's main() (in this process): a random
+LlamaForCausalLM saved by transformers, with its own tokenizer, fine-tuned 30 steps with
+`run.init_from=DIR data=jsonl` on prompt/completion records, then exported with
+`nnxtrain-export`'s main().
 
 - The run reads the records with DIR's tokenizer (not the byte fallback jsonl once had).
 - The packed eval loss at step 0 (documents packed into rows, each attending only to
@@ -11,15 +12,15 @@ data=jsonl` on prompt/completion records, then exported with `nnxtrain-export`.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli
+from conftest import run_cli_in_process
 from hf_models import TOLERANCE, hf_model, make_hf, word_tokenizer
+
+from nnxtrain.cli.export import main as export_main
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,7 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     args += ["run.batch_size=2", "run.seq_len=24", "run.eval_every=30", "run.eval_batches=2"]
     args += ["optim.lr=3e-3", "optim.warmup_steps=3", "run.log_every=10"]
     args += ["+callbacks.eval0._target_=callbacks_for_tests.EvalAtStart"]
-    done = run_cli(args, cwd=tmp_path)
+    done = run_cli_in_process(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "; tokenizer Hugging Face tokenizer.json (" in done.stdout  # DIR's, not bytes
     assert "document mask on" in done.stdout and "packing efficiency" in done.stdout
@@ -109,9 +110,7 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     assert losses[STEPS] < losses[0] - 0.5, losses  # learned the completions
 
     out = tmp_path / "hf"
-    export = [sys.executable, "-m", "nnxtrain.cli.export", str(run), str(out)]
-    done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    export_main([str(run), str(out)])  # the command itself: test_hf_export
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer, and its EOS
         assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
     end = reference_loss(out, out / "tokenizer.json", val_records)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli_in_process
 from hf_models import TOLERANCE, hf_model, tensors, word_tokenizer
 
 from nnxtrain.checkpoint.model import read_model
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["model=tiny", "mesh=single", "run.steps=4", "run.batch_size=2", "run.seq_len=16"]
     args += ["run.eval_every=0", "data=text", f"data.path={tmp}/corpus.txt"]
     args += [f"data.tokenizer={tokenizer}", f"run.dir={tmp}/run"]
-    done = run_cli(args, cwd=tmp)
+    done = run_cli_in_process(args, tmp)
     assert done.returncode == 0, done.stderr[-2000:]
     return tmp / "run"
 

@@ -1,22 +1,20 @@
-"""`run.init_from` with a Hugging Face directory, through the CLI: a random LlamaForCausalLM
-fine-tuned 20 steps on a text file with its own tokenizer, exported with
-`nnxtrain-export`, loads in transformers with nnxtrain's logits, which moved away from the
-starting weights'. The same, in this process, for Gemma 3, the family of issue 26 whose
+"""`run.init_from` with a Hugging Face directory, through the CLI's main() in this process: a
+random LlamaForCausalLM fine-tuned 20 steps on a text file with its own tokenizer, exported
+with `nnxtrain-export`'s main(), loads in transformers with nnxtrain's logits, which moved
+away from the starting weights'. The same for Gemma 3, the family of issue 26 whose
 parameter tree differs most from Llama's (the export is written as that family:
 architectures, model_type). Bad input is one line and exit 2. (A run dir as the source, resuming,
 and the shape rules: tests/unit/test_init_from.py.)
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, run_cli, run_cli_cases, run_cli_in_process
+from conftest import run_cli_cases, run_cli_in_process
 from hf_models import FAMILIES, TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
 from nnxtrain.checkpoint.model import read_model
@@ -44,15 +42,13 @@ def test_finetune_from_hf_exports_to_transformers_with_nnxtrains_logits(hf_dir, 
     corpus = hf_dir.parent / "corpus.txt"
     args = [f"run.init_from={hf_dir}", "+experiment=finetune", "data=text"]
     args += [f"data.path={corpus}", "run.steps=20", f"run.dir={tmp_path}/run", *ARGS]
-    done = run_cli(args, cwd=tmp_path)
+    done = run_cli_in_process(args, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"init_from: took the parameters of {hf_dir} in" in done.stdout
     assert "; tokenizer Hugging Face tokenizer.json (" in done.stdout  # PATH's, not bytes
 
     out = tmp_path / "hf"
-    export = [sys.executable, "-m", "nnxtrain.cli.export", str(tmp_path / "run"), str(out)]
-    done = subprocess.run(export, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    export_main([str(tmp_path / "run"), str(out)])  # the command itself: test_hf_export
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     reference, info = hf_model(out)
     assert all(not v for v in info.values()), info
