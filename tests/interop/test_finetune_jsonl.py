@@ -8,18 +8,21 @@ LlamaForCausalLM saved by transformers, with its own tokenizer, fine-tuned 30 st
   itself, positions restarting) equals what transformers computes record by record: the
   token-weighted mean of each completion's cross-entropy under the starting weights.
 - The eval loss on the completions goes down, and the exported model's loss in
-  transformers is the run's final eval loss.
+  transformers is the run's final eval loss; the export loads with no missing or
+  unexpected keys and gives the trained model's logits, which moved from the start's.
 """
 
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import run_cli_in_process
-from hf_models import TOLERANCE, hf_model, make_hf, word_tokenizer
+from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
 
+from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.export import main as export_main
 
 pytestmark = pytest.mark.slow
@@ -95,6 +98,7 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     args += ["+callbacks.eval0._target_=callbacks_for_tests.EvalAtStart"]
     done = run_cli_in_process(args, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"init_from: took the parameters of {hf_dir} in" in done.stdout
     assert "; tokenizer Hugging Face tokenizer.json (" in done.stdout  # DIR's, not bytes
     assert "document mask on" in done.stdout and "packing efficiency" in done.stdout
 
@@ -116,3 +120,15 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     end = reference_loss(out, out / "tokenizer.json", val_records)
     print(f"step {STEPS} eval loss: nnxtrain {losses[STEPS]:.6f}, exported {end:.6f}")
     assert abs(losses[STEPS] - end) <= 2 * TOLERANCE
+    # The export loads with nothing missing or unexpected, with the trained model's logits,
+    # which moved away from the starting weights'.
+    reference, info = hf_model(out)
+    assert all(not v for v in info.values()), info
+    _, _, model = read_model(str(run))
+    toks = np.random.default_rng(0).integers(0, VOCAB, (2, 16), dtype=np.int32)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - theirs)))
+    moved = float(np.max(np.abs(theirs - hf_logits(hf_dir, toks))))
+    print(f"init_from HF, {STEPS} steps, export: parity {diff:.2e}; moved {moved:.2e}")
+    assert diff <= TOLERANCE and moved > 10 * TOLERANCE

@@ -133,7 +133,9 @@ def test_round_trip_is_bitwise_and_loads_as_the_same_family(hf_dirs, tmp_path, k
         assert getattr(a, key, None) == getattr(b, key, None), key
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+# Qwen3-MoE only: both families' load-balancing loss is transformers' one function of the
+# router logits, and ours one function too (Mixtral's logits are checked above); 9 s saved.
+@pytest.mark.parametrize("kind", ["qwen3_moe"])
 def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
     """The load-balancing loss of `output_router_logits=True` with an attention mask (right
     padding: HF leaves the masked tokens out, nnxtrain's segment id 0 does), and over all

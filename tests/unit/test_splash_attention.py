@@ -258,6 +258,9 @@ def test_on_a_mesh_splash_runs_under_shard_map_and_equals_xla(kv_heads: int, tmp
 # -- compiled for TPU, ahead of time ----------------------------------------------------
 
 
+AOT_ARGS = ["--seq", "8192", "--kernels", "splash", "--json"]
+
+
 @pytest.mark.slow
 def test_tpu_compile_holds_the_kernel_and_no_quadratic_temporaries():
     """bench/splash_aot.py on a v6e-8 topology (fsdp 4 × tensor 2, one example and two
@@ -270,7 +273,7 @@ def test_tpu_compile_holds_the_kernel_and_no_quadratic_temporaries():
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env |= {"TPU_ACCELERATOR_TYPE": "v6e-8", "TPU_WORKER_HOSTNAMES": "localhost"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "splash_aot.py"), "--seq", "8192", "--json"],
+        [sys.executable, str(ROOT / "bench" / "splash_aot.py"), *AOT_ARGS],
         capture_output=True,
         text=True,
         timeout=900,
@@ -279,10 +282,10 @@ def test_tpu_compile_holds_the_kernel_and_no_quadratic_temporaries():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["device"] == "TPU v6 lite"
-    by = {(r["attention"], r["seq"]): r for r in report["results"]}
-    assert by["splash", 8192]["tpu_custom_call"] and not by["xla", 8192]["tpu_custom_call"]
-    # One device's f32 scores at 8192: 2 heads × 8192² × 4 bytes. xla's temporaries hold
-    # them (and more, for the backward); splash's hold not even one such matrix.
+    (result,) = report["results"]
+    assert result["attention"] == "splash" and result["tpu_custom_call"]
+    # One device's f32 scores at 8192: 2 heads × 8192² × 4 bytes. The xla kernel's
+    # temporaries hold them (784 MiB, docs/performance.md: bench/splash_aot.py compiles both;
+    # not compiled here: 10 s of test time); splash's hold not even a quarter of one.
     scores = 2 * 8192**2 * 4
-    assert by["xla", 8192]["temp_bytes"] > scores
-    assert by["splash", 8192]["temp_bytes"] < scores / 4
+    assert result["temp_bytes"] < scores / 4
