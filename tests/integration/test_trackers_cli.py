@@ -1,7 +1,7 @@
-"""The tracker plugins through the real CLI: a 2-job multirun, its jobs at once in two
-processes, is one MLflow experiment and one W&B group, each job tagged with its number and
-swept value; a required tracker that cannot connect exits 2 in one line, before anything is
-saved. No network."""
+"""The tracker plugins through the real CLI: a required tracker that cannot connect exits 2
+in one line, before anything is saved; the check of a 2-job multirun (one MLflow experiment
+and one W&B group, each job tagged with its number and swept value), which
+tests/integration/test_wheel.py runs from the installed wheel. No network."""
 
 import os
 from pathlib import Path
@@ -22,8 +22,10 @@ TINY = [
 ]
 
 
-def offline_env(tmp_path: Path) -> dict[str, str]:
-    env = cli_env() | {"WANDB_MODE": "offline", "WANDB_PROJECT": "nnxtrain-tests"}
+def offline_env(tmp_path: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (the CLI's test environment by default) with W&B offline, its files and
+    MLflow's store under tmp_path's tree (MLflow's default store: mlflow.db in the cwd)."""
+    env = (base or cli_env()) | {"WANDB_MODE": "offline", "WANDB_PROJECT": "nnxtrain-tests"}
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp_path / "home" / var.lower())
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_DIR", "WANDB_RUN_GROUP"):
@@ -31,33 +33,13 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-# joblib runs the jobs at once in two processes (both open one new MLflow store and attach
-# to one experiment): the case with code of its own (mlflow_logger's lock). Hydra's basic
-# launcher puts the same experiment and tags on its jobs; two runs of the trackers in one
-# process, one after the other: tests/unit/test_trackers.py (a resumed run).
-JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "mesh=single"]
-
-
-def test_a_sweep_is_one_mlflow_experiment_and_one_wandb_group(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    proc = run_cli(
-        [
-            "-m",
-            *JOBLIB,
-            *TINY,
-            "~callbacks.checkpoint",
-            "+callbacks.wandb._target_=wandb_logger",
-            "+callbacks.mlflow._target_=mlflow_logger",
-            "optim.lr=0.001,0.003",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        env=offline_env(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning:" not in proc.stdout, proc.stdout
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's default store, in the cwd
+# The sweep the tracker loggers are checked on runs from the installed wheel
+# (tests/integration/test_wheel.py): joblib's two jobs at once, in two processes, both
+# opening one new MLflow store and attaching to one experiment (mlflow_logger's lock).
+# Two tracker runs in one process, one after the other: tests/unit/test_trackers.py.
+def check_one_experiment_and_one_group(sweep: Path, uri: str) -> None:
+    """A 2-job sweep of TINY over optim.lr=0.001,0.003 is one MLflow experiment (in the
+    store at `uri`) and one W&B group, each job tagged with its number and swept value."""
     # Jobs may run in parallel (joblib): their runs are taken in job order, not start order.
     runs = sorted(mlflow_runs(uri), key=lambda r: int(r.data.tags["nnxtrain.job"]))
     assert len(runs) == 2

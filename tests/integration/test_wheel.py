@@ -32,6 +32,7 @@ from conftest import compile_cache_override
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from test_trackers_cli import TINY, check_one_experiment_and_one_group, offline_env
 
 from nnxtrain.config import register_schemas
 
@@ -212,28 +213,30 @@ def test_every_config_option_composes_from_the_wheel(installed: Installed) -> No
     GlobalHydra.instance().clear()
 
 
-def test_joblib_sweep_runs_two_jobs(installed: Installed) -> None:
+def test_a_joblib_sweep_logs_one_mlflow_experiment_and_one_wandb_group(
+    installed: Installed,
+) -> None:
+    """The installed command's sweep: two jobs at once (our joblib_jax launcher config),
+    the tracker plugins by their registered short names; test_trackers_cli checks them."""
     sweep = installed.workdir / "sweep"
-    proc = installed.run(
-        "nnxtrain",
-        "-m",
-        "hydra/launcher=joblib_jax",
-        "model=tiny",
-        "mesh=single",  # one device per job: the two jobs run at once on the cores
-        "run.steps=2",
-        "run.batch_size=4",
-        "run.seq_len=16",
-        "run.log_every=1",
-        "run.eval_every=0",
-        "~callbacks.checkpoint",
-        "optim.lr=0.001,0.003",
-        f"hydra.sweep.dir={sweep}",
-        compile_cache_override(),
+    env = offline_env(installed.workdir, installed.env)
+    args = ["-m", "hydra/launcher=joblib_jax", *TINY, "mesh=single", "~callbacks.checkpoint"]
+    args += ["+callbacks.wandb._target_=wandb_logger", "+callbacks.mlflow._target_=mlflow_logger"]
+    args += ["optim.lr=0.001,0.003", f"hydra.sweep.dir={sweep}", compile_cache_override()]
+    proc = subprocess.run(
+        [str(installed.venv / "bin" / "nnxtrain"), *args],
+        cwd=installed.workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning:" not in proc.stdout, proc.stdout
     statuses = [json.loads((sweep / str(i) / "job_status.json").read_text()) for i in (0, 1)]
     assert [s["status"] for s in statuses] == ["completed", "completed"], statuses
     assert (sweep / "summary.csv").is_file()
+    check_one_experiment_and_one_group(sweep, f"sqlite:///{installed.workdir / 'mlflow.db'}")
 
 
 def test_plugin_catalog_lists_every_registered_plugin(installed: Installed) -> None:

@@ -1,6 +1,7 @@
 """DPO inside nnxtrain (data=preference): the loss where policy = reference, the frozen
-reference (held, LoRA's adapters off, precomputed), the pairs read from jsonl, resume
-after SIGTERM, and bad input. The numbers against TRL: tests/interop/test_dpo_trl.py."""
+reference (held, LoRA's adapters off, precomputed, another model by path), the pairs read
+from jsonl, resume after SIGTERM, and bad input. The numbers against TRL:
+tests/interop/test_dpo_trl.py."""
 
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from nnxtrain.checkpoint.storage import read_meta
 from nnxtrain.data.preference import PairReader, PreferenceData
 from nnxtrain.data.tokenizer import ByteTokenizer
 from nnxtrain.errors import ConfigError
+from nnxtrain.interop.hf import save
 from nnxtrain.model import Transformer, adapters_off
 from nnxtrain.prefs import pair_sums, row_logps
 
@@ -120,6 +122,22 @@ def test_the_reference_stays_the_starting_model(pairs, tmp_path, kind, extra):
     expected = LOGPS(start, batch)
     assert np.array_equal(LOGPS(reference, batch), expected)  # the starting model's, bitwise
     assert not np.allclose(LOGPS(policy, batch), expected, atol=1e-4)
+
+
+def test_a_reference_given_by_path_is_that_model(pairs, tmp_path):
+    """dpo.reference=HF dir: another model of the policy's shape (another seed) is the
+    reference, read through run.init_from's loader: its log-probs are that model's, bitwise."""
+    shape = compose(args(pairs, tmp_path / "run")).model  # its vocabulary: the tokenizer's
+    shape = dataclasses.replace(shape, vocab_size=ByteTokenizer().vocab_size)
+    other = Transformer(shape, rngs=nnx.Rngs(7))
+    save(other, str(tmp_path / "ref"))
+    run = args(pairs, tmp_path / "run", "run.steps=2", f"dpo.reference={tmp_path / 'ref'}")
+    trainer, records = fit(run)
+    assert records.metrics[0]["loss"] != LOG2  # the policy (seed 0) is not the reference
+    assert trainer.feed is not None and trainer.compiled is not None
+    reference = nnx.merge(trainer.graphdef, trainer.compiled.reference)
+    batch = trainer.feed.train(0)
+    assert np.array_equal(LOGPS(reference, batch), LOGPS(other, batch))
 
 
 def test_pairs_are_read_limited_counted_and_laid_out_chosen_then_rejected(tmp_path):
