@@ -100,6 +100,24 @@ def _string(record: dict[str, Any], name: str) -> str:
     return value
 
 
+def check_messages(messages: Any, name: str) -> list[dict[str, Any]]:
+    """`messages` (the record's field `name`) as a chat: a non-empty array of objects, each
+    with a string role and content; BadRecord naming the first that is not."""
+    if not isinstance(messages, list):
+        raise BadRecord("wrong type", f"{name!r} must be an array, got {_json_type(messages)}")
+    if not messages:
+        raise BadRecord("empty", f"{name!r} is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRecord("wrong type", f"{name}[{i}] must be an object")
+        for key in ("role", "content"):
+            try:
+                _string(m, key)
+            except BadRecord as e:
+                raise BadRecord(e.kind, f"{name}[{i}]: {e}") from None
+    return messages
+
+
 def _unicode(text: str, what: str) -> None:
     """Raises BadRecord when `text` holds a lone surrogate (tokenizers cannot encode it)."""
     if m := SURROGATE.search(text):
@@ -169,19 +187,7 @@ class RecordReader:
         return self.tok.encode([text]).astype(np.int64)
 
     def _chat_ids(self, messages: Any) -> tuple[np.ndarray, np.ndarray]:
-        name = self.fields.messages
-        if not isinstance(messages, list):
-            raise BadRecord("wrong type", f"{name!r} must be an array, got {_json_type(messages)}")
-        if not messages:
-            raise BadRecord("empty", f"{name!r} is empty")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise BadRecord("wrong type", f"{name}[{i}] must be an object")
-            for key in ("role", "content"):
-                try:
-                    _string(m, key)
-                except BadRecord as e:
-                    raise BadRecord(e.kind, f"{name}[{i}]: {e}") from None
+        check_messages(messages, self.fields.messages)
         if self._chat is None:
             self._chat = ChatTemplate.load(self.chat_template, self.tok)
         try:

@@ -42,7 +42,7 @@ import numpy as np
 
 from nnxtrain.data.batch import Batch
 from nnxtrain.data.chat import ChatTemplate, TemplateLimitError
-from nnxtrain.data.jsonl import BadRecord, _json_type, _string
+from nnxtrain.data.jsonl import BadRecord, _json_type, _string, check_messages
 from nnxtrain.data.shuffle import IndexShuffle
 from nnxtrain.data.stepped import StepBatches
 from nnxtrain.data.tokenizer import RecordTokenizer
@@ -78,19 +78,7 @@ class Pairs:
 def _messages(value: Any, name: str) -> list[dict[str, Any]]:
     if isinstance(value, str):  # a reply given as its text: one assistant message
         return [{"role": "assistant", "content": value}]
-    if not isinstance(value, list):
-        raise BadRecord("wrong type", f"{name!r} must be an array, got {_json_type(value)}")
-    if not value:
-        raise BadRecord("empty", f"{name!r} is empty")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise BadRecord("wrong type", f"{name}[{i}] must be an object")
-        for key in ("role", "content"):
-            try:
-                _string(m, key)
-            except BadRecord as e:
-                raise BadRecord(e.kind, f"{name}[{i}]: {e}") from None
-    return value
+    return check_messages(value, name)
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:
