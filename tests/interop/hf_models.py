@@ -150,6 +150,25 @@ def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
 
 
+def export_parity(run_dir: Path, exported: Path, start: Path, vocab: int) -> tuple[float, float]:
+    """A trained run against its export: the export loads in transformers with nothing
+    missing, unexpected or mismatched (asserted); returns the max abs difference of its
+    logits from the run's model's, and how far they moved from the starting model's (HF dir
+    `start`), on 2 x 16 random tokens below `vocab`."""
+    import jax.numpy as jnp
+
+    from nnxtrain.checkpoint.model import read_model
+
+    reference, info = hf_model(exported)
+    assert all(not v for v in info.values()), info
+    _, _, model = read_model(str(run_dir))
+    toks = np.random.default_rng(0).integers(0, vocab, (2, 16), dtype=np.int32)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - theirs)))
+    return diff, float(np.max(np.abs(theirs - hf_logits(start, toks))))
+
+
 def tokens(length: int, batch: int = 2, vocab: int = BASE["vocab_size"]) -> np.ndarray:
     return np.random.default_rng(length).integers(0, vocab, (batch, length), dtype=np.int32)
 

@@ -15,14 +15,12 @@ LlamaForCausalLM saved by transformers, with its own tokenizer, fine-tuned 30 st
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from conftest import run_cli_in_process
-from hf_models import TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
+from hf_models import TOLERANCE, export_parity, hf_model, make_hf, word_tokenizer
 
-from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.export import main as export_main
 
 pytestmark = pytest.mark.slow
@@ -122,13 +120,6 @@ def test_sft_from_hf_on_jsonl_packs_exports_and_matches_transformers(hf_dir, tmp
     assert abs(losses[STEPS] - end) <= 2 * TOLERANCE
     # The export loads with nothing missing or unexpected, with the trained model's logits,
     # which moved away from the starting weights'.
-    reference, info = hf_model(out)
-    assert all(not v for v in info.values()), info
-    _, _, model = read_model(str(run))
-    toks = np.random.default_rng(0).integers(0, VOCAB, (2, 16), dtype=np.int32)
-    with torch.no_grad():
-        theirs = reference(torch.tensor(toks, dtype=torch.long)).logits.numpy()
-    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - theirs)))
-    moved = float(np.max(np.abs(theirs - hf_logits(hf_dir, toks))))
+    diff, moved = export_parity(run, out, hf_dir, VOCAB)
     print(f"init_from HF, {STEPS} steps, export: parity {diff:.2e}; moved {moved:.2e}")
     assert diff <= TOLERANCE and moved > 10 * TOLERANCE

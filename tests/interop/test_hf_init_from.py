@@ -10,14 +10,10 @@ shape rules: tests/unit/test_init_from.py.)
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-import torch
 from conftest import run_cli_cases, run_cli_in_process
-from hf_models import FAMILIES, TOLERANCE, hf_logits, hf_model, make_hf, word_tokenizer
+from hf_models import FAMILIES, TOLERANCE, export_parity, make_hf, word_tokenizer
 
-from nnxtrain.checkpoint.model import read_model
 from nnxtrain.cli.export import main as export_main
 
 pytestmark = pytest.mark.slow
@@ -65,14 +61,7 @@ def test_a_family_finetunes_and_exports_as_itself(hf_dir, tmp_path, kind):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     original = json.loads((src / "config.json").read_text())
     assert (written["model_type"], written["architectures"]) == (kind, original["architectures"])
-    reference, info = hf_model(tmp_path / "out")
-    assert all(not v for v in info.values()), info  # nothing missing, unexpected, mismatched
-    _, _, model = read_model(str(tmp_path / "run"))
-    toks = np.random.default_rng(0).integers(0, VOCAB, (2, 16), dtype=np.int32)
-    with torch.no_grad():
-        theirs = reference(torch.tensor(toks, dtype=torch.long)).logits.numpy()
-    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - theirs)))
-    moved = float(np.max(np.abs(theirs - hf_logits(src, toks))))
+    diff, moved = export_parity(tmp_path / "run", tmp_path / "out", src, VOCAB)
     print(f"init_from {kind}, 20 steps, export: parity {diff:.2e}; moved {moved:.2e}")
     assert diff <= TOLERANCE and moved > 10 * TOLERANCE
 
