@@ -55,7 +55,7 @@ def write_checkpoint(path: str) -> int:
     for w in weights_of(cfg):
         shape = abstract[w.path].get_value().shape
         one = hf_shape(w, shape[1:] if w.per_layer else shape)
-        for name in hf_names(w, cfg.num_layers):
+        for name in hf_names(w, cfg):
             items.append(
                 (name, one, bf16, lambda s=one: rng.standard_normal(s, np.float32).astype(bf16))
             )

@@ -10,14 +10,15 @@
   the model group's alone, also runs on every Hugging Face config.json read);
 - `lora`: `model.lora`'s checks and its targets (`lora_targets`);
 - `dpo`: the checks of the `dpo` group and of data=preference;
-- `moe`: `model.moe`'s checks and the experts' width (`expert_mlp_dim`);
+- `moe`: `model.moe`'s checks, the experts' width (`expert_mlp_dim`) and which stack
+  holds each layer (`layer_plan`);
 - `reference`: docs/config.md's key tables, written from the schemas.
 """
 
 from nnxtrain.config.checks import fit_remats, validate, validate_model
 from nnxtrain.config.loading import compose, from_dict, from_omegaconf, register_schemas
 from nnxtrain.config.lora import targets as lora_targets
-from nnxtrain.config.moe import expert_mlp_dim
+from nnxtrain.config.moe import expert_mlp_dim, layer_plan, sparse_layers
 from nnxtrain.config.schema import (
     ATTENTION_IMPLS,
     DATA_KINDS,
@@ -64,9 +65,11 @@ __all__ = [
     "fit_remats",
     "from_dict",
     "from_omegaconf",
+    "layer_plan",
     "lora_targets",
     "register_schemas",
     "setting",
+    "sparse_layers",
     "validate",
     "validate_model",
 ]

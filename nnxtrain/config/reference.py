@@ -30,5 +30,6 @@ def _rows(prefix: str, cls: type) -> list[str]:
             rows += _rows(f"{prefix}.{f.name}", typing.cast(type, hints[f.name]))
             continue
         default = "{}" if f.default is dataclasses.MISSING else repr(f.default)
+        default = repr(list(f.default)) if isinstance(f.default, tuple) else default
         rows.append(f"| `{prefix}.{f.name}` | `{default}` | {f.metadata['help']} |")
     return rows

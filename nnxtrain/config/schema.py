@@ -85,6 +85,19 @@ class MoeConfig:
         "dropless grouped matmul: ragged (jax.lax.ragged_dot), blocks (expert-sorted tiles, "
         "one batched matmul); auto = blocks on CPU, ragged elsewhere",
     )
+    # Any, not list: a tuple once built (a model's config is hashed by jit), a list in YAML.
+    mlp_only_layers: Any = setting(
+        (), "layers (0-based) that keep a dense MLP of model.mlp_dim (HF: mlp_only_layers)"
+    )
+    decoder_sparse_step: int = setting(
+        1,
+        "layer i has experts when (i + 1) % step == 0 (and is not in mlp_only_layers), "
+        "else a dense MLP (HF: decoder_sparse_step)",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mlp_only_layers, list):
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
 
 
 @dataclass(frozen=True)

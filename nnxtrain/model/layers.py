@@ -294,13 +294,14 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and pre-norm MLP, each with a residual connection."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dense: bool = False):
         pdt, off = base_dtype(cfg), cfg.norm_offset
         self.attn_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)
-        # routed experts in place of the MLP with model.moe.experts (model/moe.py)
-        self.mlp = MoE(cfg, rngs=rngs) if cfg.moe.experts else MLP(cfg, rngs=rngs)
+        # routed experts in place of the MLP with model.moe.experts (model/moe.py), except
+        # in a mixture's dense layers (model.moe.mlp_only_layers, decoder_sparse_step)
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.moe.experts and not dense else MLP(cfg, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
         if cfg.sandwich_norms:  # Gemma: each branch's output is normed before the residual
             self.attn_post_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=off)

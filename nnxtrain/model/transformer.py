@@ -3,7 +3,10 @@
 The layers' weights are stacked on a leading `layers` axis (created with `nnx.vmap`), so
 the forward pass can scan one compiled layer body over them (`scan_layers=True`, the default
 on accelerators) or unroll them (the default on CPU, where it is faster for small
-models); `remat` picks the rematerialisation policy of the layer body.
+models); `remat` picks the rematerialisation policy of the layer body. A mixture of
+experts with dense layers between its sparse ones holds two stacks, `layers` and
+`dense_layers` (`config.layer_plan`), and runs each run of consecutive layers of one stack
+as a scan over its slice (`_segments`).
 
     model = Transformer(ModelConfig(), rngs=nnx.Rngs(0))
     logits = model(tokens)            # tokens [batch, length] -> [batch, length, vocab]
@@ -20,13 +23,15 @@ The cache path is separate code (`_cached_layers`, `DecoderLayer.decode`): a cal
 a cache, the one the train and eval steps make, traces exactly the plain forward.
 """
 
+from collections import Counter
 from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nnxtrain.config import ModelConfig
+from nnxtrain.config import ModelConfig, layer_plan
+from nnxtrain.config.moe import DENSE, SPARSE
 from nnxtrain.model.cache import KVCache, layer_kinds, stack_index
 from nnxtrain.model.layers import (
     BATCH,
@@ -75,12 +80,10 @@ class Transformer(nnx.Module):
             nnx.initializers.normal(cfg.init_std),
         )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, rngs=rngs)
-
-        self.layers = make_layers(rngs)
+        sizes = Counter(stack for stack, _ in layer_plan(cfg))
+        self.layers = _stack(cfg, sizes[SPARSE], dense=False, rngs=rngs)
+        if sizes[DENSE]:  # a mixture of experts' dense layers (config/moe.py)
+            self.dense_layers = _stack(cfg, sizes[DENSE], dense=True, rngs=rngs)
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps, pdt, rngs=rngs, offset=cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = param(
@@ -195,26 +198,53 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, Any]:
         """`_layers`, and the layers' router statistics, stacked (None without experts)."""
         cfg = self.cfg
-        graphdef, stacked = nnx.split(self.layers)
         flags = self._local_flags()
+        found = []
+        for stack, first, count in self._segments():
+            graphdef, stacked = self._split(stack, first, count)
 
-        def body(h: jax.Array, xs: tuple[nnx.State, jax.Array | None]) -> tuple[jax.Array, Any]:
-            layer_state, local = xs
-            layer = nnx.merge(graphdef, layer_state)
-            return layer(h, positions, segment_ids, local), layer_stats(layer)
+            def body(
+                h: jax.Array, xs: tuple[nnx.State, jax.Array | None], graphdef: Any = graphdef
+            ) -> tuple[jax.Array, Any]:
+                layer_state, local = xs
+                layer = nnx.merge(graphdef, layer_state)
+                return layer(h, positions, segment_ids, local), layer_stats(layer)
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        if self._scan():
-            return jax.lax.scan(body, x, (stacked, flags))
-        per_layer = []
-        for i in range(cfg.num_layers):
-            local = None if flags is None else flags[i]
-            x, stats = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), local))
-            per_layer.append(stats)
-        return x, None if per_layer[0] is None else jax.tree.map(
-            lambda *a: jnp.stack(a), *per_layer
-        )
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            if self._scan():
+                local_flags = None if flags is None else flags[first : first + count]
+                x, stats = jax.lax.scan(body, x, (stacked, local_flags))
+                found += [] if stats is None else [stats]
+                continue
+            for i in range(count):
+                local = None if flags is None else flags[first + i]
+                x, stats = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), local))
+                found += [] if stats is None else [jax.tree.map(lambda a: a[None], stats)]
+        if not found:
+            return x, None
+        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *found)
+
+    def _segments(self) -> list[tuple[str, int, int]]:
+        """The runs of consecutive layers held in one stack, in order: (the stack, the
+        model's layer that starts the run, its length). One run, `layers`, unless a mixture
+        of experts keeps dense layers; each run is scanned over its slice of its stack."""
+        runs: list[tuple[str, int, int]] = []
+        for i, (stack, _) in enumerate(layer_plan(self.cfg)):
+            if runs and runs[-1][0] == stack:
+                runs[-1] = (stack, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((stack, i, 1))
+        return runs
+
+    def _split(self, stack: str, first: int, count: int) -> tuple[nnx.GraphDef, nnx.State]:
+        """The graph of one layer of `stack`, and the stacked state of the run of `count`
+        layers starting at the model's layer `first` (the whole stack: no slice)."""
+        graphdef, stacked = nnx.split(getattr(self, stack))
+        start = layer_plan(self.cfg)[first][1]
+        if (start, count) == (0, jax.tree.leaves(stacked)[0].shape[0]):
+            return graphdef, stacked
+        return graphdef, jax.tree.map(lambda a: a[start : start + count], stacked)
 
     def _local_flags(self) -> jax.Array | None:
         """Per layer, whether it is a sliding-window layer, where only some are (Gemma:
@@ -231,21 +261,36 @@ class Transformer(nnx.Module):
         """The generation forward: the cache is carried through the layers whole, and each
         layer writes its own slice of its kind's stack (`nnxtrain.model.cache`), so no
         layer's keys are copied out and stacked again."""
-        graphdef, stacked = nnx.split(self.layers)
         flags, index = self._local_flags(), stack_index(self.cfg)
+        for stack, first, count in self._segments():
+            graphdef, stacked = self._split(stack, first, count)
 
-        def body(
-            carry: tuple[jax.Array, KVCache],
-            xs: tuple[nnx.State, jax.Array | int, jax.Array | bool | None],
-        ) -> tuple[tuple[jax.Array, KVCache], None]:
-            (h, kv), (layer_state, i, local) = carry, xs
-            return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i, local), None
+            def body(
+                carry: tuple[jax.Array, KVCache],
+                xs: tuple[nnx.State, jax.Array | int, jax.Array | bool | None],
+                graphdef: Any = graphdef,
+            ) -> tuple[tuple[jax.Array, KVCache], None]:
+                (h, kv), (layer_state, i, local) = carry, xs
+                return nnx.merge(graphdef, layer_state).decode(h, positions, kv, i, local), None
 
-        if self._scan():
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.asarray(index), flags))
-        else:
-            for i in range(self.cfg.num_layers):  # the kinds static: no lax.cond
+            if self._scan():
+                run = slice(first, first + count)
+                xs = (stacked, jnp.asarray(index[run]), None if flags is None else flags[run])
+                (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+                continue
+            for i in range(first, first + count):  # the kinds static: no lax.cond
                 local = None if flags is None else layer_kinds(self.cfg)[i]
-                layer = jax.tree.map(lambda a, i=i: a[i], stacked)
+                layer = jax.tree.map(lambda a, j=i - first: a[j], stacked)
                 (x, cache), _ = body((x, cache), (layer, index[i], local))
         return x, cache
+
+
+def _stack(cfg: ModelConfig, count: int, *, dense: bool, rngs: nnx.Rngs) -> DecoderLayer:
+    """`count` decoder layers with their weights stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=rngs, dense=dense)
+
+    return make(rngs)

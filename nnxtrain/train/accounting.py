@@ -12,7 +12,8 @@
 - A mixture of experts (`model.moe`): its layers hold the router [embed, experts] and
   every expert's three matrices, all counted in the parameters; a token runs through the
   router and its top_k experts only, so the FLOPs and the active parameters count those
-  (MFU is of active FLOPs). Capacity mode's dropped pairs are counted as computed.
+  (MFU is of active FLOPs). Capacity mode's dropped pairs are counted as computed. Its
+  dense layers (`model.moe.mlp_only_layers`, `decoder_sparse_step`) count the MLP.
 - Training is forward plus backward, counted as 3x forward (backward = 2x forward). The
   remat recomputation is not counted: it is overhead, not model FLOPs (as in MFU).
 
@@ -22,41 +23,41 @@
 
 from dataclasses import dataclass
 
-from nnxtrain.config import ModelConfig, expert_mlp_dim
+from nnxtrain.config import ModelConfig, expert_mlp_dim, sparse_layers
 
 
 def _mlp_params(cfg: ModelConfig, active: bool) -> int:
-    """One layer's feed-forward weights: the SwiGLU MLP, or the router and the experts
-    (those a token runs through when `active`)."""
+    """All layers' feed-forward weights: each layer's SwiGLU MLP, or its router and experts
+    (those a token runs through when `active`); a mixture's dense layers have the MLP."""
     e = cfg.emb_dim
-    if not cfg.moe.experts:
-        return 3 * e * cfg.mlp_dim
+    sparse = sum(sparse_layers(cfg))
+    dense = (cfg.num_layers - sparse) * 3 * e * cfg.mlp_dim
     experts = cfg.moe.top_k if active else cfg.moe.experts
-    return e * cfg.moe.experts + experts * 3 * e * expert_mlp_dim(cfg)
+    return dense + sparse * (e * cfg.moe.experts + experts * 3 * e * expert_mlp_dim(cfg))
 
 
 def active_params(cfg: ModelConfig) -> int:
     """The parameters one token runs through: all but the experts it is not routed to."""
-    return count_params(cfg) - cfg.num_layers * (_mlp_params(cfg, False) - _mlp_params(cfg, True))
+    return count_params(cfg) - (_mlp_params(cfg, False) - _mlp_params(cfg, True))
 
 
 def count_params(cfg: ModelConfig) -> int:
     """Number of parameters of the decoder with this config, every leaf included."""
     e, h, kv, d, v = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    per_layer = e * h * d + 2 * e * kv * d + h * d * e + _mlp_params(cfg, False) + 2 * e
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e + 2 * e
     per_layer += (h + 2 * kv) * d if cfg.qkv_bias else 0  # Qwen2's q, k, v biases
     per_layer += 2 * d if cfg.qk_norm else 0  # Qwen3's and Gemma's q and k norms
     per_layer += 2 * e if cfg.sandwich_norms else 0  # Gemma's norms after attention and MLP
     head = 0 if cfg.tie_embeddings else e * v
-    return v * e + cfg.num_layers * per_layer + e + head
+    return v * e + cfg.num_layers * per_layer + _mlp_params(cfg, False) + e + head
 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token (embedding lookup and norms excluded;
     of a mixture of experts, the router and the token's top_k experts)."""
     e, h, kv, d = cfg.emb_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    per_layer = e * h * d + 2 * e * kv * d + h * d * e + _mlp_params(cfg, True)
-    return cfg.num_layers * per_layer + e * cfg.vocab_size
+    per_layer = e * h * d + 2 * e * kv * d + h * d * e
+    return cfg.num_layers * per_layer + _mlp_params(cfg, True) + e * cfg.vocab_size
 
 
 @dataclass(frozen=True)

@@ -97,17 +97,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": 3.0,
     },
 }
-# Mixtures of experts (issue 28): 8 experts, top 2, of 48 features (Qwen3-MoE: not its dense
+# Mixtures of experts (issue 28): 8 experts, top 2, of 48 features (Qwen3-MoE's dense layers:
 # intermediate_size); Mixtral renormalises the top-2 weights and has Mistral's window,
 # Qwen3-MoE (norm_topk_prob false) does not. Generation's decode steps route 3 tokens:
 # at most 6 of the 8 experts get one, the rest none.
 MOE_FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 8, "intermediate_size": 48, "sliding_window": WINDOW},
+    # Qwen3-MoE with dense layers between its sparse ones: experts in layers 1 and 3 only
+    # (every 2nd, but not layer 5): dense, sparse, dense, sparse, dense, dense
     "qwen3_moe": {
         "num_experts": 8,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 48,
         "head_dim": 24,
+        "num_hidden_layers": 6,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [5],
     },
 }
 

@@ -95,8 +95,9 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     )
 
 
-# qwen3_moe's decode path is mixtral's (experts) with qwen3's q/k norms: both covered
-@pytest.mark.parametrize("kind", sorted(set(FAMILIES) - {"qwen3_moe"}))
+# mixtral's decode path is qwen3_moe's (experts, and dense layers between) with mistral's
+# window: both covered
+@pytest.mark.parametrize("kind", sorted(set(FAMILIES) - {"mixtral"}))
 def test_greedy_generation_equals_transformers(hf_dirs, kind):
     """nnxtrain generates the batch at once, right-padded; transformers row by row (see
     tests/integration/test_generate_hf.py)."""
@@ -207,12 +208,21 @@ REFUSED = {
         "query_pre_attn_scalar",
     ),
     "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 8}, "model_type"),
-    "qwen3_moe dense layers": (
-        {"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [1]},
+    "qwen3_moe dense layer past the last": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [0, 2]},
         "mlp_only_layers",
     ),
-    "qwen3_moe sparse step": (
-        {"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 2},
+    "qwen3_moe no sparse layer left": (
+        {
+            "model_type": "qwen3_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "mlp_only_layers": [0, 1],
+        },
+        "mlp_only_layers",
+    ),
+    "qwen3_moe sparse step 0": (
+        {"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 0},
         "decoder_sparse_step",
     ),
     "mixtral jitter": (

@@ -4,9 +4,9 @@ logits still equal transformers' within 1e-4 (a subprocess, so JAX starts with 8
 The same model with a PEFT LoRA adapter on it gives PEFT's logits on both meshes, each
 adapter split like the weight it adapts (issue 25). Every family of issue 26 (q/k/v biases,
 q/k norms, sliding windows, Gemma's mixed stacks) gives transformers' logits on both meshes
-too, in the same subprocess. A Mixtral (8 experts, top 2) on expert=4 x fsdp=2 gives
-transformers' logits, and the logits and gradients of the training loss it has on one
-device (issue 28)."""
+too, in the same subprocess. A Qwen3-MoE (8 experts, top 2, a dense layer between two
+sparse ones) on expert=4 x fsdp=2 gives transformers' logits, and the logits and gradients
+of the training loss it has on one device (issue 28)."""
 
 import json
 import subprocess
@@ -51,7 +51,8 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
     # one device against 8: the same float32 math summed in other orders, a few ulps of
     # the logits and gradients apart: within the issue's 1e-5
     assert moe["one_device_diff"] <= 1e-5 and moe["grad_diff"] <= 1e-5
-    # w_gate [layers, experts 8, embed 64, mlp 32]: experts over expert, embed over fsdp
+    # w_gate [sparse layers 2, experts 8, embed 64, mlp 32]: experts over expert, embed over
+    # fsdp
     assert moe["w_gate_spec"] == "P(None, 'expert', 'fsdp', 'tensor')"
     assert moe["w_gate_shard"] == [2, 2, 32, 32] and moe["all_to_all"] > 0
     for shape, r in report.items():
@@ -73,9 +74,18 @@ def test_parity_on_meshes_of_8_devices(tmp_path):
 
 
 def moe_case(tmp_path: Path) -> str:
-    """A Mixtral of 8 experts (top 2, 32 features each), its tokens and transformers'
-    logits saved: the child's `moe=` argument."""
-    path = make_hf(tmp_path / "moe", kind="mixtral", num_local_experts=8, intermediate_size=32)
+    """A Qwen3-MoE of 8 experts (top 2, 32 features each) with a dense layer between two
+    sparse ones (two stacks, each scanned in slices), its tokens and transformers' logits
+    saved: the child's `moe=` argument."""
+    path = make_hf(
+        tmp_path / "moe",
+        kind="qwen3_moe",
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+    )
     toks = tokens(24, batch=8)
     np.save(tmp_path / "moe_tokens.npy", toks)
     np.save(tmp_path / "moe_logits.npy", hf_logits(path, toks))

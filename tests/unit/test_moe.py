@@ -17,8 +17,11 @@ import pytest
 from conftest import TINY, assert_equal_to_rounding
 from flax import nnx
 
-from nnxtrain.config import ModelConfig, MoeConfig, validate_model
+from nnxtrain.config import ModelConfig, MoeConfig, layer_plan, validate_model
 from nnxtrain.errors import ConfigError
+from nnxtrain.model import Transformer
+from nnxtrain.model.cache import KVCache
+from nnxtrain.model.layers import MLP
 from nnxtrain.model.moe import MoE, aux_losses, layer_stats
 
 EXPERTS, TOP_K = 8, 2
@@ -154,3 +157,49 @@ def test_auto_grouped_matmul_is_tiles_on_cpu_and_ragged_dot_on_accelerators() ->
 
     picked = {p: resolve_auto(MOE, p).moe.impl for p in ("cpu", "tpu", "gpu")}
     assert picked == {"cpu": "blocks", "tpu": "ragged", "gpu": "ragged"}
+
+
+# Dense layers between sparse ones (Qwen3-MoE's mlp_only_layers, decoder_sparse_step):
+# layer 1 dense, 0 and 2 with experts; and Gemma's sliding/global flags, which each
+# run of layers must slice alike.
+MIXED = dataclasses.replace(
+    MOE,
+    num_layers=3,
+    sliding_window=3,
+    global_every=2,
+    init_std=0.3,
+    moe=dataclasses.replace(MOE.moe, mlp_only_layers=(1,), decoder_sparse_step=1),
+)
+
+
+def test_dense_layers_between_sparse_ones_scanned_unrolled_and_cached() -> None:
+    """Two stacks, `layers` (2 with experts) and `dense_layers` (1), run in three slices:
+    scanned equals unrolled (logits, and router statistics of the sparse layers only), and
+    the KV cache, filled in slices too, gives the plain forward's logits. (Gradients, on 8
+    devices against one, and logits against transformers' Qwen3-MoE: tests/interop.)"""
+    assert layer_plan(MIXED) == (("layers", 0), ("dense_layers", 0), ("layers", 1))
+    toks = jax.random.randint(jax.random.key(2), (2, 12), 0, MIXED.vocab_size)
+    out = {}
+    for scan in (False, True):
+        model = Transformer(dataclasses.replace(MIXED, scan_layers=scan), rngs=nnx.Rngs(0))
+        assert isinstance(model.dense_layers.mlp, MLP) and isinstance(model.layers.mlp, MoE)
+
+        def forward(m: Transformer) -> tuple[jax.Array, dict]:
+            x, stats = m.routed_hidden(toks)
+            return m.logits(x), stats
+
+        out[scan] = nnx.jit(forward)(model)
+        assert out[scan][1]["counts"].shape == (2, EXPERTS)
+    (a, sa), (b, sb) = out[False], out[True]
+    np.testing.assert_array_equal(sa["counts"], sb["counts"])
+    # the same sums, fused differently in the two forms: float32 rounding apart
+    assert_equal_to_rounding(b, a, 2 * (TINY.emb_dim + TINY.mlp_dim), "logits")
+    # a prefill of 6, then 6 steps of one token, past the window of 3 on the sliding layers
+    cache = KVCache.empty(model.cfg, batch=2, length=12, dtype=jnp.float32)
+    step = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))
+    steps = []
+    for lo, hi in ((0, 6), *((t, t + 1) for t in range(6, 12))):
+        positions = jnp.broadcast_to(jnp.arange(lo, hi), (2, hi - lo))
+        logits, cache = step(model, toks[:, lo:hi], positions, cache)
+        steps.append(logits)
+    assert_equal_to_rounding(jnp.concatenate(steps, 1), b, 2 * TINY.emb_dim * 12, "cached")

@@ -123,7 +123,7 @@ def _assemble(
 ) -> np.ndarray:
     """One parameter in nnxtrain's layout and `dtype`, read tensor by tensor."""
     host = np.empty(shape, np.dtype(jax.numpy.dtype(dtype)))
-    for index, name in hf_slots(w, cfg.num_layers, cfg.moe.experts):
+    for index, name in hf_slots(w, cfg):
         put_nnx(host[index], reader.read(name), w)
     return host
 
@@ -167,7 +167,7 @@ def save(
     def tensors() -> Iterator[tuple[str, tuple[int, ...], np.dtype, Any]]:
         for w in weights_of(cfg):
             value = params[w.path]
-            for index, name in hf_slots(w, cfg.num_layers, cfg.moe.experts):
+            for index, name in hf_slots(w, cfg):
                 one = value.shape[len(index) :]
                 yield name, hf_shape(w, one), out, lambda w=w, v=value, i=index: _host(v, i, w, out)
 

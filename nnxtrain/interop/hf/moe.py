@@ -10,14 +10,14 @@ the router `gate` and each expert's three projections, one tensor per expert in 
 Mixtral: `num_local_experts` experts of `intermediate_size` features, top
 `num_experts_per_tok`, weights always renormalised, Mistral's window on every layer.
 Qwen3-MoE: `num_experts` (transformers 5 writes it as `num_local_experts`) of
-`moe_intermediate_size`, `norm_topk_prob`, Qwen3's q/k norms; its dense layers
-(`mlp_only_layers`, `decoder_sparse_step` > 1) are refused: every layer of the stack is
-one structure under the scan (docs/moe.md). Both: `router_aux_loss_coef`.
+`moe_intermediate_size`, `norm_topk_prob`, Qwen3's q/k norms, and dense layers of
+`intermediate_size` where `mlp_only_layers` and `decoder_sparse_step` say (the decoder's
+second stack, `dense_layers`: config/moe.py). Both: `router_aux_loss_coef`.
 """
 
 from typing import Any
 
-from nnxtrain.config import ModelConfig, MoeConfig, expert_mlp_dim
+from nnxtrain.config import ModelConfig, MoeConfig, expert_mlp_dim, sparse_layers
 from nnxtrain.errors import UserError
 from nnxtrain.interop.hf.keys import Keys, bad, shown
 
@@ -37,33 +37,29 @@ def read(keys: Keys) -> tuple[dict[str, Any], dict[str, str]]:
     qwen = keys.family == "qwen3_moe"
     experts_key = _experts_key(keys)
     experts = keys.get(experts_key, int)
+    dense: tuple[int, ...] = ()
+    step = 1
     if qwen:
-        for key, ok in (
-            ("mlp_only_layers", lambda v: v in (None, [])),
-            ("decoder_sparse_step", lambda v: v == 1 or keys.get("num_hidden_layers", int) < 1),
-        ):
-            value = keys.get(key, list if key == "mlp_only_layers" else int)
-            if not ok(value):
-                raise bad(
-                    keys.where,
-                    key,
-                    f"is {shown(value)}: dense layers between the sparse ones, which "
-                    "nnxtrain does not implement",
-                    "use a checkpoint whose every layer has experts (mlp_only_layers [], "
-                    "decoder_sparse_step 1)",
-                )
+        dense = tuple(_layer_indices(keys))
+        step = keys.get("decoder_sparse_step", int)
+        if step < 1:  # transformers would divide by it: (i + 1) % step
+            raise bad(keys.where, "decoder_sparse_step", f"is {step}", "use 1 or more")
     moe = MoeConfig(
         experts=experts,
         top_k=keys.get("num_experts_per_tok", int),
         mlp_dim=keys.get("moe_intermediate_size", int) if qwen else 0,
         norm_topk_prob=keys.get("norm_topk_prob", bool) if qwen else True,
         aux_loss_coef=keys.get("router_aux_loss_coef", float),
+        mlp_only_layers=dense,
+        decoder_sparse_step=step,
     )
     origin = {
         "moe.experts": experts_key,
         "moe.top_k": "num_experts_per_tok",
         "moe.mlp_dim": "moe_intermediate_size" if qwen else "intermediate_size",
         "moe.aux_loss_coef": "router_aux_loss_coef",
+        "moe.mlp_only_layers": "mlp_only_layers",
+        "moe.decoder_sparse_step": "decoder_sparse_step",
     }
     if not qwen and keys.get("router_jitter_noise", float):
         raise bad(
@@ -73,6 +69,21 @@ def read(keys: Keys) -> tuple[dict[str, Any], dict[str, str]]:
             "set it to 0.0",
         )
     return {"moe": moe}, origin
+
+
+def _layer_indices(keys: Keys) -> list[int]:
+    """Qwen3-MoE's `mlp_only_layers`: a list of layer indices (null: none)."""
+    value = keys.get("mlp_only_layers", list) or []
+    layers = keys.get("num_hidden_layers", int)
+    for i in value:
+        if type(i) is not int or not 0 <= i < layers:
+            raise bad(
+                keys.where,
+                "mlp_only_layers",
+                f"holds {shown(i)}, not a layer index below num_hidden_layers ({layers})",
+                "list the dense layers by their 0-based index",
+            )
+    return value
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
@@ -88,9 +99,15 @@ def write(cfg: ModelConfig) -> dict[str, Any]:
             "num_experts": moe.experts,
             "moe_intermediate_size": expert_mlp_dim(cfg),
             "norm_topk_prob": moe.norm_topk_prob,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
+            "decoder_sparse_step": moe.decoder_sparse_step,
+            "mlp_only_layers": list(moe.mlp_only_layers),
         }
+    if not all(sparse_layers(cfg)):
+        raise UserError(
+            "model.moe.mlp_only_layers / decoder_sparse_step give the model dense layers, "
+            "which Mixtral (the family of an MoE without q/k norms) has not. Fix: set "
+            "model.qk_norm=true to export as Qwen3-MoE, or give every layer experts."
+        )
     if not moe.norm_topk_prob:
         raise UserError(
             "model.moe.norm_topk_prob is false, and Mixtral (the family of an MoE without "

@@ -140,7 +140,7 @@ class Reader:
         first = [w for name in _FIRST for w in weights if w.hf == name]
         expected: set[str] = set()
         for w in [*first, *(w for w in weights if w not in first)]:
-            for name in hf_names(w, cfg.num_layers, cfg.moe.experts):
+            for name in hf_names(w, cfg):
                 self._check_tensor(name, w, cfg)
                 expected.add(name)
         unknown = [

@@ -12,6 +12,7 @@ nothing else: both use the rotate-half rotary layout, so q and k need no permuta
 Reading the files is `nnxtrain.interop.hf.reader`.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,8 @@ import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensor
 import numpy as np
 from safetensors.numpy import save_file
 
-from nnxtrain.config import ModelConfig, expert_mlp_dim
+from nnxtrain.config import ModelConfig, expert_mlp_dim, layer_plan
+from nnxtrain.config.moe import DENSE
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -33,7 +35,8 @@ class Weight:
     """One HF tensor name (per layer: `{i}` is the layer) and the parameter it fills."""
 
     hf: str
-    path: tuple[str, ...]  # nnxtrain's parameter path; under ("layers",) it is stacked
+    # nnxtrain's parameter path; under ("layers",) or ("dense_layers",) it is stacked
+    path: tuple[str, ...]
     n_in: int  # 0: the same layout; k: HF's [out, in] transposed, nnxtrain's first k dims in
     shape_keys: str  # the config.json keys that give each dimension of the HF shape
     needs: str = ""  # the ModelConfig switch it needs (qkv_bias, ...); "!x": needs x off
@@ -164,28 +167,46 @@ def _on(cfg: ModelConfig, switch: str) -> bool:
     return kinds[switch] if switch in kinds else bool(getattr(cfg, switch))
 
 
+def _wanted(w: Weight, cfg: ModelConfig) -> bool:
+    if cfg.tie_embeddings and w.path == ("lm_head",):
+        return False
+    return not w.needs or _on(cfg, w.needs.lstrip("!")) != w.needs.startswith("!")
+
+
 def weights_of(cfg: ModelConfig) -> list[Weight]:
     """The weights of a model with this config (a tied model has no lm_head; a bias or q/k
-    norm only with its switch on; experts in place of the MLP with model.moe.experts)."""
-    return [
-        w
+    norm only with its switch on; experts in place of the MLP with model.moe.experts).
+
+    A mixture of experts with dense layers (`layer_plan`) has each per-layer weight of a
+    dense layer under `dense_layers`: its attention and norms, and the MLP's rows."""
+    mine = [w for w in WEIGHTS if _wanted(w, cfg)]
+    if DENSE not in {stack for stack, _ in layer_plan(cfg)}:
+        return mine
+    dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, experts=0))
+    dense = [
+        dataclasses.replace(w, path=(DENSE, *w.path[1:]))
         for w in WEIGHTS
-        if not (cfg.tie_embeddings and w.path == ("lm_head",))
-        and (not w.needs or _on(cfg, w.needs.lstrip("!")) != w.needs.startswith("!"))
+        if w.per_layer and _wanted(w, dense_cfg)
     ]
+    return mine + dense
 
 
-def hf_slots(w: Weight, num_layers: int, experts: int = 0) -> list[tuple[tuple[int, ...], str]]:
+def hf_slots(w: Weight, cfg: ModelConfig) -> list[tuple[tuple[int, ...], str]]:
     """(the index into nnxtrain's stacked parameter, the HF tensor name) of each tensor of
-    `w`: one per layer, per layer and expert, or just one (index ())."""
+    `w`: one per layer of its stack (`layer_plan`), per such layer and expert, or just one
+    (index ())."""
+    if not w.per_layer:
+        return [((), w.hf)]
+    mine = [(i, j) for i, (stack, j) in enumerate(layer_plan(cfg)) if stack == w.path[0]]
     if w.per_expert:
-        return [((i, j), w.hf.format(i=i, j=j)) for i in range(num_layers) for j in range(experts)]
-    return [((i,), w.hf.format(i=i)) for i in range(num_layers)] if w.per_layer else [((), w.hf)]
+        experts = range(cfg.moe.experts)
+        return [((j, e), w.hf.format(i=i, j=e)) for i, j in mine for e in experts]
+    return [((j,), w.hf.format(i=i)) for i, j in mine]
 
 
-def hf_names(w: Weight, num_layers: int, experts: int = 0) -> list[str]:
+def hf_names(w: Weight, cfg: ModelConfig) -> list[str]:
     """The HF tensor names of `w` (see `hf_slots`)."""
-    return [name for _, name in hf_slots(w, num_layers, experts)]
+    return [name for _, name in hf_slots(w, cfg)]
 
 
 def hf_dims(w: Weight, cfg: ModelConfig) -> tuple[tuple[int, str], ...]:
