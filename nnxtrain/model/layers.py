@@ -20,7 +20,7 @@ from flax import nnx
 from nnxtrain.config import ModelConfig
 from nnxtrain.model.attention import attend
 from nnxtrain.model.cache import KVCache
-from nnxtrain.model.lora import Adapter, adapters, base_dtype
+from nnxtrain.model.lora import Adapter, adapters, base_dtype, in_loop_cast
 from nnxtrain.model.moe import MoE
 from nnxtrain.parallel.sharding import constrain
 
@@ -56,6 +56,12 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     y = x.reshape(-1, k) @ w.reshape(k, -1)
     return y.reshape(*lead, *out)
+
+
+def weight(w: nnx.Param, dtype: jnp.dtype, frozen: bool) -> jax.Array:
+    """A projection's weight in the activation dtype; `frozen` for a LoRA run's base, which
+    is cast inside the layer loop (`in_loop_cast`: no cast copy of the whole stack)."""
+    return in_loop_cast(w[...], dtype) if frozen else w[...].astype(dtype)
 
 
 def adapted(adapter: Adapter | None, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -155,6 +161,7 @@ class Attention(nnx.Module):
         )
         self.q_lora, self.k_lora = lora["q_proj"], lora["k_proj"]
         self.v_lora, self.o_lora = lora["v_proj"], lora["o_proj"]
+        self.frozen = cfg.lora.rank > 0  # a LoRA run's base: no gradient (see `weight`)
         zeros = nnx.initializers.zeros
         if cfg.qkv_bias:  # Qwen2: q, k and v carry a bias, o does not
             self.bq = param(rngs, (h, d), ("q_heads", "kv"), pdt, zeros)
@@ -224,10 +231,10 @@ class Attention(nnx.Module):
     def _qkv(
         self, x: jax.Array, positions: jax.Array, local: jax.Array | bool | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        dt = x.dtype
-        q = adapted(self.q_lora, x, project(x, self.wq[...].astype(dt)))  # [b, l, heads, d]
-        k = adapted(self.k_lora, x, project(x, self.wk[...].astype(dt)))
-        v = adapted(self.v_lora, x, project(x, self.wv[...].astype(dt)))
+        dt, fz = x.dtype, self.frozen
+        q = adapted(self.q_lora, x, project(x, weight(self.wq, dt, fz)))  # [b, l, heads, d]
+        k = adapted(self.k_lora, x, project(x, weight(self.wk, dt, fz)))
+        v = adapted(self.v_lora, x, project(x, weight(self.wv, dt, fz)))
         if self.qkv_bias:
             q, k, v = (
                 q + self.bq[...].astype(dt),
@@ -251,7 +258,8 @@ class Attention(nnx.Module):
 
     def _out(self, out: jax.Array) -> jax.Array:
         out = constrain(out, "attention/out", (BATCH, LENGTH, "activation_heads", "activation_kv"))
-        return adapted(self.o_lora, out, project(out, self.wo[...].astype(out.dtype), n_in=2))
+        wo = weight(self.wo, out.dtype, self.frozen)
+        return adapted(self.o_lora, out, project(out, wo, n_in=2))
 
 
 class MLP(nnx.Module):
@@ -275,20 +283,21 @@ class MLP(nnx.Module):
             lora["down_proj"],
         )
         self.activation = cfg.activation
+        self.frozen = cfg.lora.rank > 0  # a LoRA run's base: no gradient (see `weight`)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = adapted(self.gate_lora, x, project(x, self.w_gate[...].astype(dt)))
+        dt, fz = x.dtype, self.frozen
+        gate = adapted(self.gate_lora, x, project(x, weight(self.w_gate, dt, fz)))
         if self.activation == "gelu_tanh":  # Gemma's GeGLU: HF's gelu_pytorch_tanh
             gate = jax.nn.gelu(gate, approximate=True)
         else:
             gate = jax.nn.silu(gate)
         hidden = constrain(
-            gate * adapted(self.up_lora, x, project(x, self.w_up[...].astype(dt))),
+            gate * adapted(self.up_lora, x, project(x, weight(self.w_up, dt, fz))),
             "mlp/hidden",
             (BATCH, LENGTH, "activation_mlp"),
         )
-        return adapted(self.down_lora, hidden, project(hidden, self.w_down[...].astype(dt)))
+        return adapted(self.down_lora, hidden, project(hidden, weight(self.w_down, dt, fz)))
 
 
 class DecoderLayer(nnx.Module):

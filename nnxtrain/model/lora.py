@@ -82,6 +82,25 @@ def base_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.param_dtype)
 
 
+def in_loop_cast(value: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`value.astype(dtype)`, bit for bit, done where it is used: inside the layer loop.
+
+    With bfloat16 activations XLA prepares the scanned layers' weights outside the loop, a
+    whole stack at a time, and holds that copy through the step (measured on TPU,
+    docs/lora.md "Memory"): a float32 stack is converted to bfloat16, a bfloat16 stack of
+    attention weights copied into the layout the loop's matmuls want. An optimization
+    barrier in the loop does not stop it. A rounding to bfloat16's precision
+    (`reduce_precision`: exact on bfloat16, and before a float32 -> bfloat16 convert it
+    leaves the convert exact) is an op XLA keeps in the loop, so each layer's slice is
+    prepared there, one at a time. For LoRA's frozen base and its adapters only: the base
+    is where LoRA is meant to save the memory; a full fine-tune is left as it was.
+    """
+    bf16 = jnp.dtype(jnp.bfloat16)
+    if jnp.dtype(dtype) == bf16 and value.dtype in (jnp.float32, bf16):
+        value = jax.lax.reduce_precision(value, exponent_bits=8, mantissa_bits=7)
+    return value.astype(dtype)
+
+
 def trainable(cfg: ModelConfig) -> nnx.filterlib.Filter:
     """The parameters the optimizer updates (and a LoRA checkpoint keeps)."""
     if cfg.lora.rank == 0:
@@ -128,7 +147,7 @@ class Adapter(nnx.Module):
             return y
         n_in = self.a.ndim - 1
         lead, k = x.shape[: x.ndim - n_in], math.prod(self.a.shape[:-1])
-        a = self.a[...].astype(x.dtype).reshape(k, -1)
+        a = in_loop_cast(self.a[...], x.dtype).reshape(k, -1)
         if self.rate > 0 and _dropout.key is not None:
             # One mask per step and projection; A's first element (its own in each layer,
             # also under scan, where the layer index is not known) sets each layer's apart.
@@ -138,7 +157,7 @@ class Adapter(nnx.Module):
             key = jax.random.fold_in(jax.random.fold_in(_dropout.key, self.target), salt)
             keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
             x = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
-        b = self.b[...].astype(x.dtype)
+        b = in_loop_cast(self.b[...], x.dtype)
         delta = (x.reshape(-1, k) @ a) @ b.reshape(b.shape[0], -1)
         return y + (delta * self.scale).reshape(*lead, *b.shape[1:]).astype(y.dtype)
 
