@@ -58,6 +58,10 @@ SWITCHES = {
 }
 
 
+# compiled: eager dispatch of an MoE's many small ops is slower than one compile
+forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """One saved random model per family, in several shards, no end-of-sequence token."""
@@ -86,7 +90,7 @@ def test_logits_and_parameter_count_equal_transformers(hf_dirs, kind):
     toks = tokens(40, vocab=VOCAB)
     with torch.no_grad():
         reference = theirs(torch.tensor(toks, dtype=torch.long)).logits.numpy()
-    diff = float(np.max(np.abs(np.asarray(model(jnp.asarray(toks))) - reference)))
+    diff = float(np.max(np.abs(np.asarray(forward(model, jnp.asarray(toks))) - reference)))
     print(f"parity {kind} logits: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
     assert count_params(model.cfg) == theirs.num_parameters()
@@ -153,7 +157,8 @@ def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
             attention_mask=torch.tensor(mask),
             output_router_logits=True,
         )
-    _, stats = model.routed_hidden(jnp.asarray(toks), segment_ids=jnp.asarray(mask))
+    routed = nnx.jit(lambda m, t, s: m.routed_hidden(t, segment_ids=s)[1])
+    stats = routed(model, jnp.asarray(toks), jnp.asarray(mask))
     ours = float(aux_losses(stats, model.cfg.moe.experts)["aux"])
     print(f"parity {kind} aux loss (masked): {ours} vs {float(out.aux_loss)}")
     # float32 sums over 2 layers x 80 tokens x 8 experts, added in other orders
@@ -170,7 +175,8 @@ def test_moe_aux_loss_equals_transformers(hf_dirs, kind):
     weights = np.ones(toks[:, 1:].shape, np.float32)
     weights[:, -1] = 0
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "weights": weights}
-    ours = summarize(batch_loss_sums(model, jax.tree.map(jnp.asarray, batch), 0.0))
+    loss = nnx.jit(lambda m, b: summarize(batch_loss_sums(m, b, 0.0)))
+    ours = loss(model, jax.tree.map(jnp.asarray, batch))
     with torch.no_grad():
         ids = torch.tensor(toks[:, :-1], dtype=torch.long)
         out = theirs(ids, labels=ids, output_router_logits=True)

@@ -21,6 +21,7 @@ from nnxtrain.checkpoint.storage import read_meta
 from nnxtrain.config import LoraConfig, ModelConfig, OptimConfig
 from nnxtrain.interop.init_from import load_params
 from nnxtrain.model import Transformer, adapters_off
+from nnxtrain.model.lora import in_loop_cast
 from nnxtrain.train.step import TrainState, make_optimizer, make_train_step, split_trainable
 
 # Non-square everywhere (GQA k/v 16 wide, q 32, MLP 24 vs 16) and alpha/r = 1.5, not 1.
@@ -241,3 +242,28 @@ def test_dropout_masks_are_the_train_steps_own_per_step_and_micro_batch() -> Non
     # Were the two micro-batches' masks one, [x, x] would give x's loss under it bit for bit
     # ((s + s) / 2w is s / w exactly); each draws its own, so they differ.
     assert loss(1, "x") != alone
+
+
+def test_the_in_loop_cast_is_a_plain_cast_bit_for_bit() -> None:
+    """`in_loop_cast` (the frozen base's and adapters' cast kept inside the layer loop, see
+    docs/lora.md "Memory") rounds first: its result must still be the plain cast's, for
+    ties, subnormals, the largest floats, infinities and NaN too."""
+    rng = np.random.default_rng(0)
+    special = np.asarray(
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-40, -1e-42, 1.17549435e-38],
+        np.float32,
+    )
+    # ties: exactly halfway between two bfloat16 numbers (the low 16 bits 0x8000)
+    ties = (rng.integers(0, 2**15, 64, np.uint32) << 16 | 0x8000).view(np.float32)
+    values = np.concatenate([special, ties, rng.normal(0, 1, 4096).astype(np.float32)])
+
+    def bits(a: np.ndarray) -> np.ndarray:
+        return a.view(np.uint16 if a.itemsize == 2 else np.uint32)
+
+    for x in (jnp.asarray(values), jnp.asarray(values).astype(jnp.bfloat16)):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            got = np.asarray(jax.jit(in_loop_cast, static_argnums=1)(x, dtype))
+            want = np.asarray(x.astype(dtype))
+            nan = np.isnan(want.astype(np.float32))
+            assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+            assert np.array_equal(bits(got[~nan]), bits(want[~nan])), (x.dtype, dtype)
