@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import cli_env, xla_flags
 from hf_models import FAMILIES, LLAMA3, TOLERANCE, hf_logits, make_hf, tokens
 
 CHILD = Path(__file__).with_name("hf_mesh_child.py")
 
 
+@pytest.mark.slow  # a subprocess of 8 devices: scheduled first (tests/conftest.py)
 def test_parity_on_meshes_of_8_devices(tmp_path):
     # 128-wide MLP and 2 kv heads: every dimension a rule splits divides its mesh axes.
     path = make_hf(tmp_path / "hf", intermediate_size=128, rope_parameters=LLAMA3)

@@ -66,6 +66,7 @@ HBM_MIB = 40
 
 
 @needs_libtpu
+@pytest.mark.slow  # two TPU compiles: scheduled first (tests/conftest.py)
 def test_the_batch_found_fits_and_its_double_does_not(tmp_path, monkeypatch):
     # A v5e with 40 MiB of HBM: this model's largest batch is then one sequence (22 MiB;
     # 58 MiB at 2 with jax 0.10.2), found in one round of two compiles (the search's rounds

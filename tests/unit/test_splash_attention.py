@@ -230,10 +230,11 @@ MESH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
-def test_on_a_mesh_splash_runs_under_shard_map_and_equals_xla(kv_heads: int, tmp_path: Path):
+# MQA only: its one kv head is repeated for the query heads split over `tensor`, the case a
+# mesh adds (GQA's grouping is checked on one device above; 9 s saved)
+def test_on_a_mesh_splash_runs_under_shard_map_and_equals_xla(tmp_path: Path):
     length = 7
-    cfg = dataclasses.replace(TINY, num_kv_heads=kv_heads)
+    cfg = dataclasses.replace(TINY, num_kv_heads=1)
     fields = dataclasses.asdict(cfg)  # nested configs as dicts (the script rebuilds them)
     seg = np.asarray(documents(4, length)).tolist()
     out = tmp_path / "results.npz"
