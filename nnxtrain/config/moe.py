@@ -78,7 +78,8 @@ def validate_moe(m: ModelConfig) -> ModelConfig:
         raise ConfigError(
             "model.moe.impl", f"unknown value {moe.impl!r}", f"use one of {', '.join(MOE_IMPLS)}"
         )
-    bad = [i for i in moe.mlp_only_layers if not (isinstance(i, int) and 0 <= i < m.num_layers)]
+    # exactly int: a bool (or a float from YAML or JSON) is no layer index
+    bad = [i for i in moe.mlp_only_layers if not (type(i) is int and 0 <= i < m.num_layers)]
     if bad:
         raise ConfigError(
             "model.moe.mlp_only_layers",

@@ -215,7 +215,12 @@ REFUSED = {
     ),
     "deepseek_v3": ({"model_type": "deepseek_v3", "n_routed_experts": 8}, "model_type"),
     "qwen3_moe dense layer past the last": (
-        {"model_type": "qwen3_moe", "num_experts": 4, "mlp_only_layers": [0, 2]},
+        {
+            "model_type": "qwen3_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "mlp_only_layers": [0, 2],
+        },
         "mlp_only_layers",
     ),
     "qwen3_moe no sparse layer left": (
@@ -228,7 +233,12 @@ REFUSED = {
         "mlp_only_layers",
     ),
     "qwen3_moe sparse step 0": (
-        {"model_type": "qwen3_moe", "num_experts": 4, "decoder_sparse_step": 0},
+        {
+            "model_type": "qwen3_moe",
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "decoder_sparse_step": 0,
+        },
         "decoder_sparse_step",
     ),
     "mixtral jitter": (

@@ -144,6 +144,9 @@ def test_router_statistics_and_load_balancing_loss() -> None:
         (MoeConfig(experts=4, capacity_factor=-1.0), "model.moe.capacity_factor"),
         (MoeConfig(experts=4, aux_loss_coef=float("nan")), "model.moe.aux_loss_coef"),
         (MoeConfig(experts=4, impl="megablox"), "model.moe.impl"),
+        (MoeConfig(experts=4, mlp_only_layers=(4,)), "model.moe.mlp_only_layers"),
+        (MoeConfig(experts=4, mlp_only_layers=(True,)), "model.moe.mlp_only_layers"),
+        (MoeConfig(experts=4, decoder_sparse_step=0), "model.moe.decoder_sparse_step"),
     ],
 )
 def test_bad_moe_settings_are_one_line_errors(moe: MoeConfig, key: str) -> None:

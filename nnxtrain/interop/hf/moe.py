@@ -19,7 +19,7 @@ from typing import Any
 
 from nnxtrain.config import ModelConfig, MoeConfig, expert_mlp_dim, sparse_layers
 from nnxtrain.errors import UserError
-from nnxtrain.interop.hf.keys import Keys, bad, shown
+from nnxtrain.interop.hf.keys import Keys, bad
 
 FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -37,13 +37,10 @@ def read(keys: Keys) -> tuple[dict[str, Any], dict[str, str]]:
     qwen = keys.family == "qwen3_moe"
     experts_key = _experts_key(keys)
     experts = keys.get(experts_key, int)
-    dense: tuple[int, ...] = ()
-    step = 1
-    if qwen:
-        dense = tuple(_layer_indices(keys))
-        step = keys.get("decoder_sparse_step", int)
-        if step < 1:  # transformers would divide by it: (i + 1) % step
-            raise bad(keys.where, "decoder_sparse_step", f"is {step}", "use 1 or more")
+    # Their indices and step are checked by validate_moe (config/moe.py), as every
+    # `model.*` field of a config.json is, naming the config.json key (`origin`).
+    dense = tuple(keys.get("mlp_only_layers", list) or ()) if qwen else ()
+    step = keys.get("decoder_sparse_step", int) if qwen else 1
     moe = MoeConfig(
         experts=experts,
         top_k=keys.get("num_experts_per_tok", int),
@@ -69,21 +66,6 @@ def read(keys: Keys) -> tuple[dict[str, Any], dict[str, str]]:
             "set it to 0.0",
         )
     return {"moe": moe}, origin
-
-
-def _layer_indices(keys: Keys) -> list[int]:
-    """Qwen3-MoE's `mlp_only_layers`: a list of layer indices (null: none)."""
-    value = keys.get("mlp_only_layers", list) or []
-    layers = keys.get("num_hidden_layers", int)
-    for i in value:
-        if type(i) is not int or not 0 <= i < layers:
-            raise bad(
-                keys.where,
-                "mlp_only_layers",
-                f"holds {shown(i)}, not a layer index below num_hidden_layers ({layers})",
-                "list the dense layers by their 0-based index",
-            )
-    return value
 
 
 def write(cfg: ModelConfig) -> dict[str, Any]:
